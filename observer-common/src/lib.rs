@@ -1,0 +1,158 @@
+//! Records and constants shared by the eBPF programs and the agent.
+//!
+//! Every record is `#[repr(C)]`, fixed size, with explicit padding and integers instead of `bool`
+//! or `Option`, so both sides agree byte for byte. One module per hook family.
+#![no_std]
+
+pub mod lockdown;
+pub mod timers;
+
+/// Length of a task's `comm` in the kernel (`TASK_COMM_LEN`).
+pub const COMM_LEN: usize = 16;
+
+/// What a ring buffer record carries; the first field of every record's header.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    TimerCreated = 1,
+    TimerDeleted = 2,
+    TimerArmed = 3,
+    TimerOwnerGone = 4,
+    LockdownDecision = 5,
+    LockdownConsole = 6,
+}
+
+impl EventKind {
+    /// Every kind, in the order of their numbers (also the index of their lost-event counter).
+    pub const ALL: [Self; 6] = [
+        Self::TimerCreated,
+        Self::TimerDeleted,
+        Self::TimerArmed,
+        Self::TimerOwnerGone,
+        Self::LockdownDecision,
+        Self::LockdownConsole,
+    ];
+
+    pub const fn from_u32(value: u32) -> Option<Self> {
+        match value {
+            1 => Some(Self::TimerCreated),
+            2 => Some(Self::TimerDeleted),
+            3 => Some(Self::TimerArmed),
+            4 => Some(Self::TimerOwnerGone),
+            5 => Some(Self::LockdownDecision),
+            6 => Some(Self::LockdownConsole),
+            _ => None,
+        }
+    }
+
+    /// The `kind` label of `observer_events_total` and `observer_events_lost_total`.
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::TimerCreated => "timer_created",
+            Self::TimerDeleted => "timer_deleted",
+            Self::TimerArmed => "timer_armed",
+            Self::TimerOwnerGone => "timer_owner_gone",
+            Self::LockdownDecision => "lockdown_decision",
+            Self::LockdownConsole => "lockdown_console",
+        }
+    }
+}
+
+/// Size of the `EVENTS_LOST` per-CPU array: one slot per [`EventKind`] number, slot 0 unused.
+pub const EVENT_KIND_SLOTS: u32 = 8;
+
+/// The start of every ring buffer record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EventHeader {
+    pub kind: u32,
+    /// Process id (the kernel's tgid).
+    pub pid: u32,
+    /// Thread id (the kernel's pid).
+    pub tid: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC nanoseconds.
+    pub ts_ns: u64,
+    pub comm: [u8; COMM_LEN],
+}
+
+/// Number of log2 buckets in an in-kernel latency histogram: bucket `i` counts durations `d` in
+/// nanoseconds with `floor(log2(d)) == i` (bucket 0 also takes `d == 0`). 40 buckets reach ~18 min.
+pub const LOG2_BUCKETS: u32 = 40;
+/// Index of the running sum of nanoseconds in a histogram array, after the buckets.
+pub const LOG2_SUM_SLOT: u32 = LOG2_BUCKETS;
+/// Size of a histogram array: the buckets and the sum.
+pub const LOG2_SLOTS: u32 = LOG2_BUCKETS + 1;
+
+/// The log2 bucket a duration falls in. Branch-light so the verifier and the hot path both like it.
+#[inline(always)]
+pub const fn log2_bucket(ns: u64) -> u32 {
+    if ns == 0 {
+        return 0;
+    }
+    let b = 63 - ns.leading_zeros();
+    if b >= LOG2_BUCKETS {
+        LOG2_BUCKETS - 1
+    } else {
+        b
+    }
+}
+
+/// Syscall results are counted per errno; errnos at or above this share the last slot.
+pub const ERRNO_SLOTS: u32 = 160;
+
+/// The counter slot of a syscall return value: 0 for success, else the errno, capped.
+#[inline(always)]
+pub const fn errno_slot(ret: i64) -> u32 {
+    if ret >= 0 {
+        0
+    } else if -ret >= ERRNO_SLOTS as i64 {
+        ERRNO_SLOTS - 1
+    } else {
+        (-ret) as u32
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain `#[repr(C)]` integers and arrays with explicit padding; any bit pattern is valid.
+    unsafe impl aya::Pod for super::EventHeader {}
+    unsafe impl aya::Pod for super::timers::InFlight {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log2_buckets() {
+        assert_eq!(log2_bucket(0), 0);
+        assert_eq!(log2_bucket(1), 0);
+        assert_eq!(log2_bucket(2), 1);
+        assert_eq!(log2_bucket(3), 1);
+        assert_eq!(log2_bucket(1024), 10);
+        assert_eq!(log2_bucket(u64::MAX), LOG2_BUCKETS - 1);
+    }
+
+    #[test]
+    fn errno_slots() {
+        assert_eq!(errno_slot(0), 0);
+        assert_eq!(errno_slot(7), 0);
+        assert_eq!(errno_slot(-22), 22);
+        assert_eq!(errno_slot(-4095), ERRNO_SLOTS - 1);
+    }
+
+    #[test]
+    fn kinds_round_trip() {
+        for kind in EventKind::ALL {
+            assert_eq!(EventKind::from_u32(kind as u32), Some(kind));
+            assert!((kind as u32) < EVENT_KIND_SLOTS);
+        }
+        assert_eq!(EventKind::from_u32(0), None);
+    }
+
+    #[test]
+    fn header_layout() {
+        assert_eq!(core::mem::size_of::<EventHeader>(), 40);
+    }
+}

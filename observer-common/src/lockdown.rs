@@ -1,0 +1,43 @@
+//! Lockdown decisions: what the lockdown programs count in the kernel and send.
+
+use crate::EventHeader;
+
+/// Reasons are counted per `enum lockdown_reason` value below this; larger values share the last
+/// slot (and are reported as `reason="other"`).
+pub const REASON_SLOTS: u32 = 64;
+/// Size of the `LOCKDOWN_DECISIONS` per-CPU array: `reason * 2 + denied`.
+pub const DECISION_SLOTS: u32 = REASON_SLOTS * 2;
+
+/// A decision seen by fexit on `security_locked_down`; sent for denials only (allowed checks
+/// are counted in the kernel).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LockdownDecision {
+    pub header: EventHeader,
+    /// The kernel's `enum lockdown_reason` value.
+    pub reason: u32,
+    /// 1 when the check returned an error.
+    pub denied: u32,
+}
+
+/// Bytes of a console line kept: "Lockdown: <comm>: <description> is restricted; ..." fits.
+pub const CONSOLE_TEXT_LEN: usize = 128;
+
+/// A `printk:console` line that starts with "Lockdown: " (the fallback: denials only, and the
+/// kernel rate-limits these lines).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LockdownConsole {
+    pub header: EventHeader,
+    /// Bytes of `text` filled.
+    pub len: u32,
+    pub _pad: u32,
+    pub text: [u8; CONSOLE_TEXT_LEN],
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain `#[repr(C)]` integers and arrays; any bit pattern is valid.
+    unsafe impl aya::Pod for super::LockdownDecision {}
+    unsafe impl aya::Pod for super::LockdownConsole {}
+}

@@ -1,0 +1,2 @@
+//! Empty library target: lets the agent name this crate as a build dependency.
+#![no_std]

@@ -1,0 +1,89 @@
+//! Lockdown decisions. Preferred: fexit on `security_locked_down`, which sees the reason and the
+//! verdict of every check (a BPF LSM program would not: the lockdown LSM runs first and the hook
+//! chain stops at its denial). Fallback: the "Lockdown: ..." lines on `printk:console`, which
+//! the kernel prints for denials only, rate-limited.
+
+use aya_ebpf::{
+    EbpfContext as _,
+    helpers::bpf_probe_read_kernel_buf,
+    macros::{fexit, map, tracepoint},
+    maps::PerCpuArray,
+    programs::{FExitContext, TracePointContext},
+};
+use observer_common::{
+    EventKind,
+    lockdown::{CONSOLE_TEXT_LEN, DECISION_SLOTS, LockdownConsole, LockdownDecision, REASON_SLOTS},
+};
+
+use crate::{EVENTS, EVENTS_LOST, emit, header, increment};
+
+/// Checks per reason and verdict: `reason * 2 + denied`.
+#[map]
+static LOCKDOWN_DECISIONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DECISION_SLOTS, 0);
+
+#[fexit(function = "security_locked_down")]
+pub fn lockdown_security_locked_down(ctx: FExitContext) -> u32 {
+    let reason: u32 = ctx.arg(0);
+    let Ok(ret) = ctx.ret::<i32>() else { return 0 };
+    let denied = (ret != 0) as u32;
+    let slot = if reason >= REASON_SLOTS {
+        REASON_SLOTS - 1
+    } else {
+        reason
+    };
+    increment(&LOCKDOWN_DECISIONS, slot * 2 + denied);
+    if denied != 0 {
+        let kind = EventKind::LockdownDecision;
+        emit(
+            kind,
+            LockdownDecision {
+                header: header(kind),
+                reason,
+                denied,
+            },
+        );
+    }
+    0
+}
+
+const PREFIX: &[u8; 10] = b"Lockdown: ";
+/// `__data_loc char[] msg` of printk:console: offset in the low 16 bits, length in the high.
+const MSG_LOC: usize = 8;
+
+#[tracepoint]
+pub fn lockdown_console(ctx: TracePointContext) -> u32 {
+    // SAFETY: MSG_LOC is inside printk:console's record.
+    let Ok(loc) = (unsafe { ctx.read_at::<u32>(MSG_LOC) }) else {
+        return 0;
+    };
+    let (offset, len) = ((loc & 0xffff) as usize, (loc >> 16) as usize);
+    let msg = (ctx.as_ptr() as usize + offset) as *const u8;
+    let mut prefix = [0u8; 10];
+    // SAFETY: reads the record through the fault-tolerant helper.
+    if unsafe { bpf_probe_read_kernel_buf(msg, &mut prefix) }.is_err() || &prefix != PREFIX {
+        return 0;
+    }
+    let kind = EventKind::LockdownConsole;
+    let Some(mut entry) = EVENTS.reserve::<LockdownConsole>(0) else {
+        increment(&EVENTS_LOST, kind as u32);
+        return 0;
+    };
+    let record = entry.as_mut_ptr();
+    let len = if len > CONSOLE_TEXT_LEN {
+        CONSOLE_TEXT_LEN
+    } else {
+        len
+    };
+    // SAFETY: `record` is the reserved entry; the text is copied in place, not on the stack.
+    unsafe {
+        (*record).header = header(kind);
+        (*record).len = len as u32;
+        (*record)._pad = 0;
+        let text = &mut *core::ptr::addr_of_mut!((*record).text);
+        if bpf_probe_read_kernel_buf(msg, &mut text[..len]).is_err() {
+            (*record).len = 0;
+        }
+    }
+    entry.submit(0);
+    0
+}

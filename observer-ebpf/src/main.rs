@@ -1,0 +1,81 @@
+//! The observer's eBPF programs: one module per hook family, sharing the ring buffer and the
+//! lost-event counters defined here.
+#![no_std]
+#![no_main]
+
+mod lockdown;
+mod timers;
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    macros::map,
+    maps::{PerCpuArray, RingBuf},
+};
+use observer_common::{EVENT_KIND_SLOTS, EventHeader, EventKind, LOG2_SUM_SLOT, log2_bucket};
+
+/// Records for userspace. 1 MiB holds about 20,000 timer records: tens of milliseconds of a
+/// timer storm, while the agent drains it continuously. Resizable at load time.
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
+
+/// Records the ring buffer had no room for, per [`EventKind`]: nothing is lost silently.
+#[map]
+static EVENTS_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(EVENT_KIND_SLOTS, 0);
+
+/// Adds one to slot `index` of a per-CPU counter array. Per-CPU slots need no atomics.
+#[inline(always)]
+fn increment(counters: &PerCpuArray<u64>, index: u32) {
+    add(counters, index, 1);
+}
+
+#[inline(always)]
+fn add(counters: &PerCpuArray<u64>, index: u32, value: u64) {
+    if let Some(slot) = counters.get_ptr_mut(index) {
+        // SAFETY: the pointer comes from the map and is this CPU's own slot.
+        unsafe { *slot += value };
+    }
+}
+
+/// Records a duration in a log2 histogram array (buckets, then the running sum).
+#[inline(always)]
+fn observe_ns(histogram: &PerCpuArray<u64>, ns: u64) {
+    increment(histogram, log2_bucket(ns));
+    add(histogram, LOG2_SUM_SLOT, ns);
+}
+
+/// The header of a record made now by the current task.
+#[inline(always)]
+fn header(kind: EventKind) -> EventHeader {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    EventHeader {
+        kind: kind as u32,
+        pid: (pid_tgid >> 32) as u32,
+        tid: pid_tgid as u32,
+        _pad: 0,
+        // SAFETY: a helper without preconditions.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        comm: bpf_get_current_comm().unwrap_or_default(),
+    }
+}
+
+/// Sends `record` through the ring buffer, or counts it as lost.
+#[inline(always)]
+fn emit<T: 'static>(kind: EventKind, record: T) {
+    match EVENTS.reserve::<T>(0) {
+        Some(mut entry) => {
+            entry.write(record);
+            entry.submit(0);
+        }
+        None => increment(&EVENTS_LOST, kind as u32),
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,78 @@
+//! Project tasks: `setup` (toolchain), `run` (the agent), `test` (everything CI runs), `vm`
+//! (scenarios in a QEMU guest running a distro kernel).
+mod setup;
+mod test;
+mod vm;
+
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "observer's project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building the eBPF programs needs (fast when all is in place).
+    Setup,
+    /// Set up, build, and run the agent; arguments after `--` go to the agent.
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Set up, then run every test: lints, unit tests, host integration tests, VM scenarios.
+    Test(test::Options),
+    /// Boot Debian's kernel in QEMU and run the named scenarios (all when none are named).
+    Vm(vm::Options),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().task {
+        Task::Setup => setup::run(),
+        Task::Run { args } => {
+            setup::run()?;
+            cargo(&["build", "--release", "--package", "observer"])?;
+            let status = Command::new(workspace_root().join("target/release/observer"))
+                .args(args)
+                .status()
+                .context("starting target/release/observer")?;
+            std::process::exit(status.code().unwrap_or(1));
+        }
+        Task::Test(options) => test::run(&options),
+        Task::Vm(options) => {
+            setup::run()?;
+            vm::run(&options)
+        }
+    }
+}
+
+/// The workspace's top folder.
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives inside the workspace")
+        .to_path_buf()
+}
+
+/// Runs cargo (the one running this task) in the workspace, failing on a non-zero exit.
+pub fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    run(Command::new(cargo).args(args).current_dir(workspace_root()))
+}
+
+/// Runs a command, echoing it, failing on a non-zero exit.
+pub fn run(command: &mut Command) -> anyhow::Result<()> {
+    eprintln!("+ {command:?}");
+    let status = command
+        .status()
+        .with_context(|| format!("starting {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} failed: {status}");
+    }
+    Ok(())
+}
