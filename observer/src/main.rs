@@ -1,4 +1,353 @@
+//! observer: watches how the kernel verifies what it loads, whom lockdown refuses, and POSIX
+//! timer-ID churn, and serves it all as Prometheus metrics.
+
+mod agent;
+mod http;
+mod kernel;
+mod lockdown;
+mod maps;
+mod metrics;
+mod pipeline;
+mod plan;
+mod timers;
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::{Context as _, anyhow, bail};
+use aya::{EbpfLoader, maps::RingBuf};
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::{
+    agent::{Agent, State},
+    lockdown::Lockdown,
+    maps::Maps,
+    plan::{Hook, KernelView, ProbeStatus},
+    timers::{TimerMaps, TimerSettings, TimerState},
+};
+
+/// The eBPF programs, built by build.rs.
+static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/observer"));
+
+#[derive(Parser, Debug)]
+#[command(
+    version,
+    about = "eBPF observer of module integrity, lockdown decisions and POSIX timer churn"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Print, for this kernel, each hook: the mechanism tried, whether it attached, and why not.
+    Probes,
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// Address to serve metrics on.
+    #[arg(
+        long = "web.listen-address",
+        default_value = "127.0.0.1:9745",
+        value_name = "ADDR:PORT"
+    )]
+    listen_address: SocketAddr,
+    /// Path under which to expose metrics.
+    #[arg(long = "web.telemetry-path", default_value = "/metrics", value_parser = parse_path)]
+    telemetry_path: String,
+    /// Also write one object per event to stdout.
+    #[arg(long, value_enum)]
+    events: Option<EventsFormat>,
+    /// Exit with an error when any probe cannot attach (by default it is a warning and a metric).
+    #[arg(long)]
+    strict: bool,
+    /// A timer deleted this soon after creation, never armed, counts as short-lived churn.
+    #[arg(long = "timers.short-lived", default_value = "10ms", value_parser = parse_duration)]
+    timers_short_lived: Duration,
+    /// How many process names get their own series in the per-process timer metric.
+    #[arg(long = "timers.top-processes", default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    timers_top_processes: u16,
+    /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
+    #[arg(long = "log.level", default_value = "info")]
+    log_level: log::LevelFilter,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum EventsFormat {
+    Json,
+}
+
+fn parse_path(text: &str) -> Result<String, String> {
+    if text.starts_with('/') && !text.contains(char::is_whitespace) && text != "/healthz" {
+        Ok(text.to_owned())
+    } else {
+        Err("must start with '/', contain no spaces, and not be /healthz".into())
+    }
+}
+
+/// Parses durations like `10ms`, `500us`, `2s`, `1m`.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or("needs a unit: ns, us, ms, s or m")?;
+    let (number, unit) = text.split_at(split);
+    let value: u64 = number
+        .parse()
+        .map_err(|_| format!("{number:?} is not a whole number"))?;
+    match unit {
+        "ns" => Ok(Duration::from_nanos(value)),
+        "us" | "µs" => Ok(Duration::from_micros(value)),
+        "ms" => Ok(Duration::from_millis(value)),
+        "s" => Ok(Duration::from_secs(value)),
+        "m" => Ok(Duration::from_secs(value.saturating_mul(60))),
+        other => Err(format!("unknown unit {other:?}: use ns, us, ms, s or m")),
+    }
+}
+
 fn main() {
-    let bytes = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/observer"));
-    println!("{}", bytes.len());
+    let cli = Cli::parse();
+    env_logger::Builder::new()
+        .filter_level(cli.run.log_level)
+        .parse_default_env()
+        .format_target(false)
+        .init();
+    let result = match cli.command {
+        None => run_agent(&cli.run),
+        Some(Command::Probes) => print_probes(),
+    };
+    if let Err(err) = result {
+        eprintln!("observer: error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+/// Every hook of every family, in the order they attach.
+fn all_hooks() -> Vec<Hook> {
+    [timers::hooks(), lockdown::hooks()].concat()
+}
+
+/// Fails with what to do when this process cannot load eBPF programs.
+fn check_privileges() -> anyhow::Result<()> {
+    const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_PERFMON: u32 = 38;
+    const CAP_BPF: u32 = 39;
+    let status =
+        std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let effective = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .unwrap_or(0);
+    let has = |cap: u32| effective & (1 << cap) != 0;
+    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
+        return Ok(());
+    }
+    bail!(
+        "observer must run as root (or with CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN) to load eBPF programs; \
+         try `sudo observer`"
+    )
+}
+
+/// Loads the programs with what this kernel needs them to know, and attaches every hook.
+fn load(kernel: &KernelView) -> anyhow::Result<(aya::Ebpf, Vec<ProbeStatus>)> {
+    let btf = kernel.btf.as_ref().ok();
+    let offset = |s: &str, m: &str| btf.and_then(|b| b.member_offset(s, m)).unwrap_or(0);
+    let (signal, live) = (
+        offset("task_struct", "signal"),
+        offset("signal_struct", "live"),
+    );
+    if signal == 0 || live == 0 {
+        log::warn!(
+            "no BTF offsets for task_struct.signal/signal_struct.live: a process's timers are taken to die with its main thread"
+        );
+    }
+    let mut ebpf = EbpfLoader::new()
+        .btf(kernel.aya_btf.as_ref())
+        .override_global("TASK_SIGNAL_OFFSET", &signal, true)
+        .override_global("SIGNAL_LIVE_OFFSET", &live, true)
+        .load(PROGRAMS)
+        .context("loading the eBPF object (maps and programs)")?;
+    let statuses = plan::attach(&mut ebpf, &all_hooks(), kernel);
+    Ok((ebpf, statuses))
+}
+
+fn missing_probes(hooks: &[Hook], statuses: &[ProbeStatus]) -> Vec<&'static str> {
+    hooks
+        .iter()
+        .filter(|h| !statuses.iter().any(|s| s.probe == h.name && s.attached))
+        .map(|h| h.name)
+        .collect()
+}
+
+fn run_agent(args: &RunArgs) -> anyhow::Result<()> {
+    check_privileges()?;
+    // Bind first: a taken port should fail before anything is loaded into the kernel.
+    let listener = std::net::TcpListener::bind(args.listen_address).map_err(|err| {
+        let hint = match err.kind() {
+            std::io::ErrorKind::AddrInUse => {
+                "; is another observer running? pick another with --web.listen-address"
+            }
+            std::io::ErrorKind::AddrNotAvailable => "; that address is not on this host",
+            _ => "",
+        };
+        anyhow!("cannot listen on {}: {err}{hint}", args.listen_address)
+    })?;
+    listener.set_nonblocking(true)?;
+
+    kernel::ensure_securityfs();
+    let kernel = KernelView::read();
+    let (mut ebpf, probes) = load(&kernel)?;
+    let hooks = all_hooks();
+    let missing = missing_probes(&hooks, &probes);
+    if missing.len() == hooks.len() {
+        let reasons: Vec<String> = probes
+            .iter()
+            .map(|s| format!("{} ({}): {}", s.probe, s.mechanism, s.detail))
+            .collect();
+        bail!(
+            "no probe could attach on this kernel:\n  {}",
+            reasons.join("\n  ")
+        );
+    }
+    if args.strict && !missing.is_empty() {
+        bail!("--strict: probes not attached: {}", missing.join(", "));
+    }
+
+    let mut maps = Maps::new(&mut ebpf);
+    let ring = RingBuf::try_from(maps.take("EVENTS")?).context("map EVENTS")?;
+    let settings = TimerSettings {
+        short_lived_ns: u64::try_from(args.timers_short_lived.as_nanos()).unwrap_or(u64::MAX),
+        top_processes: usize::from(args.timers_top_processes),
+    };
+    let state = State {
+        events: Default::default(),
+        decode_errors: 0,
+        timers: TimerState::new(settings),
+        lockdown: Lockdown::new(&mut maps, kernel.btf.as_ref().ok())?,
+    };
+    let agent = Arc::new(Agent {
+        timer_maps: TimerMaps::take(&mut maps)?,
+        events_lost: maps.per_cpu_array("EVENTS_LOST")?,
+        state: std::sync::Mutex::new(state),
+        probes,
+        kernel_release: kernel::release(),
+    });
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        log::info!(
+            "serving metrics on http://{}{}",
+            args.listen_address,
+            args.telemetry_path
+        );
+        let pipeline = pipeline::run(ring, agent.clone(), args.events.is_some());
+        let server = http::serve(listener, agent.clone(), args.telemetry_path.as_str().into());
+        tokio::select! {
+            result = pipeline => result.context("event pipeline"),
+            () = server => Ok(()),
+            signal = shutdown_signal() => {
+                log::info!("{}: detaching and exiting", signal?);
+                Ok(())
+            }
+        }
+    })?;
+    drop(agent);
+    drop(ebpf);
+    Ok(())
+}
+
+async fn shutdown_signal() -> anyhow::Result<&'static str> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    Ok(tokio::select! {
+        _ = interrupt.recv() => "SIGINT",
+        _ = terminate.recv() => "SIGTERM",
+    })
+}
+
+fn print_probes() -> anyhow::Result<()> {
+    check_privileges()?;
+    kernel::ensure_securityfs();
+    let kernel = KernelView::read();
+    let (ebpf, statuses) = load(&kernel)?;
+    println!("kernel {}", kernel::release());
+    println!(
+        "{:<22} {:<11} {:<9} DETAIL",
+        "PROBE", "MECHANISM", "ATTACHED"
+    );
+    for s in &statuses {
+        println!(
+            "{:<22} {:<11} {:<9} {}",
+            s.probe,
+            s.mechanism,
+            if s.attached { "yes" } else { "no" },
+            s.detail
+        );
+    }
+    let missing = missing_probes(&all_hooks(), &statuses);
+    if !missing.is_empty() {
+        println!("not attached: {}", missing.join(", "));
+    }
+    drop(ebpf);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10ms"), Ok(Duration::from_millis(10)));
+        assert_eq!(parse_duration("500us"), Ok(Duration::from_micros(500)));
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert!(parse_duration("10").is_err());
+        assert!(parse_duration("ms").is_err());
+        assert!(parse_duration("10h").is_err());
+    }
+
+    #[test]
+    fn telemetry_paths() {
+        assert!(parse_path("/metrics").is_ok());
+        assert!(parse_path("metrics").is_err());
+        assert!(parse_path("/healthz").is_err());
+    }
+
+    #[test]
+    fn every_hook_names_a_program_in_the_object() {
+        let ebpf = aya_obj_programs();
+        for hook in all_hooks() {
+            for attachment in hook.options.iter().flatten() {
+                assert!(
+                    ebpf.contains(&attachment.program.to_owned()),
+                    "{} missing from the object",
+                    attachment.program
+                );
+            }
+        }
+    }
+
+    /// Program names in the built object, read without loading it into a kernel.
+    fn aya_obj_programs() -> Vec<String> {
+        let text = PROGRAMS;
+        let mut names = Vec::new();
+        for hook in all_hooks() {
+            for attachment in hook.options.iter().flatten() {
+                if text
+                    .windows(attachment.program.len())
+                    .any(|w| w == attachment.program.as_bytes())
+                {
+                    names.push(attachment.program.to_owned());
+                }
+            }
+        }
+        names
+    }
 }

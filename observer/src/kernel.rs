@@ -1,0 +1,225 @@
+//! Facts read from the running kernel at start and at scrape time: BTF (which functions exist,
+//! enum values, struct member offsets), tracefs, the taint mask, the lockdown level.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context as _;
+use btf_rs::{Btf, Type};
+
+pub const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
+pub const TRACEFS: &str = "/sys/kernel/tracing";
+pub const SECURITYFS: &str = "/sys/kernel/security";
+const TRACEFS_MAGIC: i64 = 0x7472_6163;
+const SECURITYFS_MAGIC: i64 = 0x7363_6673;
+
+/// The running kernel's type information, when it has any.
+pub struct KernelBtf {
+    btf: Btf,
+}
+
+impl KernelBtf {
+    pub fn load() -> anyhow::Result<Self> {
+        let btf = Btf::from_file(BTF_PATH).with_context(|| {
+            format!("reading {BTF_PATH} (a kernel built with CONFIG_DEBUG_INFO_BTF has it)")
+        })?;
+        Ok(Self { btf })
+    }
+
+    /// True when the kernel has a (non-inlined) function of that name.
+    pub fn has_function(&self, name: &str) -> bool {
+        self.btf
+            .resolve_types_by_name(name)
+            .is_ok_and(|types| types.iter().any(|t| matches!(t, Type::Func(_))))
+    }
+
+    /// The enumerators of `enum <name>`, by value.
+    pub fn enum_values(&self, name: &str) -> BTreeMap<u32, String> {
+        let mut values = BTreeMap::new();
+        for t in self.btf.resolve_types_by_name(name).unwrap_or_default() {
+            if let Type::Enum(e) = t {
+                for member in &e.members {
+                    if let Ok(member_name) = self.btf.resolve_name(member) {
+                        values.insert(member.val(), member_name);
+                    }
+                }
+            }
+        }
+        values
+    }
+
+    /// Byte offset of `member` in `struct <name>`, looking through anonymous members.
+    pub fn member_offset(&self, name: &str, member: &str) -> Option<u32> {
+        self.btf
+            .resolve_types_by_name(name)
+            .ok()?
+            .iter()
+            .find_map(|t| match t {
+                Type::Struct(s) => self.find_member(s, member, 0),
+                _ => None,
+            })
+    }
+
+    fn find_member(&self, s: &btf_rs::Struct, member: &str, base_bits: u32) -> Option<u32> {
+        for m in &s.members {
+            let bits = base_bits + m.bit_offset();
+            let name = self.btf.resolve_name(m).unwrap_or_default();
+            if name == member {
+                return Some(bits / 8);
+            }
+            if name.is_empty()
+                && let Ok(Type::Struct(inner) | Type::Union(inner)) =
+                    self.btf.resolve_chained_type(m)
+                && let Some(found) = self.find_member(&inner, member, bits)
+            {
+                return Some(found);
+            }
+        }
+        None
+    }
+}
+
+/// The kernel release (`uname -r`).
+pub fn release() -> String {
+    fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map_or_else(|_| "unknown".into(), |s| s.trim().to_owned())
+}
+
+fn is_mounted(path: &Path, magic: i64) -> bool {
+    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: a valid C string and a zeroed statfs buffer for the kernel to fill.
+    unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        libc::statfs(c_path.as_ptr(), &raw mut st) == 0 && st.f_type as i64 == magic
+    }
+}
+
+fn mount(fstype: &str, target: &Path) -> std::io::Result<()> {
+    let c = |s: &[u8]| std::ffi::CString::new(s).map_err(std::io::Error::other);
+    let (source, target_c, fstype_c) = (
+        c(b"nodev")?,
+        c(target.as_os_str().as_encoded_bytes())?,
+        c(fstype.as_bytes())?,
+    );
+    // SAFETY: valid C strings; no mount data.
+    let rc = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target_c.as_ptr(),
+            fstype_c.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Where tracefs is, mounting it at /sys/kernel/tracing when absent; why not when it can't be.
+pub fn ensure_tracefs() -> Result<PathBuf, String> {
+    for path in [TRACEFS, "/sys/kernel/debug/tracing"] {
+        if is_mounted(Path::new(path), TRACEFS_MAGIC) {
+            return Ok(path.into());
+        }
+    }
+    match mount("tracefs", Path::new(TRACEFS)) {
+        Ok(()) => {
+            log::info!("mounted tracefs at {TRACEFS}");
+            Ok(TRACEFS.into())
+        }
+        Err(err) => Err(format!(
+            "tracefs is not mounted and mounting it at {TRACEFS} failed ({err}); \
+             mount it with `mount -t tracefs nodev {TRACEFS}`"
+        )),
+    }
+}
+
+/// Mounts securityfs (for the lockdown level) when absent; a failure only loses that gauge.
+pub fn ensure_securityfs() {
+    if !is_mounted(Path::new(SECURITYFS), SECURITYFS_MAGIC)
+        && let Err(err) = mount("securityfs", Path::new(SECURITYFS))
+    {
+        log::warn!(
+            "securityfs is not mounted at {SECURITYFS} and mounting it failed ({err}): no lockdown level"
+        );
+    }
+}
+
+/// True when the tracepoint exists in this kernel.
+pub fn has_tracepoint(tracefs: &Path, category: &str, name: &str) -> bool {
+    tracefs
+        .join("events")
+        .join(category)
+        .join(name)
+        .join("id")
+        .exists()
+}
+
+/// The current taint mask from /proc/sys/kernel/tainted.
+pub fn taint_mask() -> Option<u64> {
+    fs::read_to_string("/proc/sys/kernel/tainted")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Letters of the taint bits (include/linux/panic.h); later bits are named `bitN`.
+pub const TAINT_FLAGS: [&str; 20] = [
+    "P", "F", "S", "R", "M", "B", "U", "D", "A", "W", "C", "I", "O", "E", "L", "K", "X", "T", "N",
+    "J",
+];
+
+/// The taint flag letter of bit `bit`.
+pub fn taint_flag(bit: u32) -> String {
+    TAINT_FLAGS
+        .get(bit as usize)
+        .map_or_else(|| format!("bit{bit}"), |&f| f.to_owned())
+}
+
+/// The active lockdown level, from securityfs's "none [integrity] confidentiality".
+pub fn lockdown_level() -> Option<String> {
+    let text = fs::read_to_string(Path::new(SECURITYFS).join("lockdown")).ok()?;
+    parse_lockdown_level(&text)
+}
+
+pub fn parse_lockdown_level(text: &str) -> Option<String> {
+    let start = text.find('[')?;
+    let end = text[start..].find(']')? + start;
+    Some(text[start + 1..end].to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lockdown_levels() {
+        assert_eq!(
+            parse_lockdown_level("none [integrity] confidentiality\n").as_deref(),
+            Some("integrity")
+        );
+        assert_eq!(
+            parse_lockdown_level("[none] integrity confidentiality").as_deref(),
+            Some("none")
+        );
+        assert_eq!(parse_lockdown_level("garbage"), None);
+    }
+
+    #[test]
+    fn taint_flags() {
+        assert_eq!(taint_flag(13), "E");
+        assert_eq!(taint_flag(12), "O");
+        assert_eq!(taint_flag(0), "P");
+        assert_eq!(taint_flag(19), "J");
+        assert_eq!(taint_flag(20), "bit20");
+    }
+}

@@ -1,0 +1,227 @@
+//! Lockdown decisions and level. With fexit on `security_locked_down` the kernel counts every
+//! check by reason and verdict; with the `printk:console` fallback only denials are seen, and
+//! only those the kernel's rate limit lets through to the log.
+
+use std::collections::{BTreeMap, HashMap};
+
+use aya::maps::{MapData, PerCpuArray};
+use observer_common::lockdown::{DECISION_SLOTS, LockdownConsole, LockdownDecision, REASON_SLOTS};
+use serde::Serialize;
+
+use crate::{
+    kernel::{self, KernelBtf},
+    maps::{self, Maps},
+    metrics::Family,
+    plan::{Hook, fexit, tracepoint},
+};
+
+pub fn hooks() -> Vec<Hook> {
+    vec![Hook {
+        name: "lockdown_decision",
+        options: vec![
+            vec![fexit(
+                "lockdown_security_locked_down",
+                "security_locked_down",
+            )],
+            vec![tracepoint("lockdown_console", "printk", "console")],
+        ],
+    }]
+}
+
+/// The kernel's descriptions of each reason (security/security.c `lockdown_reasons[]`), as the
+/// console line prints them, with the enumerator each belongs to.
+const DESCRIPTIONS: &[(&str, &str)] = &[
+    ("unsigned module loading", "LOCKDOWN_MODULE_SIGNATURE"),
+    ("/dev/mem,kmem,port", "LOCKDOWN_DEV_MEM"),
+    ("/dev/efi_test access", "LOCKDOWN_EFI_TEST"),
+    ("kexec of unsigned images", "LOCKDOWN_KEXEC"),
+    ("hibernation", "LOCKDOWN_HIBERNATION"),
+    ("direct PCI access", "LOCKDOWN_PCI_ACCESS"),
+    ("raw io port access", "LOCKDOWN_IOPORT"),
+    ("raw MSR access", "LOCKDOWN_MSR"),
+    ("modifying ACPI tables", "LOCKDOWN_ACPI_TABLES"),
+    ("modifying device tree contents", "LOCKDOWN_DEVICE_TREE"),
+    ("direct PCMCIA CIS storage", "LOCKDOWN_PCMCIA_CIS"),
+    ("reconfiguration of serial port IO", "LOCKDOWN_TIOCSSERIAL"),
+    ("unsafe module parameters", "LOCKDOWN_MODULE_PARAMETERS"),
+    ("unsafe mmio", "LOCKDOWN_MMIOTRACE"),
+    ("debugfs access", "LOCKDOWN_DEBUGFS"),
+    ("xmon write access", "LOCKDOWN_XMON_WR"),
+    ("use of bpf to write user RAM", "LOCKDOWN_BPF_WRITE_USER"),
+    (
+        "use of kgdb/kdb to write kernel RAM",
+        "LOCKDOWN_DBG_WRITE_KERNEL",
+    ),
+    ("RTAS error injection", "LOCKDOWN_RTAS_ERROR_INJECTION"),
+    ("Xen guest user action", "LOCKDOWN_XEN_USER_ACTIONS"),
+    ("/proc/kcore access", "LOCKDOWN_KCORE"),
+    ("use of kprobes", "LOCKDOWN_KPROBES"),
+    ("use of bpf to read kernel RAM", "LOCKDOWN_BPF_READ_KERNEL"),
+    (
+        "use of kgdb/kdb to read kernel RAM",
+        "LOCKDOWN_DBG_READ_KERNEL",
+    ),
+    ("unsafe use of perf", "LOCKDOWN_PERF"),
+    ("use of tracefs", "LOCKDOWN_TRACEFS"),
+    ("xmon read and write access", "LOCKDOWN_XMON_RW"),
+    ("xfrm SA secret", "LOCKDOWN_XFRM_SECRET"),
+];
+
+/// One vocabulary for reasons: the enumerator without `LOCKDOWN_`, in lowercase.
+pub fn reason_label(enumerator: &str) -> String {
+    enumerator.trim_start_matches("LOCKDOWN_").to_lowercase()
+}
+
+/// The reason and process of a console line "Lockdown: <comm>: <description> is restricted; ...".
+pub fn parse_console(text: &str) -> Option<(String, String)> {
+    let rest = text.strip_prefix("Lockdown: ")?;
+    let head = &rest[..rest.find(" is restricted")?];
+    // Match the description from the end: a process name may itself contain ": ".
+    for (description, enumerator) in DESCRIPTIONS {
+        if let Some(comm) = head
+            .strip_suffix(description)
+            .and_then(|h| h.strip_suffix(": "))
+        {
+            return Some((reason_label(enumerator), comm.to_owned()));
+        }
+    }
+    let (comm, _) = head.split_once(": ")?;
+    Some(("unknown".into(), comm.to_owned()))
+}
+
+/// A decoded lockdown record, for `--events json`.
+#[derive(Debug, Serialize)]
+pub struct LockdownRecord {
+    pub event: &'static str,
+    pub pid: u32,
+    pub comm: String,
+    pub reason: String,
+    pub verdict: &'static str,
+}
+
+/// The lockdown family: the reason names of this kernel, the kernel counters (fexit), and the
+/// denials counted from console lines (fallback).
+pub struct Lockdown {
+    reasons: BTreeMap<u32, String>,
+    decisions: PerCpuArray<MapData, u64>,
+    console_denials: HashMap<String, u64>,
+}
+
+impl Lockdown {
+    pub fn new(maps: &mut Maps<'_>, btf: Option<&KernelBtf>) -> anyhow::Result<Self> {
+        let reasons = btf
+            .map(|btf| btf.enum_values("lockdown_reason"))
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(value, name)| (value, reason_label(&name)))
+            .collect();
+        Ok(Self {
+            reasons,
+            decisions: maps.per_cpu_array("LOCKDOWN_DECISIONS")?,
+            console_denials: HashMap::new(),
+        })
+    }
+
+    fn reason_name(&self, value: u32) -> String {
+        if value >= REASON_SLOTS - 1 {
+            return "other".into();
+        }
+        self.reasons
+            .get(&value)
+            .cloned()
+            .unwrap_or_else(|| format!("reason{value}"))
+    }
+
+    pub fn decision(&self, record: &LockdownDecision, comm: &str) -> LockdownRecord {
+        LockdownRecord {
+            event: "lockdown_decision",
+            pid: record.header.pid,
+            comm: comm.to_owned(),
+            reason: self.reason_name(record.reason),
+            verdict: if record.denied != 0 {
+                "denied"
+            } else {
+                "allowed"
+            },
+        }
+    }
+
+    pub fn console(&mut self, record: &LockdownConsole) -> Option<LockdownRecord> {
+        let len = (record.len as usize).min(record.text.len());
+        let text = String::from_utf8_lossy(&record.text[..len]);
+        let (reason, comm) = parse_console(&text)?;
+        *self.console_denials.entry(reason.clone()).or_default() += 1;
+        Some(LockdownRecord {
+            event: "lockdown_decision",
+            pid: record.header.pid,
+            comm,
+            reason,
+            verdict: "denied",
+        })
+    }
+
+    pub fn gather(&self, families: &mut Vec<Family>) {
+        let mut decisions = Family::counter(
+            "lockdown_decisions_total",
+            "Kernel lockdown checks by reason and verdict. With the printk:console fallback only denials are \
+             seen, and only those the kernel's printk rate limit lets through.",
+        );
+        let counts = maps::sum_per_cpu(&self.decisions, DECISION_SLOTS);
+        for (slot, count) in counts.iter().enumerate().filter(|(_, n)| **n > 0) {
+            let reason = self.reason_name(slot as u32 / 2);
+            let verdict = if slot % 2 == 1 { "denied" } else { "allowed" };
+            decisions.add(&[("reason", &reason), ("verdict", verdict)], *count as f64);
+        }
+        for (reason, count) in &self.console_denials {
+            decisions.add(&[("reason", reason), ("verdict", "denied")], *count as f64);
+        }
+        families.push(decisions);
+
+        let mut level = Family::gauge(
+            "lockdown_level",
+            "1 for the kernel's active lockdown level (securityfs).",
+        );
+        if let Some(active) = kernel::lockdown_level() {
+            for name in ["none", "integrity", "confidentiality"] {
+                level.add(&[("level", name)], f64::from(u8::from(name == active)));
+            }
+        }
+        families.push(level);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn console_lines_map_to_enumerators() {
+        let line = "Lockdown: bash: debugfs access is restricted; see man kernel_lockdown.7\n";
+        assert_eq!(parse_console(line), Some(("debugfs".into(), "bash".into())));
+        let line =
+            "Lockdown: insmod: unsigned module loading is restricted; see man kernel_lockdown.7";
+        assert_eq!(
+            parse_console(line),
+            Some(("module_signature".into(), "insmod".into()))
+        );
+        let line = "Lockdown: a: b: /proc/kcore access is restricted; see man kernel_lockdown.7";
+        assert_eq!(parse_console(line), Some(("kcore".into(), "a: b".into())));
+    }
+
+    #[test]
+    fn unknown_descriptions_and_other_lines() {
+        let line = "Lockdown: x: something new is restricted; see man kernel_lockdown.7";
+        assert_eq!(parse_console(line), Some(("unknown".into(), "x".into())));
+        assert_eq!(parse_console("Lockdown: nonsense"), None);
+        assert_eq!(parse_console("hello"), None);
+    }
+
+    #[test]
+    fn reason_labels() {
+        assert_eq!(
+            reason_label("LOCKDOWN_MODULE_SIGNATURE"),
+            "module_signature"
+        );
+        assert_eq!(reason_label("LOCKDOWN_KCORE"), "kcore");
+    }
+}

@@ -1,0 +1,120 @@
+//! The event pipeline: drains the ring buffer, decodes each record (bytes from the kernel are
+//! checked, never trusted), hands it to its family, and optionally writes it as JSON.
+
+use std::{io::Write as _, mem::size_of, sync::Arc};
+
+use aya::maps::{MapData, RingBuf};
+use observer_common::{
+    EventHeader, EventKind,
+    lockdown::{LockdownConsole, LockdownDecision},
+    timers::TimerEvent,
+};
+use tokio::io::{Interest, unix::AsyncFd};
+
+use crate::agent::{Agent, State};
+
+/// Reads a `T` from the front of `bytes`, if they are long enough.
+pub fn read_record<T: aya::Pod>(bytes: &[u8]) -> Option<T> {
+    if bytes.len() < size_of::<T>() {
+        return None;
+    }
+    // SAFETY: the length is checked and `T` is plain data valid for any bit pattern;
+    // read_unaligned makes no alignment assumption about the ring buffer's bytes.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+}
+
+/// A task's `comm` as text (up to the first NUL).
+pub fn comm_str(comm: &[u8]) -> String {
+    let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
+    String::from_utf8_lossy(&comm[..end]).into_owned()
+}
+
+/// Decodes one record and updates the state; returns its JSON form when asked for.
+pub fn dispatch(bytes: &[u8], state: &mut State, want_json: bool) -> Option<String> {
+    let Some(header) = read_record::<EventHeader>(bytes) else {
+        state.decode_errors += 1;
+        return None;
+    };
+    let Some(kind) = EventKind::from_u32(header.kind) else {
+        state.decode_errors += 1;
+        return None;
+    };
+    let comm = comm_str(&header.comm);
+    let json = match kind {
+        EventKind::TimerCreated
+        | EventKind::TimerDeleted
+        | EventKind::TimerArmed
+        | EventKind::TimerOwnerGone => {
+            let Some(event) = read_record::<TimerEvent>(bytes) else {
+                state.decode_errors += 1;
+                return None;
+            };
+            let record = state.timers.handle(kind, &event, &comm);
+            want_json.then(|| serde_json::to_string(&record))
+        }
+        EventKind::LockdownDecision => {
+            let Some(event) = read_record::<LockdownDecision>(bytes) else {
+                state.decode_errors += 1;
+                return None;
+            };
+            let record = state.lockdown.decision(&event, &comm);
+            want_json.then(|| serde_json::to_string(&record))
+        }
+        EventKind::LockdownConsole => {
+            let Some(event) = read_record::<LockdownConsole>(bytes) else {
+                state.decode_errors += 1;
+                return None;
+            };
+            let record = state.lockdown.console(&event);
+            record.and_then(|r| want_json.then(|| serde_json::to_string(&r)))
+        }
+    };
+    state.events[kind as usize] += 1;
+    json.and_then(Result::ok)
+}
+
+/// Drains the ring buffer whenever the kernel says it has data, until the task is dropped.
+pub async fn run(ring: RingBuf<MapData>, agent: Arc<Agent>, want_json: bool) -> anyhow::Result<()> {
+    // SAFETY: the ring buffer owns its map fd, which stays open and the same while the
+    // AsyncFd owns the ring buffer. Readable only: the kernel never signals it writable.
+    let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)?;
+    let mut lines = Vec::new();
+    loop {
+        let mut guard = ring.readable_mut().await?;
+        {
+            let mut state = agent
+                .state
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let ring = guard.get_inner_mut();
+            while let Some(item) = ring.next() {
+                if let Some(line) = dispatch(&item, &mut state, want_json) {
+                    lines.push(line);
+                }
+            }
+        }
+        guard.clear_ready();
+        if !lines.is_empty() {
+            let mut out = std::io::stdout().lock();
+            for line in lines.drain(..) {
+                // A closed stdout must not stop observation.
+                let _ = writeln!(out, "{line}");
+            }
+            let _ = out.flush();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_and_unknown_records_are_counted_not_trusted() {
+        assert_eq!(read_record::<EventHeader>(&[0u8; 8]), None);
+        assert!(read_record::<EventHeader>(&[0u8; 40]).is_some());
+        assert_eq!(comm_str(b"bash\0\0\0\0garbage!"), "bash");
+        assert_eq!(comm_str(b"sixteen-bytes-xx"), "sixteen-bytes-xx");
+    }
+}

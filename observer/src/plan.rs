@@ -1,0 +1,284 @@
+//! The attach plan: each hook with its preferred mechanism and its fallbacks, decided against the
+//! running kernel at start. A hook that cannot attach is a warning and a metric, not a crash.
+
+use std::path::PathBuf;
+
+use aya::{
+    Btf, Ebpf,
+    programs::{FEntry, FExit, ProgramError, TracePoint},
+};
+
+use crate::kernel::{self, KernelBtf};
+
+/// How one program attaches.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Mechanism {
+    Tracepoint {
+        category: &'static str,
+        name: &'static str,
+    },
+    FEntry {
+        function: &'static str,
+    },
+    FExit {
+        function: &'static str,
+    },
+}
+
+impl Mechanism {
+    pub const fn label(&self) -> &'static str {
+        match self {
+            Self::Tracepoint { .. } => "tracepoint",
+            Self::FEntry { .. } => "fentry",
+            Self::FExit { .. } => "fexit",
+        }
+    }
+
+    fn target(&self) -> String {
+        match self {
+            Self::Tracepoint { category, name } => format!("{category}:{name}"),
+            Self::FEntry { function } | Self::FExit { function } => (*function).to_owned(),
+        }
+    }
+}
+
+/// One program of the eBPF object and where it attaches.
+#[derive(Clone, Debug)]
+pub struct Attachment {
+    pub program: &'static str,
+    pub mechanism: Mechanism,
+}
+
+pub const fn tracepoint(
+    program: &'static str,
+    category: &'static str,
+    name: &'static str,
+) -> Attachment {
+    Attachment {
+        program,
+        mechanism: Mechanism::Tracepoint { category, name },
+    }
+}
+
+pub const fn fexit(program: &'static str, function: &'static str) -> Attachment {
+    Attachment {
+        program,
+        mechanism: Mechanism::FExit { function },
+    }
+}
+
+pub const fn fentry(program: &'static str, function: &'static str) -> Attachment {
+    Attachment {
+        program,
+        mechanism: Mechanism::FEntry { function },
+    }
+}
+
+/// Something the agent observes, with the ways to attach it, preferred first. An option is
+/// used when every program in it attaches.
+#[derive(Clone, Debug)]
+pub struct Hook {
+    /// The `probe` label.
+    pub name: &'static str,
+    pub options: Vec<Vec<Attachment>>,
+}
+
+/// What happened to one option of one hook.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProbeStatus {
+    pub probe: &'static str,
+    pub mechanism: &'static str,
+    pub attached: bool,
+    /// Where it attached, or why it did not.
+    pub detail: String,
+}
+
+/// What the plan needs to know about the kernel.
+pub struct KernelView {
+    pub tracefs: Result<PathBuf, String>,
+    pub btf: Result<KernelBtf, String>,
+    /// aya's own parse of the same BTF, for loading fentry/fexit programs.
+    pub aya_btf: Option<Btf>,
+}
+
+impl KernelView {
+    pub fn read() -> Self {
+        let btf = KernelBtf::load().map_err(|e| format!("{e:#}"));
+        let aya_btf = btf.as_ref().ok().and_then(|_| Btf::from_sys_fs().ok());
+        Self {
+            tracefs: kernel::ensure_tracefs(),
+            btf,
+            aya_btf,
+        }
+    }
+
+    /// Why this attachment cannot work here, if that is known before trying.
+    fn unavailable(&self, mechanism: &Mechanism) -> Option<String> {
+        match mechanism {
+            Mechanism::Tracepoint { category, name } => match &self.tracefs {
+                Err(why) => Some(why.clone()),
+                Ok(tracefs) if !kernel::has_tracepoint(tracefs, category, name) => Some(format!(
+                    "tracepoint {category}:{name} is not in this kernel"
+                )),
+                Ok(_) => None,
+            },
+            Mechanism::FEntry { function } | Mechanism::FExit { function } => match &self.btf {
+                Err(why) => Some(format!("no kernel BTF: {why}")),
+                Ok(btf) if !btf.has_function(function) => Some(format!(
+                    "{function} is not a traceable function in this kernel (absent or inlined)"
+                )),
+                Ok(_) => None,
+            },
+        }
+    }
+}
+
+/// Attaches every hook by its first option that works; returns what happened to each option
+/// tried. Options after the one that attached are not tried.
+pub fn attach(ebpf: &mut Ebpf, hooks: &[Hook], kernel: &KernelView) -> Vec<ProbeStatus> {
+    let mut statuses = Vec::new();
+    for hook in hooks {
+        for option in &hook.options {
+            let mechanism = option.first().map_or("none", |a| a.mechanism.label());
+            let result = option
+                .iter()
+                .try_for_each(|a| match kernel.unavailable(&a.mechanism) {
+                    Some(why) => Err(why),
+                    None => Ok(()),
+                })
+                .and_then(|()| attach_option(ebpf, option, kernel));
+            let attached = result.is_ok();
+            let detail = match result {
+                Ok(()) => option
+                    .iter()
+                    .map(|a| a.mechanism.target())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                Err(why) => why,
+            };
+            if attached {
+                log::info!("probe {}: attached by {mechanism} ({detail})", hook.name);
+            } else {
+                log::warn!("probe {}: {mechanism} unavailable: {detail}", hook.name);
+            }
+            statuses.push(ProbeStatus {
+                probe: hook.name,
+                mechanism,
+                attached,
+                detail,
+            });
+            if attached {
+                break;
+            }
+        }
+    }
+    statuses
+}
+
+/// Loads and attaches every program of one option; on a failure, unloads what it attached.
+fn attach_option(
+    ebpf: &mut Ebpf,
+    option: &[Attachment],
+    kernel: &KernelView,
+) -> Result<(), String> {
+    for (done, attachment) in option.iter().enumerate() {
+        if let Err(err) = attach_one(ebpf, attachment, kernel) {
+            for earlier in &option[..done] {
+                unload(ebpf, earlier);
+            }
+            return Err(format!(
+                "{} on {}: {}",
+                attachment.mechanism.label(),
+                attachment.mechanism.target(),
+                explain(&err)
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn attach_one(
+    ebpf: &mut Ebpf,
+    attachment: &Attachment,
+    kernel: &KernelView,
+) -> Result<(), ProgramError> {
+    let program = ebpf
+        .program_mut(attachment.program)
+        .ok_or_else(|| ProgramError::UnexpectedProgramType)?;
+    let btf = || {
+        kernel
+            .aya_btf
+            .as_ref()
+            .ok_or(ProgramError::UnexpectedProgramType)
+    };
+    match &attachment.mechanism {
+        Mechanism::Tracepoint { category, name } => {
+            let program: &mut TracePoint = program.try_into()?;
+            program.load()?;
+            program.attach(category, name)?;
+        }
+        Mechanism::FEntry { function } => {
+            let program: &mut FEntry = program.try_into()?;
+            program.load(function, btf()?)?;
+            program.attach()?;
+        }
+        Mechanism::FExit { function } => {
+            let program: &mut FExit = program.try_into()?;
+            program.load(function, btf()?)?;
+            program.attach()?;
+        }
+    }
+    Ok(())
+}
+
+/// Detaches and unloads one program (part of an option that did not fully attach).
+fn unload(ebpf: &mut Ebpf, attachment: &Attachment) {
+    let Some(program) = ebpf.program_mut(attachment.program) else {
+        return;
+    };
+    let result = match &attachment.mechanism {
+        Mechanism::Tracepoint { .. } => {
+            <&mut TracePoint>::try_from(program).map(TracePoint::unload)
+        }
+        Mechanism::FEntry { .. } => <&mut FEntry>::try_from(program).map(FEntry::unload),
+        Mechanism::FExit { .. } => <&mut FExit>::try_from(program).map(FExit::unload),
+    };
+    if let Ok(Err(err)) | Err(err) = result {
+        log::warn!("unloading {}: {err}", attachment.program);
+    }
+}
+
+/// A load error with the kernel's reason first: the verifier log is long and the errno is what
+/// tells an operator whether the kernel refuses this program type.
+fn explain(err: &ProgramError) -> String {
+    match err {
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
+            let log = verifier_log.to_string();
+            if log.trim().is_empty() {
+                format!("the kernel refused to load it ({io_error})")
+            } else {
+                format!(
+                    "the kernel refused to load it ({io_error}); verifier: {}",
+                    last_lines(&log, 3)
+                )
+            }
+        }
+        other => {
+            let mut text = other.to_string();
+            let mut source = std::error::Error::source(other);
+            while let Some(s) = source {
+                text.push_str(&format!(": {s}"));
+                source = s.source();
+            }
+            text
+        }
+    }
+}
+
+fn last_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(n)..].join(" | ")
+}

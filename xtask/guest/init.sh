@@ -1,0 +1,92 @@
+#!/bin/busybox sh
+# /init of the test guest: prepares what the observer needs, loads the network driver, then runs
+# the scenario named on the kernel command line (observer_scenario=NAME) from /vm/scenarios/.
+#
+# Protocol with the host (xtask/src/vm/), one marker per line on the serial console:
+#   AGENT-READY | AGENT-FAILED   the observer answers /metrics inside the guest, or never did
+#   ACTIONS-DONE                 the scenario's system calls are made; the host scrapes now
+#   RESULT <scenario> rc=N       last line before power-off; rc is the scenario script's status
+# Between ACTIONS-DONE and RESULT the guest waits for the host to say "finish" on port 9746, so
+# the agent still runs while the host scrapes it.
+
+/bin/busybox --install -s /bin
+export PATH=/bin
+
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mount -t tmpfs tmpfs /tmp
+# Each may be refused (tracefs under lockdown=confidentiality): the observer must cope, so the
+# guest only says so.
+mount -t tracefs tracefs /sys/kernel/tracing || echo "vm: tracefs not mounted"
+mount -t securityfs securityfs /sys/kernel/security || echo "vm: securityfs not mounted"
+mount -t debugfs debugfs /sys/kernel/debug || echo "vm: debugfs not mounted"
+mount -t bpf bpf /sys/fs/bpf || echo "vm: bpffs not mounted"
+
+scenario=$(sed -n 's/.*observer_scenario=\([^ ]*\).*/\1/p' /proc/cmdline)
+echo "vm: kernel $(uname -r), scenario ${scenario:-none}, lockdown: $(cat /sys/kernel/security/lockdown 2>/dev/null)"
+
+# The network driver's modules (listed in load order by the host) load before the observer
+# starts, so they are not part of any scenario's counts.
+while read -r module; do
+    /vm/guest-tool load "/vm/net/$module" >/dev/null || echo "vm: could not load $module"
+done </vm/net/order
+ip link set lo up
+ip addr add 10.0.2.15/24 dev eth0 && ip link set eth0 up || echo "vm: eth0 not configured"
+
+# Helpers for the scenario scripts.
+load() { /vm/guest-tool load "$@"; }
+
+# Starts the observer and waits until it answers /metrics; 0 when it does.
+start_agent() {
+    if [ ! -x /observer ]; then
+        echo "AGENT-FAILED no /observer in the initramfs"
+        return 1
+    fi
+    /observer --web.listen-address 0.0.0.0:9745 &
+    agent_pid=$!
+    i=0
+    while [ $i -lt 600 ]; do
+        if wget -q -O /dev/null http://127.0.0.1:9745/metrics 2>/dev/null; then
+            echo "AGENT-READY after $((i / 10)) s"
+            return 0
+        fi
+        if ! kill -0 "$agent_pid" 2>/dev/null; then
+            wait "$agent_pid"
+            echo "AGENT-FAILED exited with status $?"
+            return 1
+        fi
+        usleep 100000
+        i=$((i + 1))
+    done
+    echo "AGENT-FAILED no answer on :9745 within 60 s"
+    return 1
+}
+
+# Prints `observer probes` between markers for the host to read.
+probes() {
+    echo "PROBES-BEGIN"
+    /observer probes
+    echo "PROBES-END rc=$?"
+}
+
+# The kernel's own words about modules, taint and lockdown (the console is quiet).
+kernel_log() {
+    dmesg | grep -iE 'module|taint|lockdown|signature' | sed 's/^/kmsg: /'
+}
+
+# The scenario's actions run even when the observer did not start: what the kernel returns is
+# checked on its own.
+start_agent
+rc=$?
+if [ -f "/vm/scenarios/$scenario.sh" ]; then
+    (. "/vm/scenarios/$scenario.sh") || rc=$?
+else
+    echo "vm: no scenario named '$scenario'"
+    rc=1
+fi
+kernel_log
+echo "ACTIONS-DONE"
+/vm/guest-tool await-host 9746 120 || echo "vm: powering off without the host's word"
+echo "RESULT $scenario rc=$rc"
+poweroff -f

@@ -1,0 +1,204 @@
+//! Runs inside the QEMU guest (built static): makes the system calls a scenario needs and prints
+//! exactly what the kernel returned, one line per call, for the host to assert on.
+//!
+//! busybox insmod is not used for the scenarios' modules: after a refused finit_module it retries
+//! with init_module, so every refused load would be seen (and counted) twice.
+use std::{
+    ffi::CString,
+    io::{BufRead as _, BufReader, Write as _},
+    net::TcpListener,
+    os::fd::AsRawFd as _,
+    path::Path,
+    process::ExitCode,
+    time::{Duration, Instant},
+};
+
+/// Lets the kernel decompress the module (include/uapi/linux/module.h).
+const MODULE_INIT_COMPRESSED_FILE: libc::c_uint = 4;
+
+const USAGE: &str = "usage: guest-tool load [--compressed] FILE... | timers COUNT | \
+                     await-host PORT SECONDS";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("load") => load(&args[1..]),
+        Some("timers") => args
+            .get(1)
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| USAGE.to_owned())
+            .and_then(timers),
+        Some("await-host") => match (
+            args.get(1).and_then(|p| p.parse().ok()),
+            args.get(2).and_then(|s| s.parse().ok()),
+        ) {
+            (Some(port), Some(seconds)) => await_host(port, seconds),
+            _ => Err(USAGE.to_owned()),
+        },
+        _ => Err(USAGE.to_owned()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("guest-tool: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `finit_module(fd, "", flags)` for each file; prints `finit_module NAME rc=0` or
+/// `finit_module NAME errno=NAME`. A refused load is a result, not a failure of this tool.
+fn load(args: &[String]) -> Result<(), String> {
+    let (flags, files) = match args.first().map(String::as_str) {
+        Some("--compressed") => (MODULE_INIT_COMPRESSED_FILE, &args[1..]),
+        _ => (0, args),
+    };
+    if files.is_empty() {
+        return Err(USAGE.to_owned());
+    }
+    let params = CString::default();
+    for file in files {
+        let module = std::fs::File::open(file).map_err(|e| format!("opening {file}: {e}"))?;
+        // SAFETY: a valid open fd and a NUL-terminated parameter string that outlive the call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_finit_module,
+                module.as_raw_fd(),
+                params.as_ptr(),
+                flags,
+            )
+        };
+        let name = Path::new(file)
+            .file_name()
+            .map_or(file.as_str().into(), |n| n.to_string_lossy());
+        let shown = if flags & MODULE_INIT_COMPRESSED_FILE != 0 {
+            format!("{name} compressed")
+        } else {
+            name.into_owned()
+        };
+        println!("finit_module {shown} {}", outcome(rc));
+    }
+    Ok(())
+}
+
+/// A fixed sequence of POSIX timer system calls, made directly (glibc's wrappers add their own
+/// bookkeeping), so the observer's counts can be compared with what was really asked for:
+/// `count` successful creates and deletes, then one create with an invalid clock and one delete
+/// of an ID that does not exist, both EINVAL.
+fn timers(count: u32) -> Result<(), String> {
+    let mut created = 0;
+    let mut deleted = 0;
+    let mut ids = Vec::new();
+    for _ in 0..count {
+        // SAFETY: sigevent is plain data; all-zero then SIGEV_NONE is a valid request.
+        let mut event: libc::sigevent = unsafe { std::mem::zeroed() };
+        event.sigev_notify = libc::SIGEV_NONE;
+        let mut id: libc::c_int = -1;
+        // SAFETY: pointers to live locals of the types the kernel writes/reads.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_timer_create,
+                libc::CLOCK_MONOTONIC,
+                &raw mut event,
+                &raw mut id,
+            )
+        };
+        if rc == 0 {
+            created += 1;
+            ids.push(id);
+        } else {
+            println!("timer_create {}", outcome(rc));
+        }
+    }
+    for id in ids {
+        // SAFETY: plain integer argument.
+        let rc = unsafe { libc::syscall(libc::SYS_timer_delete, id) };
+        if rc == 0 {
+            deleted += 1;
+        } else {
+            println!("timer_delete id={id} {}", outcome(rc));
+        }
+    }
+    let mut id: libc::c_int = -1;
+    // SAFETY: a NULL sigevent is allowed; `id` is a live local.
+    let bad_create = unsafe {
+        libc::syscall(
+            libc::SYS_timer_create,
+            1000 as libc::clockid_t,
+            std::ptr::null_mut::<libc::sigevent>(),
+            &raw mut id,
+        )
+    };
+    let bad_create = outcome(bad_create);
+    // SAFETY: plain integer argument.
+    let bad_delete = outcome(unsafe { libc::syscall(libc::SYS_timer_delete, 0x7fff_fff0) });
+    println!(
+        "timers created={created} deleted={deleted} bad_create {bad_create} bad_delete {bad_delete}"
+    );
+    Ok(())
+}
+
+/// Waits until the host says "finish" on `port` (reached through a QEMU hostfwd), answers "bye",
+/// and returns; gives up after `seconds` so a guest never outlives a vanished host by much.
+///
+/// The host retries until it reads the answer, because QEMU's user network accepts the host's
+/// connection even before anything in the guest listens.
+fn await_host(port: u16, seconds: u64) -> Result<(), String> {
+    let listener =
+        TcpListener::bind(("0.0.0.0", port)).map_err(|e| format!("listening on {port}: {e}"))?;
+    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    while Instant::now() < deadline {
+        let Ok((stream, _)) = listener.accept() else {
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        };
+        stream.set_nonblocking(false).map_err(|e| e.to_string())?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .map_err(|e| e.to_string())?;
+        let mut line = String::new();
+        if BufReader::new(&stream).read_line(&mut line).is_ok() && line.trim() == "finish" {
+            // Best effort: the host treats a lost answer like no listener and retries.
+            let _ = (&stream).write_all(b"bye\n");
+            return Ok(());
+        }
+    }
+    Err(format!("the host did not say finish within {seconds} s"))
+}
+
+/// `rc=N` for success, else `errno=NAME` from the thread's errno.
+fn outcome(rc: libc::c_long) -> String {
+    if rc >= 0 {
+        return format!("rc={rc}");
+    }
+    let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+    format!("errno={}", errno_name(errno))
+}
+
+fn errno_name(errno: i32) -> String {
+    let name = match errno {
+        libc::EPERM => "EPERM",
+        libc::ENOENT => "ENOENT",
+        libc::ENOEXEC => "ENOEXEC",
+        libc::EBADF => "EBADF",
+        libc::EAGAIN => "EAGAIN",
+        libc::ENOMEM => "ENOMEM",
+        libc::EACCES => "EACCES",
+        libc::EFAULT => "EFAULT",
+        libc::EBUSY => "EBUSY",
+        libc::EEXIST => "EEXIST",
+        libc::EINVAL => "EINVAL",
+        libc::ENOSYS => "ENOSYS",
+        libc::ENODATA => "ENODATA",
+        libc::ENOPKG => "ENOPKG",
+        libc::EBADMSG => "EBADMSG",
+        libc::EOPNOTSUPP => "EOPNOTSUPP",
+        libc::ENOKEY => "ENOKEY",
+        libc::EKEYEXPIRED => "EKEYEXPIRED",
+        libc::EKEYREVOKED => "EKEYREVOKED",
+        libc::EKEYREJECTED => "EKEYREJECTED",
+        _ => return errno.to_string(),
+    };
+    name.to_owned()
+}
