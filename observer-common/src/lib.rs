@@ -153,6 +153,6 @@ mod tests {
 
     #[test]
     fn header_layout() {
-        assert_eq!(core::mem::size_of::<EventHeader>(), 40);
+        assert_eq!(size_of::<EventHeader>(), 40);
     }
 }

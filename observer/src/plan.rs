@@ -17,6 +17,7 @@ pub enum Mechanism {
         category: &'static str,
         name: &'static str,
     },
+    #[allow(dead_code, reason = "the module family's hooks use it")]
     FEntry {
         function: &'static str,
     },
@@ -67,6 +68,7 @@ pub const fn fexit(program: &'static str, function: &'static str) -> Attachment 
     }
 }
 
+#[allow(dead_code, reason = "the module family's hooks use it")]
 pub const fn fentry(program: &'static str, function: &'static str) -> Attachment {
     Attachment {
         program,

@@ -1,0 +1,161 @@
+//! The agent as a user meets it: probes, the HTTP endpoint, signals, and bad input (a clear
+//! message and a non-zero exit, never a panic).
+
+mod support;
+
+use std::{
+    net::TcpListener,
+    process::{Command, Output},
+};
+
+use support::{Agent, OBSERVER, free_port, http_request};
+
+fn run(command: &mut Command) -> (i32, String) {
+    let Output { status, stderr, .. } = command.output().unwrap();
+    let stderr = String::from_utf8_lossy(&stderr).into_owned();
+    assert!(!stderr.contains("panicked"), "a panic: {stderr}");
+    (status.code().unwrap_or(-1), stderr)
+}
+
+#[test]
+fn probes_lists_every_hook_with_its_mechanism() {
+    support::require_root();
+    let out = Command::new(OBSERVER).arg("probes").output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    for probe in [
+        "timer_create",
+        "timer_delete",
+        "timer_settime",
+        "timer_restore_mode",
+        "timer_owner_exit",
+        "timer_owner_exec",
+        "lockdown_decision",
+    ] {
+        let attached = text.lines().any(|l| {
+            l.starts_with(&format!("{probe} ")) && l.split_whitespace().nth(2) == Some("yes")
+        });
+        assert!(attached, "{probe} not attached:\n{text}");
+    }
+    // fexit is preferred for lockdown: where this kernel refuses it, probes says so and why.
+    let fexit = text
+        .lines()
+        .find(|l| l.starts_with("lockdown_decision") && l.contains("fexit"))
+        .expect("the fexit option is listed");
+    if fexit.split_whitespace().nth(2) == Some("no") {
+        assert!(
+            fexit.contains("refused") || fexit.contains("not"),
+            "no reason given: {fexit}"
+        );
+        assert!(text.lines().any(|l| l.starts_with("lockdown_decision")
+            && l.contains("tracepoint")
+            && l.contains("yes")));
+    }
+}
+
+#[test]
+fn endpoint_serves_metrics_health_and_refuses_the_rest() {
+    let agent = Agent::start(&["--web.telemetry-path", "/custom"]);
+    assert_eq!(
+        http_request(agent.addr, "GET", "/healthz").unwrap(),
+        (200, "ok\n".into())
+    );
+    let (status, body) = http_request(agent.addr, "GET", "/custom").unwrap();
+    assert_eq!(status, 200);
+    assert!(body.contains("observer_build_info{"), "{body}");
+    assert!(
+        body.contains("observer_probe_attached{probe=\"timer_create\",mechanism=\"tracepoint\"} 1"),
+        "{body}"
+    );
+    assert_eq!(http_request(agent.addr, "GET", "/metrics").unwrap().0, 404);
+    assert_eq!(http_request(agent.addr, "POST", "/custom").unwrap().0, 405);
+    assert_eq!(agent.stop(), 0);
+}
+
+#[test]
+fn sigint_exits_zero() {
+    let agent = Agent::start(&[]);
+    // SAFETY: signals our own child.
+    unsafe { libc::kill(agent.child.id() as i32, libc::SIGINT) };
+    let mut agent = agent;
+    assert_eq!(agent.child.wait().unwrap().code(), Some(0));
+}
+
+#[test]
+fn an_invalid_listen_address_is_refused() {
+    let (code, stderr) =
+        run(Command::new(OBSERVER).args(["--web.listen-address", "not-an-address"]));
+    assert_ne!(code, 0);
+    assert!(stderr.contains("--web.listen-address"), "{stderr}");
+}
+
+#[test]
+fn a_port_in_use_is_a_clear_error() {
+    support::require_root();
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let (code, stderr) = run(Command::new(OBSERVER).args(["--web.listen-address", &addr]));
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains(&format!("cannot listen on {addr}")) && stderr.contains("in use"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn without_root_it_says_what_it_needs() {
+    let port = free_port().to_string();
+    let (code, stderr) = run(Command::new("setpriv").args([
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--inh-caps=-all",
+        OBSERVER,
+        "--web.listen-address",
+        &format!("127.0.0.1:{port}"),
+    ]));
+    assert_eq!(code, 1);
+    assert!(stderr.contains("must run as root"), "{stderr}");
+}
+
+#[test]
+fn without_tracefs_it_says_how_to_mount_it() {
+    support::require_root();
+    // A private mount namespace where /sys/kernel is an empty read-only tmpfs: no tracefs, and
+    // nowhere to mount one. (BTF goes too, so no fentry/fexit either: nothing can attach.)
+    let port = free_port();
+    let script = format!(
+        "mount -t tmpfs -o ro none /sys/kernel && exec {OBSERVER} --web.listen-address 127.0.0.1:{port}"
+    );
+    let (code, stderr) = run(Command::new("unshare").args([
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        &script,
+    ]));
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("tracefs is not mounted") && stderr.contains("mount -t tracefs"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn bad_flag_values_are_refused() {
+    for args in [
+        ["--timers.short-lived", "10"],
+        ["--timers.top-processes", "0"],
+        ["--web.telemetry-path", "metrics"],
+        ["--events", "xml"],
+    ] {
+        let (code, stderr) = run(Command::new(OBSERVER).args(args));
+        assert_eq!(code, 2, "{args:?}: {stderr}");
+        assert!(stderr.contains(args[0]), "{args:?}: {stderr}");
+    }
+}

@@ -1,0 +1,208 @@
+//! Shared by the integration tests: start the real agent, scrape it over HTTP, read metrics,
+//! and run real syscalls in child processes with names of their own.
+#![allow(dead_code, reason = "each test binary uses a different part")]
+
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    thread,
+    time::{Duration, Instant},
+};
+
+pub const OBSERVER: &str = env!("CARGO_BIN_EXE_observer");
+
+/// Fails the test run early and clearly when it cannot load programs.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "the integration tests load eBPF programs: run them as root"
+    );
+}
+
+/// A free loopback port (the listener is closed before the agent binds it).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running agent, stopped with SIGTERM when dropped.
+pub struct Agent {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub stdout: Arc<Mutex<Vec<String>>>,
+    pub stderr: Arc<Mutex<Vec<String>>>,
+}
+
+impl Agent {
+    pub fn start(extra: &[&str]) -> Self {
+        require_root();
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut child = Command::new(OBSERVER)
+            .arg("--web.listen-address")
+            .arg(addr.to_string())
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = collect_lines(child.stdout.take().unwrap());
+        let stderr = collect_lines(child.stderr.take().unwrap());
+        let agent = Self {
+            child,
+            addr,
+            stdout,
+            stderr,
+        };
+        agent.wait_ready();
+        agent
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Ok((200, _)) = http_get(self.addr, "/healthz") {
+                return;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
+            "the agent did not answer /healthz within 60 s; stderr:\n{}",
+            self.stderr.lock().unwrap().join("\n")
+        );
+    }
+
+    pub fn metrics(&self) -> Metrics {
+        let (status, body) = http_get(self.addr, "/metrics").unwrap();
+        assert_eq!(status, 200, "{body}");
+        Metrics(body)
+    }
+
+    /// Scrapes until `done` holds (records reach userspace asynchronously), or panics.
+    pub fn metrics_until(&self, what: &str, done: impl Fn(&Metrics) -> bool) -> Metrics {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let metrics = self.metrics();
+            if done(&metrics) {
+                return metrics;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; last scrape:\n{}",
+                metrics.0
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Sends SIGTERM and returns the exit code.
+    pub fn stop(mut self) -> i32 {
+        // SAFETY: signals our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait().unwrap();
+        status.code().unwrap_or(-1)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            // SAFETY: signals our own child.
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn collect_lines(stream: impl std::io::Read + Send + 'static) -> Arc<Mutex<Vec<String>>> {
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let sink = lines.clone();
+    thread::spawn(move || {
+        for line in BufReader::new(stream).lines().map_while(Result::ok) {
+            sink.lock().unwrap().push(line);
+        }
+    });
+    lines
+}
+
+/// A plain HTTP/1.1 request over a real socket; returns the status and the body.
+pub fn http_request(addr: SocketAddr, method: &str, path: &str) -> std::io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad response: {response:?}")))?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
+    Ok((status, body))
+}
+
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    http_request(addr, "GET", path)
+}
+
+/// A scrape's text.
+pub struct Metrics(pub String);
+
+impl Metrics {
+    /// The value of the sample with exactly these labels (in any order), if present.
+    pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        self.0
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .find_map(|line| {
+                let (series, value) = line.rsplit_once(' ')?;
+                let (sample_name, label_text) = match series.split_once('{') {
+                    Some((n, rest)) => (n, rest.strip_suffix('}')?),
+                    None => (series, ""),
+                };
+                if sample_name != name {
+                    return None;
+                }
+                let mut found: Vec<(String, String)> = label_text
+                    .split("\",")
+                    .filter(|p| !p.is_empty())
+                    .filter_map(|p| {
+                        let (k, v) = p.split_once("=\"")?;
+                        Some((k.to_owned(), v.trim_end_matches('"').to_owned()))
+                    })
+                    .collect();
+                let mut wanted: Vec<(String, String)> = labels
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect();
+                found.sort();
+                wanted.sort();
+                (found == wanted).then(|| value.parse().ok()).flatten()
+            })
+    }
+
+    /// Like [`Self::get`], 0 when the sample is absent (counters not yet incremented).
+    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.get(name, labels).unwrap_or(0.0)
+    }
+}
+
+/// A unique process name for this test run (comm holds 15 bytes).
+pub fn unique_comm(prefix: &str) -> String {
+    let suffix = std::process::id() % 100_000;
+    let mut comm = format!("{prefix}{suffix}");
+    comm.truncate(15);
+    comm
+}

@@ -1,0 +1,373 @@
+//! POSIX timer observation against this machine's kernel: real timer syscalls from child
+//! processes with names of their own, asserted through /metrics.
+
+mod support;
+
+use std::{sync::Mutex, time::Duration};
+
+use support::{Agent, Metrics, unique_comm};
+
+/// The tests share the kernel's global counters: one at a time, so deltas are theirs.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const CLOCK_MONOTONIC: libc::c_long = 1;
+const SIGEV_NONE: libc::c_int = 1;
+const PR_TIMER_CREATE_RESTORE_IDS: libc::c_long = 77;
+
+#[repr(C)]
+struct SigEvent {
+    value: u64,
+    signo: libc::c_int,
+    notify: libc::c_int,
+    pad: [u64; 6],
+}
+
+fn timer_create(clock: libc::c_long, id: &mut libc::c_int) -> i64 {
+    let mut event = SigEvent {
+        value: 0,
+        signo: 0,
+        notify: SIGEV_NONE,
+        pad: [0; 6],
+    };
+    // SAFETY: valid pointers to a sigevent and an int for the kernel to write.
+    unsafe {
+        libc::syscall(
+            libc::SYS_timer_create,
+            clock,
+            &raw mut event,
+            std::ptr::from_mut(id),
+        )
+    }
+}
+
+fn timer_delete(id: libc::c_int) -> i64 {
+    // SAFETY: a plain syscall.
+    unsafe { libc::syscall(libc::SYS_timer_delete, id) }
+}
+
+fn timer_arm(id: libc::c_int) -> i64 {
+    let spec = libc::itimerspec {
+        it_interval: libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        },
+        it_value: libc::timespec {
+            tv_sec: 3600,
+            tv_nsec: 0,
+        },
+    };
+    // SAFETY: a valid itimerspec; no old value wanted.
+    unsafe {
+        libc::syscall(
+            libc::SYS_timer_settime,
+            id,
+            0,
+            &raw const spec,
+            std::ptr::null_mut::<libc::itimerspec>(),
+        )
+    }
+}
+
+fn errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
+/// Runs `body` in a forked child named `comm`, which then waits for a byte on a pipe before it
+/// exits (or execs `/bin/true` when `exec_at_end`). Returns the child's pid, what it wrote, and
+/// a function that lets it finish and reaps it.
+fn in_child(
+    comm: &str,
+    exec_at_end: bool,
+    body: fn() -> Vec<i64>,
+) -> (i32, Vec<i64>, impl FnOnce() + use<>) {
+    let (mut to_parent, mut to_child) = ([0; 2], [0; 2]);
+    // SAFETY: pipe(2) into two-int arrays.
+    unsafe {
+        assert_eq!(libc::pipe(to_parent.as_mut_ptr()), 0);
+        assert_eq!(libc::pipe(to_child.as_mut_ptr()), 0);
+    }
+    let name = std::ffi::CString::new(comm).unwrap();
+    let true_path = c"/bin/true";
+    // SAFETY: the child only makes raw syscalls, writes to a pipe and exits or execs.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        // SAFETY: in the child; async-signal-safe calls only.
+        unsafe {
+            libc::prctl(libc::PR_SET_NAME, name.as_ptr());
+            let results = body();
+            let bytes = results.len() * 8;
+            libc::write(to_parent[1], results.as_ptr().cast(), bytes);
+            libc::close(to_parent[1]);
+            let mut byte = 0u8;
+            libc::read(to_child[0], (&raw mut byte).cast(), 1);
+            if exec_at_end {
+                let argv = [true_path.as_ptr(), std::ptr::null()];
+                libc::execv(true_path.as_ptr(), argv.as_ptr());
+            }
+            libc::_exit(0);
+        }
+    }
+    // SAFETY: closing our copies of the child's ends; reading what it wrote.
+    let results = unsafe {
+        libc::close(to_parent[1]);
+        libc::close(to_child[0]);
+        let mut buf = [0i64; 64];
+        let n = libc::read(to_parent[0], buf.as_mut_ptr().cast(), size_of_val(&buf));
+        libc::close(to_parent[0]);
+        buf[..(n.max(0) as usize / 8)].to_vec()
+    };
+    let finish = move || {
+        // SAFETY: releasing and reaping our own child.
+        unsafe {
+            libc::write(to_child[1], [1u8].as_ptr().cast(), 1);
+            libc::close(to_child[1]);
+            let mut status = 0;
+            libc::waitpid(pid, &raw mut status, 0);
+        }
+    };
+    (pid, results, finish)
+}
+
+fn created(m: &Metrics, result: &str) -> f64 {
+    m.value(
+        "observer_posix_timer_syscalls_total",
+        &[("syscall", "timer_create"), ("result", result)],
+    )
+}
+
+#[test]
+fn timer_syscalls_are_counted_by_result_and_process() {
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let agent = Agent::start(&[]);
+    let before = agent.metrics();
+    let comm = unique_comm("obst-sys");
+    let (_, results, finish) = in_child(&comm, false, || {
+        let mut out = Vec::new();
+        let mut id = 0;
+        for _ in 0..3 {
+            out.push(timer_create(CLOCK_MONOTONIC, &mut id));
+            out.push(timer_delete(id));
+        }
+        // An unknown clock: EINVAL.
+        out.push(timer_create(9999, &mut id));
+        out.push(i64::from(errno()));
+        // Deleting a timer that does not exist: EINVAL.
+        out.push(timer_delete(123_456));
+        out.push(timer_create(CLOCK_MONOTONIC, &mut id));
+        out.push(timer_arm(id));
+        out.push(timer_delete(id));
+        out.push(i64::from(id));
+        out
+    });
+    assert_eq!(
+        results,
+        vec![0, 0, 0, 0, 0, 0, -1, 22, -1, 0, 0, 0, 3],
+        "what the kernel returned"
+    );
+    finish();
+
+    let comm_labels = [("comm", comm.as_str())];
+    let after = agent.metrics_until("the child's creates", |m| {
+        m.value(
+            "observer_posix_timer_creates_by_process_total",
+            &comm_labels,
+        ) >= 4.0
+    });
+    // Exact for the child's own name.
+    assert_eq!(
+        after.get(
+            "observer_posix_timer_creates_by_process_total",
+            &comm_labels
+        ),
+        Some(4.0)
+    );
+    // Lower bounds where other processes may add.
+    let delta = |name: &str, labels: &[(&str, &str)]| {
+        after.value(name, labels) - before.value(name, labels)
+    };
+    assert!(created(&after, "ok") - created(&before, "ok") >= 4.0);
+    assert!(created(&after, "einval") - created(&before, "einval") >= 1.0);
+    let syscalls = "observer_posix_timer_syscalls_total";
+    assert!(delta(syscalls, &[("syscall", "timer_delete"), ("result", "ok")]) >= 4.0);
+    assert!(
+        delta(
+            syscalls,
+            &[("syscall", "timer_delete"), ("result", "einval")]
+        ) >= 1.0
+    );
+    assert!(delta(syscalls, &[("syscall", "timer_settime"), ("result", "ok")]) >= 1.0);
+    // Every create, failed or not, is timed.
+    assert!(delta("observer_posix_timer_create_duration_seconds_count", &[]) >= 5.0);
+    // The three quick deletes are churn; the armed timer is not (exact under SERIAL unless
+    // another process churns timers at the same moment).
+    assert!(delta("observer_posix_timer_short_lived_total", &[]) >= 3.0);
+    assert!(after.value("observer_posix_timer_id_max", &[]) >= 3.0);
+    assert!(delta("observer_events_total", &[("kind", "timer_created")]) >= 4.0);
+    assert!(delta("observer_events_total", &[("kind", "timer_armed")]) >= 1.0);
+    assert_eq!(
+        after.value("observer_events_lost_total", &[("kind", "timer_created")]),
+        0.0
+    );
+    assert_eq!(agent.stop(), 0, "SIGTERM exits 0");
+}
+
+#[test]
+fn restore_mode_creates_with_requested_ids() {
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let agent = Agent::start(&["--events", "json"]);
+    let before = agent.metrics();
+    let comm = unique_comm("obst-rst");
+    let (pid, results, finish) = in_child(&comm, false, || {
+        // SAFETY: plain prctl.
+        let on = unsafe { libc::prctl(PR_TIMER_CREATE_RESTORE_IDS as i32, 1, 0, 0, 0) };
+        let mut id = 424_242;
+        let first = timer_create(CLOCK_MONOTONIC, &mut id);
+        let mut again = 424_242;
+        let taken = timer_create(CLOCK_MONOTONIC, &mut again);
+        vec![
+            i64::from(on),
+            first,
+            i64::from(id),
+            taken,
+            i64::from(errno()),
+        ]
+    });
+    finish();
+    if results.first() == Some(&-1) {
+        eprintln!("SKIP: this kernel has no PR_TIMER_CREATE_RESTORE_IDS (Linux 6.15+)");
+        return;
+    }
+    assert_eq!(
+        results,
+        vec![0, 0, 424_242, -1, 16],
+        "restore ON, the ID granted, then EBUSY"
+    );
+    let restore = "observer_posix_timer_restore_creates_total";
+    let after = agent.metrics_until("the restore-mode creates", |m| {
+        m.value(restore, &[("result", "ebusy")]) - before.value(restore, &[("result", "ebusy")])
+            >= 1.0
+    });
+    assert!(
+        after.value(restore, &[("result", "ok")]) - before.value(restore, &[("result", "ok")])
+            >= 1.0
+    );
+    assert!(after.value("observer_posix_timer_id_max", &[]) >= 424_242.0);
+    assert_eq!(
+        after.get(
+            "observer_posix_timer_creates_by_process_total",
+            &[("comm", comm.as_str())]
+        ),
+        Some(1.0)
+    );
+    // The event stream names the process, the ID and restore mode.
+    let wanted = format!(
+        "\"event\":\"timer_created\",\"pid\":{pid},\"tid\":{pid},\"comm\":\"{comm}\",\"timer_id\":424242,\"restore\":true"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !agent
+        .stdout
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|l| l.contains(&wanted))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no JSON event {wanted}: {:?}",
+            agent.stdout.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn timers_die_with_their_process_at_exit_and_exec() {
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let agent = Agent::start(&["--events", "json"]);
+    let live = |m: &Metrics| m.value("observer_posix_timers_live", &[]);
+    let before = agent.metrics();
+    let make_three = || {
+        let mut out = Vec::new();
+        for _ in 0..3 {
+            let mut id = 0;
+            out.push(timer_create(CLOCK_MONOTONIC, &mut id));
+        }
+        out
+    };
+    let (exit_pid, results, finish_exit) = in_child(&unique_comm("obst-exit"), false, make_three);
+    assert_eq!(results, vec![0, 0, 0]);
+    let (exec_pid, results, finish_exec) = in_child(&unique_comm("obst-exec"), true, make_three);
+    assert_eq!(results, vec![0, 0, 0]);
+    let during = agent.metrics_until("six live timers", |m| live(m) - live(&before) >= 6.0);
+    finish_exit();
+    finish_exec();
+    let after = agent.metrics_until("the timers' owners gone", |m| {
+        live(&during) - live(m) >= 6.0
+    });
+    assert!(
+        after.value("observer_events_total", &[("kind", "timer_owner_gone")])
+            - before.value("observer_events_total", &[("kind", "timer_owner_gone")])
+            >= 2.0
+    );
+    let lines = agent.stdout.lock().unwrap().clone();
+    let gone = |pid: i32, reason: &str| {
+        lines.iter().any(|l| {
+            l.contains(&format!("\"event\":\"timer_owner_gone\",\"pid\":{pid},"))
+                && l.contains(&format!("\"reason\":\"{reason}\""))
+        })
+    };
+    assert!(
+        gone(exit_pid, "exit"),
+        "no exit event for {exit_pid}: {lines:?}"
+    );
+    assert!(
+        gone(exec_pid, "exec"),
+        "no exec event for {exec_pid}: {lines:?}"
+    );
+}
+
+#[test]
+fn a_thread_exiting_does_not_end_its_process_timers() {
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let agent = Agent::start(&["--events", "json"]);
+    let (pid, results, finish) = in_child(&unique_comm("obst-thr"), false, || {
+        let mut id = 0;
+        let created = timer_create(CLOCK_MONOTONIC, &mut id);
+        // A second thread comes and goes: the process and its timer live on.
+        let handle = std::thread::spawn(|| ());
+        let joined = i64::from(handle.join().is_ok());
+        vec![created, joined]
+    });
+    assert_eq!(results, vec![0, 1]);
+    std::thread::sleep(Duration::from_millis(300));
+    let gone_for = |pid: i32| {
+        agent
+            .stdout
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains(&format!("\"event\":\"timer_owner_gone\",\"pid\":{pid},")))
+    };
+    assert!(
+        !gone_for(pid),
+        "a thread's exit was taken for the process's"
+    );
+    finish();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !gone_for(pid) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the process's exit was not seen"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
