@@ -5,6 +5,7 @@
 #![no_std]
 
 pub mod lockdown;
+pub mod modules;
 pub mod timers;
 
 /// Length of a task's `comm` in the kernel (`TASK_COMM_LEN`).
@@ -20,17 +21,21 @@ pub enum EventKind {
     TimerOwnerGone = 4,
     LockdownDecision = 5,
     LockdownConsole = 6,
+    ModuleLoad = 7,
+    Taint = 8,
 }
 
 impl EventKind {
     /// Every kind, in the order of their numbers (also the index of their lost-event counter).
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 8] = [
         Self::TimerCreated,
         Self::TimerDeleted,
         Self::TimerArmed,
         Self::TimerOwnerGone,
         Self::LockdownDecision,
         Self::LockdownConsole,
+        Self::ModuleLoad,
+        Self::Taint,
     ];
 
     pub const fn from_u32(value: u32) -> Option<Self> {
@@ -41,6 +46,8 @@ impl EventKind {
             4 => Some(Self::TimerOwnerGone),
             5 => Some(Self::LockdownDecision),
             6 => Some(Self::LockdownConsole),
+            7 => Some(Self::ModuleLoad),
+            8 => Some(Self::Taint),
             _ => None,
         }
     }
@@ -54,12 +61,14 @@ impl EventKind {
             Self::TimerOwnerGone => "timer_owner_gone",
             Self::LockdownDecision => "lockdown_decision",
             Self::LockdownConsole => "lockdown_console",
+            Self::ModuleLoad => "module_load",
+            Self::Taint => "taint",
         }
     }
 }
 
 /// Size of the `EVENTS_LOST` per-CPU array: one slot per [`EventKind`] number, slot 0 unused.
-pub const EVENT_KIND_SLOTS: u32 = 8;
+pub const EVENT_KIND_SLOTS: u32 = 16;
 
 /// The start of every ring buffer record.
 #[repr(C)]

@@ -4,6 +4,7 @@
 #![no_main]
 
 mod lockdown;
+mod modules;
 mod timers;
 
 use aya_ebpf::{

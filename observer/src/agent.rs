@@ -11,6 +11,7 @@ use crate::{
     lockdown::Lockdown,
     maps,
     metrics::Family,
+    modules::{ModuleMaps, ModuleState},
     plan::ProbeStatus,
     timers::{TimerMaps, TimerState},
 };
@@ -21,11 +22,13 @@ pub struct State {
     pub decode_errors: u64,
     pub timers: TimerState,
     pub lockdown: Lockdown,
+    pub modules: ModuleState,
 }
 
 pub struct Agent {
     pub state: Mutex<State>,
     pub timer_maps: TimerMaps,
+    pub module_maps: ModuleMaps,
     pub events_lost: PerCpuArray<MapData, u64>,
     pub probes: Vec<ProbeStatus>,
     pub kernel_release: String,
@@ -37,6 +40,7 @@ impl Agent {
         let mut families = Vec::new();
         self.self_metrics(&mut families);
         self.timer_maps.gather(&mut families);
+        self.module_maps.gather(&mut families);
         {
             let state = self
                 .state
@@ -44,6 +48,7 @@ impl Agent {
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             state.timers.gather(&mut families);
             state.lockdown.gather(&mut families);
+            state.modules.gather(&mut families);
             self.event_counts(&state, &mut families);
         }
         taint(&mut families);

@@ -153,6 +153,15 @@ pub fn ensure_securityfs() {
     }
 }
 
+/// Whether this kernel can load modules at all (CONFIG_MODULES).
+pub fn has_modules() -> Result<(), String> {
+    if Path::new("/proc/modules").exists() {
+        Ok(())
+    } else {
+        Err("this kernel has no module support (CONFIG_MODULES unset)".into())
+    }
+}
+
 /// True when the tracepoint exists in this kernel.
 pub fn has_tracepoint(tracefs: &Path, category: &str, name: &str) -> bool {
     tracefs

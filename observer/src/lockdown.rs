@@ -25,6 +25,7 @@ pub fn hooks() -> Vec<Hook> {
             )],
             vec![tracepoint("lockdown_console", "printk", "console")],
         ],
+        requires: None,
     }]
 }
 

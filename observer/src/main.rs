@@ -7,8 +7,10 @@ mod kernel;
 mod lockdown;
 mod maps;
 mod metrics;
+mod modules;
 mod pipeline;
 mod plan;
+mod profile;
 mod timers;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
@@ -21,6 +23,7 @@ use crate::{
     agent::{Agent, State},
     lockdown::Lockdown,
     maps::Maps,
+    modules::{ModuleMaps, ModuleState},
     plan::{Hook, KernelView, ProbeStatus},
     timers::{TimerMaps, TimerSettings, TimerState},
 };
@@ -44,6 +47,21 @@ struct Cli {
 enum Command {
     /// Print, for this kernel, each hook: the mechanism tried, whether it attached, and why not.
     Probes,
+    /// Watch module loads live, then print integrity-check cost per module and in total.
+    Profile {
+        /// How long to watch (Ctrl-C ends it early).
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        duration: Duration,
+        /// text, or json for scripts.
+        #[arg(long, value_enum, default_value = "text")]
+        format: ProfileFormat,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum ProfileFormat {
+    Text,
+    Json,
 }
 
 #[derive(clap::Args, Debug)]
@@ -117,6 +135,7 @@ fn main() {
     let result = match cli.command {
         None => run_agent(&cli.run),
         Some(Command::Probes) => print_probes(),
+        Some(Command::Profile { duration, format }) => run_profile(&cli.run, duration, format),
     };
     if let Err(err) = result {
         eprintln!("observer: error: {err:#}");
@@ -126,7 +145,7 @@ fn main() {
 
 /// Every hook of every family, in the order they attach.
 fn all_hooks() -> Vec<Hook> {
-    [timers::hooks(), lockdown::hooks()].concat()
+    [timers::hooks(), lockdown::hooks(), modules::hooks()].concat()
 }
 
 /// Fails with what to do when this process cannot load eBPF programs.
@@ -164,10 +183,29 @@ fn load(kernel: &KernelView) -> anyhow::Result<(aya::Ebpf, Vec<ProbeStatus>)> {
             "no BTF offsets for task_struct.signal/signal_struct.live: a process's timers are taken to die with its main thread"
         );
     }
+    let file_dentry = offset("file", "f_path") + offset("path", "dentry");
+    let dentry_name = offset("dentry", "d_name") + offset("qstr", "name");
+    let read_ids = btf
+        .map(|b| b.enum_values("kernel_read_file_id"))
+        .unwrap_or_default();
+    let read_id = |name: &str| {
+        read_ids
+            .iter()
+            .find(|(_, n)| *n == name)
+            .map_or(u32::MAX, |(v, _)| *v)
+    };
+    let (reading_module, reading_compressed) = (
+        read_id("READING_MODULE"),
+        read_id("READING_MODULE_COMPRESSED"),
+    );
     let mut ebpf = EbpfLoader::new()
         .btf(kernel.aya_btf.as_ref())
         .override_global("TASK_SIGNAL_OFFSET", &signal, true)
         .override_global("SIGNAL_LIVE_OFFSET", &live, true)
+        .override_global("FILE_DENTRY_OFFSET", &file_dentry, true)
+        .override_global("DENTRY_NAME_OFFSET", &dentry_name, true)
+        .override_global("READING_MODULE", &reading_module, true)
+        .override_global("READING_MODULE_COMPRESSED", &reading_compressed, true)
         .load(PROGRAMS)
         .context("loading the eBPF object (maps and programs)")?;
     let statuses = plan::attach(&mut ebpf, &all_hooks(), kernel);
@@ -182,21 +220,15 @@ fn missing_probes(hooks: &[Hook], statuses: &[ProbeStatus]) -> Vec<&'static str>
         .collect()
 }
 
-fn run_agent(args: &RunArgs) -> anyhow::Result<()> {
-    check_privileges()?;
-    // Bind first: a taken port should fail before anything is loaded into the kernel.
-    let listener = std::net::TcpListener::bind(args.listen_address).map_err(|err| {
-        let hint = match err.kind() {
-            std::io::ErrorKind::AddrInUse => {
-                "; is another observer running? pick another with --web.listen-address"
-            }
-            std::io::ErrorKind::AddrNotAvailable => "; that address is not on this host",
-            _ => "",
-        };
-        anyhow!("cannot listen on {}: {err}{hint}", args.listen_address)
-    })?;
-    listener.set_nonblocking(true)?;
+/// The loaded, attached programs and the agent reading them.
+struct Started {
+    ebpf: aya::Ebpf,
+    agent: Arc<Agent>,
+    ring: RingBuf<aya::maps::MapData>,
+}
 
+/// Loads and attaches everything this kernel allows and builds the agent's state.
+fn start(args: &RunArgs, keep_samples: bool) -> anyhow::Result<Started> {
     kernel::ensure_securityfs();
     let kernel = KernelView::read();
     let (mut ebpf, probes) = load(&kernel)?;
@@ -227,14 +259,34 @@ fn run_agent(args: &RunArgs) -> anyhow::Result<()> {
         decode_errors: 0,
         timers: TimerState::new(settings),
         lockdown: Lockdown::new(&mut maps, kernel.btf.as_ref().ok())?,
+        modules: ModuleState::new(keep_samples),
     };
     let agent = Arc::new(Agent {
         timer_maps: TimerMaps::take(&mut maps)?,
+        module_maps: ModuleMaps::take(&mut maps)?,
         events_lost: maps.per_cpu_array("EVENTS_LOST")?,
         state: std::sync::Mutex::new(state),
         probes,
         kernel_release: kernel::release(),
     });
+    Ok(Started { ebpf, agent, ring })
+}
+
+fn run_agent(args: &RunArgs) -> anyhow::Result<()> {
+    check_privileges()?;
+    // Bind first: a taken port should fail before anything is loaded into the kernel.
+    let listener = std::net::TcpListener::bind(args.listen_address).map_err(|err| {
+        let hint = match err.kind() {
+            std::io::ErrorKind::AddrInUse => {
+                "; is another observer running? pick another with --web.listen-address"
+            }
+            std::io::ErrorKind::AddrNotAvailable => "; that address is not on this host",
+            _ => "",
+        };
+        anyhow!("cannot listen on {}: {err}{hint}", args.listen_address)
+    })?;
+    listener.set_nonblocking(true)?;
+    let Started { ebpf, agent, ring } = start(args, false)?;
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -257,6 +309,49 @@ fn run_agent(args: &RunArgs) -> anyhow::Result<()> {
             }
         }
     })?;
+    drop(agent);
+    drop(ebpf);
+    Ok(())
+}
+
+fn run_profile(args: &RunArgs, duration: Duration, format: ProfileFormat) -> anyhow::Result<()> {
+    check_privileges()?;
+    let Started { ebpf, agent, ring } = start(args, true)?;
+    if !agent
+        .probes
+        .iter()
+        .any(|p| p.probe == "module_load" && p.attached)
+    {
+        bail!("module loads cannot be observed on this kernel (see `observer probes`)");
+    }
+    eprintln!(
+        "watching module loads for {}s (Ctrl-C to stop early)",
+        duration.as_secs_f64()
+    );
+    let started = std::time::Instant::now();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        tokio::select! {
+            result = pipeline::run(ring, agent.clone(), false) => result.context("event pipeline"),
+            () = tokio::time::sleep(duration) => Ok(()),
+            signal = shutdown_signal() => signal.map(|_| ()),
+        }
+    })?;
+    let elapsed = started.elapsed().as_secs_f64();
+    let samples = {
+        let mut state = agent
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        std::mem::take(&mut state.modules.samples)
+    };
+    let report = profile::report(&samples, elapsed);
+    match format {
+        ProfileFormat::Text => print!("{}", profile::text(&report)),
+        ProfileFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+    }
     drop(agent);
     drop(ebpf);
     Ok(())

@@ -110,7 +110,6 @@ impl Log2Histogram {
     }
 
     /// Records one duration (for histograms kept in userspace).
-    #[cfg(test)]
     pub fn observe(&mut self, ns: u64) {
         if self.buckets.is_empty() {
             self.buckets = vec![0; LOG2_BUCKETS as usize];

@@ -7,6 +7,7 @@ use aya::maps::{MapData, RingBuf};
 use observer_common::{
     EventHeader, EventKind,
     lockdown::{LockdownConsole, LockdownDecision},
+    modules::{ModuleLoad, TaintEvent},
     timers::TimerEvent,
 };
 use tokio::io::{Interest, unix::AsyncFd};
@@ -67,6 +68,22 @@ pub fn dispatch(bytes: &[u8], state: &mut State, want_json: bool) -> Option<Stri
             };
             let record = state.lockdown.console(&event);
             record.and_then(|r| want_json.then(|| serde_json::to_string(&r)))
+        }
+        EventKind::ModuleLoad => {
+            let Some(event) = read_record::<ModuleLoad>(bytes) else {
+                state.decode_errors += 1;
+                return None;
+            };
+            let record = state.modules.load(&event);
+            want_json.then(|| serde_json::to_string(&record))
+        }
+        EventKind::Taint => {
+            let Some(event) = read_record::<TaintEvent>(bytes) else {
+                state.decode_errors += 1;
+                return None;
+            };
+            let record = state.modules.taint(&event);
+            want_json.then(|| serde_json::to_string(&record))
         }
     };
     state.events[kind as usize] += 1;

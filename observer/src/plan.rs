@@ -17,7 +17,6 @@ pub enum Mechanism {
         category: &'static str,
         name: &'static str,
     },
-    #[allow(dead_code, reason = "the module family's hooks use it")]
     FEntry {
         function: &'static str,
     },
@@ -68,7 +67,6 @@ pub const fn fexit(program: &'static str, function: &'static str) -> Attachment 
     }
 }
 
-#[allow(dead_code, reason = "the module family's hooks use it")]
 pub const fn fentry(program: &'static str, function: &'static str) -> Attachment {
     Attachment {
         program,
@@ -83,6 +81,8 @@ pub struct Hook {
     /// The `probe` label.
     pub name: &'static str,
     pub options: Vec<Vec<Attachment>>,
+    /// A kernel feature the hook needs whatever the mechanism; why not when it is missing.
+    pub requires: Option<fn() -> Result<(), String>>,
 }
 
 /// What happened to one option of one hook.
@@ -135,13 +135,45 @@ impl KernelView {
     }
 }
 
+/// The `mechanism` label of an option: its mechanisms in order, e.g. `fentry+fexit`.
+fn option_label(option: &[Attachment]) -> &'static str {
+    let labels: Vec<&str> =
+        option
+            .iter()
+            .map(|a| a.mechanism.label())
+            .fold(Vec::new(), |mut seen, label| {
+                if !seen.contains(&label) {
+                    seen.push(label);
+                }
+                seen
+            });
+    match labels.as_slice() {
+        ["fentry", "fexit"] => "fentry+fexit",
+        [single] => single,
+        _ => "mixed",
+    }
+}
+
 /// Attaches every hook by its first option that works; returns what happened to each option
 /// tried. Options after the one that attached are not tried.
 pub fn attach(ebpf: &mut Ebpf, hooks: &[Hook], kernel: &KernelView) -> Vec<ProbeStatus> {
     let mut statuses = Vec::new();
     for hook in hooks {
+        if let Some(Err(why)) = hook.requires.map(|requires| requires()) {
+            log::warn!("probe {}: unavailable: {why}", hook.name);
+            for option in &hook.options {
+                let mechanism = option_label(option);
+                statuses.push(ProbeStatus {
+                    probe: hook.name,
+                    mechanism,
+                    attached: false,
+                    detail: why.clone(),
+                });
+            }
+            continue;
+        }
         for option in &hook.options {
-            let mechanism = option.first().map_or("none", |a| a.mechanism.label());
+            let mechanism = option_label(option);
             let result = option
                 .iter()
                 .try_for_each(|a| match kernel.unavailable(&a.mechanism) {

@@ -26,10 +26,12 @@ pub fn hooks() -> Vec<Hook> {
             tracepoint(enter, "syscalls", enter_tp),
             tracepoint(exit, "syscalls", exit_tp),
         ]],
+        requires: None,
     };
     let sched = |name, program, tp| Hook {
         name,
         options: vec![vec![tracepoint(program, "sched", tp)]],
+        requires: None,
     };
     vec![
         syscall(

@@ -58,6 +58,33 @@ fn probes_lists_every_hook_with_its_mechanism() {
 }
 
 #[test]
+fn without_module_support_the_module_probes_say_so() {
+    support::require_root();
+    if std::path::Path::new("/proc/modules").exists() {
+        eprintln!("SKIP: this kernel has module support; the VM scenarios cover module probes");
+        return;
+    }
+    let out = Command::new(OBSERVER).arg("probes").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    for probe in [
+        "module_load",
+        "module_sig_check",
+        "module_verify_sig",
+        "module_hash_check",
+        "module_taint",
+    ] {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&format!("{probe} ")))
+            .unwrap_or_else(|| panic!("{probe} missing:\n{text}"));
+        assert!(
+            line.contains(" no ") && line.contains("no module support"),
+            "{line}"
+        );
+    }
+}
+
+#[test]
 fn endpoint_serves_metrics_health_and_refuses_the_rest() {
     let agent = Agent::start(&["--web.telemetry-path", "/custom"]);
     assert_eq!(

@@ -1,0 +1,60 @@
+//! Module loading: one record per load attempt, correlated by task from `load_module`'s entry to
+//! its exit, with the integrity checks and taints that happened inside it.
+
+use crate::EventHeader;
+
+/// `MODULE_NAME_LEN` is 56; a file name gets the same room.
+pub const NAME_LEN: usize = 64;
+
+/// [`ModuleLoad::seen`] bits: which hooks fired inside this load.
+pub const SEEN_SIG_CHECK: u32 = 1 << 0;
+pub const SEEN_VERIFY_SIG: u32 = 1 << 1;
+pub const SEEN_HASH_CHECK: u32 = 1 << 2;
+pub const SEEN_NAME: u32 = 1 << 3;
+pub const SEEN_FILE: u32 = 1 << 4;
+
+/// A load attempt, kept in a map by thread id while `load_module` runs, then sent whole.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ModuleLoad {
+    pub header: EventHeader,
+    pub start_ns: u64,
+    /// Whole `load_module`.
+    pub total_ns: u64,
+    /// `module_sig_check`: the signature policy, including the lockdown check for unsigned modules.
+    pub sig_check_ns: u64,
+    /// `mod_verify_sig`: verifying a signature the module carries.
+    pub verify_ns: u64,
+    /// The hash-based check (`module_hash_check`/`module_integrity_check`) where a kernel has it.
+    pub hash_ns: u64,
+    /// Entry time of the check in progress (scratch).
+    pub phase_start_ns: u64,
+    /// Taint bits `add_taint` set during the load.
+    pub taints: u64,
+    pub load_ret: i32,
+    pub sig_check_ret: i32,
+    pub verify_ret: i32,
+    pub hash_ret: i32,
+    pub seen: u32,
+    pub _pad: u32,
+    /// From `module:module_load` when the load got that far.
+    pub name: [u8; NAME_LEN],
+    /// The file `finit_module` read (its last path component).
+    pub file: [u8; NAME_LEN],
+}
+
+/// A taint outside any load (a warning, a forced rmmod...).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TaintEvent {
+    pub header: EventHeader,
+    pub flag: u32,
+    pub _pad: u32,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain `#[repr(C)]` integers and arrays; any bit pattern is valid.
+    unsafe impl aya::Pod for super::ModuleLoad {}
+    unsafe impl aya::Pod for super::TaintEvent {}
+}
