@@ -12,6 +12,25 @@ pub const SEEN_VERIFY_SIG: u32 = 1 << 1;
 pub const SEEN_HASH_CHECK: u32 = 1 << 2;
 pub const SEEN_NAME: u32 = 1 << 3;
 pub const SEEN_FILE: u32 = 1 << 4;
+pub const SEEN_DECOMPRESS: u32 = 1 << 5;
+
+/// Phases of a signature check timed inside a load (index into [`ModuleLoad::phase_ns`]).
+pub const PHASE_PARSE: usize = 0;
+pub const PHASE_DIGEST: usize = 1;
+pub const PHASE_KEY_LOOKUP: usize = 2;
+pub const PHASE_PUBLIC_KEY_VERIFY: usize = 3;
+pub const PHASES: usize = 4;
+
+/// What a thread did just before `load_module`: the file it read and its decompression.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PendingLoad {
+    pub decompress_start_ns: u64,
+    pub decompress_ns: u64,
+    pub seen: u32,
+    pub _pad: u32,
+    pub file: [u8; NAME_LEN],
+}
 
 /// A load attempt, kept in a map by thread id while `load_module` runs, then sent whole.
 #[repr(C)]
@@ -29,6 +48,14 @@ pub struct ModuleLoad {
     pub hash_ns: u64,
     /// Entry time of the check in progress (scratch).
     pub phase_start_ns: u64,
+    /// `module_decompress` (before `load_module`, for MODULE_INIT_COMPRESSED_FILE).
+    pub decompress_ns: u64,
+    /// Signature-check phases: time and calls, plus each one's entry time (scratch).
+    pub phase_ns: [u64; PHASES],
+    pub phase_entry_ns: [u64; PHASES],
+    pub phase_calls: [u32; PHASES],
+    /// Bytes `mod_verify_sig` hashed (the module without its signature).
+    pub hashed_len: u64,
     /// Taint bits `add_taint` set during the load.
     pub taints: u64,
     pub load_ret: i32,
@@ -57,4 +84,5 @@ mod pod {
     // SAFETY: plain `#[repr(C)]` integers and arrays; any bit pattern is valid.
     unsafe impl aya::Pod for super::ModuleLoad {}
     unsafe impl aya::Pod for super::TaintEvent {}
+    unsafe impl aya::Pod for super::PendingLoad {}
 }

@@ -18,8 +18,9 @@ use aya_ebpf::{
 use observer_common::{
     EventKind,
     modules::{
-        ModuleLoad, NAME_LEN, SEEN_FILE, SEEN_HASH_CHECK, SEEN_NAME, SEEN_SIG_CHECK,
-        SEEN_VERIFY_SIG, TaintEvent,
+        ModuleLoad, NAME_LEN, PHASE_DIGEST, PHASE_KEY_LOOKUP, PHASE_PARSE, PHASE_PUBLIC_KEY_VERIFY,
+        PHASES, PendingLoad, SEEN_DECOMPRESS, SEEN_FILE, SEEN_HASH_CHECK, SEEN_NAME,
+        SEEN_SIG_CHECK, SEEN_VERIFY_SIG, TaintEvent,
     },
 };
 
@@ -35,14 +36,22 @@ static DENTRY_NAME_OFFSET: Global<u32> = Global::new(0);
 static READING_MODULE: Global<u32> = Global::new(2);
 #[unsafe(no_mangle)]
 static READING_MODULE_COMPRESSED: Global<u32> = Global::new(u32::MAX);
+/// `load_info.len` offset, from BTF.
+#[unsafe(no_mangle)]
+static LOAD_INFO_LEN_OFFSET: Global<u32> = Global::new(0);
+
+/// The starting value of a load attempt: all zero. A static, because the record is too large
+/// for the 512-byte BPF stack together with everything else.
+static ZERO_LOAD: ModuleLoad = unsafe { core::mem::zeroed() };
+static ZERO_PENDING: PendingLoad = unsafe { core::mem::zeroed() };
 
 /// Load attempts in progress, by thread.
 #[map]
 static MODULE_LOADS: HashMap<u32, ModuleLoad> = HashMap::with_max_entries(1024, 0);
 
-/// The module file a thread just read, waiting for its `load_module`.
+/// What a thread did just before its `load_module` (read the file, decompressed it).
 #[map]
-static MODULE_FILES: LruHashMap<u32, [u8; NAME_LEN]> = LruHashMap::with_max_entries(1024, 0);
+static MODULE_PENDING: LruHashMap<u32, PendingLoad> = LruHashMap::with_max_entries(1024, 0);
 
 /// Autoload requests (`request_module`).
 #[map]
@@ -59,6 +68,17 @@ fn now() -> u64 {
     unsafe { bpf_ktime_get_ns() }
 }
 
+/// This thread's pending-load record, created if absent.
+#[inline(always)]
+fn pending() -> Option<&'static mut PendingLoad> {
+    let tid = tid();
+    if MODULE_PENDING.get_ptr_mut(tid).is_none() {
+        let _ = MODULE_PENDING.insert(tid, &ZERO_PENDING, 0);
+    }
+    // SAFETY: the map's value for this thread, only touched by this thread.
+    MODULE_PENDING.get_ptr_mut(tid).map(|p| unsafe { &mut *p })
+}
+
 /// This thread's load in progress, if any.
 #[inline(always)]
 fn current_load() -> Option<&'static mut ModuleLoad> {
@@ -73,7 +93,8 @@ pub fn modules_read_file(ctx: FEntryContext) -> u32 {
         return 0;
     }
     let file: usize = ctx.arg(0);
-    let mut name = [0u8; NAME_LEN];
+    let Some(pending) = pending() else { return 0 };
+    let name = &mut pending.file;
     // SAFETY: kernel pointers read with the fault-tolerant helpers; offsets come from BTF.
     unsafe {
         let Ok(dentry) =
@@ -86,29 +107,48 @@ pub fn modules_read_file(ctx: FEntryContext) -> u32 {
         else {
             return 0;
         };
-        if bpf_probe_read_kernel_str_bytes(text as *const u8, &mut name).is_err() {
-            return 0;
+        if bpf_probe_read_kernel_str_bytes(text as *const u8, name).is_ok() {
+            pending.seen |= SEEN_FILE;
         }
     }
-    let _ = MODULE_FILES.insert(tid(), name, 0);
+    0
+}
+
+/// Decompression runs before `load_module` (finit_module with MODULE_INIT_COMPRESSED_FILE):
+/// timed into the pending record, which the load then takes over.
+#[fentry(function = "module_decompress")]
+pub fn modules_decompress_enter(_ctx: FEntryContext) -> u32 {
+    if let Some(pending) = pending() {
+        pending.decompress_start_ns = now();
+    }
+    0
+}
+
+#[fexit(function = "module_decompress")]
+pub fn modules_decompress_exit(_ctx: FExitContext) -> u32 {
+    if let Some(pending) = pending() {
+        pending.decompress_ns += now() - pending.decompress_start_ns;
+        pending.seen |= SEEN_DECOMPRESS;
+    }
     0
 }
 
 #[fentry(function = "load_module")]
 pub fn modules_load_enter(_ctx: FEntryContext) -> u32 {
     let tid = tid();
-    // SAFETY: all-zero is a valid ModuleLoad (plain integers and arrays).
-    let mut load: ModuleLoad = unsafe { core::mem::zeroed() };
+    if MODULE_LOADS.insert(tid, &ZERO_LOAD, 0).is_err() {
+        increment(&crate::EVENTS_LOST, EventKind::ModuleLoad as u32);
+        return 0;
+    }
+    let Some(load) = current_load() else { return 0 };
     load.header = header(EventKind::ModuleLoad);
     load.start_ns = load.header.ts_ns;
-    // SAFETY: the value is copied out before the entry is removed.
-    if let Some(file) = unsafe { MODULE_FILES.get(tid) } {
-        load.file = *file;
-        load.seen |= SEEN_FILE;
-        let _ = MODULE_FILES.remove(tid);
-    }
-    if MODULE_LOADS.insert(tid, load, 0).is_err() {
-        increment(&crate::EVENTS_LOST, EventKind::ModuleLoad as u32);
+    // SAFETY: the map's value for this thread; copied before the entry is removed.
+    if let Some(pending) = MODULE_PENDING.get_ptr(tid).map(|p| unsafe { &*p }) {
+        load.file = pending.file;
+        load.decompress_ns = pending.decompress_ns;
+        load.seen |= pending.seen;
+        let _ = MODULE_PENDING.remove(tid);
     }
     0
 }
@@ -120,7 +160,16 @@ pub fn modules_load_exit(ctx: FExitContext) -> u32 {
     let Some(load) = current_load() else { return 0 };
     load.total_ns = now() - load.start_ns;
     load.load_ret = ret;
-    emit(EventKind::ModuleLoad, *load);
+    match crate::EVENTS.reserve::<ModuleLoad>(0) {
+        Some(mut entry) => {
+            // SAFETY: copies the map value into the reserved entry directly (not via the stack).
+            unsafe {
+                core::ptr::copy_nonoverlapping(load as *const ModuleLoad, entry.as_mut_ptr(), 1)
+            };
+            entry.submit(0);
+        }
+        None => increment(&crate::EVENTS_LOST, EventKind::ModuleLoad as u32),
+    }
     let _ = MODULE_LOADS.remove(tid);
     0
 }
@@ -159,8 +208,81 @@ pub fn modules_verify_exit(ctx: FExitContext) -> u32 {
         load.verify_ns = now() - load.verify_ns;
         load.verify_ret = ctx.ret::<i64>().unwrap_or(0) as i32;
         load.seen |= SEEN_VERIFY_SIG;
+        // mod_verify_sig(mod, info) has cut the signature off info->len: the bytes hashed.
+        let info: usize = ctx.arg(1);
+        let offset = LOAD_INFO_LEN_OFFSET.load() as usize;
+        if offset != 0 {
+            // SAFETY: a kernel pointer read with the fault-tolerant helper; offset from BTF.
+            load.hashed_len =
+                unsafe { bpf_probe_read_kernel((info + offset) as *const u64) }.unwrap_or(0);
+        }
     }
     0
+}
+
+/// Phases of a signature check: counted only inside a module load (the same functions also
+/// serve kexec, firmware and IMA), each call's time added to its phase.
+#[inline(always)]
+fn phase_enter(phase: usize) -> u32 {
+    if let Some(load) = current_load()
+        && phase < PHASES
+    {
+        load.phase_entry_ns[phase] = now();
+    }
+    0
+}
+
+#[inline(always)]
+fn phase_exit(phase: usize) -> u32 {
+    if let Some(load) = current_load()
+        && phase < PHASES
+        && load.phase_entry_ns[phase] != 0
+    {
+        load.phase_ns[phase] += now() - load.phase_entry_ns[phase];
+        load.phase_calls[phase] += 1;
+        load.phase_entry_ns[phase] = 0;
+    }
+    0
+}
+
+#[fentry(function = "pkcs7_parse_message")]
+pub fn modules_parse_enter(_ctx: FEntryContext) -> u32 {
+    phase_enter(PHASE_PARSE)
+}
+
+#[fexit(function = "pkcs7_parse_message")]
+pub fn modules_parse_exit(_ctx: FExitContext) -> u32 {
+    phase_exit(PHASE_PARSE)
+}
+
+#[fentry(function = "pkcs7_digest")]
+pub fn modules_digest_enter(_ctx: FEntryContext) -> u32 {
+    phase_enter(PHASE_DIGEST)
+}
+
+#[fexit(function = "pkcs7_digest")]
+pub fn modules_digest_exit(_ctx: FExitContext) -> u32 {
+    phase_exit(PHASE_DIGEST)
+}
+
+#[fentry(function = "find_asymmetric_key")]
+pub fn modules_key_lookup_enter(_ctx: FEntryContext) -> u32 {
+    phase_enter(PHASE_KEY_LOOKUP)
+}
+
+#[fexit(function = "find_asymmetric_key")]
+pub fn modules_key_lookup_exit(_ctx: FExitContext) -> u32 {
+    phase_exit(PHASE_KEY_LOOKUP)
+}
+
+#[fentry(function = "public_key_verify_signature")]
+pub fn modules_public_key_enter(_ctx: FEntryContext) -> u32 {
+    phase_enter(PHASE_PUBLIC_KEY_VERIFY)
+}
+
+#[fexit(function = "public_key_verify_signature")]
+pub fn modules_public_key_exit(_ctx: FExitContext) -> u32 {
+    phase_exit(PHASE_PUBLIC_KEY_VERIFY)
 }
 
 /// The hash-based check: the agent attaches these to whichever of its names this kernel has.

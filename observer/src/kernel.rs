@@ -162,6 +162,16 @@ pub fn has_modules() -> Result<(), String> {
     }
 }
 
+/// How many modules this kernel has on disk (lines of modules.dep), if known.
+pub fn module_count() -> Option<u64> {
+    let path = Path::new("/lib/modules")
+        .join(release())
+        .join("modules.dep");
+    let text = fs::read_to_string(path).ok()?;
+    let count = text.lines().filter(|l| !l.trim().is_empty()).count() as u64;
+    (count > 0).then_some(count)
+}
+
 /// True when the tracepoint exists in this kernel.
 pub fn has_tracepoint(tracefs: &Path, category: &str, name: &str) -> bool {
     tracefs

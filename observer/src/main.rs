@@ -55,6 +55,10 @@ enum Command {
         /// text, or json for scripts.
         #[arg(long, value_enum, default_value = "text")]
         format: ProfileFormat,
+        /// Modules a Merkle tree would cover, for the hash-check estimate (default: this
+        /// kernel's module count from modules.dep).
+        #[arg(long)]
+        merkle_leaves: Option<u64>,
     },
 }
 
@@ -135,7 +139,16 @@ fn main() {
     let result = match cli.command {
         None => run_agent(&cli.run),
         Some(Command::Probes) => print_probes(),
-        Some(Command::Profile { duration, format }) => run_profile(&cli.run, duration, format),
+        Some(Command::Profile {
+            duration,
+            format,
+            merkle_leaves,
+        }) => run_profile(
+            &cli.run,
+            duration,
+            format,
+            merkle_leaves.or_else(kernel::module_count),
+        ),
     };
     if let Err(err) = result {
         eprintln!("observer: error: {err:#}");
@@ -206,6 +219,7 @@ fn load(kernel: &KernelView) -> anyhow::Result<(aya::Ebpf, Vec<ProbeStatus>)> {
         .override_global("DENTRY_NAME_OFFSET", &dentry_name, true)
         .override_global("READING_MODULE", &reading_module, true)
         .override_global("READING_MODULE_COMPRESSED", &reading_compressed, true)
+        .override_global("LOAD_INFO_LEN_OFFSET", &offset("load_info", "len"), true)
         .load(PROGRAMS)
         .context("loading the eBPF object (maps and programs)")?;
     let statuses = plan::attach(&mut ebpf, &all_hooks(), kernel);
@@ -314,7 +328,12 @@ fn run_agent(args: &RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run_profile(args: &RunArgs, duration: Duration, format: ProfileFormat) -> anyhow::Result<()> {
+fn run_profile(
+    args: &RunArgs,
+    duration: Duration,
+    format: ProfileFormat,
+    leaves: Option<u64>,
+) -> anyhow::Result<()> {
     check_privileges()?;
     let Started { ebpf, agent, ring } = start(args, true)?;
     if !agent
@@ -347,7 +366,7 @@ fn run_profile(args: &RunArgs, duration: Duration, format: ProfileFormat) -> any
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         std::mem::take(&mut state.modules.samples)
     };
-    let report = profile::report(&samples, elapsed);
+    let report = profile::report(&samples, elapsed, leaves);
     match format {
         ProfileFormat::Text => print!("{}", profile::text(&report)),
         ProfileFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),

@@ -5,7 +5,8 @@ use std::collections::{BTreeMap, HashMap};
 
 use aya::maps::{MapData, PerCpuArray};
 use observer_common::modules::{
-    ModuleLoad, SEEN_FILE, SEEN_HASH_CHECK, SEEN_NAME, SEEN_SIG_CHECK, SEEN_VERIFY_SIG, TaintEvent,
+    ModuleLoad, PHASES, SEEN_DECOMPRESS, SEEN_FILE, SEEN_HASH_CHECK, SEEN_NAME, SEEN_SIG_CHECK,
+    SEEN_VERIFY_SIG, TaintEvent,
 };
 use serde::Serialize;
 
@@ -90,6 +91,8 @@ pub const OUTCOMES: [&str; 4] = [
     "failed",
 ];
 pub const METHODS: [&str; 3] = ["signature", "hash", "none"];
+/// The `phase` label of each signature-check phase, by index ([`observer_common::modules`]).
+pub const PHASE_NAMES: [&str; PHASES] = ["parse", "digest", "key_lookup", "public_key_verify"];
 
 const EPERM: i32 = 1;
 /// Distinct module names that get their own taint series; later ones share `module="other"`.
@@ -151,6 +154,26 @@ pub fn module_name(load: &ModuleLoad) -> String {
     "unknown".into()
 }
 
+/// Time per phase of one load: only phases that ran; `other` is what the signature check spent
+/// outside the timed phases.
+pub fn phases(load: &ModuleLoad) -> BTreeMap<&'static str, u64> {
+    let mut phases = BTreeMap::new();
+    if load.seen & SEEN_DECOMPRESS != 0 {
+        phases.insert("decompress", load.decompress_ns);
+    }
+    if load.seen & SEEN_VERIFY_SIG != 0 {
+        let mut accounted = 0u64;
+        for (index, name) in PHASE_NAMES.iter().enumerate() {
+            if load.phase_calls[index] > 0 {
+                phases.insert(*name, load.phase_ns[index]);
+                accounted += load.phase_ns[index];
+            }
+        }
+        phases.insert("other", load.verify_ns.saturating_sub(accounted));
+    }
+    phases
+}
+
 /// One load, as `observer profile` and `--events json` see it.
 #[derive(Clone, Debug, Serialize)]
 pub struct LoadRecord {
@@ -164,6 +187,11 @@ pub struct LoadRecord {
     pub total_ns: u64,
     pub sig_check_ns: Option<u64>,
     pub integrity_check_ns: Option<u64>,
+    /// Time per phase: decompress, the signature-check phases, and `other` (the rest of the
+    /// signature check).
+    pub phases_ns: BTreeMap<&'static str, u64>,
+    /// Bytes the signature check hashed (the module without its signature).
+    pub hashed_bytes: u64,
     pub taints: String,
 }
 
@@ -189,6 +217,7 @@ pub struct ModuleState {
     loads: BTreeMap<(&'static str, &'static str), u64>,
     integrity: BTreeMap<(&'static str, &'static str), Log2Histogram>,
     load_duration: BTreeMap<&'static str, Log2Histogram>,
+    phases: BTreeMap<&'static str, Log2Histogram>,
     taint_events: BTreeMap<(String, String), u64>,
     module_labels: HashMap<String, ()>,
     /// Every load seen, for `observer profile` (bounded).
@@ -234,6 +263,10 @@ impl ModuleState {
                 .observe(ns);
             ns
         });
+        let phases_ns = phases(load);
+        for (phase, ns) in &phases_ns {
+            self.phases.entry(phase).or_default().observe(*ns);
+        }
         if load.taints != 0 {
             let label = self.module_label(&module);
             for bit in (0..64).filter(|b| load.taints & (1 << b) != 0) {
@@ -258,6 +291,8 @@ impl ModuleState {
             total_ns: load.total_ns,
             sig_check_ns: (load.seen & SEEN_SIG_CHECK != 0).then_some(load.sig_check_ns),
             integrity_check_ns,
+            phases_ns,
+            hashed_bytes: load.hashed_len,
             taints: taint_letters(load.taints),
         };
         if self.keep_samples && self.samples.len() < MAX_SAMPLES {
@@ -312,6 +347,17 @@ impl ModuleState {
             duration.add_histogram(&[("outcome", outcome)], histogram);
         }
         families.push(duration);
+
+        let mut phases = Family::histogram(
+            "module_integrity_phase_duration_seconds",
+            "Where module integrity checking spends its time, per load: decompress, and the signature check's \
+             parse, digest (hashing the module: what a hash-based check keeps), key_lookup, public_key_verify, \
+             and other (the rest of the signature check).",
+        );
+        for (phase, histogram) in &self.phases {
+            phases.add_histogram(&[("phase", phase)], histogram);
+        }
+        families.push(phases);
 
         let mut taints = Family::counter(
             "kernel_taint_events_total",

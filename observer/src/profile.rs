@@ -51,6 +51,84 @@ pub struct ModuleReport {
     pub integrity_share_of_load: Option<f64>,
     /// Mean hash-check time over mean signature-check time, when both were seen.
     pub hash_to_signature_ratio: Option<f64>,
+    /// Mean time per phase over the loads where it ran (decompress, parse, digest, key_lookup,
+    /// public_key_verify, other).
+    pub phases_mean_ns: BTreeMap<&'static str, f64>,
+    /// What a hash-based check would cost instead of the signature check, from the measured parts.
+    pub hash_estimate: Option<HashEstimate>,
+}
+
+/// A Merkle-tree check still hashes the whole module (the measured `digest` phase) and then
+/// `levels` node hashes of 64 bytes (two SHA-256 children) up to the root built into the kernel.
+/// The per-node cost comes from the same digest: SHA-256 works in 64-byte blocks, so a node
+/// (two blocks with padding) costs what two blocks of the module cost.
+#[derive(Clone, Debug, Serialize)]
+pub struct HashEstimate {
+    pub merkle_leaves: u64,
+    pub merkle_levels: u32,
+    pub digest_ns: f64,
+    pub per_node_ns: f64,
+    pub estimated_hash_check_ns: f64,
+    pub measured_signature_check_ns: f64,
+    /// Estimated hash check over measured signature check.
+    pub estimated_to_signature_ratio: f64,
+}
+
+/// Tree height for `leaves` modules: ceil(log2(leaves)).
+pub fn merkle_levels(leaves: u64) -> u32 {
+    if leaves <= 1 {
+        0
+    } else {
+        64 - (leaves - 1).leading_zeros()
+    }
+}
+
+fn mean(values: &[f64]) -> Option<f64> {
+    (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
+}
+
+fn estimate(loads: &[&LoadRecord], leaves: Option<u64>) -> Option<HashEstimate> {
+    let leaves = leaves?;
+    let signed: Vec<&&LoadRecord> = loads
+        .iter()
+        .filter(|l| {
+            l.method == "signature" && l.phases_ns.contains_key("digest") && l.hashed_bytes > 0
+        })
+        .collect();
+    let digest = mean(
+        &signed
+            .iter()
+            .map(|l| l.phases_ns["digest"] as f64)
+            .collect::<Vec<_>>(),
+    )?;
+    let per_node = mean(
+        &signed
+            .iter()
+            .map(|l| 2.0 * l.phases_ns["digest"] as f64 / l.hashed_bytes.div_ceil(64) as f64)
+            .collect::<Vec<_>>(),
+    )?;
+    let signature = mean(
+        &signed
+            .iter()
+            .filter_map(|l| l.integrity_check_ns)
+            .map(|ns| ns as f64)
+            .collect::<Vec<_>>(),
+    )?;
+    let levels = merkle_levels(leaves);
+    let estimated = digest + f64::from(levels) * per_node;
+    Some(HashEstimate {
+        merkle_leaves: leaves,
+        merkle_levels: levels,
+        digest_ns: digest,
+        per_node_ns: per_node,
+        estimated_hash_check_ns: estimated,
+        measured_signature_check_ns: signature,
+        estimated_to_signature_ratio: if signature > 0.0 {
+            estimated / signature
+        } else {
+            0.0
+        },
+    })
 }
 
 #[derive(Debug, Serialize)]
@@ -60,7 +138,7 @@ pub struct Report {
     pub total: ModuleReport,
 }
 
-fn summarize(module: &str, loads: &[&LoadRecord]) -> ModuleReport {
+fn summarize(module: &str, loads: &[&LoadRecord], leaves: Option<u64>) -> ModuleReport {
     let mut integrity: BTreeMap<&'static str, Vec<u64>> = BTreeMap::new();
     let (mut checked_load_ns, mut check_ns) = (0u64, 0u64);
     for load in loads {
@@ -81,7 +159,18 @@ fn summarize(module: &str, loads: &[&LoadRecord]) -> ModuleReport {
         (Some(hash), Some(signature)) if signature > 0.0 => Some(hash / signature),
         _ => None,
     };
+    let mut phase_values: BTreeMap<&'static str, Vec<f64>> = BTreeMap::new();
+    for load in loads {
+        for (phase, ns) in &load.phases_ns {
+            phase_values.entry(phase).or_default().push(*ns as f64);
+        }
+    }
     ModuleReport {
+        phases_mean_ns: phase_values
+            .iter()
+            .filter_map(|(p, v)| Some((*p, mean(v)?)))
+            .collect(),
+        hash_estimate: estimate(loads, leaves),
         module: module.to_owned(),
         loads: loads.len(),
         load: Stats::of(loads.iter().map(|l| l.total_ns).collect()),
@@ -92,20 +181,21 @@ fn summarize(module: &str, loads: &[&LoadRecord]) -> ModuleReport {
     }
 }
 
-pub fn report(samples: &[LoadRecord], duration_seconds: f64) -> Report {
+/// `leaves`: the number of modules a Merkle tree would cover (this kernel's module count).
+pub fn report(samples: &[LoadRecord], duration_seconds: f64, leaves: Option<u64>) -> Report {
     let mut by_module: BTreeMap<&str, Vec<&LoadRecord>> = BTreeMap::new();
     for sample in samples {
         by_module.entry(&sample.module).or_default().push(sample);
     }
     let modules = by_module
         .iter()
-        .map(|(m, loads)| summarize(m, loads))
+        .map(|(m, loads)| summarize(m, loads, leaves))
         .collect();
     let all: Vec<&LoadRecord> = samples.iter().collect();
     Report {
         duration_seconds,
         modules,
-        total: summarize("(total)", &all),
+        total: summarize("(total)", &all, leaves),
     }
 }
 
@@ -152,8 +242,48 @@ pub fn text(report: &Report) -> String {
         }
     }
     match report.total.hash_to_signature_ratio {
-        Some(ratio) => out.push_str(&format!("hash/signature check time: {ratio:.3}\n")),
-        None => out.push_str("hash/signature check time: needs loads checked by both methods\n"),
+        Some(ratio) => out.push_str(&format!(
+            "hash/signature check time (measured): {ratio:.3}\n"
+        )),
+        None => out.push_str(
+            "hash/signature check time (measured): needs loads checked by both methods\n",
+        ),
+    }
+    out.push_str(&format!("\n{:<24} {}\n", "MODULE", "MEAN PHASE TIME (us)"));
+    for m in report.modules.iter().chain(std::iter::once(&report.total)) {
+        if m.phases_mean_ns.is_empty() {
+            continue;
+        }
+        let phases: Vec<String> = m
+            .phases_mean_ns
+            .iter()
+            .map(|(p, ns)| format!("{p}={:.1}", ns / 1000.0))
+            .collect();
+        out.push_str(&format!("{:<24} {}\n", m.module, phases.join(" ")));
+    }
+    out.push_str(&format!(
+        "\n{:<24} {:>10} {:>10} {:>12} {:>12} {:>8}\n",
+        "MODULE", "DIGEST_US", "NODE_US", "EST_HASH_US", "SIG_US", "RATIO"
+    ));
+    for m in report.modules.iter().chain(std::iter::once(&report.total)) {
+        if let Some(e) = &m.hash_estimate {
+            out.push_str(&format!(
+                "{:<24} {:>10.1} {:>10.3} {:>12.1} {:>12.1} {:>8.3}\n",
+                m.module,
+                e.digest_ns / 1000.0,
+                e.per_node_ns / 1000.0,
+                e.estimated_hash_check_ns / 1000.0,
+                e.measured_signature_check_ns / 1000.0,
+                e.estimated_to_signature_ratio
+            ));
+        }
+    }
+    match &report.total.hash_estimate {
+        Some(e) => out.push_str(&format!(
+            "estimated hash-based check = digest + {} levels x per-node cost ({} modules): {:.3} of the signature check\n",
+            e.merkle_levels, e.merkle_leaves, e.estimated_to_signature_ratio
+        )),
+        None => out.push_str("estimated hash-based check: needs signed loads with a timed digest, and the module count\n"),
     }
     out
 }
@@ -174,6 +304,10 @@ mod tests {
             total_ns,
             sig_check_ns: check,
             integrity_check_ns: check,
+            phases_ns: check
+                .map(|c| [("digest", c / 2), ("other", c / 2)].into_iter().collect())
+                .unwrap_or_default(),
+            hashed_bytes: 6400,
             taints: String::new(),
         }
     }
@@ -197,12 +331,34 @@ mod tests {
             record("b", "hash", 1000, Some(100)),
             record("c", "none", 1000, None),
         ];
-        let r = report(&samples, 1.0);
+        let r = report(&samples, 1.0, Some(4256));
         let a = &r.modules[0];
         assert_eq!(a.integrity["signature"].count, 2);
         assert_eq!(a.integrity_share_of_load, Some(0.5));
         assert_eq!(r.total.hash_to_signature_ratio, Some(0.2));
         assert_eq!(r.total.loads, 4);
-        assert!(text(&r).contains("hash/signature check time: 0.200"));
+        assert!(text(&r).contains("hash/signature check time (measured): 0.200"));
+    }
+
+    #[test]
+    fn the_hash_estimate_adds_merkle_nodes_to_the_digest() {
+        assert_eq!(merkle_levels(4256), 13);
+        assert_eq!(merkle_levels(4096), 12);
+        assert_eq!(merkle_levels(1), 0);
+        // Two loads: digest 200 and 300 ns over 6400 bytes (100 blocks): 2 blocks per node.
+        let samples = vec![
+            record("a", "signature", 1000, Some(400)),
+            record("a", "signature", 1000, Some(600)),
+        ];
+        let e = report(&samples, 1.0, Some(4256))
+            .total
+            .hash_estimate
+            .unwrap();
+        assert_eq!(e.digest_ns, 250.0);
+        assert_eq!(e.per_node_ns, 5.0);
+        assert_eq!(e.estimated_hash_check_ns, 250.0 + 13.0 * 5.0);
+        assert_eq!(e.measured_signature_check_ns, 500.0);
+        assert_eq!(e.estimated_to_signature_ratio, 315.0 / 500.0);
+        assert!(report(&samples, 1.0, None).total.hash_estimate.is_none());
     }
 }
