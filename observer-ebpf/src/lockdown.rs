@@ -84,6 +84,6 @@ pub fn lockdown_console(ctx: TracePointContext) -> u32 {
             (*record).len = 0;
         }
     }
-    entry.submit(0);
+    entry.submit(crate::wakeup_flags());
     0
 }

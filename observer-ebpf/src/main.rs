@@ -8,6 +8,7 @@ mod modules;
 mod timers;
 
 use aya_ebpf::{
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::map,
     maps::{PerCpuArray, RingBuf},
@@ -59,13 +60,27 @@ fn header(kind: EventKind) -> EventHeader {
     }
 }
 
+/// Unread bytes past which a submission wakes the agent. Below it the agent is not woken per
+/// record (a wakeup costs more than the record); it drains on its own short timer instead.
+const WAKEUP_BYTES: u64 = 64 * 1024;
+
+/// Submission flags: wake the reader only when enough has piled up.
+#[inline(always)]
+fn wakeup_flags() -> u64 {
+    if EVENTS.query(u64::from(BPF_RB_AVAIL_DATA)) >= WAKEUP_BYTES {
+        u64::from(BPF_RB_FORCE_WAKEUP)
+    } else {
+        u64::from(BPF_RB_NO_WAKEUP)
+    }
+}
+
 /// Sends `record` through the ring buffer, or counts it as lost.
 #[inline(always)]
 fn emit<T: 'static>(kind: EventKind, record: T) {
     match EVENTS.reserve::<T>(0) {
         Some(mut entry) => {
             entry.write(record);
-            entry.submit(0);
+            entry.submit(wakeup_flags());
         }
         None => increment(&EVENTS_LOST, kind as u32),
     }

@@ -73,6 +73,10 @@ fn now() -> u64 {
 fn pending() -> Option<&'static mut PendingLoad> {
     let tid = tid();
     if MODULE_PENDING.get_ptr_mut(tid).is_none() {
+        #[expect(
+            clippy::needless_borrows_for_generic_args,
+            reason = "copy from the static, not the stack"
+        )]
         let _ = MODULE_PENDING.insert(tid, &ZERO_PENDING, 0);
     }
     // SAFETY: the map's value for this thread, only touched by this thread.
@@ -136,7 +140,12 @@ pub fn modules_decompress_exit(_ctx: FExitContext) -> u32 {
 #[fentry(function = "load_module")]
 pub fn modules_load_enter(_ctx: FEntryContext) -> u32 {
     let tid = tid();
-    if MODULE_LOADS.insert(tid, &ZERO_LOAD, 0).is_err() {
+    #[expect(
+        clippy::needless_borrows_for_generic_args,
+        reason = "copy from the static, not the stack"
+    )]
+    let inserted = MODULE_LOADS.insert(tid, &ZERO_LOAD, 0);
+    if inserted.is_err() {
         increment(&crate::EVENTS_LOST, EventKind::ModuleLoad as u32);
         return 0;
     }
@@ -166,7 +175,7 @@ pub fn modules_load_exit(ctx: FExitContext) -> u32 {
             unsafe {
                 core::ptr::copy_nonoverlapping(load as *const ModuleLoad, entry.as_mut_ptr(), 1)
             };
-            entry.submit(0);
+            entry.submit(crate::wakeup_flags());
         }
         None => increment(&crate::EVENTS_LOST, EventKind::ModuleLoad as u32),
     }

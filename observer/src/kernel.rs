@@ -8,7 +8,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use btf_rs::{Btf, Type};
+use btf_rs::{Backend, Btf, Type};
 
 pub const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
 pub const TRACEFS: &str = "/sys/kernel/tracing";
@@ -23,9 +23,13 @@ pub struct KernelBtf {
 
 impl KernelBtf {
     pub fn load() -> anyhow::Result<Self> {
-        let btf = Btf::from_file(BTF_PATH).with_context(|| {
-            format!("reading {BTF_PATH} (a kernel built with CONFIG_DEBUG_INFO_BTF has it)")
-        })?;
+        // Mapped and read on demand where the kernel lets sysfs BTF be mapped (6.16+): far less
+        // memory than parsing every type; parsed otherwise.
+        let btf = Btf::from_file_with_backend(BTF_PATH, Backend::Mmap)
+            .or_else(|_| Btf::from_file(BTF_PATH))
+            .with_context(|| {
+                format!("reading {BTF_PATH} (a kernel built with CONFIG_DEBUG_INFO_BTF has it)")
+            })?;
         Ok(Self { btf })
     }
 

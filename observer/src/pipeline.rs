@@ -1,7 +1,7 @@
 //! The event pipeline: drains the ring buffer, decodes each record (bytes from the kernel are
 //! checked, never trusted), hands it to its family, and optionally writes it as JSON.
 
-use std::{io::Write as _, mem::size_of, sync::Arc};
+use std::{io::Write as _, mem::size_of, sync::Arc, time::Duration};
 
 use aya::maps::{MapData, RingBuf};
 use observer_common::{
@@ -90,28 +90,42 @@ pub fn dispatch(bytes: &[u8], state: &mut State, want_json: bool) -> Option<Stri
     json.and_then(Result::ok)
 }
 
-/// Drains the ring buffer whenever the kernel says it has data, until the task is dropped.
+/// How often the agent drains without being woken: the programs wake it only once 64 KiB are
+/// waiting, so a trickle of records reaches /metrics within this delay.
+const DRAIN_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Drains every record waiting; returns the JSON lines asked for.
+fn drain(ring: &mut RingBuf<MapData>, agent: &Agent, want_json: bool, lines: &mut Vec<String>) {
+    let mut state = agent
+        .state
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    while let Some(item) = ring.next() {
+        if let Some(line) = dispatch(&item, &mut state, want_json) {
+            lines.push(line);
+        }
+    }
+}
+
+/// Drains the ring buffer when the kernel wakes the agent and on a short timer, until the task
+/// is dropped.
 pub async fn run(ring: RingBuf<MapData>, agent: Arc<Agent>, want_json: bool) -> anyhow::Result<()> {
     // SAFETY: the ring buffer owns its map fd, which stays open and the same while the
     // AsyncFd owns the ring buffer. Readable only: the kernel never signals it writable.
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
         .map_err(|e| e.into_parts().1)?;
+    let mut tick = tokio::time::interval(DRAIN_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut lines = Vec::new();
     loop {
-        let mut guard = ring.readable_mut().await?;
-        {
-            let mut state = agent
-                .state
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let ring = guard.get_inner_mut();
-            while let Some(item) = ring.next() {
-                if let Some(line) = dispatch(&item, &mut state, want_json) {
-                    lines.push(line);
-                }
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard?;
+                drain(guard.get_inner_mut(), &agent, want_json, &mut lines);
+                guard.clear_ready();
             }
+            _ = tick.tick() => drain(ring.get_mut(), &agent, want_json, &mut lines),
         }
-        guard.clear_ready();
         if !lines.is_empty() {
             let mut out = std::io::stdout().lock();
             for line in lines.drain(..) {

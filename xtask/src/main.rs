@@ -1,5 +1,6 @@
 //! Project tasks: `setup` (toolchain), `run` (the agent), `test` (everything CI runs), `vm`
 //! (scenarios in a QEMU guest running a distro kernel).
+mod bench;
 mod setup;
 mod test;
 mod vm;
@@ -29,6 +30,8 @@ enum Task {
     Test(test::Options),
     /// Boot Debian's kernel in QEMU and run the named scenarios (all when none are named).
     Vm(vm::Options),
+    /// Measure what observing costs (against bpftrace) and write BENCHMARKS.md.
+    Bench(bench::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -44,6 +47,7 @@ fn main() -> anyhow::Result<()> {
             std::process::exit(status.code().unwrap_or(1));
         }
         Task::Test(options) => test::run(&options),
+        Task::Bench(options) => bench::run(&options),
         Task::Vm(options) => {
             setup::run()?;
             vm::run(&options)

@@ -1,0 +1,80 @@
+//! Load for the timer-path benchmarks: real timer_create/timer_delete syscall pairs.
+//!
+//! `timer-load pairs N`: N create+delete pairs; prints nanoseconds per pair.
+//! `timer-load comms K`: one create+delete under each of K distinct process names.
+//! `timer-load storm SECONDS`: pairs as fast as possible for that long; prints pairs per second.
+use std::time::{Duration, Instant};
+
+const SIGEV_NONE: libc::c_int = 1;
+
+#[repr(C)]
+struct SigEvent {
+    value: u64,
+    signo: libc::c_int,
+    notify: libc::c_int,
+    pad: [u64; 6],
+}
+
+fn pair() {
+    let mut event = SigEvent {
+        value: 0,
+        signo: 0,
+        notify: SIGEV_NONE,
+        pad: [0; 6],
+    };
+    let mut id: libc::c_int = 0;
+    // SAFETY: valid pointers for the kernel to read and write; a plain delete after.
+    unsafe {
+        let created = libc::syscall(
+            libc::SYS_timer_create,
+            libc::CLOCK_MONOTONIC,
+            &raw mut event,
+            &raw mut id,
+        );
+        assert_eq!(created, 0, "timer_create failed");
+        libc::syscall(libc::SYS_timer_delete, id);
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let number = |i: usize| -> u64 {
+        args.get(i).and_then(|a| a.parse().ok()).unwrap_or_else(|| {
+            eprintln!("usage: timer-load pairs N | comms K | storm SECONDS");
+            std::process::exit(2)
+        })
+    };
+    match args.get(1).map(String::as_str) {
+        Some("pairs") => {
+            let n = number(2);
+            let start = Instant::now();
+            for _ in 0..n {
+                pair();
+            }
+            println!("{:.1}", start.elapsed().as_nanos() as f64 / n as f64);
+        }
+        Some("comms") => {
+            for i in 0..number(2) {
+                let name = std::ffi::CString::new(format!("tl-{i}")).unwrap_or_default();
+                // SAFETY: a valid C string; renames this thread.
+                unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
+                pair();
+            }
+        }
+        Some("storm") => {
+            let until = Instant::now() + Duration::from_secs(number(2));
+            let (start, mut pairs) = (Instant::now(), 0u64);
+            while Instant::now() < until {
+                for _ in 0..1000 {
+                    pair();
+                }
+                pairs += 1000;
+            }
+            println!("{:.0}", pairs as f64 / start.elapsed().as_secs_f64());
+        }
+        _ => {
+            eprintln!("usage: timer-load pairs N | comms K | storm SECONDS");
+            std::process::exit(2);
+        }
+    }
+}
