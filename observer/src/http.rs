@@ -11,12 +11,20 @@ use hyper::{
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
-use crate::agent::Agent;
+use tokio_rustls::TlsAcceptor;
+
+use crate::{agent::Agent, webconfig::WebConfig};
 
 const TEXT_FORMAT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Accepts connections until the future is dropped.
-pub async fn serve(listener: TcpListener, agent: Arc<Agent>, telemetry_path: Arc<str>) {
+pub async fn serve(
+    listener: TcpListener,
+    agent: Arc<Agent>,
+    telemetry_path: Arc<str>,
+    web: Arc<WebConfig>,
+) {
+    let acceptor = web.tls.clone().map(TlsAcceptor::from);
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -27,22 +35,47 @@ pub async fn serve(listener: TcpListener, agent: Arc<Agent>, telemetry_path: Arc
                 continue;
             }
         };
-        let (agent, path) = (agent.clone(), telemetry_path.clone());
+        let (agent, path, web, acceptor) = (
+            agent.clone(),
+            telemetry_path.clone(),
+            web.clone(),
+            acceptor.clone(),
+        );
         tokio::spawn(async move {
-            let service = service_fn(move |request| {
-                let response = respond(&request, &agent, &path);
-                async move { Ok::<_, Infallible>(response) }
-            });
-            let connection = http1::Builder::new()
-                .timer(TokioTimer::new())
-                // A client that never finishes its headers cannot hold a connection open.
-                .header_read_timeout(Duration::from_secs(10))
-                .max_buf_size(16 * 1024)
-                .serve_connection(TokioIo::new(stream), service);
-            if let Err(err) = connection.await {
-                log::debug!("connection: {err}");
+            match acceptor {
+                None => connection(TokioIo::new(stream), agent, path, web).await,
+                // A client that never finishes its handshake cannot hold a connection open.
+                Some(acceptor) => {
+                    match tokio::time::timeout(READ_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => connection(TokioIo::new(tls), agent, path, web).await,
+                        Ok(Err(err)) => log::debug!("TLS handshake: {err}"),
+                        Err(_) => log::debug!("TLS handshake timed out"),
+                    }
+                }
             }
         });
+    }
+}
+
+/// How long a client may take to send its request headers (or its TLS handshake).
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn connection<I>(io: I, agent: Arc<Agent>, path: Arc<str>, web: Arc<WebConfig>)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let service = service_fn(move |request| {
+        let response = respond(&request, &agent, &path, &web);
+        async move { Ok::<_, Infallible>(response) }
+    });
+    let connection = http1::Builder::new()
+        .timer(TokioTimer::new())
+        // A client that never finishes its headers cannot hold a connection open.
+        .header_read_timeout(READ_TIMEOUT)
+        .max_buf_size(16 * 1024)
+        .serve_connection(io, service);
+    if let Err(err) = connection.await {
+        log::debug!("connection: {err}");
     }
 }
 
@@ -50,6 +83,7 @@ fn respond(
     request: &Request<Incoming>,
     agent: &Agent,
     telemetry_path: &str,
+    web: &WebConfig,
 ) -> Response<Full<Bytes>> {
     let path = request.uri().path();
     if path != telemetry_path && path != "/healthz" {
@@ -62,8 +96,22 @@ fn respond(
             .insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
         return response;
     }
+    // /healthz says only "ok", so liveness probes need no credentials.
     if path == "/healthz" {
         return plain(StatusCode::OK, "ok\n");
+    }
+    if !web.authorized(
+        request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .map(header::HeaderValue::as_bytes),
+    ) {
+        let mut response = plain(StatusCode::UNAUTHORIZED, "unauthorized\n");
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Basic realm=\"observer\""),
+        );
+        return response;
     }
     match agent.scrape() {
         Ok(body) => {

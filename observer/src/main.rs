@@ -10,8 +10,10 @@ mod metrics;
 mod modules;
 mod pipeline;
 mod plan;
+mod privileges;
 mod profile;
 mod timers;
+mod webconfig;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -77,6 +79,9 @@ struct RunArgs {
         value_name = "ADDR:PORT"
     )]
     listen_address: SocketAddr,
+    /// TLS and basic-auth settings, in the Prometheus exporter-toolkit format.
+    #[arg(long = "web.config.file", value_name = "FILE")]
+    web_config_file: Option<std::path::PathBuf>,
     /// Path under which to expose metrics.
     #[arg(long = "web.telemetry-path", default_value = "/metrics", value_parser = parse_path)]
     telemetry_path: String,
@@ -159,28 +164,6 @@ fn main() {
 /// Every hook of every family, in the order they attach.
 fn all_hooks() -> Vec<Hook> {
     [timers::hooks(), lockdown::hooks(), modules::hooks()].concat()
-}
-
-/// Fails with what to do when this process cannot load eBPF programs.
-fn check_privileges() -> anyhow::Result<()> {
-    const CAP_SYS_ADMIN: u32 = 21;
-    const CAP_PERFMON: u32 = 38;
-    const CAP_BPF: u32 = 39;
-    let status =
-        std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
-    let effective = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-        .unwrap_or(0);
-    let has = |cap: u32| effective & (1 << cap) != 0;
-    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
-        return Ok(());
-    }
-    bail!(
-        "observer must run as root (or with CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN) to load eBPF programs; \
-         try `sudo observer`"
-    )
 }
 
 /// Loads the programs with what this kernel needs them to know, and attaches every hook.
@@ -292,7 +275,7 @@ fn start(args: &RunArgs, keep_samples: bool) -> anyhow::Result<Started> {
 }
 
 fn run_agent(args: &RunArgs) -> anyhow::Result<()> {
-    check_privileges()?;
+    privileges::check()?;
     // Bind first: a taken port should fail before anything is loaded into the kernel.
     let listener = std::net::TcpListener::bind(args.listen_address).map_err(|err| {
         let hint = match err.kind() {
@@ -305,7 +288,13 @@ fn run_agent(args: &RunArgs) -> anyhow::Result<()> {
         anyhow!("cannot listen on {}: {err}{hint}", args.listen_address)
     })?;
     listener.set_nonblocking(true)?;
+    let web = match &args.web_config_file {
+        Some(path) => webconfig::WebConfig::load(path)?,
+        None => webconfig::WebConfig::default(),
+    };
     let Started { ebpf, agent, ring } = start(args, false)?;
+    // Everything privileged is done: programs attached, port bound, files read.
+    privileges::drop_all_but(privileges::needed_after_start(&agent.kernel_release))?;
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -318,7 +307,12 @@ fn run_agent(args: &RunArgs) -> anyhow::Result<()> {
             args.telemetry_path
         );
         let pipeline = pipeline::run(ring, agent.clone(), args.events.is_some());
-        let server = http::serve(listener, agent.clone(), args.telemetry_path.as_str().into());
+        let server = http::serve(
+            listener,
+            agent.clone(),
+            args.telemetry_path.as_str().into(),
+            Arc::new(web),
+        );
         tokio::select! {
             result = pipeline => result.context("event pipeline"),
             () = server => Ok(()),
@@ -339,7 +333,7 @@ fn run_profile(
     format: ProfileFormat,
     leaves: Option<u64>,
 ) -> anyhow::Result<()> {
-    check_privileges()?;
+    privileges::check()?;
     let Started { ebpf, agent, ring } = start(args, true)?;
     if !agent
         .probes
@@ -392,7 +386,7 @@ async fn shutdown_signal() -> anyhow::Result<&'static str> {
 }
 
 fn print_probes() -> anyhow::Result<()> {
-    check_privileges()?;
+    privileges::check()?;
     kernel::ensure_securityfs();
     let kernel = KernelView::read();
     let (ebpf, statuses) = load(&kernel)?;
