@@ -8,7 +8,7 @@ use observer_common::{EVENT_KIND_SLOTS, EventKind};
 
 use crate::{
     kernel,
-    lockdown::Lockdown,
+    lockdown::{Lockdown, LockdownMaps},
     maps,
     metrics::Family,
     modules::{ModuleMaps, ModuleState},
@@ -29,6 +29,7 @@ pub struct Agent {
     pub state: Mutex<State>,
     pub timer_maps: TimerMaps,
     pub module_maps: ModuleMaps,
+    pub lockdown_maps: LockdownMaps,
     pub events_lost: PerCpuArray<MapData, u64>,
     pub probes: Vec<ProbeStatus>,
     pub kernel_release: String,
@@ -41,13 +42,14 @@ impl Agent {
         self.self_metrics(&mut families);
         self.timer_maps.gather(&mut families);
         self.module_maps.gather(&mut families);
+        let lockdown_counts = self.lockdown_maps.counts();
         {
             let state = self
                 .state
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             state.timers.gather(&mut families);
-            state.lockdown.gather(&mut families);
+            state.lockdown.gather(&lockdown_counts, &mut families);
             state.modules.gather(&mut families);
             self.event_counts(&state, &mut families);
         }

@@ -100,27 +100,43 @@ pub struct LockdownRecord {
     pub verdict: &'static str,
 }
 
-/// The lockdown family: the reason names of this kernel, the kernel counters (fexit), and the
-/// denials counted from console lines (fallback).
+/// The kernel's counters of every check (fexit), by `reason * 2 + denied`.
+pub struct LockdownMaps {
+    decisions: PerCpuArray<MapData, u64>,
+}
+
+impl LockdownMaps {
+    pub fn take(maps: &mut Maps<'_>) -> anyhow::Result<Self> {
+        Ok(Self {
+            decisions: maps.per_cpu_array("LOCKDOWN_DECISIONS")?,
+        })
+    }
+
+    pub fn counts(&self) -> Vec<u64> {
+        maps::sum_per_cpu(&self.decisions, DECISION_SLOTS)
+    }
+}
+
+/// The lockdown family's state: the reason names of this kernel and the denials counted from
+/// console lines (fallback).
+#[derive(Debug, Default)]
 pub struct Lockdown {
     reasons: BTreeMap<u32, String>,
-    decisions: PerCpuArray<MapData, u64>,
     console_denials: HashMap<String, u64>,
 }
 
 impl Lockdown {
-    pub fn new(maps: &mut Maps<'_>, btf: Option<&KernelBtf>) -> anyhow::Result<Self> {
+    pub fn new(btf: Option<&KernelBtf>) -> Self {
         let reasons = btf
             .map(|btf| btf.enum_values("lockdown_reason"))
             .unwrap_or_default()
             .into_iter()
             .map(|(value, name)| (value, reason_label(&name)))
             .collect();
-        Ok(Self {
+        Self {
             reasons,
-            decisions: maps.per_cpu_array("LOCKDOWN_DECISIONS")?,
             console_denials: HashMap::new(),
-        })
+        }
     }
 
     fn reason_name(&self, value: u32) -> String {
@@ -161,13 +177,13 @@ impl Lockdown {
         })
     }
 
-    pub fn gather(&self, families: &mut Vec<Family>) {
+    /// `counts`: the kernel's counters ([`LockdownMaps::counts`]).
+    pub fn gather(&self, counts: &[u64], families: &mut Vec<Family>) {
         let mut decisions = Family::counter(
             "lockdown_decisions_total",
             "Kernel lockdown checks by reason and verdict. With the printk:console fallback only denials are \
              seen, and only those the kernel's printk rate limit lets through.",
         );
-        let counts = maps::sum_per_cpu(&self.decisions, DECISION_SLOTS);
         for (slot, count) in counts.iter().enumerate().filter(|(_, n)| **n > 0) {
             let reason = self.reason_name(slot as u32 / 2);
             let verdict = if slot % 2 == 1 { "denied" } else { "allowed" };

@@ -23,7 +23,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::{
     agent::{Agent, State},
-    lockdown::Lockdown,
+    lockdown::{Lockdown, LockdownMaps},
     maps::Maps,
     modules::{ModuleMaps, ModuleState},
     plan::{Hook, KernelView, ProbeStatus},
@@ -255,12 +255,13 @@ fn start(args: &RunArgs, keep_samples: bool) -> anyhow::Result<Started> {
         events: Default::default(),
         decode_errors: 0,
         timers: TimerState::new(settings),
-        lockdown: Lockdown::new(&mut maps, kernel.btf.as_ref().ok())?,
+        lockdown: Lockdown::new(kernel.btf.as_ref().ok()),
         modules: ModuleState::new(keep_samples),
     };
     let agent = Arc::new(Agent {
         timer_maps: TimerMaps::take(&mut maps)?,
         module_maps: ModuleMaps::take(&mut maps)?,
+        lockdown_maps: LockdownMaps::take(&mut maps)?,
         events_lost: maps.per_cpu_array("EVENTS_LOST")?,
         state: std::sync::Mutex::new(state),
         probes,

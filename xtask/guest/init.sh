@@ -5,31 +5,41 @@
 # Protocol with the host (xtask/src/vm/), one marker per line on the serial console:
 #   AGENT-READY | AGENT-FAILED   the observer answers /metrics inside the guest, or never did
 #   ACTIONS-DONE                 the scenario's system calls are made; the host scrapes now
-#   RESULT <scenario> rc=N       last line before power-off; rc is the scenario script's status
+#   RESULT <scenario> rc=N       last line before power-off; 0 when the observer started and
+#                                the scenario's script succeeded
 # Between ACTIONS-DONE and RESULT the guest waits for the host to say "finish" on port 9746, so
 # the agent still runs while the host scrapes it.
 
 /bin/busybox --install -s /bin
 export PATH=/bin
+# The console is a log file on the host: no colour codes in the observer's log lines.
+export RUST_LOG_STYLE=never
 
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs tmpfs /tmp
-# Each may be refused (tracefs under lockdown=confidentiality): the observer must cope, so the
-# guest only says so.
+# The observer must cope with any of these missing, so the guest only says so. (Under
+# lockdown=confidentiality tracefs still mounts, but the kernel has disabled its events.)
 mount -t tracefs tracefs /sys/kernel/tracing || echo "vm: tracefs not mounted"
 mount -t securityfs securityfs /sys/kernel/security || echo "vm: securityfs not mounted"
 mount -t debugfs debugfs /sys/kernel/debug || echo "vm: debugfs not mounted"
 mount -t bpf bpf /sys/fs/bpf || echo "vm: bpffs not mounted"
 
 scenario=$(sed -n 's/.*observer_scenario=\([^ ]*\).*/\1/p' /proc/cmdline)
+# `cargo xtask vm --agent-log LEVEL` passes the observer's log level this way.
+agent_log=$(sed -n 's/.*observer_log=\([^ ]*\).*/\1/p' /proc/cmdline)
+[ -n "$agent_log" ] && export RUST_LOG="$agent_log"
 echo "vm: kernel $(uname -r), scenario ${scenario:-none}, lockdown: $(cat /sys/kernel/security/lockdown 2>/dev/null)"
 
 # The network driver's modules (listed in load order by the host) load before the observer
 # starts, so they are not part of any scenario's counts.
 while read -r module; do
-    /vm/guest-tool load "/vm/net/$module" >/dev/null || echo "vm: could not load $module"
+    answer=$(/vm/guest-tool load "/vm/net/$module" 2>&1)
+    case "$answer" in
+    *rc=0) ;;
+    *) echo "vm: network module: $answer" ;;
+    esac
 done </vm/net/order
 ip link set lo up
 ip addr add 10.0.2.15/24 dev eth0 && ip link set eth0 up || echo "vm: eth0 not configured"

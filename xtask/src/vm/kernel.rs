@@ -38,12 +38,14 @@ impl Series {
     /// `linux-image-6.12.117+deb12-amd64` or 56 in `linux-image-6.1.0-56-amd64`.
     fn build_of(self, package: &str) -> Option<u32> {
         let number = match self {
-            Series::V6_12 => package
-                .strip_prefix("linux-image-6.12.")?
-                .strip_suffix("-amd64")?
-                .split_once("+deb")
-                .filter(|(_, debian)| debian.chars().all(|c| c.is_ascii_digit()))?
-                .0,
+            Series::V6_12 => {
+                package
+                    .strip_prefix("linux-image-6.12.")?
+                    .strip_suffix("-amd64")?
+                    .split_once("+deb")
+                    .filter(|(_, debian)| debian.chars().all(|c| c.is_ascii_digit()))?
+                    .0
+            }
             Series::V6_1 => package
                 .strip_prefix("linux-image-6.1.0-")?
                 .strip_suffix("-amd64")?,
@@ -67,10 +69,6 @@ pub struct Kernel {
 }
 
 impl Kernel {
-    pub fn modules_dir(&self) -> PathBuf {
-        self.root.join("lib/modules").join(&self.release)
-    }
-
     /// The module files to load, in order, so that `names` and their dependencies load; built-in
     /// names are skipped.
     pub fn modules_with_deps(&self, names: &[&str]) -> anyhow::Result<Vec<PathBuf>> {
@@ -105,7 +103,10 @@ impl Kernel {
         match paths.as_slice() {
             [path] => Ok(path.clone()),
             [] => bail!("module {name} is not in {}", self.package),
-            _ => bail!("module {name} of {} has dependencies: {paths:?}", self.package),
+            _ => bail!(
+                "module {name} of {} has dependencies: {paths:?}",
+                self.package
+            ),
         }
     }
 }
@@ -140,12 +141,7 @@ pub fn ensure(cache: &Path, series: Series) -> anyhow::Result<Kernel> {
     crate::run(Command::new("dpkg").arg("-x").arg(&deb).arg(&root))?;
     let release = only_child(&root.join("lib/modules"))?;
     // The .deb leaves modules.dep to the postinst script.
-    crate::run(
-        Command::new("depmod")
-            .arg("-b")
-            .arg(&root)
-            .arg(&release),
-    )?;
+    crate::run(Command::new("depmod").arg("-b").arg(&root).arg(&release))?;
     let bzimage = fs::read(root.join("boot").join(format!("vmlinuz-{release}")))
         .context("reading the package's vmlinuz")?;
     fs::write(dir.join("vmlinux"), extract_vmlinux(&bzimage)?)?;
@@ -165,7 +161,11 @@ fn load_cached(dir: &Path, series: Series) -> anyhow::Result<Option<Kernel>> {
     let mut words = text.split_whitespace();
     let (Some(name), Some(version), Some(release)) = (words.next(), words.next(), words.next())
     else {
-        bail!("{} is malformed: delete {}", dir.join("package").display(), dir.display());
+        bail!(
+            "{} is malformed: delete {}",
+            dir.join("package").display(),
+            dir.display()
+        );
     };
     Ok(Some(Kernel {
         series,
@@ -237,7 +237,11 @@ fn only_child(dir: &Path) -> anyhow::Result<String> {
         .with_context(|| format!("listing {}", dir.display()))?
         .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    ensure!(names.len() == 1, "expected one kernel in {}, found {names:?}", dir.display());
+    ensure!(
+        names.len() == 1,
+        "expected one kernel in {}, found {names:?}",
+        dir.display()
+    );
     Ok(names.remove(0))
 }
 
@@ -250,7 +254,9 @@ fn extract_vmlinux(bzimage: &[u8]) -> anyhow::Result<Vec<u8>> {
         "not a bzImage (no HdrS boot header)"
     );
     let u32_at = |at: usize| -> anyhow::Result<u32> {
-        let bytes = bzimage.get(at..at + 4).context("bzImage header cut short")?;
+        let bytes = bzimage
+            .get(at..at + 4)
+            .context("bzImage header cut short")?;
         Ok(u32::from_le_bytes(bytes.try_into()?))
     };
     let setup_sects = match bzimage[0x1f1] {
@@ -315,11 +321,23 @@ mod tests {
             Series::V6_12.build_of("linux-image-6.12.117+deb12-amd64"),
             Some(117)
         );
-        assert_eq!(Series::V6_12.build_of("linux-image-6.12.117+deb12-amd64-dbg"), None);
-        assert_eq!(Series::V6_12.build_of("linux-image-6.12.117+deb12-cloud-amd64"), None);
+        assert_eq!(
+            Series::V6_12.build_of("linux-image-6.12.117+deb12-amd64-dbg"),
+            None
+        );
+        assert_eq!(
+            Series::V6_12.build_of("linux-image-6.12.117+deb12-cloud-amd64"),
+            None
+        );
         assert_eq!(Series::V6_12.build_of("linux-image-6.12-amd64"), None);
-        assert_eq!(Series::V6_1.build_of("linux-image-6.1.0-56-amd64"), Some(56));
+        assert_eq!(
+            Series::V6_1.build_of("linux-image-6.1.0-56-amd64"),
+            Some(56)
+        );
         assert_eq!(Series::V6_1.build_of("linux-image-6.1.0-56-rt-amd64"), None);
-        assert_eq!(Series::V6_1.build_of("linux-image-6.1.0-56-amd64-unsigned"), None);
+        assert_eq!(
+            Series::V6_1.build_of("linux-image-6.1.0-56-amd64-unsigned"),
+            None
+        );
     }
 }

@@ -1,0 +1,188 @@
+//! The guest's whole root file system, one per kernel: busybox, /init, the observer, the guest
+//! tool, the network driver's modules, the scenarios' modules and their scripts. Everything the
+//! guest needs travels in it, so no shared folder (and no 9p modules) is involved.
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail, ensure};
+
+use super::{
+    kernel::{Kernel, pipe_through},
+    scenarios::Scenario,
+};
+
+const INIT: &str = include_str!("../../guest/init.sh");
+
+/// Modules for the network driver (virtio_pci is built in on 6.12, a module on 6.1).
+const NETWORK_MODULES: &[&str] = &["virtio_pci", "virtio_net"];
+
+/// Small modules with no dependencies, present in both kernel series, for the scenarios to load.
+/// Each goes in as `NAME.ko` (signed), `NAME.ko.xz` (signed, compressed) and `NAME-unsigned.ko`.
+pub const SCENARIO_MODULES: &[&str] = &["crc7", "crc-itu-t", "crc8"];
+
+pub struct Inputs<'a> {
+    pub kernel: &'a Kernel,
+    pub busybox: &'a Path,
+    pub guest_tool: &'a Path,
+    /// The agent, when it built.
+    pub observer: Option<&'a Path>,
+    pub scenarios: &'a [&'a Scenario],
+    pub work: &'a Path,
+}
+
+/// Builds `<work>/initramfs.cpio.gz` and returns its path.
+pub fn build(inputs: &Inputs) -> anyhow::Result<PathBuf> {
+    let kernel = inputs.kernel;
+    let stage = inputs.work.join("root");
+    if stage.exists() {
+        fs::remove_dir_all(&stage)?;
+    }
+    for dir in [
+        "bin",
+        "dev",
+        "proc",
+        "sys",
+        "tmp",
+        "vm/net",
+        "vm/mods",
+        "vm/scenarios",
+    ] {
+        fs::create_dir_all(stage.join(dir))?;
+    }
+    write_executable(&stage.join("init"), INIT.as_bytes())?;
+    fs::copy(inputs.busybox, stage.join("bin/busybox"))?;
+    std::os::unix::fs::symlink("busybox", stage.join("bin/sh"))?;
+    fs::copy(inputs.guest_tool, stage.join("vm/guest-tool"))?;
+    if let Some(observer) = inputs.observer {
+        // Without debug info the archive is several times smaller; symbols stay for backtraces.
+        let stripped = Command::new("objcopy")
+            .arg("--strip-debug")
+            .arg(observer)
+            .arg(stage.join("observer"))
+            .status()
+            .is_ok_and(|s| s.success());
+        if !stripped {
+            fs::copy(observer, stage.join("observer"))?;
+        }
+    }
+
+    let mut order = String::new();
+    for module in kernel.modules_with_deps(NETWORK_MODULES)? {
+        let name = plain_name(&module)?;
+        fs::write(stage.join("vm/net").join(&name), read_module(&module)?)?;
+        order.push_str(&name);
+        order.push('\n');
+    }
+    fs::write(stage.join("vm/net/order"), order)?;
+
+    for name in SCENARIO_MODULES {
+        let path = kernel.standalone_module(name)?;
+        let file = plain_name(&path)?;
+        let stem = file.trim_end_matches(".ko");
+        let plain = read_module(&path)?;
+        let mods = stage.join("vm/mods");
+        let compressed = if path.extension().is_some_and(|e| e == "xz") {
+            fs::read(&path)?
+        } else {
+            // The kernel's decompressor takes CRC32 checks only.
+            pipe_through(&["xz", "-cq", "--check=crc32"], &plain)?
+        };
+        fs::write(mods.join(format!("{file}.xz")), compressed)?;
+        fs::write(
+            mods.join(format!("{stem}-unsigned.ko")),
+            strip_signature(&plain)?,
+        )?;
+        fs::write(mods.join(&file), plain)?;
+    }
+
+    for scenario in inputs.scenarios {
+        fs::write(
+            stage
+                .join("vm/scenarios")
+                .join(format!("{}.sh", scenario.name)),
+            scenario.guest,
+        )?;
+    }
+
+    let archive = inputs.work.join("initramfs.cpio.gz");
+    // cpio reads the file list from find; -R 0:0 makes root own everything in the guest.
+    crate::run(
+        Command::new("sh")
+            .args([
+                "-ec",
+                "cd \"$1\" && find . | cpio -o -H newc -R 0:0 --quiet | gzip -1 >\"$2\"",
+                "sh",
+            ])
+            .arg(&stage)
+            .arg(&archive),
+    )
+    .context("packing the initramfs (packages cpio, gzip)")?;
+    Ok(archive)
+}
+
+/// `crc7.ko` for both `.../crc7.ko` and `.../crc7.ko.xz`.
+fn plain_name(path: &Path) -> anyhow::Result<String> {
+    let name = path
+        .file_name()
+        .context("module path without a file name")?
+        .to_string_lossy();
+    Ok(name.trim_end_matches(".xz").to_owned())
+}
+
+/// The uncompressed module (busybox and plain finit_module take those).
+fn read_module(path: &Path) -> anyhow::Result<Vec<u8>> {
+    let bytes = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    if path.extension().is_some_and(|e| e == "xz") {
+        pipe_through(&["xz", "-dcq"], &bytes)
+    } else {
+        Ok(bytes)
+    }
+}
+
+fn write_executable(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    fs::write(path, bytes)?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o755))?;
+    Ok(())
+}
+
+const SIGNATURE_MARKER: &[u8] = b"~Module signature appended~\n";
+
+/// The module without its appended signature, which the kernel then sees as unsigned. The tail is
+/// `signature | struct module_signature (12 bytes, big-endian sig_len last) | marker (28 bytes)`.
+pub fn strip_signature(module: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let Some(body) = module.strip_suffix(SIGNATURE_MARKER) else {
+        bail!("the module has no appended signature");
+    };
+    ensure!(body.len() >= 12, "the module is too short for a signature");
+    let info = &body[body.len() - 12..];
+    let sig_len = u32::from_be_bytes(info[8..12].try_into()?) as usize;
+    let keep = body
+        .len()
+        .checked_sub(12 + sig_len)
+        .context("the signature length is larger than the module")?;
+    ensure!(
+        module[..keep].starts_with(b"\x7fELF"),
+        "what remains without the signature is not an ELF module"
+    );
+    Ok(module[..keep].to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_exactly_the_signature() {
+        let elf = b"\x7fELF rest of the module".to_vec();
+        let signature = vec![0xaa; 300];
+        let mut info = vec![0, 0, 2, 0, 0, 0, 0, 0];
+        info.extend_from_slice(&300u32.to_be_bytes());
+        let signed = [elf.clone(), signature, info, SIGNATURE_MARKER.to_vec()].concat();
+        assert_eq!(strip_signature(&signed).unwrap(), elf);
+        assert!(strip_signature(&elf).is_err());
+    }
+}
