@@ -307,21 +307,23 @@ fn run_agent(args: &RunArgs) -> anyhow::Result<()> {
             args.listen_address,
             args.telemetry_path
         );
-        let pipeline = pipeline::run(ring, agent.clone(), args.events.is_some());
+        let mut pipeline = pipeline::Pipeline::new(ring, agent.clone(), args.events.is_some())?;
         let server = http::serve(
             listener,
             agent.clone(),
             args.telemetry_path.as_str().into(),
             Arc::new(web),
         );
-        tokio::select! {
-            result = pipeline => result.context("event pipeline"),
+        let result = tokio::select! {
+            result = pipeline.run() => result.context("event pipeline"),
             () = server => Ok(()),
             signal = shutdown_signal() => {
                 log::info!("{}: detaching and exiting", signal?);
                 Ok(())
             }
-        }
+        };
+        pipeline.drain_now();
+        result
     })?;
     drop(agent);
     drop(ebpf);
@@ -352,11 +354,15 @@ fn run_profile(
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        tokio::select! {
-            result = pipeline::run(ring, agent.clone(), false) => result.context("event pipeline"),
+        let mut pipeline = pipeline::Pipeline::new(ring, agent.clone(), false)?;
+        let result = tokio::select! {
+            result = pipeline.run() => result.context("event pipeline"),
             () = tokio::time::sleep(duration) => Ok(()),
             signal = shutdown_signal() => signal.map(|_| ()),
-        }
+        };
+        // Loads that finished just before the end are in the ring buffer still.
+        pipeline.drain_now();
+        result
     })?;
     let elapsed = started.elapsed().as_secs_f64();
     let samples = {
@@ -393,12 +399,12 @@ fn print_probes() -> anyhow::Result<()> {
     let (ebpf, statuses) = load(&kernel)?;
     println!("kernel {}", kernel::release());
     println!(
-        "{:<22} {:<11} {:<9} DETAIL",
+        "{:<22} {:<13} {:<9} DETAIL",
         "PROBE", "MECHANISM", "ATTACHED"
     );
     for s in &statuses {
         println!(
-            "{:<22} {:<11} {:<9} {}",
+            "{:<22} {:<13} {:<9} {}",
             s.probe,
             s.mechanism,
             if s.attached { "yes" } else { "no" },

@@ -66,6 +66,37 @@ pub fn hooks() -> Vec<Hook> {
             tracepoint("modules_loaded_name", "module", "module_load"),
         ),
         single("module_taint", fentry("modules_add_taint", "add_taint")),
+        bracket(
+            "module_decompress",
+            "modules_decompress_enter",
+            "modules_decompress_exit",
+            "module_decompress",
+        ),
+        // Where a signature check spends its time (counted inside a load only).
+        bracket(
+            "module_sig_parse",
+            "modules_parse_enter",
+            "modules_parse_exit",
+            "pkcs7_parse_message",
+        ),
+        bracket(
+            "module_sig_digest",
+            "modules_digest_enter",
+            "modules_digest_exit",
+            "pkcs7_digest",
+        ),
+        bracket(
+            "module_sig_key_lookup",
+            "modules_key_lookup_enter",
+            "modules_key_lookup_exit",
+            "find_asymmetric_key",
+        ),
+        bracket(
+            "module_sig_public_key",
+            "modules_public_key_enter",
+            "modules_public_key_exit",
+            "public_key_verify_signature",
+        ),
         Hook {
             name: "module_autoload",
             options: vec![

@@ -94,7 +94,71 @@ pub fn dispatch(bytes: &[u8], state: &mut State, want_json: bool) -> Option<Stri
 /// waiting, so a trickle of records reaches /metrics within this delay.
 const DRAIN_INTERVAL: Duration = Duration::from_millis(50);
 
-/// Drains every record waiting; returns the JSON lines asked for.
+/// The ring buffer reader: drains when the kernel wakes it and on a short timer.
+pub struct Pipeline {
+    ring: AsyncFd<RingBuf<MapData>>,
+    agent: Arc<Agent>,
+    want_json: bool,
+    lines: Vec<String>,
+}
+
+impl Pipeline {
+    /// Must be called inside the tokio runtime.
+    pub fn new(ring: RingBuf<MapData>, agent: Arc<Agent>, want_json: bool) -> anyhow::Result<Self> {
+        // SAFETY: the ring buffer owns its map fd, which stays open and the same while the
+        // AsyncFd owns the ring buffer. Readable only: the kernel never signals it writable.
+        let ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+            .map_err(|e| e.into_parts().1)?;
+        Ok(Self {
+            ring,
+            agent,
+            want_json,
+            lines: Vec::new(),
+        })
+    }
+
+    /// Drains until the future is dropped.
+    pub async fn run(&mut self) -> anyhow::Result<()> {
+        let mut tick = tokio::time::interval(DRAIN_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                guard = self.ring.readable_mut() => {
+                    let mut guard = guard?;
+                    drain(guard.get_inner_mut(), &self.agent, self.want_json, &mut self.lines);
+                    guard.clear_ready();
+                }
+                _ = tick.tick() => drain(self.ring.get_mut(), &self.agent, self.want_json, &mut self.lines),
+            }
+            self.flush_lines();
+        }
+    }
+
+    /// Takes in what is still waiting: at exit, nothing already recorded is left unread.
+    pub fn drain_now(&mut self) {
+        drain(
+            self.ring.get_mut(),
+            &self.agent,
+            self.want_json,
+            &mut self.lines,
+        );
+        self.flush_lines();
+    }
+
+    fn flush_lines(&mut self) {
+        if self.lines.is_empty() {
+            return;
+        }
+        let mut out = std::io::stdout().lock();
+        for line in self.lines.drain(..) {
+            // A closed stdout must not stop observation.
+            let _ = writeln!(out, "{line}");
+        }
+        let _ = out.flush();
+    }
+}
+
+/// Drains every record waiting, collecting the JSON lines asked for.
 fn drain(ring: &mut RingBuf<MapData>, agent: &Agent, want_json: bool, lines: &mut Vec<String>) {
     let mut state = agent
         .state
@@ -103,36 +167,6 @@ fn drain(ring: &mut RingBuf<MapData>, agent: &Agent, want_json: bool, lines: &mu
     while let Some(item) = ring.next() {
         if let Some(line) = dispatch(&item, &mut state, want_json) {
             lines.push(line);
-        }
-    }
-}
-
-/// Drains the ring buffer when the kernel wakes the agent and on a short timer, until the task
-/// is dropped.
-pub async fn run(ring: RingBuf<MapData>, agent: Arc<Agent>, want_json: bool) -> anyhow::Result<()> {
-    // SAFETY: the ring buffer owns its map fd, which stays open and the same while the
-    // AsyncFd owns the ring buffer. Readable only: the kernel never signals it writable.
-    let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
-        .map_err(|e| e.into_parts().1)?;
-    let mut tick = tokio::time::interval(DRAIN_INTERVAL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut lines = Vec::new();
-    loop {
-        tokio::select! {
-            guard = ring.readable_mut() => {
-                let mut guard = guard?;
-                drain(guard.get_inner_mut(), &agent, want_json, &mut lines);
-                guard.clear_ready();
-            }
-            _ = tick.tick() => drain(ring.get_mut(), &agent, want_json, &mut lines),
-        }
-        if !lines.is_empty() {
-            let mut out = std::io::stdout().lock();
-            for line in lines.drain(..) {
-                // A closed stdout must not stop observation.
-                let _ = writeln!(out, "{line}");
-            }
-            let _ = out.flush();
         }
     }
 }

@@ -1,7 +1,7 @@
 //! Everything CI runs, in the order a failure is cheapest to find.
 use clap::Args;
 
-use crate::{cargo, setup};
+use crate::{cargo, setup, vm};
 
 #[derive(Args, Debug, Default)]
 pub struct Options {}
@@ -39,5 +39,6 @@ pub fn run(_options: &Options) -> anyhow::Result<()> {
     // Unit tests, then integration tests that start the real agent as root against this
     // machine's kernel and scrape it over HTTP.
     cargo(&["test", "--release"])?;
-    Ok(())
+    // The module path and the primary mechanisms, in QEMU guests running Debian's kernels.
+    vm::run(&vm::Options::default())
 }

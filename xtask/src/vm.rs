@@ -406,7 +406,12 @@ fn drive(
 
     let metric_checks: Vec<&Check> = checks
         .into_iter()
-        .filter(|c| matches!(c, Check::Metric(..) | Check::MetricSum(..)))
+        .filter(|c| {
+            matches!(
+                c,
+                Check::Metric(..) | Check::MetricSum(..) | Check::SumAtMost(..)
+            )
+        })
         .collect();
     if agent_up && !metric_checks.is_empty() {
         let until = deadline.min(Instant::now() + SETTLE);
@@ -443,7 +448,7 @@ fn check_console(check: &Check, console: &str) -> Option<String> {
             });
             (!found).then(|| format!("no line of `observer probes` contains all of {words:?}"))
         }
-        Check::Metric(..) | Check::MetricSum(..) => None,
+        Check::Metric(..) | Check::MetricSum(..) | Check::SumAtMost(..) => None,
     }
 }
 
@@ -459,6 +464,22 @@ fn check_metric(check: &Check, text: &str) -> Option<String> {
             metric_sum_with_labels(text, name, labels),
             want,
         ),
+        Check::SumAtMost(parts, (whole_name, whole_labels)) => {
+            let part_values: Vec<Option<f64>> = parts
+                .iter()
+                .map(|(n, l)| metric_value(text, n, l))
+                .collect();
+            let whole = metric_value(text, whole_name, whole_labels);
+            let sum: Option<f64> = part_values.iter().copied().sum();
+            return match (sum, whole) {
+                (Some(sum), Some(whole)) if sum <= whole => None,
+                _ => Some(format!(
+                    "parts {parts:?} = {part_values:?} (sum {sum:?}) must be at most \
+                     {whole_name}{} = {whole:?}",
+                    show_labels(whole_labels)
+                )),
+            };
+        }
         Check::Console(_) | Check::Probes(_) => return None,
     };
     (!want.holds(value)).then(|| {

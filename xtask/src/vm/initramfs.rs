@@ -77,6 +77,13 @@ pub fn build(inputs: &Inputs) -> anyhow::Result<PathBuf> {
         order.push('\n');
     }
     fs::write(stage.join("vm/net/order"), order)?;
+    // The kernel's module list: `observer profile` counts the modules a Merkle tree would cover.
+    let modules_dir = Path::new("lib/modules").join(&kernel.release);
+    fs::create_dir_all(stage.join(&modules_dir))?;
+    fs::copy(
+        kernel.root.join(&modules_dir).join("modules.dep"),
+        stage.join(&modules_dir).join("modules.dep"),
+    )?;
 
     for name in SCENARIO_MODULES {
         let path = kernel.standalone_module(name)?;

@@ -19,6 +19,8 @@ pub enum Check {
     Metric(&'static str, Labels, Want),
     /// The sum of the samples that carry at least these labels.
     MetricSum(&'static str, Labels, Want),
+    /// The sum of the first samples is at most the second (the parts within the whole).
+    SumAtMost(&'static [(&'static str, Labels)], (&'static str, Labels)),
 }
 
 pub type Labels = &'static [(&'static str, &'static str)];
@@ -73,12 +75,27 @@ const TAINTS: &str = "observer_kernel_taint_events_total";
 const LOCKDOWN: &str = "observer_lockdown_decisions_total";
 const ATTACHED: &str = "observer_probe_attached";
 const TIMERS: &str = "observer_posix_timer_syscalls_total";
+const LOAD_COUNT: &str = "observer_module_load_duration_seconds_count";
+const PHASE_COUNT: &str = "observer_module_integrity_phase_duration_seconds_count";
+const PHASE_SUM: &str = "observer_module_integrity_phase_duration_seconds_sum";
+const INTEGRITY_SUM: &str = "observer_module_integrity_check_duration_seconds_sum";
 
 const LOADED_SIGNED: Labels = &[("outcome", "loaded"), ("method", "signature")];
 const LOADED_UNSIGNED: Labels = &[("outcome", "loaded"), ("method", "none")];
 const SIGNATURE_OK: Labels = &[("method", "signature"), ("result", "ok")];
 const MODULE_SIGNATURE_DENIED: Labels = &[("reason", "module_signature"), ("verdict", "denied")];
 const ALL: Labels = &[];
+
+/// The timed phases of a signature check lie within the whole check.
+const PHASES_WITHIN_CHECK: Check = Check::SumAtMost(
+    &[
+        (PHASE_SUM, &[("phase", "parse")]),
+        (PHASE_SUM, &[("phase", "digest")]),
+        (PHASE_SUM, &[("phase", "key_lookup")]),
+        (PHASE_SUM, &[("phase", "public_key_verify")]),
+    ],
+    (INTEGRITY_SUM, SIGNATURE_OK),
+);
 
 const BOTH: &[Series] = &[Series::V6_12, Series::V6_1];
 const NEWEST: &[Series] = &[Series::V6_12];
@@ -98,7 +115,20 @@ pub const SCENARIOS: &[Scenario] = &[
             Check::Metric(LOADS, LOADED_SIGNED, Want::Eq(2.0)),
             Check::MetricSum(LOADS, ALL, Want::Eq(2.0)),
             Check::Metric(INTEGRITY_COUNT, SIGNATURE_OK, Want::Eq(2.0)),
+            Check::Metric(LOAD_COUNT, &[("outcome", "loaded")], Want::Eq(2.0)),
             Check::MetricSum(TAINTS, ALL, Want::ZeroOrAbsent),
+            // One sample per phase that ran, per signed load; nothing decompressed.
+            Check::Metric(PHASE_COUNT, &[("phase", "parse")], Want::Eq(2.0)),
+            Check::Metric(PHASE_COUNT, &[("phase", "digest")], Want::Eq(2.0)),
+            Check::Metric(PHASE_COUNT, &[("phase", "key_lookup")], Want::Eq(2.0)),
+            Check::Metric(
+                PHASE_COUNT,
+                &[("phase", "public_key_verify")],
+                Want::Eq(2.0),
+            ),
+            Check::Metric(PHASE_COUNT, &[("phase", "other")], Want::Eq(2.0)),
+            Check::MetricSum(PHASE_COUNT, &[("phase", "decompress")], Want::ZeroOrAbsent),
+            PHASES_WITHIN_CHECK,
         ],
         kernel_checks: &[],
     },
@@ -120,7 +150,11 @@ pub const SCENARIOS: &[Scenario] = &[
             Check::Metric(LOADS, LOADED_UNSIGNED, Want::Eq(1.0)),
             Check::MetricSum(LOADS, ALL, Want::Eq(1.0)),
             Check::Metric(TAINTS, &[("flag", "E"), ("module", "crc7")], Want::Eq(1.0)),
+            Check::MetricSum(TAINTS, ALL, Want::Eq(1.0)),
             Check::MetricSum(LOCKDOWN, MODULE_SIGNATURE_DENIED, Want::ZeroOrAbsent),
+            // No signature, so no integrity check and no phase of one.
+            Check::MetricSum(INTEGRITY_COUNT, ALL, Want::ZeroOrAbsent),
+            Check::MetricSum(PHASE_COUNT, ALL, Want::ZeroOrAbsent),
         ],
         kernel_checks: &[],
     },
@@ -142,7 +176,13 @@ pub const SCENARIOS: &[Scenario] = &[
             ),
             Check::Metric(LOADS, LOADED_SIGNED, Want::Eq(1.0)),
             Check::MetricSum(LOADS, ALL, Want::Eq(2.0)),
-            Check::Metric(LOCKDOWN, MODULE_SIGNATURE_DENIED, Want::AtLeast(1.0)),
+            // One check, seen by fexit on security_locked_down.
+            Check::Metric(LOCKDOWN, MODULE_SIGNATURE_DENIED, Want::Eq(1.0)),
+            Check::Metric(
+                ATTACHED,
+                &[("probe", "lockdown_decision"), ("mechanism", "fexit")],
+                Want::Eq(1.0),
+            ),
             Check::MetricSum(TAINTS, ALL, Want::ZeroOrAbsent),
         ],
         kernel_checks: &[],
@@ -194,6 +234,9 @@ pub const SCENARIOS: &[Scenario] = &[
                     Check::Metric(LOADS, LOADED_SIGNED, Want::Eq(1.0)),
                     Check::MetricSum(LOADS, ALL, Want::Eq(2.0)),
                     Check::Metric(INTEGRITY_COUNT, SIGNATURE_OK, Want::Eq(1.0)),
+                    // The kernel decompressed it: one decompress sample for the load.
+                    Check::Metric(PHASE_COUNT, &[("phase", "decompress")], Want::Eq(1.0)),
+                    Check::Metric(PHASE_COUNT, &[("phase", "digest")], Want::Eq(1.0)),
                 ],
             ),
             (
@@ -261,6 +304,30 @@ pub const SCENARIOS: &[Scenario] = &[
             Check::Probes(&["hash", " no "]),
             Check::MetricSum(INTEGRITY_COUNT, &[("method", "hash")], Want::ZeroOrAbsent),
             Check::Metric(INTEGRITY_COUNT, SIGNATURE_OK, Want::Eq(1.0)),
+        ],
+        kernel_checks: &[],
+    },
+    Scenario {
+        name: "profile",
+        about: "observer profile times integrity checks per module and estimates a hash-based check",
+        cmdline: "",
+        kernels: NEWEST,
+        guest: "/observer profile --duration 20s --format json >/tmp/profile.json 2>/tmp/profile.err &\n\
+                profile=$!\n\
+                until grep -q watching /tmp/profile.err; do sleep 0.2; done\n\
+                load /vm/mods/crc7.ko /vm/mods/crc-itu-t.ko /vm/mods/crc8.ko\n\
+                kill -INT $profile; wait $profile; echo \"profile rc=$?\"\n\
+                echo PROFILE-BEGIN; cat /tmp/profile.json; echo PROFILE-END\n",
+        checks: &[
+            Check::Console("profile rc=0"),
+            Check::Console("\"module\": \"crc7\""),
+            Check::Console("\"module\": \"crc_itu_t\""),
+            Check::Console("\"module\": \"crc8\""),
+            Check::Console("\"signature\": {"),
+            Check::Console("\"digest\":"),
+            // Debian's 6.12 package has thousands of modules: a 13-level Merkle tree.
+            Check::Console("\"merkle_levels\": 13"),
+            Check::Console("\"estimated_to_signature_ratio\":"),
         ],
         kernel_checks: &[],
     },
