@@ -8,6 +8,7 @@ mod modules;
 mod timers;
 
 use aya_ebpf::{
+    Global,
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::map,
@@ -15,8 +16,9 @@ use aya_ebpf::{
 };
 use observer_common::{EVENT_KIND_SLOTS, EventHeader, EventKind, LOG2_SUM_SLOT, log2_bucket};
 
-/// Records for userspace. 1 MiB holds about 20,000 timer records: tens of milliseconds of a
-/// timer storm, while the agent drains it continuously. Resizable at load time.
+/// Records for userspace. 1 MiB holds about 16,000 timer records: tens of milliseconds of a
+/// timer storm, while the agent drains it continuously. Sized at load time
+/// (`--events.buffer-size`).
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 
@@ -60,14 +62,16 @@ fn header(kind: EventKind) -> EventHeader {
     }
 }
 
-/// Unread bytes past which a submission wakes the agent. Below it the agent is not woken per
-/// record (a wakeup costs more than the record); it drains on its own short timer instead.
-const WAKEUP_BYTES: u64 = 64 * 1024;
+/// Unread bytes past which a submission wakes the agent (set from the ring buffer's size).
+/// Below it the agent is not woken per record (a wakeup costs more than the record); it drains
+/// on its own short timer instead.
+#[unsafe(no_mangle)]
+static WAKEUP_BYTES: Global<u64> = Global::new(64 * 1024);
 
 /// Submission flags: wake the reader only when enough has piled up.
 #[inline(always)]
 fn wakeup_flags() -> u64 {
-    if EVENTS.query(u64::from(BPF_RB_AVAIL_DATA)) >= WAKEUP_BYTES {
+    if EVENTS.query(u64::from(BPF_RB_AVAIL_DATA)) >= WAKEUP_BYTES.load() {
         u64::from(BPF_RB_FORCE_WAKEUP)
     } else {
         u64::from(BPF_RB_NO_WAKEUP)

@@ -88,6 +88,10 @@ struct RunArgs {
     /// Also write one object per event to stdout.
     #[arg(long, value_enum)]
     events: Option<EventsFormat>,
+    /// Size of the ring buffer carrying records to the agent, in bytes: a power of two from
+    /// 4096 to 1 GiB. Records that find it full are counted in observer_events_lost_total.
+    #[arg(long = "events.buffer-size", default_value_t = DEFAULT_BUFFER_SIZE, value_parser = parse_buffer_size)]
+    events_buffer_size: u32,
     /// Exit with an error when any probe cannot attach (by default it is a warning and a metric).
     #[arg(long)]
     strict: bool,
@@ -112,6 +116,20 @@ fn parse_path(text: &str) -> Result<String, String> {
         Ok(text.to_owned())
     } else {
         Err("must start with '/', contain no spaces, and not be /healthz".into())
+    }
+}
+
+/// 1 MiB: about 16,000 timer records, tens of milliseconds of a storm.
+const DEFAULT_BUFFER_SIZE: u32 = 1 << 20;
+
+fn parse_buffer_size(text: &str) -> Result<u32, String> {
+    let size: u32 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of bytes"))?;
+    if size.is_power_of_two() && (4096..=1 << 30).contains(&size) {
+        Ok(size)
+    } else {
+        Err("must be a power of two from 4096 to 1073741824".into())
     }
 }
 
@@ -167,7 +185,7 @@ fn all_hooks() -> Vec<Hook> {
 }
 
 /// Loads the programs with what this kernel needs them to know, and attaches every hook.
-fn load(kernel: &KernelView) -> anyhow::Result<(aya::Ebpf, Vec<ProbeStatus>)> {
+fn load(kernel: &KernelView, buffer_size: u32) -> anyhow::Result<(aya::Ebpf, Vec<ProbeStatus>)> {
     let btf = kernel.btf.as_ref().ok();
     let offset = |s: &str, m: &str| btf.and_then(|b| b.member_offset(s, m)).unwrap_or(0);
     let (signal, live) = (
@@ -194,8 +212,12 @@ fn load(kernel: &KernelView) -> anyhow::Result<(aya::Ebpf, Vec<ProbeStatus>)> {
         read_id("READING_MODULE"),
         read_id("READING_MODULE_COMPRESSED"),
     );
+    // Wake the agent at a quarter full, or 64 KiB, whichever comes first.
+    let wakeup_bytes = u64::from(buffer_size / 4).min(64 * 1024);
     let mut ebpf = EbpfLoader::new()
         .btf(kernel.aya_btf.as_ref())
+        .map_max_entries("EVENTS", buffer_size)
+        .override_global("WAKEUP_BYTES", &wakeup_bytes, true)
         .override_global("TASK_SIGNAL_OFFSET", &signal, true)
         .override_global("SIGNAL_LIVE_OFFSET", &live, true)
         .override_global("FILE_DENTRY_OFFSET", &file_dentry, true)
@@ -228,7 +250,7 @@ struct Started {
 fn start(args: &RunArgs, keep_samples: bool) -> anyhow::Result<Started> {
     kernel::ensure_securityfs();
     let kernel = KernelView::read();
-    let (mut ebpf, probes) = load(&kernel)?;
+    let (mut ebpf, probes) = load(&kernel, args.events_buffer_size)?;
     let hooks = all_hooks();
     let missing = missing_probes(&hooks, &probes);
     if missing.len() == hooks.len() {
@@ -396,7 +418,7 @@ fn print_probes() -> anyhow::Result<()> {
     privileges::check()?;
     kernel::ensure_securityfs();
     let kernel = KernelView::read();
-    let (ebpf, statuses) = load(&kernel)?;
+    let (ebpf, statuses) = load(&kernel, DEFAULT_BUFFER_SIZE)?;
     println!("kernel {}", kernel::release());
     println!(
         "{:<22} {:<13} {:<9} DETAIL",

@@ -4,6 +4,7 @@
 
 use anyhow::{Context as _, bail};
 
+const CAP_SETPCAP: u32 = 8;
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
@@ -79,17 +80,18 @@ pub fn drop_all_but(keep: u64) -> anyhow::Result<()> {
             0,
             0,
         );
-        // The bounding set needs CAP_SETPCAP, so it goes before the rest.
-        for cap in 0..64 {
-            if keep & (1 << cap) != 0 {
-                continue;
-            }
+        // Emptying the bounding set needs CAP_SETPCAP; without it (a unit or pod that did not
+        // grant it) no_new_privs and empty permitted sets already make the drop permanent.
+        let bounding = capabilities("CapBnd:").unwrap_or(0);
+        let can_drop_bounding = capabilities("CapEff:").unwrap_or(0) & (1 << CAP_SETPCAP) != 0;
+        for cap in (0..64)
+            .filter(|cap| can_drop_bounding && bounding & (1 << cap) != 0 && keep & (1 << cap) == 0)
+        {
             if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 {
-                let err = std::io::Error::last_os_error();
-                if err.raw_os_error() == Some(libc::EINVAL) {
-                    break; // past the last capability this kernel knows
-                }
-                bail!("dropping capability {cap} from the bounding set: {err}");
+                bail!(
+                    "dropping capability {cap} from the bounding set: {}",
+                    std::io::Error::last_os_error()
+                );
             }
         }
         let mut header = CapHeader {
@@ -105,7 +107,7 @@ pub fn drop_all_but(keep: u64) -> anyhow::Result<()> {
             bail!("capset: {}", std::io::Error::last_os_error());
         }
     }
-    let left = capabilities("CapEff:")? | capabilities("CapPrm:")? | capabilities("CapBnd:")?;
+    let left = capabilities("CapEff:")? | capabilities("CapPrm:")?;
     if left & !keep != 0 {
         bail!("capabilities left after dropping them: {:#x}", left & !keep);
     }

@@ -12,11 +12,11 @@
 //!    variable's query, and every rule's expression, goes to Prometheus's query API: each must
 //!    parse, every rule must evaluate without error, and every panel target must return series.
 //!
-//! Some panels can only have data where the host can produce it: module loads need a kernel
-//! with module support (this host's has none: a QEMU guest's agent, passed in as an extra
-//! target, does), per-phase integrity timings need an agent that exports them, and so on. Such
-//! a panel says so in its description as `Needs: TOKEN` (see [`Need`]); when this run cannot
-//! produce that data its empty result is reported as skipped, never hidden.
+//! Some panels can only have data where the host can produce it: module loads and their
+//! per-phase timings need a kernel with module support (this host's has none: a QEMU guest's
+//! agent, passed in as an extra target, does), a taint panel needs a tainted kernel, and so on.
+//! Such a panel says so in its description as `Needs: TOKEN` (see [`Need`]); when this run
+//! cannot produce that data its empty result is reported as skipped, never hidden.
 use std::{
     collections::HashSet,
     fmt::Write as _,
@@ -59,7 +59,7 @@ enum Need {
     ModuleLoads,
     /// A tainted kernel among the scraped hosts.
     KernelTaint,
-    /// `observer_module_integrity_phase_duration_seconds`, from agents that export it.
+    /// `observer_module_integrity_phase_duration_seconds`: compressed or signed module loads.
     IntegrityPhases,
     /// Restore-mode timer creates (PR_TIMER_CREATE_RESTORE_IDS, Linux 6.15+).
     RestoreMode,
@@ -133,14 +133,9 @@ struct Query {
     need: Option<Need>,
 }
 
-/// Checks dashboards/ against this host's agent alone.
-pub fn run() -> anyhow::Result<()> {
-    run_with_targets(&[])
-}
-
 /// Checks dashboards/, with `extra` (loopback `host:port` addresses of other agents, such as a
 /// QEMU guest's forwarded port) scraped too. With extra targets, panels that need module loads
-/// must have data.
+/// (and their phase timings) must have data.
 pub fn run_with_targets(extra: &[String]) -> anyhow::Result<()> {
     let started = Instant::now();
     for target in extra {
@@ -212,8 +207,8 @@ pub fn run_with_targets(extra: &[String]) -> anyhow::Result<()> {
     // A few more scrapes and rule evaluations after the last activity.
     thread::sleep(Duration::from_secs(3));
     have.kernel_taint = prometheus.count("max(observer_kernel_tainted) == 1")? > 0;
-    have.integrity_phases =
-        prometheus.count("count(observer_module_integrity_phase_duration_seconds_count)")? > 0;
+    have.integrity_phases = have.module_loads
+        || prometheus.count("count(observer_module_integrity_phase_duration_seconds_count)")? > 0;
 
     let mut failures = Vec::new();
     let mut rows = Vec::new();

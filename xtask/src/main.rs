@@ -1,6 +1,8 @@
 //! Project tasks: `setup` (toolchain), `run` (the agent), `test` (everything CI runs), `vm`
 //! (scenarios in a QEMU guest running a distro kernel).
 mod bench;
+mod dashboards;
+mod deploy;
 mod setup;
 mod test;
 mod vm;
@@ -32,6 +34,14 @@ enum Task {
     Vm(vm::Options),
     /// Measure what observing costs (against bpftrace) and write BENCHMARKS.md.
     Bench(bench::Options),
+    /// Check the Grafana dashboards and alert rules against the agent and a real Prometheus.
+    Dashboards {
+        /// Another agent to scrape too (a loopback host:port, such as a QEMU guest's).
+        #[arg(long)]
+        target: Vec<String>,
+    },
+    /// Validate the deployment files (systemd unit, Kubernetes manifests) offline.
+    Deploy,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -48,6 +58,11 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Test(options) => test::run(&options),
         Task::Bench(options) => bench::run(&options),
+        Task::Dashboards { target } => {
+            setup::run()?;
+            dashboards::run_with_targets(&target)
+        }
+        Task::Deploy => deploy::run(),
         Task::Vm(options) => {
             setup::run()?;
             vm::run(&options)

@@ -38,7 +38,11 @@ pub fn run(_options: &Options) -> anyhow::Result<()> {
     ])?;
     // Unit tests, then integration tests that start the real agent as root against this
     // machine's kernel and scrape it over HTTP.
+    // The deployment files: offline schema checks and systemd-analyze.
+    crate::deploy::run()?;
     cargo(&["test", "--release"])?;
-    // The module path and the primary mechanisms, in QEMU guests running Debian's kernels.
+    // The module path and the primary mechanisms, in QEMU guests running Debian's kernels; the
+    // `dashboards` scenario runs every dashboard query and alert rule through a real Prometheus
+    // scraping this host's agent and the guest's.
     vm::run(&vm::Options::default())
 }

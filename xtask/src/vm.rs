@@ -425,6 +425,12 @@ fn drive(
             metric_checks.len()
         ));
     }
+    if let Some(host) = scenario.host
+        && agent_up
+        && let Err(e) = host(vm.metrics)
+    {
+        failures.push(format!("{e:#}"));
+    }
     let until = deadline.min(Instant::now() + Duration::from_secs(20));
     if let Err(e) = release_guest(vm.control, until) {
         failures.push(format!("could not tell the guest to finish: {e:#}"));

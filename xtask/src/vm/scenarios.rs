@@ -5,6 +5,8 @@
 //! files in the guest: `/vm/mods/NAME.ko` (signed), `NAME.ko.xz` (signed, compressed),
 //! `NAME-unsigned.ko` (signature cut off), for NAME in crc7, crc-itu-t, crc8. `load [--compressed]
 //! FILE...` prints `finit_module FILE[ compressed] rc=0` or `... errno=NAME` per call.
+use std::net::SocketAddr;
+
 use super::kernel::Series;
 
 /// What must hold after a scenario's actions.
@@ -56,6 +58,9 @@ pub struct Scenario {
     pub checks: &'static [Check],
     /// Checks that hold only on one kernel series.
     pub kernel_checks: &'static [(Series, &'static [Check])],
+    /// Run on the host after the checks, while the guest's agent still serves (given its
+    /// forwarded metrics address).
+    pub host: Option<fn(SocketAddr) -> anyhow::Result<()>>,
 }
 
 impl Scenario {
@@ -102,6 +107,7 @@ const NEWEST: &[Series] = &[Series::V6_12];
 
 pub const SCENARIOS: &[Scenario] = &[
     Scenario {
+        host: None,
         name: "signed",
         about: "two signed modules load; each signature is verified; nothing taints",
         cmdline: "",
@@ -133,6 +139,7 @@ pub const SCENARIOS: &[Scenario] = &[
         kernel_checks: &[],
     },
     Scenario {
+        host: None,
         name: "unsigned",
         about: "default boot: an unsigned module loads and taints the kernel with E",
         cmdline: "",
@@ -159,6 +166,7 @@ pub const SCENARIOS: &[Scenario] = &[
         kernel_checks: &[],
     },
     Scenario {
+        host: None,
         name: "lockdown-integrity",
         about: "lockdown=integrity: the unsigned module is refused by lockdown, a signed one loads",
         cmdline: "lockdown=integrity",
@@ -188,6 +196,7 @@ pub const SCENARIOS: &[Scenario] = &[
         kernel_checks: &[],
     },
     Scenario {
+        host: None,
         name: "sig-enforce",
         about: "module.sig_enforce=1: the unsigned module is refused by the signature check",
         cmdline: "module.sig_enforce=1",
@@ -211,6 +220,7 @@ pub const SCENARIOS: &[Scenario] = &[
         kernel_checks: &[],
     },
     Scenario {
+        host: None,
         name: "compressed",
         about: "finit_module(MODULE_INIT_COMPRESSED_FILE) on a .ko.xz; without the flag it is not ELF",
         cmdline: "",
@@ -250,6 +260,7 @@ pub const SCENARIOS: &[Scenario] = &[
         ],
     },
     Scenario {
+        host: None,
         name: "fentry-path",
         about: "the primary mechanisms attach; timer syscalls are counted exactly",
         cmdline: "",
@@ -277,6 +288,7 @@ pub const SCENARIOS: &[Scenario] = &[
         kernel_checks: &[],
     },
     Scenario {
+        host: None,
         name: "confidentiality",
         about: "lockdown=confidentiality: tracefs and kprobes are refused, the agent still serves",
         cmdline: "lockdown=confidentiality",
@@ -293,6 +305,7 @@ pub const SCENARIOS: &[Scenario] = &[
         kernel_checks: &[],
     },
     Scenario {
+        host: None,
         name: "hash-path",
         about: "Debian's kernel has no hash-based module integrity: reported absent, never timed",
         cmdline: "",
@@ -308,6 +321,7 @@ pub const SCENARIOS: &[Scenario] = &[
         kernel_checks: &[],
     },
     Scenario {
+        host: None,
         name: "profile",
         about: "observer profile times integrity checks per module and estimates a hash-based check",
         cmdline: "",
@@ -331,7 +345,29 @@ pub const SCENARIOS: &[Scenario] = &[
         ],
         kernel_checks: &[],
     },
+    Scenario {
+        host: Some(dashboards_against_guest),
+        name: "dashboards",
+        about: "every dashboard panel and alert rule, through a real Prometheus scraping this guest",
+        cmdline: "",
+        kernels: NEWEST,
+        guest: "load /vm/mods/crc7.ko /vm/mods/crc8-unsigned.ko\n\
+                load --compressed /vm/mods/crc-itu-t.ko.xz\n\
+                /vm/guest-tool timers 5\n",
+        checks: &[
+            Check::Console("finit_module crc7.ko rc=0"),
+            Check::Console("finit_module crc8-unsigned.ko rc=0"),
+            Check::Console("finit_module crc-itu-t.ko.xz compressed rc=0"),
+            Check::MetricSum(LOADS, ALL, Want::Eq(3.0)),
+        ],
+        kernel_checks: &[],
+    },
 ];
+
+/// The dashboards' proof with the guest's agent as a second target: module panels need data.
+fn dashboards_against_guest(guest: SocketAddr) -> anyhow::Result<()> {
+    crate::dashboards::run_with_targets(&[guest.to_string()])
+}
 
 pub fn find(name: &str) -> Option<&'static Scenario> {
     SCENARIOS.iter().find(|s| s.name == name)

