@@ -173,7 +173,52 @@ fn drain(ring: &mut RingBuf<MapData>, agent: &Agent, want_json: bool, lines: &mu
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
+    use crate::{
+        lockdown::Lockdown,
+        modules::ModuleState,
+        timers::{TimerSettings, TimerState},
+    };
+
+    fn state() -> State {
+        State {
+            events: Default::default(),
+            decode_errors: 0,
+            timers: TimerState::new(TimerSettings {
+                short_lived_ns: 10_000_000,
+                top_processes: 10,
+            }),
+            lockdown: Lockdown::default(),
+            modules: ModuleState::new(true),
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(20_000))]
+
+        /// Any bytes, with any kind number in front, decode or count as an error: never a panic.
+        #[test]
+        fn arbitrary_records_never_panic(kind in 0u32..12, body in proptest::collection::vec(any::<u8>(), 0..700)) {
+            let mut bytes = kind.to_le_bytes().to_vec();
+            bytes.extend(body);
+            let mut state = state();
+            let decoded = dispatch(&bytes, &mut state, true).is_some() || state.events.iter().any(|&n| n > 0);
+            prop_assert!(decoded || state.decode_errors == 1 || EventKind::from_u32(kind) == Some(EventKind::LockdownConsole));
+        }
+
+        /// Truncated records of every kind are refused, counted.
+        #[test]
+        fn short_records_are_counted(kind in 1u32..9, len in 0usize..40) {
+            let mut bytes = vec![0u8; len.max(4)];
+            bytes[..4].copy_from_slice(&kind.to_le_bytes());
+            bytes.truncate(len);
+            let mut state = state();
+            prop_assert!(dispatch(&bytes, &mut state, true).is_none());
+            prop_assert_eq!(state.decode_errors, 1);
+        }
+    }
 
     #[test]
     fn short_and_unknown_records_are_counted_not_trusted() {

@@ -42,6 +42,13 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(extra: &[&str]) -> Self {
+        let agent = Self::spawn(extra);
+        agent.wait_ready();
+        agent
+    }
+
+    /// Starts the agent without waiting for it (for endpoints plain HTTP cannot reach).
+    pub fn spawn(extra: &[&str]) -> Self {
         require_root();
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let mut child = Command::new(OBSERVER)
@@ -54,14 +61,21 @@ impl Agent {
             .unwrap();
         let stdout = collect_lines(child.stdout.take().unwrap());
         let stderr = collect_lines(child.stderr.take().unwrap());
-        let agent = Self {
+        Self {
             child,
             addr,
             stdout,
             stderr,
-        };
-        agent.wait_ready();
-        agent
+        }
+    }
+
+    /// A field of the agent's /proc status, e.g. `CapEff:` or `VmRSS:`.
+    pub fn status_field(&self, field: &str) -> String {
+        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix(field).map(|v| v.trim().to_owned()))
+            .unwrap_or_else(|| panic!("no {field} in the agent's status"))
     }
 
     fn wait_ready(&self) {
@@ -205,4 +219,57 @@ pub fn unique_comm(prefix: &str) -> String {
     let mut comm = format!("{prefix}{suffix}");
     comm.truncate(15);
     comm
+}
+
+/// Creates and deletes timers from `threads` threads until `stop` is set; returns the pairs made.
+pub fn timer_storm(
+    threads: usize,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<thread::JoinHandle<u64>> {
+    (0..threads)
+        .map(|_| {
+            let stop = stop.clone();
+            thread::spawn(move || {
+                let mut pairs = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    for _ in 0..100 {
+                        timer_pair();
+                    }
+                    pairs += 100;
+                }
+                pairs
+            })
+        })
+        .collect()
+}
+
+/// One timer_create + timer_delete (SIGEV_NONE, CLOCK_MONOTONIC).
+pub fn timer_pair() {
+    #[repr(C)]
+    struct SigEvent {
+        value: u64,
+        signo: libc::c_int,
+        notify: libc::c_int,
+        pad: [u64; 6],
+    }
+    let mut event = SigEvent {
+        value: 0,
+        signo: 0,
+        notify: 1,
+        pad: [0; 6],
+    };
+    let mut id: libc::c_int = 0;
+    // SAFETY: valid pointers for the kernel; the ID it wrote is deleted.
+    unsafe {
+        assert_eq!(
+            libc::syscall(
+                libc::SYS_timer_create,
+                libc::CLOCK_MONOTONIC,
+                &raw mut event,
+                &raw mut id
+            ),
+            0
+        );
+        libc::syscall(libc::SYS_timer_delete, id);
+    }
 }
