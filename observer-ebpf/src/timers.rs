@@ -6,9 +6,9 @@ use aya_ebpf::{
     Global,
     helpers::{bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns},
     helpers::{bpf_probe_read_kernel, bpf_probe_read_user},
-    macros::{map, tracepoint},
+    macros::{map, raw_tracepoint, tracepoint},
     maps::{HashMap, LruHashMap, PerCpuArray},
-    programs::TracePointContext,
+    programs::{RawTracePointContext, TracePointContext},
 };
 use observer_common::{
     ERRNO_SLOTS, EventKind, LOG2_SLOTS, errno_slot,
@@ -110,145 +110,225 @@ fn send(kind: EventKind, timer_id: i32, detail: u32) {
     );
 }
 
+/// What a timer syscall's entry records, whichever mechanism saw it: `args` are the first three
+/// syscall arguments.
+#[inline(always)]
+fn on_enter(syscall: u32, args: [u64; 3]) {
+    match syscall {
+        SYSCALL_TIMER_CREATE => {
+            let (tgid, _) = current_ids();
+            // SAFETY: the value is read, not kept.
+            let restore = unsafe { TIMER_RESTORE_MODE.get(tgid) }
+                .copied()
+                .unwrap_or(0);
+            start(SYSCALL_TIMER_CREATE, args[2], restore);
+        }
+        SYSCALL_TIMER_DELETE => start(SYSCALL_TIMER_DELETE, args[0], 0),
+        SYSCALL_TIMER_SETTIME => {
+            // Arming means a non-zero it_value; an unreadable spec fails the syscall anyway.
+            let spec = args[2] as usize;
+            // SAFETY: user pointers; a fault returns Err.
+            let arms = unsafe {
+                let sec = bpf_probe_read_user((spec + IT_VALUE_SEC) as *const i64).unwrap_or(0);
+                let nsec = bpf_probe_read_user((spec + IT_VALUE_NSEC) as *const i64).unwrap_or(0);
+                sec != 0 || nsec != 0
+            };
+            start(SYSCALL_TIMER_SETTIME, args[0], arms as u32);
+        }
+        _ => {
+            let (option, mode) = (args[0], args[1]);
+            if option == PR_TIMER_CREATE_RESTORE_IDS
+                && (mode == PR_TIMER_CREATE_RESTORE_IDS_ON
+                    || mode == PR_TIMER_CREATE_RESTORE_IDS_OFF)
+            {
+                start(SYSCALL_PRCTL, mode, 0);
+            }
+        }
+    }
+}
+
+/// What a timer syscall's return records.
+#[inline(always)]
+fn on_exit(syscall: u32, ret: i64) {
+    match syscall {
+        SYSCALL_TIMER_CREATE => {
+            count(SYSCALL_TIMER_CREATE, ret);
+            let Some(call) = finish(SYSCALL_TIMER_CREATE) else {
+                return;
+            };
+            // SAFETY: a helper without preconditions.
+            observe_ns(
+                &TIMER_CREATE_LATENCY,
+                unsafe { bpf_ktime_get_ns() } - call.start_ns,
+            );
+            if call.flag != 0 {
+                increment(&TIMER_RESTORE_CREATES, errno_slot(ret));
+            }
+            if ret != 0 {
+                return;
+            }
+            // SAFETY: a user pointer the kernel just wrote the new ID through; a fault is Err.
+            let Ok(id) = (unsafe { bpf_probe_read_user(call.arg as *const i32) }) else {
+                return;
+            };
+            let (tgid, _) = current_ids();
+            // SAFETY: only presence is checked; a lookup is cheaper than an update.
+            if unsafe { TIMER_OWNERS.get(tgid) }.is_none()
+                && TIMER_OWNERS.insert(tgid, 1, 0).is_err()
+            {
+                // Without an owner entry its exit would go unseen: say so rather than lie later.
+                increment(&crate::EVENTS_LOST, EventKind::TimerOwnerGone as u32);
+            }
+            send(EventKind::TimerCreated, id, call.flag);
+        }
+        SYSCALL_TIMER_DELETE => {
+            count(SYSCALL_TIMER_DELETE, ret);
+            if let Some(call) = finish(SYSCALL_TIMER_DELETE)
+                && ret == 0
+            {
+                send(EventKind::TimerDeleted, call.arg as i32, 0);
+            }
+        }
+        SYSCALL_TIMER_SETTIME => {
+            count(SYSCALL_TIMER_SETTIME, ret);
+            if let Some(call) = finish(SYSCALL_TIMER_SETTIME)
+                && ret == 0
+                && call.flag != 0
+            {
+                send(EventKind::TimerArmed, call.arg as i32, 0);
+            }
+        }
+        _ => {
+            if let Some(call) = finish(SYSCALL_PRCTL)
+                && ret == 0
+            {
+                let (tgid, _) = current_ids();
+                if call.arg == PR_TIMER_CREATE_RESTORE_IDS_ON {
+                    let _ = TIMER_RESTORE_MODE.insert(tgid, 1, 0);
+                } else {
+                    let _ = TIMER_RESTORE_MODE.remove(tgid);
+                }
+            }
+        }
+    }
+}
+
+/// The syscall tracepoints: one program per syscall and direction, arguments from the record.
+#[inline(always)]
+fn tracepoint_enter(ctx: &TracePointContext, syscall: u32) -> u32 {
+    // SAFETY: the argument slots are inside every sys_enter record (unused ones read as 0).
+    let args = unsafe { [ARG0, ARG1, ARG2].map(|offset| ctx.read_at::<u64>(offset).unwrap_or(0)) };
+    on_enter(syscall, args);
+    0
+}
+
+#[inline(always)]
+fn tracepoint_exit(ctx: &TracePointContext, syscall: u32) -> u32 {
+    // SAFETY: RET is inside every sys_exit record.
+    if let Ok(ret) = unsafe { ctx.read_at::<i64>(RET) } {
+        on_exit(syscall, ret);
+    }
+    0
+}
+
 #[tracepoint]
 pub fn timers_create_enter(ctx: TracePointContext) -> u32 {
-    // SAFETY: ARG2 is inside sys_enter_timer_create's record.
-    let Ok(id_ptr) = (unsafe { ctx.read_at::<u64>(ARG2) }) else {
-        return 0;
-    };
-    let (tgid, _) = current_ids();
-    // SAFETY: the value is read, not kept.
-    let restore = unsafe { TIMER_RESTORE_MODE.get(tgid) }
-        .copied()
-        .unwrap_or(0);
-    start(SYSCALL_TIMER_CREATE, id_ptr, restore);
-    0
+    tracepoint_enter(&ctx, SYSCALL_TIMER_CREATE)
 }
 
 #[tracepoint]
 pub fn timers_create_exit(ctx: TracePointContext) -> u32 {
-    // SAFETY: RET is inside every sys_exit record.
-    let Ok(ret) = (unsafe { ctx.read_at::<i64>(RET) }) else {
-        return 0;
-    };
-    count(SYSCALL_TIMER_CREATE, ret);
-    let Some(call) = finish(SYSCALL_TIMER_CREATE) else {
-        return 0;
-    };
-    // SAFETY: a helper without preconditions.
-    observe_ns(
-        &TIMER_CREATE_LATENCY,
-        unsafe { bpf_ktime_get_ns() } - call.start_ns,
-    );
-    if call.flag != 0 {
-        increment(&TIMER_RESTORE_CREATES, errno_slot(ret));
-    }
-    if ret != 0 {
-        return 0;
-    }
-    // SAFETY: a user pointer the kernel just wrote the new ID through; a fault returns Err.
-    let Ok(id) = (unsafe { bpf_probe_read_user(call.arg as *const i32) }) else {
-        return 0;
-    };
-    let (tgid, _) = current_ids();
-    if TIMER_OWNERS.insert(tgid, 1, 0).is_err() {
-        // Without an owner entry its exit would go unseen: say so rather than lie later.
-        increment(&crate::EVENTS_LOST, EventKind::TimerOwnerGone as u32);
-    }
-    send(EventKind::TimerCreated, id, call.flag);
-    0
+    tracepoint_exit(&ctx, SYSCALL_TIMER_CREATE)
 }
 
 #[tracepoint]
 pub fn timers_delete_enter(ctx: TracePointContext) -> u32 {
-    // SAFETY: ARG0 is inside sys_enter_timer_delete's record.
-    let Ok(id) = (unsafe { ctx.read_at::<u64>(ARG0) }) else {
-        return 0;
-    };
-    start(SYSCALL_TIMER_DELETE, id, 0);
-    0
+    tracepoint_enter(&ctx, SYSCALL_TIMER_DELETE)
 }
 
 #[tracepoint]
 pub fn timers_delete_exit(ctx: TracePointContext) -> u32 {
-    // SAFETY: RET is inside every sys_exit record.
-    let Ok(ret) = (unsafe { ctx.read_at::<i64>(RET) }) else {
-        return 0;
-    };
-    count(SYSCALL_TIMER_DELETE, ret);
-    if let Some(call) = finish(SYSCALL_TIMER_DELETE)
-        && ret == 0
-    {
-        send(EventKind::TimerDeleted, call.arg as i32, 0);
-    }
-    0
+    tracepoint_exit(&ctx, SYSCALL_TIMER_DELETE)
 }
 
 #[tracepoint]
 pub fn timers_settime_enter(ctx: TracePointContext) -> u32 {
-    // SAFETY: ARG0 and ARG2 are inside sys_enter_timer_settime's record.
-    let (Ok(id), Ok(spec)) = (unsafe { (ctx.read_at::<u64>(ARG0), ctx.read_at::<u64>(ARG2)) })
-    else {
-        return 0;
-    };
-    // Arming means a non-zero it_value; an unreadable spec fails the syscall anyway.
-    // SAFETY: user pointers; a fault returns Err.
-    let arms = unsafe {
-        let sec = bpf_probe_read_user((spec as usize + IT_VALUE_SEC) as *const i64).unwrap_or(0);
-        let nsec = bpf_probe_read_user((spec as usize + IT_VALUE_NSEC) as *const i64).unwrap_or(0);
-        sec != 0 || nsec != 0
-    };
-    start(SYSCALL_TIMER_SETTIME, id, arms as u32);
-    0
+    tracepoint_enter(&ctx, SYSCALL_TIMER_SETTIME)
 }
 
 #[tracepoint]
 pub fn timers_settime_exit(ctx: TracePointContext) -> u32 {
-    // SAFETY: RET is inside every sys_exit record.
-    let Ok(ret) = (unsafe { ctx.read_at::<i64>(RET) }) else {
-        return 0;
-    };
-    count(SYSCALL_TIMER_SETTIME, ret);
-    if let Some(call) = finish(SYSCALL_TIMER_SETTIME)
-        && ret == 0
-        && call.flag != 0
-    {
-        send(EventKind::TimerArmed, call.arg as i32, 0);
-    }
-    0
+    tracepoint_exit(&ctx, SYSCALL_TIMER_SETTIME)
 }
 
 #[tracepoint]
 pub fn timers_prctl_enter(ctx: TracePointContext) -> u32 {
-    // SAFETY: ARG0 and ARG1 are inside sys_enter_prctl's record.
-    let (Ok(option), Ok(mode)) = (unsafe { (ctx.read_at::<u64>(ARG0), ctx.read_at::<u64>(ARG1)) })
-    else {
-        return 0;
-    };
-    if option == PR_TIMER_CREATE_RESTORE_IDS
-        && (mode == PR_TIMER_CREATE_RESTORE_IDS_ON || mode == PR_TIMER_CREATE_RESTORE_IDS_OFF)
-    {
-        start(SYSCALL_PRCTL, mode, 0);
-    }
-    0
+    tracepoint_enter(&ctx, SYSCALL_PRCTL)
 }
 
 #[tracepoint]
 pub fn timers_prctl_exit(ctx: TracePointContext) -> u32 {
-    // SAFETY: RET is inside every sys_exit record.
-    let Ok(ret) = (unsafe { ctx.read_at::<i64>(RET) }) else {
+    tracepoint_exit(&ctx, SYSCALL_PRCTL)
+}
+
+/// This architecture's numbers for the watched syscalls, set by the agent.
+#[unsafe(no_mangle)]
+static SYS_TIMER_CREATE: Global<u64> = Global::new(222);
+#[unsafe(no_mangle)]
+static SYS_TIMER_DELETE: Global<u64> = Global::new(226);
+#[unsafe(no_mangle)]
+static SYS_TIMER_SETTIME: Global<u64> = Global::new(223);
+#[unsafe(no_mangle)]
+static SYS_PRCTL: Global<u64> = Global::new(157);
+/// `struct pt_regs` offsets of the first three syscall arguments and of the syscall number
+/// (x86_64 defaults; the agent sets them from BTF).
+#[unsafe(no_mangle)]
+static PT_REGS_ARG_OFFSETS: Global<[u32; 3]> = Global::new([112, 104, 96]);
+#[unsafe(no_mangle)]
+static PT_REGS_NR_OFFSET: Global<u32> = Global::new(120);
+
+#[inline(always)]
+fn watched(nr: u64) -> Option<u32> {
+    if nr == SYS_TIMER_CREATE.load() {
+        Some(SYSCALL_TIMER_CREATE)
+    } else if nr == SYS_TIMER_DELETE.load() {
+        Some(SYSCALL_TIMER_DELETE)
+    } else if nr == SYS_TIMER_SETTIME.load() {
+        Some(SYSCALL_TIMER_SETTIME)
+    } else if nr == SYS_PRCTL.load() {
+        Some(SYSCALL_PRCTL)
+    } else {
+        None
+    }
+}
+
+/// The raw syscall tracepoints: two programs for every syscall on the system, filtering by
+/// number, without the per-event record the syscall tracepoints build.
+#[raw_tracepoint(tracepoint = "sys_enter")]
+pub fn timers_raw_enter(ctx: RawTracePointContext) -> i32 {
+    let nr: u64 = ctx.arg(1);
+    let Some(syscall) = watched(nr) else { return 0 };
+    let regs: usize = ctx.arg(0);
+    let offsets = PT_REGS_ARG_OFFSETS.load();
+    // SAFETY: the saved user registers, read with the fault-tolerant helper.
+    let args = offsets.map(|offset| {
+        unsafe { bpf_probe_read_kernel((regs + offset as usize) as *const u64) }.unwrap_or(0)
+    });
+    on_enter(syscall, args);
+    0
+}
+
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn timers_raw_exit(ctx: RawTracePointContext) -> i32 {
+    let regs: usize = ctx.arg(0);
+    // SAFETY: the saved user registers, read with the fault-tolerant helper.
+    let Ok(nr) = (unsafe {
+        bpf_probe_read_kernel((regs + PT_REGS_NR_OFFSET.load() as usize) as *const u64)
+    }) else {
         return 0;
     };
-    if let Some(call) = finish(SYSCALL_PRCTL)
-        && ret == 0
-    {
-        let (tgid, _) = current_ids();
-        if call.arg == PR_TIMER_CREATE_RESTORE_IDS_ON {
-            let _ = TIMER_RESTORE_MODE.insert(tgid, 1, 0);
-        } else {
-            let _ = TIMER_RESTORE_MODE.remove(tgid);
-        }
-    }
+    let Some(syscall) = watched(nr) else { return 0 };
+    on_exit(syscall, ctx.arg::<i64>(1));
     0
 }
 

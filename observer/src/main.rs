@@ -92,6 +92,9 @@ struct RunArgs {
     /// 4096 to 1 GiB. Records that find it full are counted in observer_events_lost_total.
     #[arg(long = "events.buffer-size", default_value_t = DEFAULT_BUFFER_SIZE, value_parser = parse_buffer_size)]
     events_buffer_size: u32,
+    /// Which timer syscall hooks to prefer (the other is the fallback).
+    #[arg(long = "timers.hook", value_enum, default_value = "tracepoint")]
+    timers_hook: timers::SyscallHook,
     /// Exit with an error when any probe cannot attach (by default it is a warning and a metric).
     #[arg(long)]
     strict: bool,
@@ -161,7 +164,7 @@ fn main() {
         .init();
     let result = match cli.command {
         None => run_agent(&cli.run),
-        Some(Command::Probes) => print_probes(),
+        Some(Command::Probes) => print_probes(&cli.run),
         Some(Command::Profile {
             duration,
             format,
@@ -180,12 +183,18 @@ fn main() {
 }
 
 /// Every hook of every family, in the order they attach.
-fn all_hooks() -> Vec<Hook> {
-    [timers::hooks(), lockdown::hooks(), modules::hooks()].concat()
+fn all_hooks(timer_hook: timers::SyscallHook) -> Vec<Hook> {
+    [
+        timers::hooks(timer_hook),
+        lockdown::hooks(),
+        modules::hooks(),
+    ]
+    .concat()
 }
 
 /// Loads the programs with what this kernel needs them to know, and attaches every hook.
-fn load(kernel: &KernelView, buffer_size: u32) -> anyhow::Result<(aya::Ebpf, Vec<ProbeStatus>)> {
+fn load(kernel: &KernelView, args: &RunArgs) -> anyhow::Result<(aya::Ebpf, Vec<ProbeStatus>)> {
+    let buffer_size = args.events_buffer_size;
     let btf = kernel.btf.as_ref().ok();
     let offset = |s: &str, m: &str| btf.and_then(|b| b.member_offset(s, m)).unwrap_or(0);
     let (signal, live) = (
@@ -212,6 +221,14 @@ fn load(kernel: &KernelView, buffer_size: u32) -> anyhow::Result<(aya::Ebpf, Vec
         read_id("READING_MODULE"),
         read_id("READING_MODULE_COMPRESSED"),
     );
+    // Where the saved user registers keep the first three syscall arguments and the syscall
+    // number (x86_64: di, si, dx, orig_ax), for the raw syscall tracepoints.
+    let register = |name: &str, default: u32| {
+        btf.and_then(|b| b.member_offset("pt_regs", name))
+            .unwrap_or(default)
+    };
+    let pt_regs_args: [u32; 3] = [register("di", 112), register("si", 104), register("dx", 96)];
+    let pt_regs_nr = register("orig_ax", 120);
     // Wake the agent at a quarter full, or 64 KiB, whichever comes first.
     let wakeup_bytes = u64::from(buffer_size / 4).min(64 * 1024);
     let mut ebpf = EbpfLoader::new()
@@ -224,10 +241,16 @@ fn load(kernel: &KernelView, buffer_size: u32) -> anyhow::Result<(aya::Ebpf, Vec
         .override_global("DENTRY_NAME_OFFSET", &dentry_name, true)
         .override_global("READING_MODULE", &reading_module, true)
         .override_global("READING_MODULE_COMPRESSED", &reading_compressed, true)
+        .override_global("SYS_TIMER_CREATE", &(libc::SYS_timer_create as u64), true)
+        .override_global("SYS_TIMER_DELETE", &(libc::SYS_timer_delete as u64), true)
+        .override_global("SYS_TIMER_SETTIME", &(libc::SYS_timer_settime as u64), true)
+        .override_global("SYS_PRCTL", &(libc::SYS_prctl as u64), true)
+        .override_global("PT_REGS_ARG_OFFSETS", &pt_regs_args, true)
+        .override_global("PT_REGS_NR_OFFSET", &pt_regs_nr, true)
         .override_global("LOAD_INFO_LEN_OFFSET", &offset("load_info", "len"), true)
         .load(PROGRAMS)
         .context("loading the eBPF object (maps and programs)")?;
-    let statuses = plan::attach(&mut ebpf, &all_hooks(), kernel);
+    let statuses = plan::attach(&mut ebpf, &all_hooks(args.timers_hook), kernel);
     Ok((ebpf, statuses))
 }
 
@@ -250,8 +273,8 @@ struct Started {
 fn start(args: &RunArgs, keep_samples: bool) -> anyhow::Result<Started> {
     kernel::ensure_securityfs();
     let kernel = KernelView::read();
-    let (mut ebpf, probes) = load(&kernel, args.events_buffer_size)?;
-    let hooks = all_hooks();
+    let (mut ebpf, probes) = load(&kernel, args)?;
+    let hooks = all_hooks(args.timers_hook);
     let missing = missing_probes(&hooks, &probes);
     if missing.len() == hooks.len() {
         let reasons: Vec<String> = probes
@@ -264,7 +287,12 @@ fn start(args: &RunArgs, keep_samples: bool) -> anyhow::Result<Started> {
         );
     }
     if args.strict && !missing.is_empty() {
-        bail!("--strict: probes not attached: {}", missing.join(", "));
+        let reasons: Vec<String> = probes
+            .iter()
+            .filter(|s| missing.contains(&s.probe))
+            .map(|s| format!("{} ({}): {}", s.probe, s.mechanism, s.detail))
+            .collect();
+        bail!("--strict: probes not attached:\n  {}", reasons.join("\n  "));
     }
 
     let mut maps = Maps::new(&mut ebpf);
@@ -414,26 +442,26 @@ async fn shutdown_signal() -> anyhow::Result<&'static str> {
     })
 }
 
-fn print_probes() -> anyhow::Result<()> {
+fn print_probes(args: &RunArgs) -> anyhow::Result<()> {
     privileges::check()?;
     kernel::ensure_securityfs();
     let kernel = KernelView::read();
-    let (ebpf, statuses) = load(&kernel, DEFAULT_BUFFER_SIZE)?;
+    let (ebpf, statuses) = load(&kernel, args)?;
     println!("kernel {}", kernel::release());
     println!(
-        "{:<22} {:<13} {:<9} DETAIL",
+        "{:<22} {:<15} {:<9} DETAIL",
         "PROBE", "MECHANISM", "ATTACHED"
     );
     for s in &statuses {
         println!(
-            "{:<22} {:<13} {:<9} {}",
+            "{:<22} {:<15} {:<9} {}",
             s.probe,
             s.mechanism,
             if s.attached { "yes" } else { "no" },
             s.detail
         );
     }
-    let missing = missing_probes(&all_hooks(), &statuses);
+    let missing = missing_probes(&all_hooks(args.timers_hook), &statuses);
     if !missing.is_empty() {
         println!("not attached: {}", missing.join(", "));
     }
@@ -465,7 +493,10 @@ mod tests {
     #[test]
     fn every_hook_names_a_program_in_the_object() {
         let ebpf = aya_obj_programs();
-        for hook in all_hooks() {
+        for hook in all_hooks(timers::SyscallHook::Tracepoint)
+            .into_iter()
+            .chain(all_hooks(timers::SyscallHook::RawTracepoint))
+        {
             for attachment in hook.options.iter().flatten() {
                 assert!(
                     ebpf.contains(&attachment.program.to_owned()),
@@ -480,7 +511,10 @@ mod tests {
     fn aya_obj_programs() -> Vec<String> {
         let text = PROGRAMS;
         let mut names = Vec::new();
-        for hook in all_hooks() {
+        for hook in all_hooks(timers::SyscallHook::Tracepoint)
+            .into_iter()
+            .chain(all_hooks(timers::SyscallHook::RawTracepoint))
+        {
             for attachment in hook.options.iter().flatten() {
                 if text
                     .windows(attachment.program.len())

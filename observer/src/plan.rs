@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use aya::{
     Btf, Ebpf,
-    programs::{FEntry, FExit, ProgramError, TracePoint},
+    programs::{FEntry, FExit, ProgramError, RawTracePoint, TracePoint},
 };
 
 use crate::kernel::{self, KernelBtf};
@@ -15,6 +15,9 @@ use crate::kernel::{self, KernelBtf};
 pub enum Mechanism {
     Tracepoint {
         category: &'static str,
+        name: &'static str,
+    },
+    RawTracepoint {
         name: &'static str,
     },
     FEntry {
@@ -29,6 +32,7 @@ impl Mechanism {
     pub const fn label(&self) -> &'static str {
         match self {
             Self::Tracepoint { .. } => "tracepoint",
+            Self::RawTracepoint { .. } => "raw_tracepoint",
             Self::FEntry { .. } => "fentry",
             Self::FExit { .. } => "fexit",
         }
@@ -37,6 +41,7 @@ impl Mechanism {
     fn target(&self) -> String {
         match self {
             Self::Tracepoint { category, name } => format!("{category}:{name}"),
+            Self::RawTracepoint { name } => format!("raw {name}"),
             Self::FEntry { function } | Self::FExit { function } => (*function).to_owned(),
         }
     }
@@ -57,6 +62,13 @@ pub const fn tracepoint(
     Attachment {
         program,
         mechanism: Mechanism::Tracepoint { category, name },
+    }
+}
+
+pub const fn raw_tracepoint(program: &'static str, name: &'static str) -> Attachment {
+    Attachment {
+        program,
+        mechanism: Mechanism::RawTracepoint { name },
     }
 }
 
@@ -124,6 +136,8 @@ impl KernelView {
                 )),
                 Ok(_) => None,
             },
+            // Resolved by name in the kernel, without tracefs: trying is the test.
+            Mechanism::RawTracepoint { .. } => None,
             Mechanism::FEntry { function } | Mechanism::FExit { function } => match &self.btf {
                 Err(why) => Some(format!("no kernel BTF: {why}")),
                 Ok(btf) if !btf.has_function(function) => Some(format!(
@@ -251,6 +265,11 @@ fn attach_one(
             program.load()?;
             program.attach(category, name)?;
         }
+        Mechanism::RawTracepoint { name } => {
+            let program: &mut RawTracePoint = program.try_into()?;
+            program.load()?;
+            program.attach(name)?;
+        }
         Mechanism::FEntry { function } => {
             let program: &mut FEntry = program.try_into()?;
             program.load(function, btf()?)?;
@@ -273,6 +292,9 @@ fn unload(ebpf: &mut Ebpf, attachment: &Attachment) {
     let result = match &attachment.mechanism {
         Mechanism::Tracepoint { .. } => {
             <&mut TracePoint>::try_from(program).map(TracePoint::unload)
+        }
+        Mechanism::RawTracepoint { .. } => {
+            <&mut RawTracePoint>::try_from(program).map(RawTracePoint::unload)
         }
         Mechanism::FEntry { .. } => <&mut FEntry>::try_from(program).map(FEntry::unload),
         Mechanism::FExit { .. } => <&mut FExit>::try_from(program).map(FExit::unload),

@@ -13,20 +13,63 @@ use serde::Serialize;
 use crate::{
     maps::{self, Maps},
     metrics::{Family, Log2Histogram},
-    plan::{Hook, tracepoint},
+    plan::{Hook, raw_tracepoint, tracepoint},
 };
 
 const SYSCALL_NAMES: [&str; COUNTED_SYSCALLS as usize] =
     ["timer_create", "timer_delete", "timer_settime"];
 
-pub fn hooks() -> Vec<Hook> {
-    let syscall = |name, enter, enter_tp, exit, exit_tp| Hook {
-        name,
-        options: vec![vec![
+/// Which syscall hooks the timer family prefers (`--timers.hook`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SyscallHook {
+    /// The syscall tracepoints: cost only on the watched syscalls, but each builds a record.
+    Tracepoint,
+    /// The raw syscall tracepoints: cheaper per watched syscall, a filter on every other one.
+    RawTracepoint,
+}
+
+pub fn hooks(preferred: SyscallHook) -> Vec<Hook> {
+    let syscalls = |enter_tp, exit_tp, enter, exit| {
+        [
             tracepoint(enter, "syscalls", enter_tp),
             tracepoint(exit, "syscalls", exit_tp),
-        ]],
-        requires: None,
+        ]
+    };
+    let per_syscall: Vec<_> = [
+        syscalls(
+            "sys_enter_timer_create",
+            "sys_exit_timer_create",
+            "timers_create_enter",
+            "timers_create_exit",
+        ),
+        syscalls(
+            "sys_enter_timer_delete",
+            "sys_exit_timer_delete",
+            "timers_delete_enter",
+            "timers_delete_exit",
+        ),
+        syscalls(
+            "sys_enter_timer_settime",
+            "sys_exit_timer_settime",
+            "timers_settime_enter",
+            "timers_settime_exit",
+        ),
+        // prctl: restore mode (PR_TIMER_CREATE_RESTORE_IDS) switched on and off.
+        syscalls(
+            "sys_enter_prctl",
+            "sys_exit_prctl",
+            "timers_prctl_enter",
+            "timers_prctl_exit",
+        ),
+    ]
+    .concat();
+    let raw = vec![
+        raw_tracepoint("timers_raw_enter", "sys_enter"),
+        raw_tracepoint("timers_raw_exit", "sys_exit"),
+    ];
+    let options = match preferred {
+        SyscallHook::Tracepoint => vec![per_syscall, raw],
+        SyscallHook::RawTracepoint => vec![raw, per_syscall],
     };
     let sched = |name, program, tp| Hook {
         name,
@@ -34,34 +77,12 @@ pub fn hooks() -> Vec<Hook> {
         requires: None,
     };
     vec![
-        syscall(
-            "timer_create",
-            "timers_create_enter",
-            "sys_enter_timer_create",
-            "timers_create_exit",
-            "sys_exit_timer_create",
-        ),
-        syscall(
-            "timer_delete",
-            "timers_delete_enter",
-            "sys_enter_timer_delete",
-            "timers_delete_exit",
-            "sys_exit_timer_delete",
-        ),
-        syscall(
-            "timer_settime",
-            "timers_settime_enter",
-            "sys_enter_timer_settime",
-            "timers_settime_exit",
-            "sys_exit_timer_settime",
-        ),
-        syscall(
-            "timer_restore_mode",
-            "timers_prctl_enter",
-            "sys_enter_prctl",
-            "timers_prctl_exit",
-            "sys_exit_prctl",
-        ),
+        // timer_create, timer_delete, timer_settime, and prctl for restore mode.
+        Hook {
+            name: "timer_syscalls",
+            options,
+            requires: None,
+        },
         sched(
             "timer_owner_exit",
             "timers_process_exit",

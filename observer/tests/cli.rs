@@ -11,7 +11,21 @@ use std::{
 use support::{Agent, OBSERVER, free_port, http_request};
 
 fn run(command: &mut Command) -> (i32, String) {
-    let Output { status, stderr, .. } = command.output().unwrap();
+    let mut child = command
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A command expected to fail must fail promptly, not serve forever.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("still running after 60 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let Output { status, stderr, .. } = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&stderr).into_owned();
     assert!(!stderr.contains("panicked"), "a panic: {stderr}");
     (status.code().unwrap_or(-1), stderr)
@@ -28,10 +42,7 @@ fn probes_lists_every_hook_with_its_mechanism() {
     );
     let text = String::from_utf8_lossy(&out.stdout);
     for probe in [
-        "timer_create",
-        "timer_delete",
-        "timer_settime",
-        "timer_restore_mode",
+        "timer_syscalls",
         "timer_owner_exit",
         "timer_owner_exec",
         "lockdown_decision",
@@ -95,7 +106,9 @@ fn endpoint_serves_metrics_health_and_refuses_the_rest() {
     assert_eq!(status, 200);
     assert!(body.contains("observer_build_info{"), "{body}");
     assert!(
-        body.contains("observer_probe_attached{probe=\"timer_create\",mechanism=\"tracepoint\"} 1"),
+        body.contains(
+            "observer_probe_attached{probe=\"timer_syscalls\",mechanism=\"tracepoint\"} 1"
+        ),
         "{body}"
     );
     assert_eq!(http_request(agent.addr, "GET", "/metrics").unwrap().0, 404);
@@ -149,26 +162,47 @@ fn without_root_it_says_what_it_needs() {
     assert!(stderr.contains("must run as root"), "{stderr}");
 }
 
+/// A private mount namespace where /sys/kernel is an empty read-only tmpfs: no tracefs, nowhere
+/// to mount one, and no BTF.
+fn in_namespace_without_tracefs(args: &str) -> Command {
+    let script = format!("mount -t tmpfs -o ro none /sys/kernel && exec {OBSERVER} {args}");
+    let mut command = Command::new("unshare");
+    command.args(["--mount", "--propagation", "private", "sh", "-c", &script]);
+    command
+}
+
 #[test]
 fn without_tracefs_it_says_how_to_mount_it() {
     support::require_root();
-    // A private mount namespace where /sys/kernel is an empty read-only tmpfs: no tracefs, and
-    // nowhere to mount one. (BTF goes too, so no fentry/fexit either: nothing can attach.)
-    let port = free_port();
-    let script = format!(
-        "mount -t tmpfs -o ro none /sys/kernel && exec {OBSERVER} --web.listen-address 127.0.0.1:{port}"
+    // The hooks that need tracefs say why, with the command to fix it; the timer syscalls
+    // fall back to raw tracepoints, which need no tracefs.
+    let out = in_namespace_without_tracefs("probes").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let owner_exit = text
+        .lines()
+        .find(|l| l.starts_with("timer_owner_exit"))
+        .unwrap();
+    assert!(
+        owner_exit.contains(" no ")
+            && owner_exit.contains("tracefs is not mounted")
+            && owner_exit.contains("mount -t tracefs"),
+        "{owner_exit}"
     );
-    let (code, stderr) = run(Command::new("unshare").args([
-        "--mount",
-        "--propagation",
-        "private",
-        "sh",
-        "-c",
-        &script,
-    ]));
+    assert!(
+        text.lines().any(|l| l.starts_with("timer_syscalls")
+            && l.contains("raw_tracepoint")
+            && l.contains(" yes ")),
+        "{text}"
+    );
+    // --strict makes every lost hook fatal: one clear message and a non-zero exit.
+    let port = free_port();
+    let (code, stderr) = run(&mut in_namespace_without_tracefs(&format!(
+        "--strict --web.listen-address 127.0.0.1:{port}"
+    )));
     assert_eq!(code, 1, "{stderr}");
     assert!(
-        stderr.contains("tracefs is not mounted") && stderr.contains("mount -t tracefs"),
+        stderr.contains("--strict: probes not attached") && stderr.contains("mount -t tracefs"),
         "{stderr}"
     );
 }

@@ -415,7 +415,7 @@ fn without_btf_the_agent_degrades_and_says_why() {
     );
     assert!(
         text.lines()
-            .any(|l| l.starts_with("timer_create") && l.contains(" yes ")),
+            .any(|l| l.starts_with("timer_syscalls") && l.contains(" yes ")),
         "{text}"
     );
 }

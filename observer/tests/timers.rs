@@ -138,12 +138,34 @@ fn created(m: &Metrics, result: &str) -> f64 {
 
 #[test]
 fn timer_syscalls_are_counted_by_result_and_process() {
+    counted_by_result_and_process("tracepoint");
+}
+
+#[test]
+fn timer_syscalls_are_counted_the_same_through_raw_tracepoints() {
+    counted_by_result_and_process("raw-tracepoint");
+}
+
+fn counted_by_result_and_process(hook: &str) {
     let _serial = SERIAL
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let agent = Agent::start(&[]);
+    let agent = Agent::start(&["--timers.hook", hook]);
+    let mechanism = hook.replace('-', "_");
+    let attached = [
+        ("probe", "timer_syscalls"),
+        ("mechanism", mechanism.as_str()),
+    ];
+    assert_eq!(
+        agent.metrics().get("observer_probe_attached", &attached),
+        Some(1.0)
+    );
     let before = agent.metrics();
-    let comm = unique_comm("obst-sys");
+    let comm = unique_comm(if hook == "tracepoint" {
+        "obst-sys"
+    } else {
+        "obst-raw"
+    });
     let (_, results, finish) = in_child(&comm, false, || {
         let mut out = Vec::new();
         let mut id = 0;
