@@ -34,6 +34,8 @@ enum Tracer {
     /// machinery alone, the floor any tool on them pays.
     EmptyPrograms,
     Observer,
+    /// The observer with `--timers.hook raw-tracepoint`.
+    ObserverRaw,
     Bpftrace,
 }
 
@@ -42,7 +44,8 @@ impl Tracer {
         match self {
             Self::Bare => "bare",
             Self::EmptyPrograms => "empty programs (floor)",
-            Self::Observer => "observer",
+            Self::Observer => "observer (syscall tracepoints, default)",
+            Self::ObserverRaw => "observer (raw tracepoints)",
             Self::Bpftrace => "bpftrace",
         }
     }
@@ -152,7 +155,7 @@ fn free_port() -> u16 {
         .map_or(19_745, |a| a.port())
 }
 
-fn start_observer(tools: &Tools, port: u16) -> anyhow::Result<Child> {
+fn start_observer(tools: &Tools, port: u16, extra: &[&str]) -> anyhow::Result<Child> {
     let child = Command::new(&tools.observer)
         .args([
             "--web.listen-address",
@@ -160,6 +163,7 @@ fn start_observer(tools: &Tools, port: u16) -> anyhow::Result<Child> {
             "--log.level",
             "warn",
         ])
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -171,7 +175,11 @@ fn start_observer(tools: &Tools, port: u16) -> anyhow::Result<Child> {
 fn start(tracer: Tracer, tools: &Tools) -> anyhow::Result<Running> {
     let script = match tracer {
         Tracer::Bare => return Ok(Running(None)),
-        Tracer::Observer => return Ok(Running(Some(start_observer(tools, free_port())?))),
+        Tracer::Observer => return Ok(Running(Some(start_observer(tools, free_port(), &[])?))),
+        Tracer::ObserverRaw => {
+            let raw = ["--timers.hook", "raw-tracepoint"];
+            return Ok(Running(Some(start_observer(tools, free_port(), &raw)?)));
+        }
         Tracer::EmptyPrograms => tools.scripts.join("empty.bt"),
         Tracer::Bpftrace => tools.scripts.join("equivalent.bt"),
     };
@@ -197,9 +205,10 @@ fn start(tracer: Tracer, tools: &Tools) -> anyhow::Result<Running> {
     Ok(Running(Some(child)))
 }
 
-fn ns_per_pair(tools: &Tools, pairs: u64) -> anyhow::Result<f64> {
+/// Runs `timer-load MODE N` and returns the nanoseconds per operation it printed.
+fn ns_per_op(tools: &Tools, mode: &str, n: u64) -> anyhow::Result<f64> {
     let out = Command::new(&tools.timer_load)
-        .args(["pairs", &pairs.to_string()])
+        .args([mode, &n.to_string()])
         .output()?;
     String::from_utf8_lossy(&out.stdout)
         .trim()
@@ -222,46 +231,56 @@ fn timer_overhead(tools: &Tools, options: &Options, report: &mut String) -> anyh
         Tracer::Bare,
         Tracer::EmptyPrograms,
         Tracer::Observer,
+        Tracer::ObserverRaw,
         Tracer::Bpftrace,
     ];
-    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); tracers.len()];
+    // Per configuration: ns per timer pair, and ns per unwatched syscall.
+    let mut pairs: Vec<Vec<f64>> = vec![Vec::new(); tracers.len()];
+    let mut other: Vec<Vec<f64>> = vec![Vec::new(); tracers.len()];
     for round in 0..options.rounds {
         // Rotate the order each round so no configuration always follows the same one.
         for i in 0..tracers.len() {
             let index = (i + round) % tracers.len();
             let _running = start(tracers[index], tools)?;
-            samples[index].push(ns_per_pair(tools, options.pairs)?);
+            pairs[index].push(ns_per_op(tools, "pairs", options.pairs)?);
+            other[index].push(ns_per_op(tools, "other", options.pairs * 4)?);
         }
         eprintln!("bench: timer round {}/{} done", round + 1, options.rounds);
     }
-    let medians: Vec<f64> = samples.iter().map(|s| median(&mut s.clone())).collect();
-    let bare = medians[0];
+    let medians = |samples: &[Vec<f64>]| -> Vec<f64> {
+        samples.iter().map(|s| median(&mut s.clone())).collect()
+    };
+    let (pair_medians, other_medians) = (medians(&pairs), medians(&other));
     writeln!(
         report,
-        "## 1. Hook overhead on the timer path\n\nns per timer_create+timer_delete pair ({} pairs per sample, \
-         {} interleaved rounds; overhead = median minus bare median).\n\n| configuration | median ns/pair | \
-         p25-p75 | overhead ns |\n| --- | --- | --- | --- |",
+        "## 1. Hook overhead on the timer path\n\nns per timer_create+timer_delete pair ({} pairs per sample), and ns \
+         per getppid call (a syscall no hook watches: what a tracer costs the rest of the system), {} interleaved \
+         rounds; overhead = median minus the bare median.\n\n| configuration | ns/pair median | p25-p75 | overhead \
+         ns/pair | ns/getppid median | overhead ns/getppid |\n| --- | --- | --- | --- | --- | --- |",
         options.pairs, options.rounds
     )?;
     for (index, tracer) in tracers.iter().enumerate() {
-        let (p25, p75) = quartiles(&mut samples[index].clone());
+        let (p25, p75) = quartiles(&mut pairs[index].clone());
         writeln!(
             report,
-            "| {} | {:.0} | {:.0}-{:.0} | {:+.0} |",
+            "| {} | {:.0} | {p25:.0}-{p75:.0} | {:+.0} | {:.0} | {:+.1} |",
             tracer.name(),
-            medians[index],
-            p25,
-            p75,
-            medians[index] - bare
+            pair_medians[index],
+            pair_medians[index] - pair_medians[0],
+            other_medians[index],
+            other_medians[index] - other_medians[0],
         )?;
     }
-    let (floor, observer, bpftrace) = (medians[1] - bare, medians[2] - bare, medians[3] - bare);
+    let overhead = |index: usize| pair_medians[index] - pair_medians[0];
+    let (floor, observer, raw, bpftrace) = (overhead(1), overhead(2), overhead(3), overhead(4));
     writeln!(
         report,
-        "\nObserver overhead / bpftrace overhead: **{:.2}** (target at most 0.5). Observer overhead / empty-program \
-         floor: **{:.2}**.\n",
+        "\nObserver overhead / bpftrace overhead: **{:.2}** with syscall tracepoints, **{:.2}** with raw tracepoints \
+         (target at most 0.5). Observer overhead / empty-program floor: {:.2} and {:.2}.\n",
         observer / bpftrace,
-        observer / floor
+        raw / bpftrace,
+        observer / floor,
+        raw / floor
     )?;
     Ok(())
 }
@@ -360,7 +379,7 @@ fn metric(text: &str, series: &str) -> f64 {
 
 fn footprint_and_throughput(tools: &Tools, report: &mut String) -> anyhow::Result<()> {
     let port = free_port();
-    let child = Running(Some(start_observer(tools, port)?));
+    let child = Running(Some(start_observer(tools, port, &[])?));
     let pid = child.0.as_ref().map_or(0, Child::id);
     thread::sleep(Duration::from_secs(2));
     let idle_rss = proc_status_kib(pid, "VmRSS:");
@@ -428,7 +447,7 @@ fn footprint_and_throughput(tools: &Tools, report: &mut String) -> anyhow::Resul
 
 fn scrape_cost(tools: &Tools, report: &mut String) -> anyhow::Result<()> {
     let port = free_port();
-    let _child = Running(Some(start_observer(tools, port)?));
+    let _child = Running(Some(start_observer(tools, port, &[])?));
     // Fill the per-process family past its cap: creates under 5,000 distinct process names.
     let status = Command::new(&tools.timer_load)
         .args(["comms", "5000"])
