@@ -7,7 +7,7 @@ use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns},
     helpers::{bpf_probe_read_kernel, bpf_probe_read_user},
     macros::{map, raw_tracepoint, tracepoint},
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::{RawTracePointContext, TracePointContext},
 };
 use observer_common::{
@@ -41,9 +41,14 @@ static TIMER_RESTORE_CREATES: PerCpuArray<u64> = PerCpuArray::with_max_entries(E
 #[map]
 static TIMER_CREATE_LATENCY: PerCpuArray<u64> = PerCpuArray::with_max_entries(LOG2_SLOTS, 0);
 
-/// Syscalls between enter and exit, by thread. LRU: a thread killed mid-call leaves no leak.
+/// Syscalls between enter and exit, by thread. A plain (preallocated) hash, cheaper than an LRU
+/// on this hot path; a thread that exits mid-call has its entry removed at its exit.
 #[map]
-static TIMER_IN_FLIGHT: LruHashMap<u32, InFlight> = LruHashMap::with_max_entries(16384, 0);
+static TIMER_IN_FLIGHT: HashMap<u32, InFlight> = HashMap::with_max_entries(16384, 0);
+
+/// Set once any process has turned restore mode on: until then timer_create skips the lookup.
+#[map]
+static TIMER_RESTORE_SEEN: Array<u32> = Array::with_max_entries(1, 0);
 
 /// Processes that turned restore mode on (prctl 77), by tgid.
 #[map]
@@ -79,7 +84,7 @@ fn start(syscall: u32, arg: u64, flag: u32) {
         syscall,
         flag,
     };
-    // A full map only happens with 16k threads mid-syscall; the LRU evicts the oldest.
+    // A full map only happens with 16k threads mid-syscall: that call goes untimed.
     let _ = TIMER_IN_FLIGHT.insert(tid, call, 0);
 }
 
@@ -116,14 +121,20 @@ fn send(kind: EventKind, timer_id: i32, detail: u32) {
 fn on_enter(syscall: u32, args: [u64; 3]) {
     match syscall {
         SYSCALL_TIMER_CREATE => {
-            let (tgid, _) = current_ids();
-            // SAFETY: the value is read, not kept.
-            let restore = unsafe { TIMER_RESTORE_MODE.get(tgid) }
-                .copied()
-                .unwrap_or(0);
+            let restore = if TIMER_RESTORE_SEEN.get(0).copied().unwrap_or(0) == 0 {
+                0
+            } else {
+                let (tgid, _) = current_ids();
+                // SAFETY: the value is read, not kept.
+                unsafe { TIMER_RESTORE_MODE.get(tgid) }
+                    .copied()
+                    .unwrap_or(0)
+            };
             start(SYSCALL_TIMER_CREATE, args[2], restore);
         }
-        SYSCALL_TIMER_DELETE => start(SYSCALL_TIMER_DELETE, args[0], 0),
+        // Sent at entry, with the ID, so the exit needs no state: a delete that then fails
+        // names a timer userspace does not track (IDs are per process), and changes nothing.
+        SYSCALL_TIMER_DELETE => send(EventKind::TimerDeleted, args[0] as i32, 0),
         SYSCALL_TIMER_SETTIME => {
             // Arming means a non-zero it_value; an unreadable spec fails the syscall anyway.
             let spec = args[2] as usize;
@@ -181,14 +192,7 @@ fn on_exit(syscall: u32, ret: i64) {
             }
             send(EventKind::TimerCreated, id, call.flag);
         }
-        SYSCALL_TIMER_DELETE => {
-            count(SYSCALL_TIMER_DELETE, ret);
-            if let Some(call) = finish(SYSCALL_TIMER_DELETE)
-                && ret == 0
-            {
-                send(EventKind::TimerDeleted, call.arg as i32, 0);
-            }
-        }
+        SYSCALL_TIMER_DELETE => count(SYSCALL_TIMER_DELETE, ret),
         SYSCALL_TIMER_SETTIME => {
             count(SYSCALL_TIMER_SETTIME, ret);
             if let Some(call) = finish(SYSCALL_TIMER_SETTIME)
@@ -205,6 +209,7 @@ fn on_exit(syscall: u32, ret: i64) {
                 let (tgid, _) = current_ids();
                 if call.arg == PR_TIMER_CREATE_RESTORE_IDS_ON {
                     let _ = TIMER_RESTORE_MODE.insert(tgid, 1, 0);
+                    let _ = TIMER_RESTORE_SEEN.set(0, 1, 0);
                 } else {
                     let _ = TIMER_RESTORE_MODE.remove(tgid);
                 }
@@ -356,6 +361,8 @@ fn process_dies(tgid: u32, tid: u32) -> bool {
 #[tracepoint]
 pub fn timers_process_exit(_ctx: TracePointContext) -> u32 {
     let (tgid, tid) = current_ids();
+    // A thread that dies mid-syscall leaves no entry behind.
+    let _ = TIMER_IN_FLIGHT.remove(tid);
     // SAFETY: only presence is checked.
     if unsafe { TIMER_OWNERS.get(tgid) }.is_none() || !process_dies(tgid, tid) {
         return 0;

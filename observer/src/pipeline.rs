@@ -90,9 +90,12 @@ pub fn dispatch(bytes: &[u8], state: &mut State, want_json: bool) -> Option<Stri
     json.and_then(Result::ok)
 }
 
-/// How often the agent drains without being woken: the programs wake it only once 64 KiB are
-/// waiting, so a trickle of records reaches /metrics within this delay.
+/// How often the agent drains without being woken: the programs wake it only once a quarter of
+/// the ring buffer (at most 64 KiB) waits, so a trickle of records reaches /metrics within this
+/// delay. The interval doubles while drains find nothing, up to IDLE_DRAIN_INTERVAL, so an idle
+/// host costs one wakeup a second.
 const DRAIN_INTERVAL: Duration = Duration::from_millis(50);
+const IDLE_DRAIN_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The ring buffer reader: drains when the kernel wakes it and on a short timer.
 pub struct Pipeline {
@@ -119,24 +122,29 @@ impl Pipeline {
 
     /// Drains until the future is dropped.
     pub async fn run(&mut self) -> anyhow::Result<()> {
-        let mut tick = tokio::time::interval(DRAIN_INTERVAL);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut interval = DRAIN_INTERVAL;
         loop {
-            tokio::select! {
+            let drained = tokio::select! {
                 guard = self.ring.readable_mut() => {
                     let mut guard = guard?;
-                    drain(guard.get_inner_mut(), &self.agent, self.want_json, &mut self.lines);
+                    let drained = drain(guard.get_inner_mut(), &self.agent, self.want_json, &mut self.lines);
                     guard.clear_ready();
+                    drained
                 }
-                _ = tick.tick() => drain(self.ring.get_mut(), &self.agent, self.want_json, &mut self.lines),
-            }
+                () = tokio::time::sleep(interval) => drain(self.ring.get_mut(), &self.agent, self.want_json, &mut self.lines),
+            };
+            interval = if drained > 0 {
+                DRAIN_INTERVAL
+            } else {
+                (interval * 2).min(IDLE_DRAIN_INTERVAL)
+            };
             self.flush_lines();
         }
     }
 
     /// Takes in what is still waiting: at exit, nothing already recorded is left unread.
     pub fn drain_now(&mut self) {
-        drain(
+        let _ = drain(
             self.ring.get_mut(),
             &self.agent,
             self.want_json,
@@ -158,17 +166,25 @@ impl Pipeline {
     }
 }
 
-/// Drains every record waiting, collecting the JSON lines asked for.
-fn drain(ring: &mut RingBuf<MapData>, agent: &Agent, want_json: bool, lines: &mut Vec<String>) {
+/// Drains every record waiting, collecting the JSON lines asked for; returns how many.
+fn drain(
+    ring: &mut RingBuf<MapData>,
+    agent: &Agent,
+    want_json: bool,
+    lines: &mut Vec<String>,
+) -> usize {
     let mut state = agent
         .state
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut drained = 0;
     while let Some(item) = ring.next() {
+        drained += 1;
         if let Some(line) = dispatch(&item, &mut state, want_json) {
             lines.push(line);
         }
     }
+    drained
 }
 
 #[cfg(test)]
