@@ -306,7 +306,7 @@ fn start(args: &RunArgs, keep_samples: bool) -> anyhow::Result<Started> {
         decode_errors: 0,
         timers: TimerState::new(settings),
         lockdown: Lockdown::new(kernel.btf.as_ref().ok()),
-        modules: ModuleState::new(keep_samples),
+        modules: ModuleState::new(keep_samples, kernel::module_count()),
     };
     let agent = Arc::new(Agent {
         timer_maps: TimerMaps::take(&mut maps)?,

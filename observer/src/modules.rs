@@ -251,15 +251,28 @@ pub struct ModuleState {
     phases: BTreeMap<&'static str, Log2Histogram>,
     taint_events: BTreeMap<(String, String), u64>,
     module_labels: HashMap<String, ()>,
+    /// Estimated hash-based check time per signed load (see [`hash_estimate_ns`]).
+    hash_estimate: Log2Histogram,
+    /// Levels of a Merkle tree over this kernel's modules, when their number is known.
+    merkle_levels: Option<u32>,
     /// Every load seen, for `observer profile` (bounded).
     pub samples: Vec<LoadRecord>,
     pub keep_samples: bool,
 }
 
+/// What a hash-based (Merkle) check of this signed load would cost: the measured digest of the
+/// module, plus one 64-byte node hash per tree level, each costing what two SHA-256 blocks of
+/// the module's own digest cost. The reasoning is in the README.
+pub fn hash_estimate_ns(digest_ns: u64, hashed_bytes: u64, levels: u32) -> Option<u64> {
+    let blocks = hashed_bytes.div_ceil(64);
+    (blocks > 0).then(|| digest_ns + u64::from(levels) * 2 * digest_ns / blocks)
+}
+
 impl ModuleState {
-    pub fn new(keep_samples: bool) -> Self {
+    pub fn new(keep_samples: bool, merkle_leaves: Option<u64>) -> Self {
         Self {
             keep_samples,
+            merkle_levels: merkle_leaves.map(crate::profile::merkle_levels),
             ..Self::default()
         }
     }
@@ -297,6 +310,11 @@ impl ModuleState {
         let phases_ns = phases(load);
         for (phase, ns) in &phases_ns {
             self.phases.entry(phase).or_default().observe(*ns);
+        }
+        if let (Some(levels), Some(digest)) = (self.merkle_levels, phases_ns.get("digest"))
+            && let Some(estimate) = hash_estimate_ns(*digest, load.hashed_len, levels)
+        {
+            self.hash_estimate.observe(estimate);
         }
         if load.taints != 0 {
             let label = self.module_label(&module);
@@ -389,6 +407,16 @@ impl ModuleState {
             phases.add_histogram(&[("phase", phase)], histogram);
         }
         families.push(phases);
+
+        let mut estimate = Family::histogram(
+            "module_hash_check_estimate_seconds",
+            "What a hash-based (Merkle) check would have cost for each signature-checked load: its measured digest \
+             plus one node hash per tree level over this kernel's modules, at the per-block cost of that digest.",
+        );
+        if self.hash_estimate.count() > 0 {
+            estimate.add_histogram(&[], &self.hash_estimate);
+        }
+        families.push(estimate);
 
         let mut taints = Family::counter(
             "kernel_taint_events_total",
@@ -507,6 +535,22 @@ mod tests {
             state.integrity.is_empty(),
             "no integrity sample without a check"
         );
+    }
+
+    #[test]
+    fn the_hash_estimate_is_digest_plus_node_hashes() {
+        // 6400 bytes: 100 blocks of 64; digest 1000 ns: 10 ns a block, 20 ns a node.
+        assert_eq!(hash_estimate_ns(1000, 6400, 13), Some(1000 + 13 * 20));
+        assert_eq!(hash_estimate_ns(1000, 0, 13), None);
+        let mut state = ModuleState::new(false, Some(4256));
+        let mut l = load(0, SEEN_SIG_CHECK | SEEN_VERIFY_SIG, 0);
+        l.phase_calls[observer_common::modules::PHASE_DIGEST] = 1;
+        l.phase_ns[observer_common::modules::PHASE_DIGEST] = 1000;
+        l.verify_ns = 5000;
+        l.hashed_len = 6400;
+        state.load(&l);
+        assert_eq!(state.hash_estimate.count(), 1);
+        assert_eq!(state.hash_estimate.sum_ns, 1260);
     }
 
     #[test]

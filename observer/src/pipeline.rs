@@ -207,7 +207,7 @@ mod tests {
                 top_processes: 10,
             }),
             lockdown: Lockdown::default(),
-            modules: ModuleState::new(true),
+            modules: ModuleState::new(true, Some(4096)),
         }
     }
 

@@ -135,6 +135,12 @@ pub const SCENARIOS: &[Scenario] = &[
             Check::Metric(PHASE_COUNT, &[("phase", "other")], Want::Eq(2.0)),
             Check::MetricSum(PHASE_COUNT, &[("phase", "decompress")], Want::ZeroOrAbsent),
             PHASES_WITHIN_CHECK,
+            // And what a hash-based check would have cost, for each of them.
+            Check::Metric(
+                "observer_module_hash_check_estimate_seconds_count",
+                ALL,
+                Want::Eq(2.0),
+            ),
         ],
         kernel_checks: &[],
     },
