@@ -427,7 +427,7 @@ fn drive(
     }
     if let Some(host) = scenario.host
         && agent_up
-        && let Err(e) = host(vm.metrics)
+        && let Err(e) = host(vm.metrics, &vm.console())
     {
         failures.push(format!("{e:#}"));
     }

@@ -17,12 +17,13 @@ use std::{
 const MODULE_INIT_COMPRESSED_FILE: libc::c_uint = 4;
 
 const USAGE: &str = "usage: guest-tool load [--compressed] FILE... | timers COUNT | \
-                     await-host PORT SECONDS";
+                     await-host PORT SECONDS | loadtime LABEL FILE...";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("load") => load(&args[1..]),
+        Some("loadtime") => load_time(&args[1..]),
         Some("timers") => args
             .get(1)
             .and_then(|n| n.parse().ok())
@@ -77,6 +78,43 @@ fn load(args: &[String]) -> Result<(), String> {
             name.into_owned()
         };
         println!("finit_module {shown} {}", outcome(rc));
+    }
+    Ok(())
+}
+
+/// `loadtime LABEL FILE...`: loads each module with `finit_module`, timing the call, then
+/// unloads it; prints `loadtime LABEL NAME ns=N` (the benchmark compares labels).
+fn load_time(args: &[String]) -> Result<(), String> {
+    let (label, files) = args.split_first().ok_or_else(|| USAGE.to_owned())?;
+    let params = CString::default();
+    for file in files {
+        let module = std::fs::File::open(file).map_err(|e| format!("opening {file}: {e}"))?;
+        let start = Instant::now();
+        // SAFETY: a valid open fd and a NUL-terminated parameter string that outlive the call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_finit_module,
+                module.as_raw_fd(),
+                params.as_ptr(),
+                0,
+            )
+        };
+        let ns = start.elapsed().as_nanos();
+        if rc != 0 {
+            return Err(format!("loading {file}: {}", outcome(rc)));
+        }
+        let stem = Path::new(file)
+            .file_name()
+            .map_or(file.clone(), |n| n.to_string_lossy().into_owned());
+        let name = stem.split(".ko").next().unwrap_or(&stem).replace('-', "_");
+        let c_name = CString::new(name.clone()).map_err(|e| e.to_string())?;
+        // SAFETY: a NUL-terminated module name.
+        let removed =
+            unsafe { libc::syscall(libc::SYS_delete_module, c_name.as_ptr(), libc::O_NONBLOCK) };
+        if removed != 0 {
+            return Err(format!("unloading {name}: {}", outcome(removed)));
+        }
+        println!("loadtime {label} {name} ns={ns}");
     }
     Ok(())
 }

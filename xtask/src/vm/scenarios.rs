@@ -59,8 +59,8 @@ pub struct Scenario {
     /// Checks that hold only on one kernel series.
     pub kernel_checks: &'static [(Series, &'static [Check])],
     /// Run on the host after the checks, while the guest's agent still serves (given its
-    /// forwarded metrics address).
-    pub host: Option<fn(SocketAddr) -> anyhow::Result<()>>,
+    /// forwarded metrics address and the console so far).
+    pub host: Option<fn(SocketAddr, &str) -> anyhow::Result<()>>,
 }
 
 impl Scenario {
@@ -368,10 +368,26 @@ pub const SCENARIOS: &[Scenario] = &[
         ],
         kernel_checks: &[],
     },
+    Scenario {
+        host: Some(crate::bench::module_path_report),
+        name: "bench-modules",
+        about: "benchmark (not a test): signed module load time without and with the observer, interleaved",
+        cmdline: "",
+        // Run by `cargo xtask bench` only.
+        kernels: &[],
+        guest: "for round in 1 2 3 4 5; do\n\
+                kill -INT $agent_pid; wait $agent_pid\n\
+                /vm/guest-tool loadtime without /vm/mods/crc7.ko /vm/mods/crc-itu-t.ko /vm/mods/crc8.ko\n\
+                start_agent >/dev/null\n\
+                /vm/guest-tool loadtime with /vm/mods/crc7.ko /vm/mods/crc-itu-t.ko /vm/mods/crc8.ko\n\
+                done\n",
+        checks: &[Check::Console("loadtime with crc8")],
+        kernel_checks: &[],
+    },
 ];
 
 /// The dashboards' proof with the guest's agent as a second target: module panels need data.
-fn dashboards_against_guest(guest: SocketAddr) -> anyhow::Result<()> {
+fn dashboards_against_guest(guest: SocketAddr, _console: &str) -> anyhow::Result<()> {
     crate::dashboards::run_with_targets(&[guest.to_string()])
 }
 
