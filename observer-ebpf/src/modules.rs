@@ -138,7 +138,7 @@ pub fn modules_decompress_exit(_ctx: FExitContext) -> u32 {
 }
 
 #[fentry(function = "load_module")]
-pub fn modules_load_enter(_ctx: FEntryContext) -> u32 {
+pub fn modules_load_enter(ctx: FEntryContext) -> u32 {
     let tid = tid();
     #[expect(
         clippy::needless_borrows_for_generic_args,
@@ -147,6 +147,11 @@ pub fn modules_load_enter(_ctx: FEntryContext) -> u32 {
     let inserted = MODULE_LOADS.insert(tid, &ZERO_LOAD, 0);
     if inserted.is_err() {
         increment(&crate::EVENTS_LOST, EventKind::ModuleLoad as u32);
+        aya_log_ebpf::warn!(
+            &ctx,
+            "module load by thread {} not followed: 1024 loads already in progress",
+            tid
+        );
         return 0;
     }
     let Some(load) = current_load() else { return 0 };

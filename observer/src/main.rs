@@ -343,7 +343,15 @@ fn run_agent(args: &RunArgs) -> anyhow::Result<()> {
         Some(path) => webconfig::WebConfig::load(path)?,
         None => webconfig::WebConfig::default(),
     };
-    let Started { ebpf, agent, ring } = start(args, false)?;
+    let Started {
+        mut ebpf,
+        agent,
+        ring,
+    } = start(args, false)?;
+    // The programs' own log lines, forwarded into ours (before capabilities go: it takes a map).
+    let kernel_logs = aya_log::EbpfLogger::init(&mut ebpf)
+        .map_err(|err| log::warn!("no log lines from the eBPF programs: {err}"))
+        .ok();
     // Everything privileged is done: programs attached, port bound, files read.
     privileges::drop_all_but(privileges::needed_after_start(&agent.kernel_release))?;
 
@@ -364,8 +372,15 @@ fn run_agent(args: &RunArgs) -> anyhow::Result<()> {
             args.telemetry_path.as_str().into(),
             Arc::new(web),
         );
+        let kernel_logs = async {
+            match kernel_logs {
+                Some(logger) => pipeline::forward_kernel_logs(logger).await,
+                None => std::future::pending().await,
+            }
+        };
         let result = tokio::select! {
             result = pipeline.run() => result.context("event pipeline"),
+            result = kernel_logs => result.context("eBPF log lines"),
             () = server => Ok(()),
             signal = shutdown_signal() => {
                 log::info!("{}: detaching and exiting", signal?);

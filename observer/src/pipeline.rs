@@ -166,6 +166,26 @@ impl Pipeline {
     }
 }
 
+/// Forwards the programs' log lines (aya-log) into the agent's log until the future is dropped.
+/// The programs log only rare conditions; a malformed line is dropped with a warning rather than
+/// allowed to stop the agent.
+pub async fn forward_kernel_logs(
+    logger: aya_log::EbpfLogger<&'static dyn log::Log>,
+) -> anyhow::Result<()> {
+    // SAFETY: the logger owns its ring buffer's map fd, which stays open and the same while the
+    // AsyncFd owns the logger.
+    let mut logger = unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)?;
+    loop {
+        let mut guard = logger.readable_mut().await?;
+        let inner = guard.get_inner_mut();
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.flush())).is_err() {
+            log::warn!("dropped a malformed log record from the eBPF programs");
+        }
+        guard.clear_ready();
+    }
+}
+
 /// Drains every record waiting, collecting the JSON lines asked for; returns how many.
 fn drain(
     ring: &mut RingBuf<MapData>,

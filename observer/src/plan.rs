@@ -174,7 +174,12 @@ pub fn attach(ebpf: &mut Ebpf, hooks: &[Hook], kernel: &KernelView) -> Vec<Probe
     let mut statuses = Vec::new();
     for hook in hooks {
         if let Some(Err(why)) = hook.requires.map(|requires| requires()) {
-            log::warn!("probe {}: unavailable: {why}", hook.name);
+            // One warning per missing kernel feature, not one per hook that needs it.
+            if statuses.iter().any(|s: &ProbeStatus| s.detail == why) {
+                log::debug!("probe {}: unavailable: {why}", hook.name);
+            } else {
+                log::warn!("probe {} and others: unavailable: {why}", hook.name);
+            }
             for option in &hook.options {
                 let mechanism = option_label(option);
                 statuses.push(ProbeStatus {
