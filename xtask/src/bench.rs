@@ -553,7 +553,7 @@ pub fn module_path_report(guest: SocketAddr, console: &str) -> anyhow::Result<()
             times.entry((module, label)).or_default().push(ns);
         }
     }
-    let metrics = {
+    let scrape = || -> anyhow::Result<String> {
         let mut stream = TcpStream::connect_timeout(&guest, Duration::from_secs(5))?;
         stream.set_read_timeout(Some(Duration::from_secs(10)))?;
         write!(
@@ -562,17 +562,26 @@ pub fn module_path_report(guest: SocketAddr, console: &str) -> anyhow::Result<()
         )?;
         let mut text = String::new();
         stream.read_to_string(&mut text)?;
-        text
+        Ok(text)
     };
-    let check = |suffix: &str| {
+    let check = |metrics: &str, suffix: &str| {
         metric(
-            &metrics,
+            metrics,
             &format!(
                 "observer_module_integrity_check_duration_seconds_{suffix}{{method=\"signature\",result=\"ok\"}}"
             ),
         )
     };
-    let (check_sum, check_count) = (check("sum"), check("count"));
+    // The last loads' records reach the agent's state within its drain interval.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let metrics = loop {
+        let text = scrape()?;
+        if check(&text, "count") > 0.0 || Instant::now() > deadline {
+            break text;
+        }
+        thread::sleep(Duration::from_millis(250));
+    };
+    let (check_sum, check_count) = (check(&metrics, "sum"), check(&metrics, "count"));
     if check_count == 0.0 || times.is_empty() {
         bail!("no load times or integrity checks from the guest");
     }
