@@ -417,6 +417,11 @@ mod tests {
         }
     }
 
+    /// Hands the state a record of `kind` for timer `id` of process `pid` at `ts_ns`.
+    fn feed(s: &mut TimerState, kind: EventKind, pid: u32, id: i32, ts_ns: u64, comm: &str) {
+        s.handle(kind, &event(kind, pid, id, ts_ns), comm);
+    }
+
     fn state(top: usize) -> TimerState {
         TimerState::new(TimerSettings {
             short_lived_ns: 10_000_000,
@@ -427,44 +432,16 @@ mod tests {
     #[test]
     fn short_lived_needs_quick_delete_without_arming() {
         let mut s = state(10);
-        s.handle(
-            EventKind::TimerCreated,
-            &event(EventKind::TimerCreated, 1, 5, 0),
-            "a",
-        );
-        s.handle(
-            EventKind::TimerDeleted,
-            &event(EventKind::TimerDeleted, 1, 5, 1_000),
-            "a",
-        );
+        feed(&mut s, EventKind::TimerCreated, 1, 5, 0, "a");
+        feed(&mut s, EventKind::TimerDeleted, 1, 5, 1_000, "a");
         assert_eq!(s.short_lived, 1);
         // Armed before deletion: not churn.
-        s.handle(
-            EventKind::TimerCreated,
-            &event(EventKind::TimerCreated, 1, 6, 0),
-            "a",
-        );
-        s.handle(
-            EventKind::TimerArmed,
-            &event(EventKind::TimerArmed, 1, 6, 10),
-            "a",
-        );
-        s.handle(
-            EventKind::TimerDeleted,
-            &event(EventKind::TimerDeleted, 1, 6, 20),
-            "a",
-        );
+        feed(&mut s, EventKind::TimerCreated, 1, 6, 0, "a");
+        feed(&mut s, EventKind::TimerArmed, 1, 6, 10, "a");
+        feed(&mut s, EventKind::TimerDeleted, 1, 6, 20, "a");
         // Too old: not churn.
-        s.handle(
-            EventKind::TimerCreated,
-            &event(EventKind::TimerCreated, 1, 7, 0),
-            "a",
-        );
-        s.handle(
-            EventKind::TimerDeleted,
-            &event(EventKind::TimerDeleted, 1, 7, 20_000_000),
-            "a",
-        );
+        feed(&mut s, EventKind::TimerCreated, 1, 7, 0, "a");
+        feed(&mut s, EventKind::TimerDeleted, 1, 7, 20_000_000, "a");
         assert_eq!(s.short_lived, 1);
         assert_eq!(s.live_count, 0);
         assert_eq!(s.id_max, Some(7));
@@ -474,29 +451,13 @@ mod tests {
     fn owner_exit_destroys_its_timers_only() {
         let mut s = state(10);
         for id in 1..=3 {
-            s.handle(
-                EventKind::TimerCreated,
-                &event(EventKind::TimerCreated, 10, id, 0),
-                "a",
-            );
+            feed(&mut s, EventKind::TimerCreated, 10, id, 0, "a");
         }
-        s.handle(
-            EventKind::TimerCreated,
-            &event(EventKind::TimerCreated, 11, 1, 0),
-            "b",
-        );
-        s.handle(
-            EventKind::TimerOwnerGone,
-            &event(EventKind::TimerOwnerGone, 10, 0, 5),
-            "a",
-        );
+        feed(&mut s, EventKind::TimerCreated, 11, 1, 0, "b");
+        feed(&mut s, EventKind::TimerOwnerGone, 10, 0, 5, "a");
         assert_eq!(s.live_count, 1);
         // A delete of an unknown timer changes nothing.
-        s.handle(
-            EventKind::TimerDeleted,
-            &event(EventKind::TimerDeleted, 10, 2, 6),
-            "a",
-        );
+        feed(&mut s, EventKind::TimerDeleted, 10, 2, 6, "a");
         assert_eq!(s.live_count, 1);
     }
 
@@ -505,11 +466,7 @@ mod tests {
         let mut s = state(2);
         for (comm, n) in [("a", 5), ("b", 3), ("c", 2), ("d", 1)] {
             for i in 0..n {
-                s.handle(
-                    EventKind::TimerCreated,
-                    &event(EventKind::TimerCreated, 1, i, 0),
-                    comm,
-                );
+                feed(&mut s, EventKind::TimerCreated, 1, i, 0, comm);
             }
         }
         let (top, other) = s.top_creators();
@@ -521,11 +478,7 @@ mod tests {
     fn comm_table_is_bounded() {
         let mut s = state(3);
         for i in 0..(MAX_TRACKED_COMMS + 100) {
-            s.handle(
-                EventKind::TimerCreated,
-                &event(EventKind::TimerCreated, 1, 1, 0),
-                &format!("p{i}"),
-            );
+            feed(&mut s, EventKind::TimerCreated, 1, 1, 0, &format!("p{i}"));
         }
         assert_eq!(s.creates_by_comm.len(), MAX_TRACKED_COMMS);
         let (top, other) = s.top_creators();

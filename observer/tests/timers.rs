@@ -5,45 +5,13 @@ mod support;
 
 use std::{sync::Mutex, time::Duration};
 
-use support::{Agent, Metrics, unique_comm};
+use support::{Agent, Metrics, timer_create, timer_delete, unique_comm};
 
 /// The tests share the kernel's global counters: one at a time, so deltas are theirs.
 static SERIAL: Mutex<()> = Mutex::new(());
 
 const CLOCK_MONOTONIC: libc::c_long = 1;
-const SIGEV_NONE: libc::c_int = 1;
 const PR_TIMER_CREATE_RESTORE_IDS: libc::c_long = 77;
-
-#[repr(C)]
-struct SigEvent {
-    value: u64,
-    signo: libc::c_int,
-    notify: libc::c_int,
-    pad: [u64; 6],
-}
-
-fn timer_create(clock: libc::c_long, id: &mut libc::c_int) -> i64 {
-    let mut event = SigEvent {
-        value: 0,
-        signo: 0,
-        notify: SIGEV_NONE,
-        pad: [0; 6],
-    };
-    // SAFETY: valid pointers to a sigevent and an int for the kernel to write.
-    unsafe {
-        libc::syscall(
-            libc::SYS_timer_create,
-            clock,
-            &raw mut event,
-            std::ptr::from_mut(id),
-        )
-    }
-}
-
-fn timer_delete(id: libc::c_int) -> i64 {
-    // SAFETY: a plain syscall.
-    unsafe { libc::syscall(libc::SYS_timer_delete, id) }
-}
 
 fn timer_arm(id: libc::c_int) -> i64 {
     let spec = libc::itimerspec {

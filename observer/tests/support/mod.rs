@@ -243,33 +243,42 @@ pub fn timer_storm(
         .collect()
 }
 
-/// One timer_create + timer_delete (SIGEV_NONE, CLOCK_MONOTONIC).
-pub fn timer_pair() {
-    #[repr(C)]
-    struct SigEvent {
-        value: u64,
-        signo: libc::c_int,
-        notify: libc::c_int,
-        pad: [u64; 6],
-    }
+#[repr(C)]
+struct SigEvent {
+    value: u64,
+    signo: libc::c_int,
+    notify: libc::c_int,
+    pad: [u64; 6],
+}
+
+/// timer_create with SIGEV_NONE on `clock`, the raw syscall (glibc's wrapper keeps its own
+/// bookkeeping); returns what the kernel returned and writes the ID to `id`.
+pub fn timer_create(clock: libc::c_long, id: &mut libc::c_int) -> i64 {
     let mut event = SigEvent {
         value: 0,
         signo: 0,
-        notify: 1,
+        notify: libc::SIGEV_NONE,
         pad: [0; 6],
     };
-    let mut id: libc::c_int = 0;
-    // SAFETY: valid pointers for the kernel; the ID it wrote is deleted.
+    // SAFETY: valid pointers to a sigevent and an int for the kernel to write.
     unsafe {
-        assert_eq!(
-            libc::syscall(
-                libc::SYS_timer_create,
-                libc::CLOCK_MONOTONIC,
-                &raw mut event,
-                &raw mut id
-            ),
-            0
-        );
-        libc::syscall(libc::SYS_timer_delete, id);
+        libc::syscall(
+            libc::SYS_timer_create,
+            clock,
+            &raw mut event,
+            std::ptr::from_mut(id),
+        )
     }
+}
+
+pub fn timer_delete(id: libc::c_int) -> i64 {
+    // SAFETY: a plain syscall.
+    unsafe { libc::syscall(libc::SYS_timer_delete, id) }
+}
+
+/// One timer_create + timer_delete (SIGEV_NONE, CLOCK_MONOTONIC).
+pub fn timer_pair() {
+    let mut id = 0;
+    assert_eq!(timer_create(libc::CLOCK_MONOTONIC.into(), &mut id), 0);
+    timer_delete(id);
 }
