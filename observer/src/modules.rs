@@ -1,7 +1,7 @@
 //! Module loading and integrity verification: load outcomes and methods, integrity-check and
 //! load latency, taint events attributed to the load that caused them, autoload requests.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashSet};
 
 use aya::maps::{MapData, PerCpuArray};
 use observer_common::modules::{
@@ -250,7 +250,7 @@ pub struct ModuleState {
     load_duration: BTreeMap<&'static str, Log2Histogram>,
     phases: BTreeMap<&'static str, Log2Histogram>,
     taint_events: BTreeMap<(String, String), u64>,
-    module_labels: HashMap<String, ()>,
+    module_labels: HashSet<String>,
     /// Estimated hash-based check time per signed load (see [`hash_estimate_ns`]).
     hash_estimate: Log2Histogram,
     /// Levels of a Merkle tree over this kernel's modules, when their number is known.
@@ -278,8 +278,8 @@ impl ModuleState {
     }
 
     fn module_label(&mut self, name: &str) -> String {
-        if self.module_labels.contains_key(name) || self.module_labels.len() < MAX_MODULE_LABELS {
-            self.module_labels.insert(name.to_owned(), ());
+        if self.module_labels.contains(name) || self.module_labels.len() < MAX_MODULE_LABELS {
+            self.module_labels.insert(name.to_owned());
             name.to_owned()
         } else {
             "other".into()
