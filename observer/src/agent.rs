@@ -102,12 +102,13 @@ impl Agent {
         families.push(total);
         families.push(lost);
 
-        let mut errors = Family::counter(
-            "events_decode_errors_total",
-            "Records too short or of an unknown kind.",
+        families.push(
+            Family::counter(
+                "events_decode_errors_total",
+                "Records too short or of an unknown kind.",
+            )
+            .single(state.decode_errors as f64),
         );
-        errors.add(&[], state.decode_errors as f64);
-        families.push(errors);
     }
 }
 

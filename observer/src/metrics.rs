@@ -54,6 +54,12 @@ impl Family {
         self
     }
 
+    /// The family with one unlabelled sample: for the many metrics that are a single number.
+    pub fn single(mut self, value: f64) -> Self {
+        self.add(&[], value);
+        self
+    }
+
     /// Adds a histogram sample set from a kernel log2 histogram (see [`Log2Histogram`]).
     pub fn add_histogram(
         &mut self,

@@ -442,12 +442,13 @@ impl ModuleMaps {
     }
 
     pub fn gather(&self, families: &mut Vec<Family>) {
-        let mut autoloads = Family::counter(
-            "module_autoload_requests_total",
-            "Requests to load a module on demand (request_module).",
+        families.push(
+            Family::counter(
+                "module_autoload_requests_total",
+                "Requests to load a module on demand (request_module).",
+            )
+            .single(maps::sum_per_cpu(&self.autoloads, 1)[0] as f64),
         );
-        autoloads.add(&[], maps::sum_per_cpu(&self.autoloads, 1)[0] as f64);
-        families.push(autoloads);
     }
 }
 

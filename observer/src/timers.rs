@@ -295,12 +295,10 @@ impl TimerState {
     }
 
     pub fn gather(&self, families: &mut Vec<Family>) {
-        let mut live = Family::gauge(
+        families.push(Family::gauge(
             "posix_timers_live",
             "POSIX timers created while the observer watched and not yet deleted or destroyed by exit/exec.",
-        );
-        live.add(&[], self.live_count as f64);
-        families.push(live);
+        ).single(self.live_count as f64));
 
         let mut id_max = Family::gauge(
             "posix_timer_id_max",
@@ -311,19 +309,15 @@ impl TimerState {
         }
         families.push(id_max);
 
-        let mut short = Family::counter(
+        families.push(Family::counter(
             "posix_timer_short_lived_total",
             "POSIX timers deleted within --timers.short-lived of creation without ever being armed (timer-ID churn).",
-        );
-        short.add(&[], self.short_lived as f64);
-        families.push(short);
+        ).single(self.short_lived as f64));
 
-        let mut untracked = Family::counter(
+        families.push(Family::counter(
             "posix_timers_untracked_total",
             "POSIX timer creates not followed to their deletion because the live-timer table was full.",
-        );
-        untracked.add(&[], self.untracked as f64);
-        families.push(untracked);
+        ).single(self.untracked as f64));
 
         let mut by_comm = Family::counter(
             "posix_timer_creates_by_process_total",

@@ -32,6 +32,8 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde_json::Value;
 
+use crate::Scratch;
+
 /// The data source reference every panel and target must carry.
 const DATASOURCE_UID: &str = "${datasource}";
 /// What Grafana would put for its built-in variables: a rate window of four 15 s scrapes, and a
@@ -173,7 +175,7 @@ pub fn run_with_targets(extra: &[String]) -> anyhow::Result<()> {
         bail!("the agent loads eBPF programs: run this as root");
     }
     crate::cargo(&["build", "--release", "--package", "observer"])?;
-    let scratch = Scratch::new()?;
+    let scratch = Scratch::new("dashboards")?;
     let (agent_addr, _agent) = start_agent(&root, &scratch)?;
     let targets: Vec<String> = std::iter::once(agent_addr.to_string())
         .chain(extra.iter().cloned())
@@ -598,24 +600,6 @@ fn print_table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
         println!("{}", line(&row.each_ref().map(String::as_str)));
     }
     println!();
-}
-
-/// A folder for this run's logs, configuration and TSDB, removed at the end.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new() -> anyhow::Result<Self> {
-        let path = std::env::temp_dir().join(format!("observer-dashboards-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&path);
-        fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
-        Ok(Self(path))
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
 }
 
 /// A process this run started, stopped (SIGTERM, then SIGKILL) when dropped, on success or

@@ -24,6 +24,8 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
+use crate::Scratch;
+
 /// The Kubernetes version whose API the manifests must fit: the first with
 /// `securityContext.appArmorProfile` (older clusters take an annotation instead, see
 /// deploy/README.md). Later releases still serve the same APIs (v1, apps/v1).
@@ -61,7 +63,7 @@ pub fn run() -> anyhow::Result<()> {
     let started = Instant::now();
     let root = crate::workspace_root();
     let deploy = root.join("deploy");
-    let scratch = Scratch::new()?;
+    let scratch = Scratch::new("deploy")?;
     let mut checks = Checks::default();
 
     crate::setup::apt_install(&["python3-venv", "systemd"])?;
@@ -101,25 +103,6 @@ impl Checks {
         // The summary keeps one line per failure; the detail was printed just above.
         let first = why.lines().next().unwrap_or_default();
         self.failed.push(format!("{what}: {first}"));
-    }
-}
-
-/// A temporary folder, removed when dropped (also when a check errors out).
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new() -> anyhow::Result<Self> {
-        let path = std::env::temp_dir().join(format!("observer-deploy.{}", std::process::id()));
-        // A leftover from a killed run with a recycled process ID.
-        let _ = fs::remove_dir_all(&path);
-        fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
-        Ok(Self(path))
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
     }
 }
 

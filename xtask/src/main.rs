@@ -95,3 +95,22 @@ pub fn run(command: &mut Command) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// A temporary folder for one task's run, removed when dropped (also when the task errors out).
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(task: &str) -> anyhow::Result<Self> {
+        let path = std::env::temp_dir().join(format!("observer-{task}.{}", std::process::id()));
+        // A leftover from a killed run with a recycled process ID.
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(Self(path))
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
