@@ -3,8 +3,8 @@
 //! same run, and reports medians, spreads and ratios: these machines are noisy.
 use std::{
     fmt::Write as _,
-    io::{Read as _, Write as _},
-    net::{SocketAddr, TcpStream},
+    io::Read as _,
+    net::SocketAddr,
     path::PathBuf,
     process::{Child, Command, Stdio},
     thread,
@@ -334,28 +334,12 @@ fn wait_http(port: u16, limit: Duration) -> anyhow::Result<Duration> {
     bail!("nothing answered on port {port} within {limit:?}")
 }
 
-fn get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    Ok((
-        status,
-        response
-            .split_once("\r\n\r\n")
-            .map_or("", |(_, b)| b)
-            .to_owned(),
-    ))
+fn get(port: u16, path: &str) -> anyhow::Result<(u16, String)> {
+    crate::vm::metrics::http_get(
+        SocketAddr::from(([127, 0, 0, 1], port)),
+        path,
+        Duration::from_secs(10),
+    )
 }
 
 fn startup(tools: &Tools, report: &mut String) -> anyhow::Result<()> {
@@ -554,16 +538,9 @@ pub fn module_path_report(guest: SocketAddr, console: &str) -> anyhow::Result<()
             times.entry((module, label)).or_default().push(ns);
         }
     }
-    let scrape = || -> anyhow::Result<String> {
-        let mut stream = TcpStream::connect_timeout(&guest, Duration::from_secs(5))?;
-        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-        write!(
-            stream,
-            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )?;
-        let mut text = String::new();
-        stream.read_to_string(&mut text)?;
-        Ok(text)
+    let scrape = || {
+        crate::vm::metrics::http_get(guest, "/metrics", Duration::from_secs(10))
+            .map(|(_, body)| body)
     };
     let check = |metrics: &str, suffix: &str| {
         metric(

@@ -21,8 +21,7 @@ use std::{
     collections::HashSet,
     fmt::Write as _,
     fs,
-    io::{Read as _, Write as _},
-    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, SocketAddr, TcpListener},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     thread,
@@ -811,24 +810,10 @@ impl Prometheus {
     }
 }
 
-/// A GET over HTTP/1.0 (one request, then the server closes: no chunking to undo), enough for
-/// Prometheus's API and the agent's /healthz without an HTTP client crate.
+/// A GET for Prometheus's API and the agent's /healthz (the VM harness's client, which undoes
+/// chunking).
 fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .with_context(|| format!("no HTTP header from {addr}"))?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .with_context(|| format!("no HTTP status from {addr}: {head:?}"))?;
-    Ok((status, body.to_owned()))
+    crate::vm::metrics::http_get(addr, path, Duration::from_secs(30))
 }
 
 /// Percent-encodes a query parameter value.

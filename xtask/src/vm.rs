@@ -7,7 +7,7 @@
 //! Consoles and scrapes are kept in `.cache/vm/logs/`.
 mod initramfs;
 mod kernel;
-mod metrics;
+pub mod metrics;
 mod qemu;
 mod scenarios;
 
