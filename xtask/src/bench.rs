@@ -14,7 +14,13 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::Args;
 
-use crate::{cargo, setup, workspace_root};
+use testkit::prom;
+
+use crate::{
+    cargo, setup,
+    stats::{median, percentile, quartiles},
+    workspace_root,
+};
 
 #[derive(Args, Debug)]
 pub struct Options {
@@ -174,10 +180,8 @@ impl Drop for Running {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_or(19_745, |a| a.port())
+fn free_port() -> anyhow::Result<u16> {
+    testkit::free_loopback_port().context("finding a free loopback port")
 }
 
 fn start_observer(tools: &Tools, port: u16, extra: &[&str]) -> anyhow::Result<Child> {
@@ -200,10 +204,10 @@ fn start_observer(tools: &Tools, port: u16, extra: &[&str]) -> anyhow::Result<Ch
 fn start(tracer: Tracer, tools: &Tools) -> anyhow::Result<Running> {
     let script = match tracer {
         Tracer::Bare => return Ok(Running(None)),
-        Tracer::Observer => return Ok(Running(Some(start_observer(tools, free_port(), &[])?))),
+        Tracer::Observer => return Ok(Running(Some(start_observer(tools, free_port()?, &[])?))),
         Tracer::ObserverRaw => {
             let raw = ["--timers.hook", "raw-tracepoint"];
-            return Ok(Running(Some(start_observer(tools, free_port(), &raw)?)));
+            return Ok(Running(Some(start_observer(tools, free_port()?, &raw)?)));
         }
         Tracer::EmptyPrograms => tools.scripts.join("empty.bt"),
         Tracer::Bpftrace => tools.scripts.join("equivalent.bt"),
@@ -241,16 +245,6 @@ fn ns_per_op(tools: &Tools, mode: &str, n: u64) -> anyhow::Result<f64> {
         .context("timer-load output")
 }
 
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
-}
-
-fn quartiles(values: &mut [f64]) -> (f64, f64) {
-    values.sort_by(f64::total_cmp);
-    (values[values.len() / 4], values[values.len() * 3 / 4])
-}
-
 fn timer_overhead(tools: &Tools, options: &Options, report: &mut String) -> anyhow::Result<()> {
     let tracers = [
         Tracer::Bare,
@@ -272,9 +266,8 @@ fn timer_overhead(tools: &Tools, options: &Options, report: &mut String) -> anyh
         }
         eprintln!("bench: timer round {}/{} done", round + 1, options.rounds);
     }
-    let medians = |samples: &[Vec<f64>]| -> Vec<f64> {
-        samples.iter().map(|s| median(&mut s.clone())).collect()
-    };
+    let medians =
+        |samples: &[Vec<f64>]| -> Vec<f64> { samples.iter().map(|s| median(s)).collect() };
     let (pair_medians, other_medians) = (medians(&pairs), medians(&other));
     writeln!(
         report,
@@ -285,7 +278,7 @@ fn timer_overhead(tools: &Tools, options: &Options, report: &mut String) -> anyh
         options.pairs, options.rounds
     )?;
     for (index, tracer) in tracers.iter().enumerate() {
-        let (p25, p75) = quartiles(&mut pairs[index].clone());
+        let (p25, p75) = quartiles(&pairs[index]);
         writeln!(
             report,
             "| {} | {:.0} | {p25:.0}-{p75:.0} | {:+.0} | {:.0} | {:+.1} |",
@@ -335,17 +328,17 @@ fn wait_http(port: u16, limit: Duration) -> anyhow::Result<Duration> {
 }
 
 fn get(port: u16, path: &str) -> anyhow::Result<(u16, String)> {
-    crate::vm::metrics::http_get(
+    Ok(testkit::http::get(
         SocketAddr::from(([127, 0, 0, 1], port)),
         path,
         Duration::from_secs(10),
-    )
+    )?)
 }
 
 fn startup(tools: &Tools, report: &mut String) -> anyhow::Result<()> {
     let mut times = Vec::new();
     for _ in 0..7 {
-        let port = free_port();
+        let port = free_port()?;
         let mut child = Command::new(&tools.observer)
             .args([
                 "--web.listen-address",
@@ -363,12 +356,12 @@ fn startup(tools: &Tools, report: &mut String) -> anyhow::Result<()> {
         child.wait()?;
         times.push(took?.as_secs_f64() * 1000.0);
     }
-    let (p25, p75) = quartiles(&mut times.clone());
+    let (p25, p75) = quartiles(&times);
     writeln!(
         report,
         "## 5. Start-up\n\nExec to every probe attached and /healthz answering: median **{:.0} ms** (p25-p75 \
          {p25:.0}-{p75:.0} ms, 7 starts).\n",
-        median(&mut times)
+        median(&times)
     )?;
     Ok(())
 }
@@ -393,14 +386,8 @@ fn cpu_seconds(pid: u32) -> f64 {
     ticks as f64 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
 }
 
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
 fn footprint_and_throughput(tools: &Tools, report: &mut String) -> anyhow::Result<()> {
-    let port = free_port();
+    let port = free_port()?;
     let child = Running(Some(start_observer(tools, port, &[])?));
     let pid = child.0.as_ref().map_or(0, Child::id);
     thread::sleep(Duration::from_secs(2));
@@ -438,8 +425,8 @@ fn footprint_and_throughput(tools: &Tools, report: &mut String) -> anyhow::Resul
         kinds
             .iter()
             .map(|k| {
-                metric(&after, &format!("{name}{{kind=\"{k}\"}}"))
-                    - metric(&before, &format!("{name}{{kind=\"{k}\"}}"))
+                let value = |text: &str| prom::value(text, name, &[("kind", k)]).unwrap_or(0.0);
+                value(&after) - value(&before)
             })
             .sum()
     };
@@ -468,7 +455,7 @@ fn footprint_and_throughput(tools: &Tools, report: &mut String) -> anyhow::Resul
 }
 
 fn scrape_cost(tools: &Tools, report: &mut String) -> anyhow::Result<()> {
-    let port = free_port();
+    let port = free_port()?;
     let _child = Running(Some(start_observer(tools, port, &[])?));
     // Fill the per-process family past its cap: creates under 5,000 distinct process names.
     let status = Command::new(&tools.timer_load)
@@ -486,27 +473,21 @@ fn scrape_cost(tools: &Tools, report: &mut String) -> anyhow::Result<()> {
         get(port, "/metrics")?;
         times.push(start.elapsed().as_secs_f64() * 1000.0);
     }
-    times.sort_by(f64::total_cmp);
     writeln!(
         report,
         "## 4. Scrape cost\n\n500 scrapes of /metrics after timer creates under 5,000 distinct process names \
          ({series} series, {} bytes): p50 **{:.2} ms**, p99 **{:.2} ms**.\n",
         body.len(),
-        times[times.len() / 2],
-        times[times.len() * 99 / 100]
+        median(&times),
+        percentile(&times, 99)
     )?;
     Ok(())
-}
-
-/// Where the VM scenario leaves its part of the report.
-fn module_report_path() -> PathBuf {
-    workspace_root().join("target/bench/vm-modules.md")
 }
 
 /// Section 6, the module path, in one guest: the same signed modules loaded without and with
 /// the observer, interleaved (ratios only: TCG emulates the CPU).
 fn module_path(report: &mut String) -> anyhow::Result<()> {
-    let _ = std::fs::remove_file(module_report_path());
+    let _ = std::fs::remove_file(crate::vm::bench_modules::report_path());
     let options = crate::vm::Options {
         scenarios: vec!["bench-modules".into()],
         kernel: crate::vm::KernelChoice::V6_12,
@@ -514,95 +495,8 @@ fn module_path(report: &mut String) -> anyhow::Result<()> {
         ..crate::vm::Options::default()
     };
     crate::vm::run(&options)?;
-    let part =
-        std::fs::read_to_string(module_report_path()).context("the VM scenario wrote no report")?;
+    let part = std::fs::read_to_string(crate::vm::bench_modules::report_path())
+        .context("the VM scenario wrote no report")?;
     report.push_str(&part);
-    Ok(())
-}
-
-/// The `bench-modules` scenario's host side: medians of the guest's load times, and the
-/// integrity-check time the guest's agent measured, turned into the report's section.
-pub fn module_path_report(guest: SocketAddr, console: &str) -> anyhow::Result<()> {
-    let mut times: std::collections::BTreeMap<(&str, &str), Vec<f64>> =
-        std::collections::BTreeMap::new();
-    for line in console
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("loadtime "))
-    {
-        let mut fields = line.split_whitespace();
-        let (Some(label), Some(module), Some(ns)) = (fields.next(), fields.next(), fields.next())
-        else {
-            continue;
-        };
-        if let Some(ns) = ns.strip_prefix("ns=").and_then(|n| n.parse::<f64>().ok()) {
-            times.entry((module, label)).or_default().push(ns);
-        }
-    }
-    let scrape = || {
-        crate::vm::metrics::http_get(guest, "/metrics", Duration::from_secs(10))
-            .map(|(_, body)| body)
-    };
-    let check = |metrics: &str, suffix: &str| {
-        metric(
-            metrics,
-            &format!(
-                "observer_module_integrity_check_duration_seconds_{suffix}{{method=\"signature\",result=\"ok\"}}"
-            ),
-        )
-    };
-    // The last loads' records reach the agent's state within its drain interval.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let metrics = loop {
-        let text = scrape()?;
-        if check(&text, "count") > 0.0 || Instant::now() > deadline {
-            break text;
-        }
-        thread::sleep(Duration::from_millis(250));
-    };
-    let (check_sum, check_count) = (check(&metrics, "sum"), check(&metrics, "count"));
-    if check_count == 0.0 || times.is_empty() {
-        bail!("no load times or integrity checks from the guest");
-    }
-    let mean_check_ns = check_sum / check_count * 1e9;
-    let mut section = String::from(
-        "## 6. Module path (VM)\n\nDebian 6.12 under QEMU TCG, one guest: crc7, crc-itu-t and crc8 (signed) loaded with \
-         `finit_module` and unloaded, 5 interleaved rounds without and with the observer (stopped and restarted \
-         between). Times are emulated: only the ratios carry over.\n\n| module | load median without | with | \
-         ratio |\n| --- | --- | --- | --- |\n",
-    );
-    let (mut all_without, mut all_with) = (Vec::new(), Vec::new());
-    let modules: std::collections::BTreeSet<&str> = times.keys().map(|(m, _)| *m).collect();
-    for module in modules {
-        let (Some(without), Some(with)) = (
-            times.get(&(module, "without")),
-            times.get(&(module, "with")),
-        ) else {
-            continue;
-        };
-        all_without.extend(without);
-        all_with.extend(with);
-        let (a, b) = (median(&mut without.clone()), median(&mut with.clone()));
-        writeln!(
-            section,
-            "| {module} | {:.1} ms | {:.1} ms | {:.3} |",
-            a / 1e6,
-            b / 1e6,
-            b / a
-        )?;
-    }
-    let (a, b) = (median(&mut all_without), median(&mut all_with));
-    writeln!(
-        section,
-        "\nAll loads: median {:.1} ms without, {:.1} ms with, ratio **{:.3}**. The integrity check the observer \
-         measured took {:.1} ms on average; the difference in load medians is **{:.1}%** of it (target under 1%; \
-         TCG noise between rounds is of the same order).\n",
-        a / 1e6,
-        b / 1e6,
-        b / a,
-        mean_check_ns / 1e6,
-        (b - a) / mean_check_ns * 100.0
-    )?;
-    std::fs::create_dir_all(workspace_root().join("target/bench"))?;
-    std::fs::write(module_report_path(), section)?;
     Ok(())
 }

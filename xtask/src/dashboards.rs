@@ -21,7 +21,7 @@ use std::{
     collections::HashSet,
     fmt::Write as _,
     fs,
-    net::{IpAddr, SocketAddr, TcpListener},
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     thread,
@@ -30,6 +30,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use serde_json::Value;
+use testkit::timers::{restore_ids_mode, timer_arm, timer_create, timer_delete};
 
 use crate::Scratch;
 
@@ -669,7 +670,7 @@ fn tail(path: &Path, lines: usize) -> String {
 
 /// A loopback port nobody listens on now.
 fn free_port() -> anyhow::Result<SocketAddr> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+    testkit::free_loopback_addr().context("finding a free loopback port")
 }
 
 fn wait_until(
@@ -810,10 +811,9 @@ impl Prometheus {
     }
 }
 
-/// A GET for Prometheus's API and the agent's /healthz (the VM harness's client, which undoes
-/// chunking).
+/// A GET for Prometheus's API and the agent's /healthz.
 fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
-    crate::vm::metrics::http_get(addr, path, Duration::from_secs(30))
+    Ok(testkit::http::get(addr, path, Duration::from_secs(30))?)
 }
 
 /// Percent-encodes a query parameter value.
@@ -829,76 +829,6 @@ fn encode(text: &str) -> String {
     out
 }
 
-#[repr(C)]
-struct SigEvent {
-    value: u64,
-    signo: libc::c_int,
-    notify: libc::c_int,
-    pad: [u64; 6],
-}
-
-fn timer_create(clock: libc::clockid_t, id: &mut libc::c_int) -> i64 {
-    let mut event = SigEvent {
-        value: 0,
-        signo: 0,
-        // SIGEV_NONE: the timer never signals, so arming it is harmless.
-        notify: 1,
-        pad: [0; 6],
-    };
-    // SAFETY: valid pointers to a sigevent and an int for the kernel to read and write.
-    unsafe {
-        libc::syscall(
-            libc::SYS_timer_create,
-            libc::c_long::from(clock),
-            &raw mut event,
-            std::ptr::from_mut(id),
-        )
-    }
-}
-
-fn timer_delete(id: libc::c_int) -> i64 {
-    // SAFETY: a plain syscall on a timer of this process.
-    unsafe { libc::syscall(libc::SYS_timer_delete, libc::c_long::from(id)) }
-}
-
-fn timer_arm(id: libc::c_int) -> i64 {
-    let spec = libc::itimerspec {
-        it_interval: libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        },
-        it_value: libc::timespec {
-            tv_sec: 3600,
-            tv_nsec: 0,
-        },
-    };
-    // SAFETY: a valid itimerspec; no old value wanted.
-    unsafe {
-        libc::syscall(
-            libc::SYS_timer_settime,
-            libc::c_long::from(id),
-            0 as libc::c_long,
-            &raw const spec,
-            std::ptr::null_mut::<libc::itimerspec>(),
-        )
-    }
-}
-
-/// `prctl(PR_TIMER_CREATE_RESTORE_IDS, on)`, Linux 6.15+.
-fn restore_mode(on: bool) -> bool {
-    const PR_TIMER_CREATE_RESTORE_IDS: libc::c_int = 77;
-    // SAFETY: a plain prctl on this process.
-    unsafe {
-        libc::prctl(
-            PR_TIMER_CREATE_RESTORE_IDS,
-            libc::c_ulong::from(on),
-            0,
-            0,
-            0,
-        ) == 0
-    }
-}
-
 /// Timer syscalls from a thread of their own name: churn (created and deleted at once), one
 /// armed timer, one bad clock (EINVAL), and where the kernel has restore mode, a create asking
 /// for an ID and a second asking for the same one (EBUSY). Returns whether restore mode worked.
@@ -908,13 +838,13 @@ fn timer_activity(round: u32) -> anyhow::Result<bool> {
         .spawn(move || -> Result<bool, String> {
             for _ in 0..CHURN {
                 let mut id = 0;
-                if timer_create(libc::CLOCK_MONOTONIC, &mut id) != 0 || timer_delete(id) != 0 {
+                if timer_create(libc::CLOCK_MONOTONIC.into(), &mut id) != 0 || timer_delete(id) != 0 {
                     return Err(format!("timer_create/delete: {}", std::io::Error::last_os_error()));
                 }
             }
             let mut id = 0;
-            if timer_create(libc::CLOCK_MONOTONIC, &mut id) != 0
-                || timer_arm(id) != 0
+            if timer_create(libc::CLOCK_MONOTONIC.into(), &mut id) != 0
+                || timer_arm(id, 3600) != 0
                 || timer_delete(id) != 0
             {
                 return Err(format!("an armed timer: {}", std::io::Error::last_os_error()));
@@ -923,14 +853,14 @@ fn timer_activity(round: u32) -> anyhow::Result<bool> {
             if timer_create(99, &mut unused) != -1 {
                 return Err("timer_create on clock 99 did not fail".into());
             }
-            if !restore_mode(true) {
+            if !restore_ids_mode(true) {
                 return Ok(false);
             }
             let wanted = 700_000 + round as libc::c_int;
             let (mut first, mut again) = (wanted, wanted);
-            let granted = timer_create(libc::CLOCK_MONOTONIC, &mut first) == 0;
-            let taken = timer_create(libc::CLOCK_MONOTONIC, &mut again) == -1;
-            restore_mode(false);
+            let granted = timer_create(libc::CLOCK_MONOTONIC.into(), &mut first) == 0;
+            let taken = timer_create(libc::CLOCK_MONOTONIC.into(), &mut again) == -1;
+            restore_ids_mode(false);
             if granted {
                 timer_delete(first);
             }

@@ -4,6 +4,7 @@ mod bench;
 mod dashboards;
 mod deploy;
 mod setup;
+mod stats;
 mod test;
 mod vm;
 

@@ -5,9 +5,10 @@
 //! or signature policy; /init starts the observer, runs the scenario's system calls, and waits
 //! while the host scrapes /metrics through a forwarded port and checks the scenario's table.
 //! Consoles and scrapes are kept in `.cache/vm/logs/`.
+pub mod bench_modules;
 mod initramfs;
 mod kernel;
-pub mod metrics;
+mod metrics;
 mod qemu;
 mod scenarios;
 
@@ -26,7 +27,7 @@ use clap::{Args, ValueEnum};
 
 use self::{
     kernel::{Kernel, Series},
-    metrics::{metric_sum_with_labels, metric_value},
+    metrics::{check_console, scrape_until_ok, settle_metrics},
     qemu::{Boot, Vm},
     scenarios::{Check, SCENARIOS, Scenario},
 };
@@ -434,107 +435,6 @@ fn drive(
     let until = deadline.min(Instant::now() + Duration::from_secs(20));
     if let Err(e) = release_guest(vm.control, until) {
         failures.push(format!("could not tell the guest to finish: {e:#}"));
-    }
-}
-
-/// A console or probes check's failure, if it is one and fails.
-fn check_console(check: &Check, console: &str) -> Option<String> {
-    match check {
-        Check::Console(text) => (!console.lines().any(|l| l.contains(text)))
-            .then(|| format!("no console line contains {text:?}")),
-        Check::Probes(words) => {
-            let section = console
-                .split("PROBES-BEGIN")
-                .nth(1)
-                .and_then(|s| s.split("PROBES-END").next())
-                .unwrap_or_default();
-            let found = section.lines().any(|line| {
-                let line = line.to_lowercase();
-                words.iter().all(|w| line.contains(&w.to_lowercase()))
-            });
-            (!found).then(|| format!("no line of `observer probes` contains all of {words:?}"))
-        }
-        Check::Metric(..) | Check::MetricSum(..) | Check::SumAtMost(..) => None,
-    }
-}
-
-fn check_metric(check: &Check, text: &str) -> Option<String> {
-    let (what, value, want) = match check {
-        Check::Metric(name, labels, want) => (
-            format!("{name}{}", show_labels(labels)),
-            metric_value(text, name, labels),
-            want,
-        ),
-        Check::MetricSum(name, labels, want) => (
-            format!("sum of {name}{}", show_labels(labels)),
-            metric_sum_with_labels(text, name, labels),
-            want,
-        ),
-        Check::SumAtMost(parts, (whole_name, whole_labels)) => {
-            let part_values: Vec<Option<f64>> = parts
-                .iter()
-                .map(|(n, l)| metric_value(text, n, l))
-                .collect();
-            let whole = metric_value(text, whole_name, whole_labels);
-            let sum: Option<f64> = part_values.iter().copied().sum();
-            return match (sum, whole) {
-                (Some(sum), Some(whole)) if sum <= whole => None,
-                _ => Some(format!(
-                    "parts {parts:?} = {part_values:?} (sum {sum:?}) must be at most \
-                     {whole_name}{} = {whole:?}",
-                    show_labels(whole_labels)
-                )),
-            };
-        }
-        Check::Console(_) | Check::Probes(_) => return None,
-    };
-    (!want.holds(value)).then(|| {
-        let got = value.map_or("no sample".to_owned(), |v| v.to_string());
-        format!("{what}: want {want:?}, got {got}")
-    })
-}
-
-fn show_labels(labels: &[(&str, &str)]) -> String {
-    let inner: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
-    format!("{{{}}}", inner.join(","))
-}
-
-/// Scrapes until every check holds or `until` passes; the last scrape and what still failed.
-fn settle_metrics(addr: SocketAddr, checks: &[&Check], until: Instant) -> (String, Vec<String>) {
-    loop {
-        let (text, failed) = match scrape(addr) {
-            Ok(text) => {
-                let failed: Vec<String> = checks
-                    .iter()
-                    .filter_map(|c| check_metric(c, &text))
-                    .collect();
-                (text, failed)
-            }
-            Err(e) => (String::new(), vec![format!("scraping /metrics: {e:#}")]),
-        };
-        if failed.is_empty() || Instant::now() >= until {
-            return (text, failed);
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-}
-
-fn scrape(addr: SocketAddr) -> anyhow::Result<String> {
-    let (status, body) = metrics::http_get(addr, "/metrics", Duration::from_secs(10))?;
-    if status != 200 {
-        bail!("HTTP {status}");
-    }
-    Ok(body)
-}
-
-/// QEMU accepts on the forwarded port before the guest listens, so only a real 200 counts.
-fn scrape_until_ok(addr: SocketAddr, until: Instant) -> anyhow::Result<String> {
-    loop {
-        match scrape(addr) {
-            Ok(text) => return Ok(text),
-            Err(e) if Instant::now() >= until => return Err(e),
-            Err(_) => std::thread::sleep(Duration::from_millis(250)),
-        }
     }
 }
 

@@ -6,34 +6,12 @@
 //! `timer-load other N`: N getppid calls (no hook watches it); prints nanoseconds per call.
 use std::time::{Duration, Instant};
 
-const SIGEV_NONE: libc::c_int = 1;
-
-#[repr(C)]
-struct SigEvent {
-    value: u64,
-    signo: libc::c_int,
-    notify: libc::c_int,
-    pad: [u64; 6],
-}
-
+/// One create+delete pair; a failure ends the load (a benchmark of failing calls measures
+/// something else).
 fn pair() {
-    let mut event = SigEvent {
-        value: 0,
-        signo: 0,
-        notify: SIGEV_NONE,
-        pad: [0; 6],
-    };
-    let mut id: libc::c_int = 0;
-    // SAFETY: valid pointers for the kernel to read and write; a plain delete after.
-    unsafe {
-        let created = libc::syscall(
-            libc::SYS_timer_create,
-            libc::CLOCK_MONOTONIC,
-            &raw mut event,
-            &raw mut id,
-        );
-        assert_eq!(created, 0, "timer_create failed");
-        libc::syscall(libc::SYS_timer_delete, id);
+    if let Err(e) = testkit::timers::timer_pair() {
+        eprintln!("timer-load: timer_create/timer_delete failed: {e}");
+        std::process::exit(1);
     }
 }
 
@@ -56,9 +34,7 @@ fn main() {
         }
         Some("comms") => {
             for i in 0..number(2) {
-                let name = std::ffi::CString::new(format!("tl-{i}")).unwrap_or_default();
-                // SAFETY: a valid C string; renames this thread.
-                unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
+                testkit::set_thread_name(&format!("tl-{i}"));
                 pair();
             }
         }

@@ -369,7 +369,7 @@ pub const SCENARIOS: &[Scenario] = &[
         kernel_checks: &[],
     },
     Scenario {
-        host: Some(crate::bench::module_path_report),
+        host: Some(super::bench_modules::module_path_report),
         name: "bench-modules",
         about: "benchmark (not a test): signed module load time without and with the observer, interleaved",
         cmdline: "",

@@ -1,0 +1,149 @@
+//! The host side of the `bench-modules` scenario: the guest loads the same signed modules
+//! without and with the observer, interleaved, and prints each load's time; this turns those
+//! times and the integrity-check time the guest's agent measured into a section of
+//! BENCHMARKS.md, left at [`report_path`] for `cargo xtask bench`.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Write as _,
+    net::SocketAddr,
+    path::PathBuf,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::bail;
+use testkit::prom;
+
+use crate::stats::{median, quartiles};
+
+/// Where the scenario leaves its section of the report.
+pub fn report_path() -> PathBuf {
+    crate::workspace_root().join("target/bench/vm-modules.md")
+}
+
+const CHECK: &str = "observer_module_integrity_check_duration_seconds";
+const SIGNATURE_OK: &[(&str, &str)] = &[("method", "signature"), ("result", "ok")];
+/// The target: the observer adds less than this share of an integrity check to a load.
+const TARGET_PERCENT: f64 = 1.0;
+
+/// Medians of the guest's load times and the agent's mean integrity-check time, written to
+/// [`report_path`].
+pub fn module_path_report(guest: SocketAddr, console: &str) -> anyhow::Result<()> {
+    let times = load_times(console);
+    // The last loads' records reach the agent's state within its drain interval.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let metrics = loop {
+        let (_, text) = testkit::http::get(guest, "/metrics", Duration::from_secs(10))?;
+        let count = prom::value(&text, &format!("{CHECK}_count"), SIGNATURE_OK);
+        if count.is_some_and(|c| c > 0.0) || Instant::now() > deadline {
+            break text;
+        }
+        thread::sleep(Duration::from_millis(250));
+    };
+    let check_sum = prom::value(&metrics, &format!("{CHECK}_sum"), SIGNATURE_OK).unwrap_or(0.0);
+    let check_count = prom::value(&metrics, &format!("{CHECK}_count"), SIGNATURE_OK).unwrap_or(0.0);
+    if check_count == 0.0 || times.is_empty() {
+        bail!("no load times or integrity checks from the guest");
+    }
+    let mean_check_ns = check_sum / check_count * 1e9;
+    let section = section(&times, mean_check_ns)?;
+    std::fs::create_dir_all(crate::workspace_root().join("target/bench"))?;
+    std::fs::write(report_path(), section)?;
+    Ok(())
+}
+
+/// `loadtime LABEL MODULE ns=N` lines: nanoseconds per (module, label).
+fn load_times(console: &str) -> BTreeMap<(&str, &str), Vec<f64>> {
+    let mut times: BTreeMap<(&str, &str), Vec<f64>> = BTreeMap::new();
+    for line in console
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("loadtime "))
+    {
+        let mut fields = line.split_whitespace();
+        let (Some(label), Some(module), Some(ns)) = (fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        if let Some(ns) = ns.strip_prefix("ns=").and_then(|n| n.parse::<f64>().ok()) {
+            times.entry((module, label)).or_default().push(ns);
+        }
+    }
+    times
+}
+
+fn section(times: &BTreeMap<(&str, &str), Vec<f64>>, mean_check_ns: f64) -> anyhow::Result<String> {
+    let mut section = String::from(
+        "## Module path (VM)\n\nDebian 6.12 under QEMU TCG, one guest: crc7, crc-itu-t and crc8 (signed) loaded \
+         with `finit_module` and unloaded, 5 interleaved rounds without and with the observer (stopped and \
+         restarted between). Times are emulated: only the ratios carry over.\n\n| module | load median without \
+         | with | ratio |\n| --- | --- | --- | --- |\n",
+    );
+    let (mut all_without, mut all_with) = (Vec::new(), Vec::new());
+    let modules: BTreeSet<&str> = times.keys().map(|(m, _)| *m).collect();
+    for module in modules {
+        let (Some(without), Some(with)) = (
+            times.get(&(module, "without")),
+            times.get(&(module, "with")),
+        ) else {
+            continue;
+        };
+        all_without.extend(without);
+        all_with.extend(with);
+        let (a, b) = (median(without), median(with));
+        writeln!(
+            section,
+            "| {module} | {:.1} ms | {:.1} ms | {:.3} |",
+            a / 1e6,
+            b / 1e6,
+            b / a
+        )?;
+    }
+    let (a, b) = (median(&all_without), median(&all_with));
+    let (p25, p75) = quartiles(&all_without);
+    let added_percent = (b - a) / mean_check_ns * 100.0;
+    let verdict = if added_percent < TARGET_PERCENT {
+        "met"
+    } else {
+        "not met"
+    };
+    writeln!(
+        section,
+        "\nAll loads: median {:.1} ms without (p25-p75 {:.1}-{:.1} ms), {:.1} ms with, ratio **{:.3}**. The \
+         integrity check the observer measured took {:.1} ms on average; the difference in load medians is \
+         **{added_percent:.1}%** of it (target under {TARGET_PERCENT:.0}%: {verdict}). The p25-p75 spread of the \
+         loads without the observer is {:.1} ms, {:.1} times the difference in medians.\n",
+        a / 1e6,
+        p25 / 1e6,
+        p75 / 1e6,
+        b / 1e6,
+        b / a,
+        mean_check_ns / 1e6,
+        (p75 - p25) / 1e6,
+        (p75 - p25) / (b - a).abs().max(1.0),
+    )?;
+    Ok(section)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sections_from_console_lines() {
+        let console = "loadtime without crc7 ns=2000000\nloadtime with crc7 ns=2010000\n\
+                       loadtime without crc7 ns=2000000\nloadtime with crc7 ns=2010000\n\
+                       loadtime with crc8 garbage\n";
+        let times = load_times(console);
+        assert_eq!(times[&("crc7", "without")], [2e6, 2e6]);
+        assert!(!times.contains_key(&("crc8", "with")));
+        let text = section(&times, 2e6).unwrap();
+        assert!(
+            text.contains("| crc7 | 2.0 ms | 2.0 ms | 1.005 |"),
+            "{text}"
+        );
+        assert!(
+            text.contains("**0.5%** of it (target under 1%: met)"),
+            "{text}"
+        );
+    }
+}
