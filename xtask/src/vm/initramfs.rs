@@ -19,10 +19,6 @@ const INIT: &str = include_str!("../../guest/init.sh");
 /// Modules for the network driver (virtio_pci is built in on 6.12, a module on 6.1).
 const NETWORK_MODULES: &[&str] = &["virtio_pci", "virtio_net"];
 
-/// Small modules with no dependencies, present in both kernel series, for the scenarios to load.
-/// Each goes in as `NAME.ko` (signed), `NAME.ko.xz` (signed, compressed) and `NAME-unsigned.ko`.
-pub const SCENARIO_MODULES: &[&str] = &["crc7", "crc-itu-t", "crc8"];
-
 pub struct Inputs<'a> {
     pub kernel: &'a Kernel,
     pub busybox: &'a Path,
@@ -85,7 +81,16 @@ pub fn build(inputs: &Inputs) -> anyhow::Result<PathBuf> {
         stage.join(&modules_dir).join("modules.dep"),
     )?;
 
-    for name in SCENARIO_MODULES {
+    // The kernel's scenario modules (see `Series::scenario_modules`), each as `NAME.ko`
+    // (signed), `NAME.ko.xz` (signed, compressed) and `NAME-unsigned.ko`; the scripts know
+    // them as $M1 $M2 $M3 from /vm/mods/names.
+    let names = kernel.series.scenario_modules();
+    let mut variables = String::new();
+    for (i, name) in names.iter().enumerate() {
+        variables.push_str(&format!("M{}={name}\n", i + 1));
+    }
+    fs::write(stage.join("vm/mods/names"), variables)?;
+    for name in names {
         let path = kernel.standalone_module(name)?;
         let file = plain_name(&path)?;
         let stem = file.trim_end_matches(".ko");
@@ -110,7 +115,7 @@ pub fn build(inputs: &Inputs) -> anyhow::Result<PathBuf> {
             stage
                 .join("vm/scenarios")
                 .join(format!("{}.sh", scenario.name)),
-            scenario.guest,
+            format!(". /vm/mods/names\n{}", scenario.guest),
         )?;
     }
 
