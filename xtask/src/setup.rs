@@ -135,6 +135,19 @@ pub fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
     )
 }
 
+/// Debian's Prometheus: `promtool` checks real scrapes in the integration tests and the rules
+/// in the dashboards check, which also runs `prometheus` itself (never as a service).
+pub fn prometheus() -> anyhow::Result<()> {
+    let installing = !dpkg_has("prometheus");
+    apt_install(&["prometheus"])?;
+    if installing && Path::new("/run/systemd/system").is_dir() {
+        // The package starts and enables its own service on :9090; a machine that only
+        // installed it for these checks wants no server left on.
+        crate::run(Command::new("systemctl").args(["disable", "--now", "prometheus"]))?;
+    }
+    Ok(())
+}
+
 /// True when the package (optionally `name=version`) is installed at that version.
 fn dpkg_has(package: &str) -> bool {
     let (name, version) = package

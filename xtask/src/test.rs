@@ -39,8 +39,10 @@ pub fn run(_options: &Options) -> anyhow::Result<()> {
     // Unit tests, then integration tests that start the real agent as root against this
     // machine's kernel and scrape it over HTTP.
     // What the integration tests drive: a TLS client, certificates, bpftool for counting
-    // programs left behind, unshare/setpriv for hostile environments.
+    // programs left behind, unshare/setpriv for hostile environments; promtool for checking a
+    // real scrape's exposition (installed once here; the dashboards check uses it too).
     setup::apt_install(&["curl", "openssl", "bpftool", "util-linux"])?;
+    setup::prometheus()?;
     // The deployment files: offline schema checks and systemd-analyze.
     crate::deploy::run()?;
     cargo(&["test", "--release"])?;
