@@ -3,6 +3,10 @@
 //!
 //! busybox insmod is not used for the scenarios' modules: after a refused finit_module it retries
 //! with init_module, so every refused load would be seen (and counted) twice.
+// Beside this file rather than in src/bin/, where cargo would take it for a binary of its own.
+#[path = "guest-tool/timer_life.rs"]
+mod timer_life;
+
 use std::{
     ffi::CString,
     io::{BufRead as _, BufReader, Write as _},
@@ -17,7 +21,8 @@ use std::{
 const MODULE_INIT_COMPRESSED_FILE: libc::c_uint = 4;
 
 const USAGE: &str = "usage: guest-tool load [--compressed] FILE... | timers COUNT | \
-                     await-host PORT SECONDS | loadtime LABEL FILE...";
+                     timer-life | timer-restore | await-host PORT SECONDS | \
+                     loadtime LABEL FILE...";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -29,6 +34,8 @@ fn main() -> ExitCode {
             .and_then(|n| n.parse().ok())
             .ok_or_else(|| USAGE.to_owned())
             .and_then(timers),
+        Some("timer-life") => timer_life::life(),
+        Some("timer-restore") => timer_life::restore(),
         Some("await-host") => match (
             args.get(1).and_then(|p| p.parse().ok()),
             args.get(2).and_then(|s| s.parse().ok()),
