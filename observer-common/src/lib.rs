@@ -6,7 +6,34 @@
 
 pub mod lockdown;
 pub mod modules;
+pub mod taint;
 pub mod timers;
+
+/// What the agent looks up by name in the eBPF object for one family (or for all, [`SHARED_NAMES`]).
+/// The eBPF side names programs, maps and globals by their Rust identifiers, which macros cannot
+/// take from a constant; the agent's test parses the built object and checks it holds exactly the
+/// union of these lists, so a rename on either side fails a test rather than a start.
+#[derive(Debug)]
+pub struct Names {
+    pub programs: &'static [&'static str],
+    pub maps: &'static [&'static str],
+    pub globals: &'static [&'static str],
+}
+
+/// The ring buffer every family's records go through.
+pub const EVENTS_MAP: &str = "EVENTS";
+/// Records the ring buffer had no room for, by kind.
+pub const EVENTS_LOST_MAP: &str = "EVENTS_LOST";
+
+/// Unread bytes past which a record wakes the agent.
+pub const WAKEUP_BYTES_GLOBAL: &str = "WAKEUP_BYTES";
+
+/// The ring buffer, its lost-record counters and its wakeup threshold, used by every family.
+pub const SHARED_NAMES: Names = Names {
+    programs: &[],
+    maps: &[EVENTS_MAP, EVENTS_LOST_MAP],
+    globals: &[WAKEUP_BYTES_GLOBAL],
+};
 
 /// Length of a task's `comm` in the kernel (`TASK_COMM_LEN`).
 pub const COMM_LEN: usize = 16;

@@ -1,6 +1,15 @@
 //! Lockdown decisions: what the lockdown programs count in the kernel and send.
 
-use crate::EventHeader;
+use crate::{EventHeader, Names};
+
+/// The map the agent reads: checks by reason and verdict.
+pub const DECISIONS_MAP: &str = "LOCKDOWN_DECISIONS";
+
+pub const NAMES: Names = Names {
+    programs: &["lockdown_security_locked_down", "lockdown_console"],
+    maps: &[DECISIONS_MAP],
+    globals: &[],
+};
 
 /// Reasons are counted per `enum lockdown_reason` value below this; larger values share the last
 /// slot (and are reported as `reason="other"`).

@@ -1,7 +1,45 @@
 //! Module loading: one record per load attempt, correlated by task from `load_module`'s entry to
 //! its exit, with the integrity checks and taints that happened inside it.
 
-use crate::EventHeader;
+use crate::{EventHeader, Names};
+
+/// The map the agent reads: autoload requests.
+pub const AUTOLOADS_MAP: &str = "MODULE_AUTOLOADS";
+
+pub const NAMES: Names = Names {
+    programs: &[
+        "modules_read_file",
+        "modules_decompress_enter",
+        "modules_decompress_exit",
+        "modules_load_enter",
+        "modules_load_exit",
+        "modules_sig_check_enter",
+        "modules_sig_check_exit",
+        "modules_verify_enter",
+        "modules_verify_exit",
+        "modules_parse_enter",
+        "modules_parse_exit",
+        "modules_digest_enter",
+        "modules_digest_exit",
+        "modules_key_lookup_enter",
+        "modules_key_lookup_exit",
+        "modules_public_key_enter",
+        "modules_public_key_exit",
+        "modules_hash_enter",
+        "modules_hash_exit",
+        "modules_loaded_name",
+        "modules_request_fentry",
+        "modules_request_tracepoint",
+    ],
+    maps: &["MODULE_LOADS", "MODULE_PENDING", AUTOLOADS_MAP],
+    globals: &[
+        "FILE_DENTRY_OFFSET",
+        "DENTRY_NAME_OFFSET",
+        "READING_MODULE",
+        "READING_MODULE_COMPRESSED",
+        "LOAD_INFO_LEN_OFFSET",
+    ],
+};
 
 /// `MODULE_NAME_LEN` is 56; a file name gets the same room.
 pub const NAME_LEN: usize = 64;
@@ -70,19 +108,9 @@ pub struct ModuleLoad {
     pub file: [u8; NAME_LEN],
 }
 
-/// A taint outside any load (a warning, a forced rmmod...).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TaintEvent {
-    pub header: EventHeader,
-    pub flag: u32,
-    pub _pad: u32,
-}
-
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: plain `#[repr(C)]` integers and arrays; any bit pattern is valid.
     unsafe impl aya::Pod for super::ModuleLoad {}
-    unsafe impl aya::Pod for super::TaintEvent {}
     unsafe impl aya::Pod for super::PendingLoad {}
 }

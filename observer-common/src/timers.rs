@@ -1,6 +1,47 @@
 //! POSIX timers: what the timer programs count in the kernel and send through the ring buffer.
 
-use crate::EventHeader;
+use crate::{EventHeader, Names};
+
+/// The maps the agent reads: counts by syscall and result, restore-mode creates, create latency.
+pub const SYSCALLS_MAP: &str = "TIMER_SYSCALLS";
+pub const RESTORE_CREATES_MAP: &str = "TIMER_RESTORE_CREATES";
+pub const CREATE_LATENCY_MAP: &str = "TIMER_CREATE_LATENCY";
+
+pub const NAMES: Names = Names {
+    programs: &[
+        "timers_create_enter",
+        "timers_create_exit",
+        "timers_delete_enter",
+        "timers_delete_exit",
+        "timers_settime_enter",
+        "timers_settime_exit",
+        "timers_prctl_enter",
+        "timers_prctl_exit",
+        "timers_raw_enter",
+        "timers_raw_exit",
+        "timers_process_exit",
+        "timers_process_exec",
+    ],
+    maps: &[
+        SYSCALLS_MAP,
+        RESTORE_CREATES_MAP,
+        CREATE_LATENCY_MAP,
+        "TIMER_IN_FLIGHT",
+        "TIMER_RESTORE_SEEN",
+        "TIMER_RESTORE_MODE",
+        "TIMER_OWNERS",
+    ],
+    globals: &[
+        "TASK_SIGNAL_OFFSET",
+        "SIGNAL_LIVE_OFFSET",
+        "SYS_TIMER_CREATE",
+        "SYS_TIMER_DELETE",
+        "SYS_TIMER_SETTIME",
+        "SYS_PRCTL",
+        "PT_REGS_ARG_OFFSETS",
+        "PT_REGS_NR_OFFSET",
+    ],
+};
 
 /// Syscalls counted in `TIMER_SYSCALLS`; the index times [`crate::ERRNO_SLOTS`] plus the errno
 /// slot is the counter's index.

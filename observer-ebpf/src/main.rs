@@ -5,6 +5,7 @@
 
 mod lockdown;
 mod modules;
+mod taint;
 mod timers;
 
 use aya_ebpf::{

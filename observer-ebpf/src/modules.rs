@@ -20,11 +20,11 @@ use observer_common::{
     modules::{
         ModuleLoad, NAME_LEN, PHASE_DIGEST, PHASE_KEY_LOOKUP, PHASE_PARSE, PHASE_PUBLIC_KEY_VERIFY,
         PHASES, PendingLoad, SEEN_DECOMPRESS, SEEN_FILE, SEEN_HASH_CHECK, SEEN_NAME,
-        SEEN_SIG_CHECK, SEEN_VERIFY_SIG, TaintEvent,
+        SEEN_SIG_CHECK, SEEN_VERIFY_SIG,
     },
 };
 
-use crate::{emit, header, increment};
+use crate::{header, increment};
 
 /// `file.f_path.dentry` and `dentry.d_name.name` offsets from the running kernel's BTF.
 #[unsafe(no_mangle)]
@@ -85,7 +85,7 @@ fn pending() -> Option<&'static mut PendingLoad> {
 
 /// This thread's load in progress, if any.
 #[inline(always)]
-fn current_load() -> Option<&'static mut ModuleLoad> {
+pub fn current_load() -> Option<&'static mut ModuleLoad> {
     // SAFETY: the pointer is the map's value for this thread, only touched by this thread.
     MODULE_LOADS.get_ptr_mut(tid()).map(|p| unsafe { &mut *p })
 }
@@ -184,6 +184,7 @@ pub fn modules_load_exit(ctx: FExitContext) -> u32 {
         }
         None => increment(&crate::EVENTS_LOST, EventKind::ModuleLoad as u32),
     }
+    crate::taint::emit_load_taints(load);
     let _ = MODULE_LOADS.remove(tid);
     0
 }
@@ -314,24 +315,6 @@ pub fn modules_hash_exit(ctx: FExitContext) -> u32 {
         load.hash_ns = now() - load.hash_ns;
         load.hash_ret = ctx.ret::<i64>().unwrap_or(0) as i32;
         load.seen |= SEEN_HASH_CHECK;
-    }
-    0
-}
-
-#[fentry(function = "add_taint")]
-pub fn modules_add_taint(ctx: FEntryContext) -> u32 {
-    let flag: u32 = ctx.arg(0);
-    if let Some(load) = current_load() {
-        load.taints |= 1u64 << (flag & 63);
-    } else {
-        emit(
-            EventKind::Taint,
-            TaintEvent {
-                header: header(EventKind::Taint),
-                flag,
-                _pad: 0,
-            },
-        );
     }
     0
 }

@@ -1,37 +1,97 @@
-//! The running agent: the loaded programs, the kernel maps read at scrape time, and the state
-//! the event pipeline keeps. Scrapes render from here.
+//! The running agent: the enabled families (each behind its own lock, shared by the event
+//! pipeline and the scrapes), the records' routing by kind, and the agent's own metrics.
 
-use std::sync::Mutex;
+use std::sync::{
+    Mutex, MutexGuard, PoisonError,
+    atomic::{AtomicU64, Ordering},
+};
 
 use aya::maps::{MapData, PerCpuArray};
 use observer_common::{EVENT_KIND_SLOTS, EventKind};
 
-use crate::{
-    kernel,
-    lockdown::{Lockdown, LockdownMaps},
-    maps,
-    metrics::Family,
-    modules::{ModuleMaps, ModuleState},
-    plan::ProbeStatus,
-    timers::{TimerMaps, TimerState},
-};
+use crate::{family::HookFamily, maps, metrics::Family, plan::ProbeStatus};
 
-/// What the event pipeline updates.
-pub struct State {
-    pub events: [u64; EVENT_KIND_SLOTS as usize],
-    pub decode_errors: u64,
-    pub timers: TimerState,
-    pub lockdown: Lockdown,
-    pub modules: ModuleState,
+/// One enabled family.
+pub struct Slot {
+    pub name: &'static str,
+    pub family: Mutex<Box<dyn HookFamily>>,
+}
+
+/// The enabled families and which of them takes each record kind.
+pub struct Families {
+    slots: Vec<Slot>,
+    /// By kind number: the slot that decodes it and the size its records have at least.
+    routes: [Option<(usize, usize)>; EVENT_KIND_SLOTS as usize],
+}
+
+impl Families {
+    pub fn new(families: Vec<(&'static str, Box<dyn HookFamily>)>) -> Self {
+        let mut routes = [None; EVENT_KIND_SLOTS as usize];
+        for (index, (_, family)) in families.iter().enumerate() {
+            for record in family.records() {
+                routes[record.kind as usize] = Some((index, record.size));
+            }
+        }
+        let slots = families
+            .into_iter()
+            .map(|(name, family)| Slot {
+                name,
+                family: Mutex::new(family),
+            })
+            .collect();
+        Self { slots, routes }
+    }
+
+    /// The slot that decodes `kind` and its records' least size, when its family is enabled.
+    pub fn route(&self, kind: EventKind) -> Option<(usize, usize)> {
+        self.routes[kind as usize]
+    }
+
+    /// Every family locked, in registry order (the pipeline holds them for one drain; scrapes
+    /// take one at a time, so the order cannot deadlock).
+    pub fn lock_all(&self) -> Vec<MutexGuard<'_, Box<dyn HookFamily>>> {
+        self.slots.iter().map(|s| lock(&s.family)).collect()
+    }
+
+    /// One family, by collector name.
+    pub fn lock(&self, name: &str) -> Option<MutexGuard<'_, Box<dyn HookFamily>>> {
+        self.slots
+            .iter()
+            .find(|s| s.name == name)
+            .map(|s| lock(&s.family))
+    }
+
+    pub fn slots(&self) -> &[Slot] {
+        &self.slots
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// What the pipeline counts of the records it reads.
+pub struct RecordCounts {
+    pub received: [AtomicU64; EVENT_KIND_SLOTS as usize],
+    pub decode_errors: AtomicU64,
+}
+
+impl Default for RecordCounts {
+    fn default() -> Self {
+        Self {
+            received: std::array::from_fn(|_| AtomicU64::new(0)),
+            decode_errors: AtomicU64::new(0),
+        }
+    }
 }
 
 pub struct Agent {
-    pub state: Mutex<State>,
-    pub timer_maps: TimerMaps,
-    pub module_maps: ModuleMaps,
-    pub lockdown_maps: LockdownMaps,
+    pub families: Families,
+    pub counts: RecordCounts,
     pub events_lost: PerCpuArray<MapData, u64>,
     pub probes: Vec<ProbeStatus>,
+    /// Every registered collector and whether it is on.
+    pub collectors: Vec<(&'static str, bool)>,
     pub kernel_release: String,
 }
 
@@ -40,20 +100,10 @@ impl Agent {
     pub fn scrape(&self) -> Result<Vec<u8>, prometheus::Error> {
         let mut families = Vec::new();
         self.self_metrics(&mut families);
-        self.timer_maps.gather(&mut families);
-        self.module_maps.gather(&mut families);
-        let lockdown_counts = self.lockdown_maps.counts();
-        {
-            let state = self
-                .state
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            state.timers.gather(&mut families);
-            state.lockdown.gather(&lockdown_counts, &mut families);
-            state.modules.gather(&mut families);
-            self.event_counts(&state, &mut families);
+        for slot in self.families.slots() {
+            lock(&slot.family).collect(&mut families);
         }
-        taint(&mut families);
+        self.record_counts(&mut families);
         crate::metrics::render(families)
     }
 
@@ -71,6 +121,15 @@ impl Agent {
         );
         families.push(info);
 
+        let mut enabled = Family::gauge(
+            "collector_enabled",
+            "1 for each collector (hook family) switched on, 0 for those switched off with --no-collector.<name>.",
+        );
+        for (name, on) in &self.collectors {
+            enabled.add(&[("collector", name)], f64::from(u8::from(*on)));
+        }
+        families.push(enabled);
+
         let mut attached = Family::gauge(
             "probe_attached",
             "1 when the probe is attached by this mechanism, 0 when the mechanism was tried and is unavailable here.",
@@ -84,7 +143,7 @@ impl Agent {
         families.push(attached);
     }
 
-    fn event_counts(&self, state: &State, families: &mut Vec<Family>) {
+    fn record_counts(&self, families: &mut Vec<Family>) {
         let mut total =
             Family::counter("events_total", "Records received from the kernel, by kind.");
         let mut lost = Family::counter(
@@ -92,11 +151,13 @@ impl Agent {
             "Records the kernel could not hand over (ring buffer full), by kind: counted in the kernel.",
         );
         let lost_counts = maps::sum_per_cpu(&self.events_lost, EVENT_KIND_SLOTS);
-        for kind in EventKind::ALL {
-            total.add(
-                &[("kind", kind.label())],
-                state.events[kind as usize] as f64,
-            );
+        // Only the kinds of enabled families: a family switched off exports nothing.
+        for kind in EventKind::ALL
+            .into_iter()
+            .filter(|k| self.families.route(*k).is_some())
+        {
+            let received = self.counts.received[kind as usize].load(Ordering::Relaxed);
+            total.add(&[("kind", kind.label())], received as f64);
             lost.add(&[("kind", kind.label())], lost_counts[kind as usize] as f64);
         }
         families.push(total);
@@ -107,25 +168,7 @@ impl Agent {
                 "events_decode_errors_total",
                 "Records too short or of an unknown kind.",
             )
-            .single(state.decode_errors as f64),
+            .single(self.counts.decode_errors.load(Ordering::Relaxed) as f64),
         );
     }
-}
-
-/// `observer_kernel_tainted{flag}`: each taint bit, read now.
-fn taint(families: &mut Vec<Family>) {
-    let mut tainted = Family::gauge(
-        "kernel_tainted",
-        "1 for each taint flag set in /proc/sys/kernel/tainted.",
-    );
-    if let Some(mask) = kernel::taint_mask() {
-        let bits = (kernel::TAINT_FLAGS.len() as u32).max(64 - mask.leading_zeros());
-        for bit in 0..bits {
-            tainted.add(
-                &[("flag", &kernel::taint_flag(bit))],
-                f64::from(u8::from(mask & (1 << bit) != 0)),
-            );
-        }
-    }
-    families.push(tainted);
 }

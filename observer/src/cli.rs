@@ -2,9 +2,9 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand, ValueEnum};
 
-use crate::timers;
+use crate::{parse::parse_duration, registry};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -71,18 +71,9 @@ pub struct RunArgs {
     /// 4096 to 1 GiB. Records that find it full are counted in observer_events_lost_total.
     #[arg(long = "events.buffer-size", default_value_t = DEFAULT_BUFFER_SIZE, value_parser = parse_buffer_size)]
     pub events_buffer_size: u32,
-    /// Which timer syscall hooks to prefer (the other is the fallback).
-    #[arg(long = "timers.hook", value_enum, default_value = "tracepoint")]
-    pub timers_hook: timers::SyscallHook,
     /// Exit with an error when any probe cannot attach (by default it is a warning and a metric).
     #[arg(long)]
     pub strict: bool,
-    /// A timer deleted this soon after creation, never armed, counts as short-lived churn.
-    #[arg(long = "timers.short-lived", default_value = "10ms", value_parser = parse_duration)]
-    pub timers_short_lived: Duration,
-    /// How many process names get their own series in the per-process timer metric.
-    #[arg(long = "timers.top-processes", default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..=1000))]
-    pub timers_top_processes: u16,
     /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
     #[arg(long = "log.level", default_value = "info")]
     pub log_level: log::LevelFilter,
@@ -91,6 +82,21 @@ pub struct RunArgs {
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum EventsFormat {
     Json,
+}
+
+/// The whole command line: the fixed flags and subcommands, and every registered family's
+/// collector switch and own flags.
+pub fn command() -> clap::Command {
+    registry::augment(Cli::command())
+}
+
+/// Parses the process's arguments (exits with clap's message and status 2 on bad input).
+pub fn parse() -> (Cli, clap::ArgMatches) {
+    let matches = command().get_matches();
+    match Cli::from_arg_matches(&matches) {
+        Ok(cli) => (cli, matches),
+        Err(err) => err.exit(),
+    }
 }
 
 pub fn parse_path(text: &str) -> Result<String, String> {
@@ -115,38 +121,9 @@ pub fn parse_buffer_size(text: &str) -> Result<u32, String> {
     }
 }
 
-/// Parses durations like `10ms`, `500us`, `2s`, `1m`.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .ok_or("needs a unit: ns, us, ms, s or m")?;
-    let (number, unit) = text.split_at(split);
-    let value: u64 = number
-        .parse()
-        .map_err(|_| format!("{number:?} is not a whole number"))?;
-    match unit {
-        "ns" => Ok(Duration::from_nanos(value)),
-        "us" | "µs" => Ok(Duration::from_micros(value)),
-        "ms" => Ok(Duration::from_millis(value)),
-        "s" => Ok(Duration::from_secs(value)),
-        "m" => Ok(Duration::from_secs(value.saturating_mul(60))),
-        other => Err(format!("unknown unit {other:?}: use ns, us, ms, s or m")),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("10ms"), Ok(Duration::from_millis(10)));
-        assert_eq!(parse_duration("500us"), Ok(Duration::from_micros(500)));
-        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
-        assert!(parse_duration("10").is_err());
-        assert!(parse_duration("ms").is_err());
-        assert!(parse_duration("10h").is_err());
-    }
 
     #[test]
     fn telemetry_paths() {

@@ -2,20 +2,112 @@
 //! check by reason and verdict; with the `printk:console` fallback only denials are seen, and
 //! only those the kernel's rate limit lets through to the log.
 
-use std::collections::{BTreeMap, HashMap};
+use std::{
+    any::Any,
+    collections::{BTreeMap, HashMap},
+};
 
 use aya::maps::{MapData, PerCpuArray};
-use observer_common::lockdown::{DECISION_SLOTS, LockdownConsole, LockdownDecision, REASON_SLOTS};
-use serde::Serialize;
+use observer_common::{
+    EventKind,
+    lockdown::{
+        DECISION_SLOTS, DECISIONS_MAP, LockdownConsole, LockdownDecision, NAMES, REASON_SLOTS,
+    },
+};
 
 use crate::{
+    family::{Context, EventFields, HookFamily, RecordKind, Registration, no_flags},
     kernel::{self, KernelBtf},
     maps::{self, Maps},
     metrics::Family,
     plan::{Hook, fexit, tracepoint},
+    record::read_record,
 };
 
-pub fn hooks() -> Vec<Hook> {
+pub const FAMILY: Registration = Registration {
+    name: "lockdown",
+    about: "lockdown decisions by reason and verdict, and the active lockdown level",
+    names: &NAMES,
+    flags: no_flags,
+    new: LockdownFamily::new,
+};
+
+const RECORDS: &[RecordKind] = &[
+    RecordKind::of::<LockdownDecision>(EventKind::LockdownDecision),
+    RecordKind::of::<LockdownConsole>(EventKind::LockdownConsole),
+];
+
+pub struct LockdownFamily {
+    state: Lockdown,
+    maps: Option<LockdownMaps>,
+}
+
+impl LockdownFamily {
+    fn new(context: &Context<'_>) -> anyhow::Result<Box<dyn HookFamily>> {
+        Ok(Box::new(Self {
+            state: Lockdown::new(context.kernel.btf.as_ref().ok()),
+            maps: None,
+        }))
+    }
+}
+
+impl HookFamily for LockdownFamily {
+    fn hooks(&self) -> Vec<Hook> {
+        hooks()
+    }
+
+    fn take_maps(&mut self, maps: &mut Maps<'_>) -> anyhow::Result<()> {
+        self.maps = Some(LockdownMaps::take(maps)?);
+        Ok(())
+    }
+
+    fn records(&self) -> &'static [RecordKind] {
+        RECORDS
+    }
+
+    fn decode(&mut self, kind: EventKind, bytes: &[u8], want_event: bool) -> Option<EventFields> {
+        let (reason, verdict, comm) = if kind == EventKind::LockdownConsole {
+            let (reason, comm) = self
+                .state
+                .console(&read_record::<LockdownConsole>(bytes)?)?;
+            (reason, "denied", Some(comm))
+        } else {
+            let decision = read_record::<LockdownDecision>(bytes)?;
+            let verdict = if decision.denied != 0 {
+                "denied"
+            } else {
+                "allowed"
+            };
+            (self.state.reason_name(decision.reason), verdict, None)
+        };
+        let mut fields = EventFields::new();
+        if want_event {
+            // Both mechanisms report the same event; a console line names the process itself.
+            fields.insert("event".into(), "lockdown_decision".into());
+            fields.insert("reason".into(), reason.into());
+            fields.insert("verdict".into(), verdict.into());
+            if let Some(comm) = comm {
+                fields.insert("comm".into(), comm.into());
+            }
+        }
+        want_event.then_some(fields)
+    }
+
+    fn collect(&self, out: &mut Vec<Family>) {
+        let counts = self
+            .maps
+            .as_ref()
+            .map(LockdownMaps::counts)
+            .unwrap_or_default();
+        self.state.gather(&counts, out);
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
+fn hooks() -> Vec<Hook> {
     vec![Hook {
         name: "lockdown_decision",
         options: vec![
@@ -90,29 +182,19 @@ pub fn parse_console(text: &str) -> Option<(String, String)> {
     Some(("unknown".into(), comm.to_owned()))
 }
 
-/// A decoded lockdown record, for `--events json`.
-#[derive(Debug, Serialize)]
-pub struct LockdownRecord {
-    pub event: &'static str,
-    pub pid: u32,
-    pub comm: String,
-    pub reason: String,
-    pub verdict: &'static str,
-}
-
 /// The kernel's counters of every check (fexit), by `reason * 2 + denied`.
-pub struct LockdownMaps {
+struct LockdownMaps {
     decisions: PerCpuArray<MapData, u64>,
 }
 
 impl LockdownMaps {
-    pub fn take(maps: &mut Maps<'_>) -> anyhow::Result<Self> {
+    fn take(maps: &mut Maps<'_>) -> anyhow::Result<Self> {
         Ok(Self {
-            decisions: maps.per_cpu_array("LOCKDOWN_DECISIONS")?,
+            decisions: maps.per_cpu_array(DECISIONS_MAP)?,
         })
     }
 
-    pub fn counts(&self) -> Vec<u64> {
+    fn counts(&self) -> Vec<u64> {
         maps::sum_per_cpu(&self.decisions, DECISION_SLOTS)
     }
 }
@@ -149,32 +231,13 @@ impl Lockdown {
             .unwrap_or_else(|| format!("reason{value}"))
     }
 
-    pub fn decision(&self, record: &LockdownDecision, comm: &str) -> LockdownRecord {
-        LockdownRecord {
-            event: "lockdown_decision",
-            pid: record.header.pid,
-            comm: comm.to_owned(),
-            reason: self.reason_name(record.reason),
-            verdict: if record.denied != 0 {
-                "denied"
-            } else {
-                "allowed"
-            },
-        }
-    }
-
-    pub fn console(&mut self, record: &LockdownConsole) -> Option<LockdownRecord> {
+    /// A console line's reason and process, counted as a denial.
+    fn console(&mut self, record: &LockdownConsole) -> Option<(String, String)> {
         let len = (record.len as usize).min(record.text.len());
         let text = String::from_utf8_lossy(&record.text[..len]);
         let (reason, comm) = parse_console(&text)?;
         *self.console_denials.entry(reason.clone()).or_default() += 1;
-        Some(LockdownRecord {
-            event: "lockdown_decision",
-            pid: record.header.pid,
-            comm,
-            reason,
-            verdict: "denied",
-        })
+        Some((reason, comm))
     }
 
     /// `counts`: the kernel's counters ([`LockdownMaps::counts`]).

@@ -1,93 +1,59 @@
 //! The event pipeline: drains the ring buffer, decodes each record (bytes from the kernel are
 //! checked, never trusted), hands it to its family, and optionally writes it as JSON.
 
-use std::{io::Write as _, mem::size_of, sync::Arc, time::Duration};
+use std::{
+    io::Write as _,
+    sync::{Arc, MutexGuard, atomic::Ordering},
+    time::Duration,
+};
 
 use aya::maps::{MapData, RingBuf};
-use observer_common::{
-    EventHeader, EventKind,
-    lockdown::{LockdownConsole, LockdownDecision},
-    modules::{ModuleLoad, TaintEvent},
-    timers::TimerEvent,
-};
+use observer_common::{EventHeader, EventKind};
 use tokio::io::{Interest, unix::AsyncFd};
 
-use crate::agent::{Agent, State};
+use crate::{
+    agent::{Agent, Families, RecordCounts},
+    family::HookFamily,
+    record::{comm_str, read_record},
+};
 
-/// Reads a `T` from the front of `bytes`, if they are long enough.
-pub fn read_record<T: aya::Pod>(bytes: &[u8]) -> Option<T> {
-    if bytes.len() < size_of::<T>() {
-        return None;
-    }
-    // SAFETY: the length is checked and `T` is plain data valid for any bit pattern;
-    // read_unaligned makes no alignment assumption about the ring buffer's bytes.
-    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
-}
-
-/// A task's `comm` as text (up to the first NUL).
-pub fn comm_str(comm: &[u8]) -> String {
-    let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
-    String::from_utf8_lossy(&comm[..end]).into_owned()
-}
-
-/// Decodes one record and updates the state; returns its JSON form when asked for.
-pub fn dispatch(bytes: &[u8], state: &mut State, want_json: bool) -> Option<String> {
+/// Decodes one record and hands it to its family (`locked`: every family, locked, in the
+/// order of [`Families`]); returns its JSON line when asked for.
+pub fn dispatch(
+    families: &Families,
+    locked: &mut [MutexGuard<'_, Box<dyn HookFamily>>],
+    counts: &RecordCounts,
+    bytes: &[u8],
+    want_json: bool,
+) -> Option<String> {
+    let error = || {
+        counts.decode_errors.fetch_add(1, Ordering::Relaxed);
+        None
+    };
     let Some(header) = read_record::<EventHeader>(bytes) else {
-        state.decode_errors += 1;
-        return None;
+        return error();
     };
     let Some(kind) = EventKind::from_u32(header.kind) else {
-        state.decode_errors += 1;
-        return None;
+        return error();
     };
-    let comm = comm_str(&header.comm);
-    let json = match kind {
-        EventKind::TimerCreated
-        | EventKind::TimerDeleted
-        | EventKind::TimerArmed
-        | EventKind::TimerOwnerGone => {
-            let Some(event) = read_record::<TimerEvent>(bytes) else {
-                state.decode_errors += 1;
-                return None;
-            };
-            let record = state.timers.handle(kind, &event, &comm);
-            want_json.then(|| serde_json::to_string(&record))
-        }
-        EventKind::LockdownDecision => {
-            let Some(event) = read_record::<LockdownDecision>(bytes) else {
-                state.decode_errors += 1;
-                return None;
-            };
-            let record = state.lockdown.decision(&event, &comm);
-            want_json.then(|| serde_json::to_string(&record))
-        }
-        EventKind::LockdownConsole => {
-            let Some(event) = read_record::<LockdownConsole>(bytes) else {
-                state.decode_errors += 1;
-                return None;
-            };
-            let record = state.lockdown.console(&event);
-            record.and_then(|r| want_json.then(|| serde_json::to_string(&r)))
-        }
-        EventKind::ModuleLoad => {
-            let Some(event) = read_record::<ModuleLoad>(bytes) else {
-                state.decode_errors += 1;
-                return None;
-            };
-            let record = state.modules.load(&event);
-            want_json.then(|| serde_json::to_string(&record))
-        }
-        EventKind::Taint => {
-            let Some(event) = read_record::<TaintEvent>(bytes) else {
-                state.decode_errors += 1;
-                return None;
-            };
-            let record = state.modules.taint(&event);
-            want_json.then(|| serde_json::to_string(&record))
-        }
+    // A kind no enabled family takes, or a record shorter than its kind's, is not trusted.
+    let Some((slot, size)) = families.route(kind) else {
+        return error();
     };
-    state.events[kind as usize] += 1;
-    json.and_then(Result::ok)
+    if bytes.len() < size {
+        return error();
+    }
+    let fields = locked[slot].decode(kind, bytes, want_json);
+    counts.received[kind as usize].fetch_add(1, Ordering::Relaxed);
+    let fields = fields?;
+    let mut event = serde_json::Map::new();
+    event.insert("event".into(), kind.label().into());
+    event.insert("pid".into(), header.pid.into());
+    event.insert("tid".into(), header.tid.into());
+    event.insert("comm".into(), comm_str(&header.comm).into());
+    // A family's own fields come last: it may name the event or the process more precisely.
+    event.extend(fields);
+    serde_json::to_string(&event).ok()
 }
 
 /// How often the agent drains without being woken: the programs wake it only once a quarter of
@@ -193,14 +159,17 @@ fn drain(
     want_json: bool,
     lines: &mut Vec<String>,
 ) -> usize {
-    let mut state = agent
-        .state
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut locked = agent.families.lock_all();
     let mut drained = 0;
     while let Some(item) = ring.next() {
         drained += 1;
-        if let Some(line) = dispatch(&item, &mut state, want_json) {
+        if let Some(line) = dispatch(
+            &agent.families,
+            &mut locked,
+            &agent.counts,
+            &item,
+            want_json,
+        ) {
             lines.push(line);
         }
     }
@@ -209,58 +178,117 @@ fn drain(
 
 #[cfg(test)]
 mod tests {
+    use observer_common::timers::TimerEvent;
     use proptest::prelude::*;
 
     use super::*;
-    use crate::{
-        lockdown::Lockdown,
-        modules::ModuleState,
-        timers::{TimerSettings, TimerState},
-    };
+    use crate::{family::Context, plan::KernelView, registry};
 
-    fn state() -> State {
-        State {
-            events: Default::default(),
-            decode_errors: 0,
-            timers: TimerState::new(TimerSettings {
-                short_lived_ns: 10_000_000,
-                top_processes: 10,
-            }),
-            lockdown: Lockdown::default(),
-            modules: ModuleState::new(true, Some(4096)),
+    /// Every registered family, built with its default flags, or only those `enabled` names.
+    fn families(enabled: &[&str]) -> Families {
+        let matches = crate::cli::command()
+            .try_get_matches_from(["observer"])
+            .unwrap();
+        let kernel = KernelView::without_kernel();
+        let context = Context {
+            matches: &matches,
+            kernel: &kernel,
+            keep_samples: false,
+        };
+        Families::new(
+            registry::FAMILIES
+                .iter()
+                .filter(|f| enabled.is_empty() || enabled.contains(&f.name))
+                .map(|f| (f.name, (f.new)(&context).unwrap()))
+                .collect(),
+        )
+    }
+
+    /// Feeds one record; returns its JSON line, records received, decode errors.
+    fn feed(families: &Families, bytes: &[u8]) -> (Option<String>, u64, u64) {
+        let counts = RecordCounts::default();
+        let mut locked = families.lock_all();
+        let line = dispatch(families, &mut locked, &counts, bytes, true);
+        let received = counts
+            .received
+            .iter()
+            .map(|n| n.load(Ordering::Relaxed))
+            .sum();
+        (line, received, counts.decode_errors.load(Ordering::Relaxed))
+    }
+
+    fn timer_created(id: i32) -> Vec<u8> {
+        let event = TimerEvent {
+            header: EventHeader {
+                kind: EventKind::TimerCreated as u32,
+                pid: 7,
+                tid: 8,
+                _pad: 0,
+                ts_ns: 1,
+                comm: *b"churn\0\0\0\0\0\0\0\0\0\0\0",
+            },
+            timer_id: id,
+            detail: 1,
+        };
+        // SAFETY: a plain #[repr(C)] record viewed as its bytes.
+        unsafe {
+            std::slice::from_raw_parts(
+                std::ptr::from_ref(&event).cast::<u8>(),
+                size_of::<TimerEvent>(),
+            )
         }
+        .to_vec()
     }
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(20_000))]
 
-        /// Any bytes, with any kind number in front, decode or count as an error: never a panic.
+        /// Any bytes, with any kind number in front, are either taken or counted as a decode
+        /// error, exactly one of the two: never a panic.
         #[test]
         fn arbitrary_records_never_panic(kind in 0u32..12, body in proptest::collection::vec(any::<u8>(), 0..700)) {
             let mut bytes = kind.to_le_bytes().to_vec();
             bytes.extend(body);
-            let mut state = state();
-            let decoded = dispatch(&bytes, &mut state, true).is_some() || state.events.iter().any(|&n| n > 0);
-            prop_assert!(decoded || state.decode_errors == 1 || EventKind::from_u32(kind) == Some(EventKind::LockdownConsole));
+            let (_, received, errors) = feed(&families(&[]), &bytes);
+            prop_assert_eq!(received + errors, 1);
         }
 
-        /// Truncated records of every kind are refused, counted.
+        /// A record of a known kind cut anywhere short of its kind's size (inside the header
+        /// or after it) is refused and counted.
         #[test]
-        fn short_records_are_counted(kind in 1u32..9, len in 0usize..40) {
-            let mut bytes = vec![0u8; len.max(4)];
-            bytes[..4].copy_from_slice(&kind.to_le_bytes());
-            bytes.truncate(len);
-            let mut state = state();
-            prop_assert!(dispatch(&bytes, &mut state, true).is_none());
-            prop_assert_eq!(state.decode_errors, 1);
+        fn short_records_are_counted(kind_index in 0usize..EventKind::ALL.len(), cut in 0.0f64..1.0) {
+            let families = families(&[]);
+            let kind = EventKind::ALL[kind_index];
+            let (_, size) = families.route(kind).unwrap();
+            let len = ((size as f64 * cut) as usize).max(4).min(size - 1);
+            let mut bytes = vec![0u8; len];
+            bytes[..4].copy_from_slice(&(kind as u32).to_le_bytes());
+            let (line, received, errors) = feed(&families, &bytes);
+            prop_assert!(line.is_none());
+            prop_assert_eq!((received, errors), (0, 1));
         }
     }
 
     #[test]
-    fn short_and_unknown_records_are_counted_not_trusted() {
-        assert_eq!(read_record::<EventHeader>(&[0u8; 8]), None);
-        assert!(read_record::<EventHeader>(&[0u8; 40]).is_some());
-        assert_eq!(comm_str(b"bash\0\0\0\0garbage!"), "bash");
-        assert_eq!(comm_str(b"sixteen-bytes-xx"), "sixteen-bytes-xx");
+    fn records_reach_their_family_and_become_events_without_filler() {
+        let (line, received, errors) = feed(&families(&[]), &timer_created(42));
+        assert_eq!((received, errors), (1, 0));
+        let event: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
+        assert_eq!(
+            event,
+            serde_json::json!({
+                "event": "timer_created", "pid": 7, "tid": 8, "comm": "churn",
+                "timer_id": 42, "restore": true,
+            })
+        );
+    }
+
+    #[test]
+    fn kinds_of_switched_off_families_and_unknown_kinds_are_decode_errors() {
+        let (line, received, errors) = feed(&families(&["lockdown"]), &timer_created(1));
+        assert_eq!((line, received, errors), (None, 0, 1));
+        let mut unknown = timer_created(1);
+        unknown[..4].copy_from_slice(&15u32.to_le_bytes());
+        assert_eq!(feed(&families(&[]), &unknown), (None, 0, 1));
     }
 }

@@ -126,6 +126,16 @@ impl KernelView {
         }
     }
 
+    /// A kernel with nothing to read: no tracefs, no BTF (for tests of what needs neither).
+    #[cfg(test)]
+    pub fn without_kernel() -> Self {
+        Self {
+            tracefs: Err("no tracefs".into()),
+            btf: Err("no BTF".into()),
+            aya_btf: None,
+        }
+    }
+
     /// Why this attachment cannot work here, if that is known before trying.
     fn unavailable(&self, mechanism: &Mechanism) -> Option<String> {
         match mechanism {

@@ -4,7 +4,20 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use crate::modules::LoadRecord;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+
+use crate::{
+    cli::ProfileFormat,
+    merkle,
+    modules::{self, LoadRecord, ModuleFamily},
+    privileges,
+    start::{self, Selection, Started},
+};
+
+/// What `observer profile` loads: the module family alone.
+pub const COLLECTORS: &[&str] = &[modules::FAMILY.name];
 
 /// Order statistics of a set of durations, in nanoseconds.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
@@ -74,15 +87,6 @@ pub struct HashEstimate {
     pub estimated_to_signature_ratio: f64,
 }
 
-/// Tree height for `leaves` modules: ceil(log2(leaves)).
-pub fn merkle_levels(leaves: u64) -> u32 {
-    if leaves <= 1 {
-        0
-    } else {
-        64 - (leaves - 1).leading_zeros()
-    }
-}
-
 fn mean(values: &[f64]) -> Option<f64> {
     (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
 }
@@ -104,7 +108,7 @@ fn estimate(loads: &[&LoadRecord], leaves: Option<u64>) -> Option<HashEstimate> 
     let per_node = mean(
         &signed
             .iter()
-            .map(|l| 2.0 * l.phases_ns["digest"] as f64 / l.hashed_bytes.div_ceil(64) as f64)
+            .filter_map(|l| merkle::per_node_ns(l.phases_ns["digest"], l.hashed_bytes))
             .collect::<Vec<_>>(),
     )?;
     let signature = mean(
@@ -114,8 +118,8 @@ fn estimate(loads: &[&LoadRecord], leaves: Option<u64>) -> Option<HashEstimate> 
             .map(|ns| ns as f64)
             .collect::<Vec<_>>(),
     )?;
-    let levels = merkle_levels(leaves);
-    let estimated = digest + f64::from(levels) * per_node;
+    let levels = merkle::levels(leaves);
+    let estimated = merkle::estimate_ns(digest, per_node, levels);
     Some(HashEstimate {
         merkle_leaves: leaves,
         merkle_levels: levels,
@@ -288,15 +292,68 @@ pub fn text(report: &Report) -> String {
     out
 }
 
+/// `observer profile`: watches module loads for `duration`, then prints the report.
+pub fn run(
+    selection: &Selection<'_>,
+    duration: Duration,
+    format: ProfileFormat,
+    leaves: Option<u64>,
+) -> anyhow::Result<()> {
+    privileges::check()?;
+    let Started { ebpf, agent, ring } = start::start(selection)?;
+    if !agent
+        .probes
+        .iter()
+        .any(|p| p.probe == "module_load" && p.attached)
+    {
+        bail!("module loads cannot be observed on this kernel (see `observer probes`)");
+    }
+    eprintln!(
+        "watching module loads for {}s (Ctrl-C to stop early)",
+        duration.as_secs_f64()
+    );
+    let started = std::time::Instant::now();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let mut pipeline = crate::pipeline::Pipeline::new(ring, agent.clone(), false)?;
+        let result = tokio::select! {
+            result = pipeline.run() => result.context("event pipeline"),
+            () = tokio::time::sleep(duration) => Ok(()),
+            signal = crate::shutdown_signal() => signal.map(|_| ()),
+        };
+        // Loads that finished just before the end are in the ring buffer still.
+        pipeline.drain_now();
+        result
+    })?;
+    let elapsed = started.elapsed().as_secs_f64();
+    let samples = agent
+        .families
+        .lock(modules::FAMILY.name)
+        .and_then(|mut family| {
+            family
+                .as_any_mut()
+                .downcast_mut::<ModuleFamily>()
+                .map(ModuleFamily::take_samples)
+        })
+        .unwrap_or_default();
+    let report = report(&samples, elapsed, leaves);
+    match format {
+        ProfileFormat::Text => print!("{}", text(&report)),
+        ProfileFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+    }
+    drop(agent);
+    drop(ebpf);
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn record(module: &str, method: &'static str, total_ns: u64, check: Option<u64>) -> LoadRecord {
         LoadRecord {
-            event: "module_load",
-            pid: 1,
-            comm: "t".into(),
             module: module.into(),
             outcome: "loaded",
             method,
@@ -342,9 +399,6 @@ mod tests {
 
     #[test]
     fn the_hash_estimate_adds_merkle_nodes_to_the_digest() {
-        assert_eq!(merkle_levels(4256), 13);
-        assert_eq!(merkle_levels(4096), 12);
-        assert_eq!(merkle_levels(1), 0);
         // Two loads: digest 200 and 300 ns over 6400 bytes (100 blocks): 2 blocks per node.
         let samples = vec![
             record("a", "signature", 1000, Some(400)),

@@ -19,6 +19,10 @@ use std::{
     net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::Command,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -68,6 +72,9 @@ pub struct Options {
     /// List the scenarios and exit.
     #[arg(long)]
     pub list: bool,
+    /// Guests run at once (each keeps about one core busy under TCG).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=16))]
+    pub guests: u8,
 }
 
 impl Default for Options {
@@ -80,6 +87,7 @@ impl Default for Options {
             agent_log: None,
             no_build: false,
             list: false,
+            guests: 2,
         }
     }
 }
@@ -90,7 +98,24 @@ pub enum KernelChoice {
     V6_12,
     #[value(name = "6.1")]
     V6_1,
+    #[value(name = "6.18")]
+    V6_18,
+    #[value(name = "7.3")]
+    V7_3,
     All,
+}
+
+impl KernelChoice {
+    /// The one series chosen, or `None` for all.
+    fn series(self) -> Option<Series> {
+        match self {
+            KernelChoice::V6_12 => Some(Series::V6_12),
+            KernelChoice::V6_1 => Some(Series::V6_1),
+            KernelChoice::V6_18 => Some(Series::V6_18),
+            KernelChoice::V7_3 => Some(Series::V7_3),
+            KernelChoice::All => None,
+        }
+    }
 }
 
 pub fn run(options: &Options) -> anyhow::Result<()> {
@@ -122,7 +147,8 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         }
     };
 
-    let mut results = Vec::new();
+    // Every kernel and its initramfs first, then the guests, `options.guests` at a time.
+    let mut guests: Vec<(Arc<Kernel>, Arc<PathBuf>, &'static Scenario)> = Vec::new();
     for series in Series::ALL {
         let scenarios: Vec<&Scenario> = plan
             .iter()
@@ -132,7 +158,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         if scenarios.is_empty() {
             continue;
         }
-        let kernel = kernel::ensure(&cache, series)?;
+        let kernel = Arc::new(kernel::ensure(&cache, series)?);
         eprintln!(
             "vm: kernel {} ({}), {} scenario(s)",
             kernel.release,
@@ -142,26 +168,27 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         let work = cache.join("work").join(series.label());
         fs::create_dir_all(&work)?;
         let started = Instant::now();
-        let initramfs = initramfs::build(&initramfs::Inputs {
+        let initramfs = Arc::new(initramfs::build(&initramfs::Inputs {
             kernel: &kernel,
             busybox: Path::new("/bin/busybox"),
             guest_tool: &guest_tool,
             observer: observer.as_deref(),
             scenarios: &scenarios,
             work: &work,
-        })?;
+        })?);
         eprintln!(
             "vm: initramfs {} ({} KiB) in {:.1} s",
             initramfs.display(),
-            fs::metadata(&initramfs)?.len() / 1024,
+            fs::metadata(initramfs.as_ref())?.len() / 1024,
             started.elapsed().as_secs_f64()
         );
         for scenario in scenarios {
-            let result = run_scenario(&kernel, &initramfs, scenario, options, &logs);
-            result.report();
-            results.push(result);
+            guests.push((Arc::clone(&kernel), Arc::clone(&initramfs), scenario));
         }
     }
+    let started = Instant::now();
+    let results = run_guests(&guests, options, &logs);
+    let wall = started.elapsed();
 
     let failed = results.iter().filter(|r| !r.failures.is_empty()).count();
     eprintln!("\nvm: summary");
@@ -178,11 +205,50 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
             r.timings()
         );
     }
-    eprintln!("{} passed, {failed} failed", results.len() - failed);
+    eprintln!(
+        "{} passed, {failed} failed; {} guest(s) in {:.0} s, {} at a time",
+        results.len() - failed,
+        results.len(),
+        wall.as_secs_f64(),
+        options.guests
+    );
     if failed > 0 {
         bail!("{failed} of {} VM scenarios failed", results.len());
     }
     Ok(())
+}
+
+/// Runs the guests on `options.guests` threads; the results in the order of `guests`.
+fn run_guests(
+    guests: &[(Arc<Kernel>, Arc<PathBuf>, &'static Scenario)],
+    options: &Options,
+    logs: &Path,
+) -> Vec<ScenarioResult> {
+    let next = AtomicUsize::new(0);
+    let results: Mutex<Vec<(usize, ScenarioResult)>> = Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for _ in 0..options.guests {
+            scope.spawn(|| {
+                loop {
+                    let index = next.fetch_add(1, Ordering::Relaxed);
+                    let Some((kernel, initramfs, scenario)) = guests.get(index) else {
+                        return;
+                    };
+                    let result = run_scenario(kernel, initramfs, scenario, options, logs);
+                    result.report();
+                    results
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .push((index, result));
+                }
+            });
+        }
+    });
+    let mut results = results
+        .into_inner()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    results.sort_by_key(|(index, _)| *index);
+    results.into_iter().map(|(_, result)| result).collect()
 }
 
 /// Which scenario runs on which kernel.
@@ -198,17 +264,16 @@ fn plan(options: &Options) -> anyhow::Result<Vec<(Series, &'static Scenario)>> {
         })
         .collect::<anyhow::Result<_>>()?;
     let chosen: Vec<&'static Scenario> = if named.is_empty() {
-        SCENARIOS.iter().collect()
+        SCENARIOS.to_vec()
     } else {
         named.clone()
     };
     let mut plan = Vec::new();
     for series in Series::ALL {
         for &scenario in &chosen {
-            let wanted = match options.kernel {
-                KernelChoice::All => scenario.kernels.contains(&series),
-                KernelChoice::V6_12 => series == Series::V6_12,
-                KernelChoice::V6_1 => series == Series::V6_1,
+            let wanted = match options.kernel.series() {
+                None => scenario.kernels.contains(&series),
+                Some(chosen) => series == chosen,
             };
             // A series given explicitly runs named scenarios even where they are not listed.
             let listed = scenario.kernels.contains(&series) || !named.is_empty();
@@ -403,7 +468,12 @@ fn drive(
     result.marks.push(("actions", vm.started.elapsed()));
     let console = vm.console();
     let checks: Vec<&Check> = scenario.checks_on(series).collect();
-    failures.extend(checks.iter().filter_map(|c| check_console(c, &console)));
+    let modules = series.scenario_modules();
+    failures.extend(
+        checks
+            .iter()
+            .filter_map(|c| check_console(c, &console, modules)),
+    );
 
     let metric_checks: Vec<&Check> = checks
         .into_iter()
@@ -416,7 +486,7 @@ fn drive(
         .collect();
     if agent_up && !metric_checks.is_empty() {
         let until = deadline.min(Instant::now() + SETTLE);
-        let (text, failed) = settle_metrics(vm.metrics, &metric_checks, until);
+        let (text, failed) = settle_metrics(vm.metrics, &metric_checks, modules, until);
         let _ = fs::write(logs.join(format!("{stem}.metrics.txt")), &text);
         failures.extend(failed);
         result.marks.push(("checked", vm.started.elapsed()));
@@ -485,21 +555,40 @@ mod tests {
     #[test]
     fn plans() {
         let all = planned(&[], KernelChoice::All);
-        // Every scenario once, the five module scenarios again on 6.1, the benchmark never.
-        assert_eq!(all.len(), SCENARIOS.len() - 1 + 5);
+        // The benchmark never; dashboards once; every other scenario on each kernel it lists.
+        let listed: usize = SCENARIOS.iter().map(|s| s.kernels.len()).sum();
+        assert_eq!(all.len(), listed);
         assert!(all.iter().all(|(_, name)| *name != "bench-modules"));
+        assert_eq!(all.iter().filter(|(_, n)| *n == "dashboards").count(), 1);
+        // Every kernel runs the module and timer scenarios.
+        for series in Series::ALL {
+            for name in ["signed", "unsigned", "lockdown-integrity", "timers"] {
+                assert!(all.contains(&(series, name)), "{name} on {series:?}");
+            }
+        }
         assert_eq!(
             planned(&["signed"], KernelChoice::All),
-            [(Series::V6_12, "signed"), (Series::V6_1, "signed")]
+            [
+                (Series::V6_12, "signed"),
+                (Series::V6_1, "signed"),
+                (Series::V6_18, "signed"),
+                (Series::V7_3, "signed")
+            ]
         );
-        assert_eq!(planned(&[], KernelChoice::V6_1).len(), 5);
+        // 6.18 and 7.3 run every scenario but the benchmark and the dashboards.
+        assert_eq!(planned(&[], KernelChoice::V6_18).len(), SCENARIOS.len() - 2);
+        assert_eq!(planned(&[], KernelChoice::V7_3).len(), SCENARIOS.len() - 1);
         assert_eq!(
             planned(&["fentry-path"], KernelChoice::V6_1),
             [(Series::V6_1, "fentry-path")]
         );
         assert_eq!(
             planned(&["fentry-path"], KernelChoice::All),
-            [(Series::V6_12, "fentry-path")]
+            [
+                (Series::V6_12, "fentry-path"),
+                (Series::V6_18, "fentry-path"),
+                (Series::V7_3, "fentry-path")
+            ]
         );
         assert!(
             plan(&Options {

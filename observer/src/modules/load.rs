@@ -1,119 +1,19 @@
-//! Module loading and integrity verification: load outcomes and methods, integrity-check and
-//! load latency, taint events attributed to the load that caused them, autoload requests.
+//! What one load attempt's record tells (outcome, method, name, phases), and the load metrics
+//! kept between scrapes.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 
-use aya::maps::{MapData, PerCpuArray};
 use observer_common::modules::{
     ModuleLoad, PHASES, SEEN_DECOMPRESS, SEEN_FILE, SEEN_HASH_CHECK, SEEN_NAME, SEEN_SIG_CHECK,
-    SEEN_VERIFY_SIG, TaintEvent,
+    SEEN_VERIFY_SIG,
 };
 use serde::Serialize;
 
 use crate::{
-    kernel,
-    maps::{self, Maps},
+    kernel, merkle,
     metrics::{Family, Log2Histogram},
-    pipeline::comm_str,
-    plan::{Hook, fentry, fexit, tracepoint},
+    record::{comm_str, module_name_from_file},
 };
-
-pub fn hooks() -> Vec<Hook> {
-    let bracket = |name, enter, exit, function| Hook {
-        name,
-        options: vec![vec![fentry(enter, function), fexit(exit, function)]],
-        requires: Some(kernel::has_modules),
-    };
-    let single = |name, attachment| Hook {
-        name,
-        options: vec![vec![attachment]],
-        requires: Some(kernel::has_modules),
-    };
-    vec![
-        bracket(
-            "module_load",
-            "modules_load_enter",
-            "modules_load_exit",
-            "load_module",
-        ),
-        bracket(
-            "module_sig_check",
-            "modules_sig_check_enter",
-            "modules_sig_check_exit",
-            "module_sig_check",
-        ),
-        bracket(
-            "module_verify_sig",
-            "modules_verify_enter",
-            "modules_verify_exit",
-            "mod_verify_sig",
-        ),
-        // The Merkle-tree check of the hash-based integrity patch set (unmerged as of 2026).
-        // Only `module_hash_check` is timed: `module_integrity_check`, where present, is the
-        // dispatcher that also runs the signature path.
-        bracket(
-            "module_hash_check",
-            "modules_hash_enter",
-            "modules_hash_exit",
-            "module_hash_check",
-        ),
-        single(
-            "module_file",
-            fentry("modules_read_file", "security_kernel_read_file"),
-        ),
-        single(
-            "module_name",
-            tracepoint("modules_loaded_name", "module", "module_load"),
-        ),
-        single("module_taint", fentry("modules_add_taint", "add_taint")),
-        bracket(
-            "module_decompress",
-            "modules_decompress_enter",
-            "modules_decompress_exit",
-            "module_decompress",
-        ),
-        // Where a signature check spends its time (counted inside a load only).
-        bracket(
-            "module_sig_parse",
-            "modules_parse_enter",
-            "modules_parse_exit",
-            "pkcs7_parse_message",
-        ),
-        bracket(
-            "module_sig_digest",
-            "modules_digest_enter",
-            "modules_digest_exit",
-            "pkcs7_digest",
-        ),
-        bracket(
-            "module_sig_key_lookup",
-            "modules_key_lookup_enter",
-            "modules_key_lookup_exit",
-            "find_asymmetric_key",
-        ),
-        bracket(
-            "module_sig_public_key",
-            "modules_public_key_enter",
-            "modules_public_key_exit",
-            "public_key_verify_signature",
-        ),
-        Hook {
-            name: "module_autoload",
-            options: vec![
-                vec![fentry(
-                    "modules_request_fentry",
-                    "security_kernel_module_request",
-                )],
-                vec![tracepoint(
-                    "modules_request_tracepoint",
-                    "module",
-                    "module_request",
-                )],
-            ],
-            requires: Some(kernel::has_modules),
-        },
-    ]
-}
 
 pub const OUTCOMES: [&str; 4] = [
     "loaded",
@@ -126,8 +26,6 @@ pub const METHODS: [&str; 3] = ["signature", "hash", "none"];
 pub const PHASE_NAMES: [&str; PHASES] = ["parse", "digest", "key_lookup", "public_key_verify"];
 
 const EPERM: i32 = 1;
-/// Distinct module names that get their own taint series; later ones share `module="other"`.
-const MAX_MODULE_LABELS: usize = 512;
 /// Loads kept for `observer profile`.
 const MAX_SAMPLES: usize = 100_000;
 
@@ -175,12 +73,10 @@ pub fn module_name(load: &ModuleLoad) -> String {
     if load.seen & SEEN_NAME != 0 {
         return comm_str(&load.name);
     }
-    if load.seen & SEEN_FILE != 0 {
-        let file = comm_str(&load.file);
-        let stem = file.split(".ko").next().unwrap_or(&file);
-        if !stem.is_empty() {
-            return stem.replace('-', "_");
-        }
+    if load.seen & SEEN_FILE != 0
+        && let Some(name) = module_name_from_file(&load.file)
+    {
+        return name;
     }
     "unknown".into()
 }
@@ -208,15 +104,14 @@ pub fn phases(load: &ModuleLoad) -> BTreeMap<&'static str, u64> {
 /// One load, as `observer profile` and `--events json` see it.
 #[derive(Clone, Debug, Serialize)]
 pub struct LoadRecord {
-    pub event: &'static str,
-    pub pid: u32,
-    pub comm: String,
     pub module: String,
     pub outcome: &'static str,
     pub method: &'static str,
     pub result: String,
     pub total_ns: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub sig_check_ns: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub integrity_check_ns: Option<u64>,
     /// Time per phase: decompress, the signature-check phases, and `other` (the rest of the
     /// signature check).
@@ -224,14 +119,6 @@ pub struct LoadRecord {
     /// Bytes the signature check hashed (the module without its signature).
     pub hashed_bytes: u64,
     pub taints: String,
-}
-
-#[derive(Debug, Serialize)]
-pub struct TaintRecord {
-    pub event: &'static str,
-    pub pid: u32,
-    pub comm: String,
-    pub flag: String,
 }
 
 fn taint_letters(mask: u64) -> String {
@@ -249,8 +136,6 @@ pub struct ModuleState {
     integrity: BTreeMap<(&'static str, &'static str), Log2Histogram>,
     load_duration: BTreeMap<&'static str, Log2Histogram>,
     phases: BTreeMap<&'static str, Log2Histogram>,
-    taint_events: BTreeMap<(String, String), u64>,
-    module_labels: HashSet<String>,
     /// Estimated hash-based check time per signed load (see [`hash_estimate_ns`]).
     hash_estimate: Log2Histogram,
     /// Levels of a Merkle tree over this kernel's modules, when their number is known.
@@ -260,29 +145,12 @@ pub struct ModuleState {
     pub keep_samples: bool,
 }
 
-/// What a hash-based (Merkle) check of this signed load would cost: the measured digest of the
-/// module, plus one 64-byte node hash per tree level, each costing what two SHA-256 blocks of
-/// the module's own digest cost. The reasoning is in the README.
-pub fn hash_estimate_ns(digest_ns: u64, hashed_bytes: u64, levels: u32) -> Option<u64> {
-    let blocks = hashed_bytes.div_ceil(64);
-    (blocks > 0).then(|| digest_ns + u64::from(levels) * 2 * digest_ns / blocks)
-}
-
 impl ModuleState {
     pub fn new(keep_samples: bool, merkle_leaves: Option<u64>) -> Self {
         Self {
             keep_samples,
-            merkle_levels: merkle_leaves.map(crate::profile::merkle_levels),
+            merkle_levels: merkle_leaves.map(merkle::levels),
             ..Self::default()
-        }
-    }
-
-    fn module_label(&mut self, name: &str) -> String {
-        if self.module_labels.contains(name) || self.module_labels.len() < MAX_MODULE_LABELS {
-            self.module_labels.insert(name.to_owned());
-            name.to_owned()
-        } else {
-            "other".into()
         }
     }
 
@@ -312,23 +180,12 @@ impl ModuleState {
             self.phases.entry(phase).or_default().observe(*ns);
         }
         if let (Some(levels), Some(digest)) = (self.merkle_levels, phases_ns.get("digest"))
-            && let Some(estimate) = hash_estimate_ns(*digest, load.hashed_len, levels)
+            && let Some(per_node) = merkle::per_node_ns(*digest, load.hashed_len)
         {
+            let estimate = merkle::estimate_ns(*digest as f64, per_node, levels) as u64;
             self.hash_estimate.observe(estimate);
         }
-        if load.taints != 0 {
-            let label = self.module_label(&module);
-            for bit in (0..64).filter(|b| load.taints & (1 << b) != 0) {
-                *self
-                    .taint_events
-                    .entry((kernel::taint_flag(bit), label.clone()))
-                    .or_default() += 1;
-            }
-        }
         let record = LoadRecord {
-            event: "module_load",
-            pid: load.header.pid,
-            comm: comm_str(&load.header.comm),
             module,
             outcome,
             method,
@@ -348,20 +205,6 @@ impl ModuleState {
             self.samples.push(record.clone());
         }
         record
-    }
-
-    pub fn taint(&mut self, event: &TaintEvent) -> TaintRecord {
-        let flag = kernel::taint_flag(event.flag);
-        *self
-            .taint_events
-            .entry((flag.clone(), String::new()))
-            .or_default() += 1;
-        TaintRecord {
-            event: "taint",
-            pid: event.header.pid,
-            comm: comm_str(&event.header.comm),
-            flag,
-        }
     }
 
     pub fn gather(&self, families: &mut Vec<Family>) {
@@ -417,38 +260,6 @@ impl ModuleState {
             estimate.add_histogram(&[], &self.hash_estimate);
         }
         families.push(estimate);
-
-        let mut taints = Family::counter(
-            "kernel_taint_events_total",
-            "Taints added while watched, by flag; module names the module whose load caused it (empty otherwise).",
-        );
-        for ((flag, module), count) in &self.taint_events {
-            taints.add(&[("flag", flag), ("module", module)], *count as f64);
-        }
-        families.push(taints);
-    }
-}
-
-/// The autoload counter, kept in the kernel.
-pub struct ModuleMaps {
-    autoloads: PerCpuArray<MapData, u64>,
-}
-
-impl ModuleMaps {
-    pub fn take(maps: &mut Maps<'_>) -> anyhow::Result<Self> {
-        Ok(Self {
-            autoloads: maps.per_cpu_array("MODULE_AUTOLOADS")?,
-        })
-    }
-
-    pub fn gather(&self, families: &mut Vec<Family>) {
-        families.push(
-            Family::counter(
-                "module_autoload_requests_total",
-                "Requests to load a module on demand (request_module).",
-            )
-            .single(maps::sum_per_cpu(&self.autoloads, 1)[0] as f64),
-        );
     }
 }
 
@@ -518,19 +329,20 @@ mod tests {
     }
 
     #[test]
-    fn an_unsigned_load_taints_with_its_name() {
+    fn an_unsigned_load_is_loaded_without_a_check() {
         let mut state = ModuleState::default();
         let mut l = load(0, SEEN_SIG_CHECK | SEEN_NAME, 0);
         l.name[..4].copy_from_slice(b"crc7");
         l.taints = 1 << 13;
         let record = state.load(&l);
         assert_eq!(
-            (record.outcome, record.method, record.taints.as_str()),
-            ("loaded", "none", "E")
-        );
-        assert_eq!(
-            state.taint_events.get(&("E".into(), "crc7".into())),
-            Some(&1)
+            (
+                record.outcome,
+                record.method,
+                record.module.as_str(),
+                record.taints.as_str()
+            ),
+            ("loaded", "none", "crc7", "E")
         );
         assert!(
             state.integrity.is_empty(),
@@ -541,8 +353,6 @@ mod tests {
     #[test]
     fn the_hash_estimate_is_digest_plus_node_hashes() {
         // 6400 bytes: 100 blocks of 64; digest 1000 ns: 10 ns a block, 20 ns a node.
-        assert_eq!(hash_estimate_ns(1000, 6400, 13), Some(1000 + 13 * 20));
-        assert_eq!(hash_estimate_ns(1000, 0, 13), None);
         let mut state = ModuleState::new(false, Some(4256));
         let mut l = load(0, SEEN_SIG_CHECK | SEEN_VERIFY_SIG, 0);
         l.phase_calls[observer_common::modules::PHASE_DIGEST] = 1;
@@ -552,20 +362,5 @@ mod tests {
         state.load(&l);
         assert_eq!(state.hash_estimate.count(), 1);
         assert_eq!(state.hash_estimate.sum_ns, 1260);
-    }
-
-    #[test]
-    fn module_labels_are_capped() {
-        let mut state = ModuleState::default();
-        for i in 0..(MAX_MODULE_LABELS + 10) {
-            assert_eq!(
-                state.module_label(&format!("m{i}")),
-                if i < MAX_MODULE_LABELS {
-                    format!("m{i}")
-                } else {
-                    "other".into()
-                }
-            );
-        }
     }
 }

@@ -1,117 +1,14 @@
-//! POSIX timers: syscall counts and create latency from kernel maps; live timers, the ID
-//! high-water mark, short-lived churn and per-process creates from ring buffer records.
+//! What the timer records tell, kept between scrapes: live timers, the ID high-water mark,
+//! short-lived churn and creates per process.
 
 use std::collections::HashMap;
 
-use aya::maps::{MapData, PerCpuArray};
 use observer_common::{
-    ERRNO_SLOTS, LOG2_SLOTS,
-    timers::{COUNTED_SYSCALLS, GONE_EXEC, SYSCALL_COUNTER_SLOTS, TimerEvent},
-};
-use serde::Serialize;
-
-use crate::{
-    maps::{self, Maps},
-    metrics::{Family, Log2Histogram},
-    plan::{Hook, raw_tracepoint, tracepoint},
+    EventKind,
+    timers::{GONE_EXEC, TimerEvent},
 };
 
-const SYSCALL_NAMES: [&str; COUNTED_SYSCALLS as usize] =
-    ["timer_create", "timer_delete", "timer_settime"];
-
-/// Which syscall hooks the timer family prefers (`--timers.hook`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum SyscallHook {
-    /// The syscall tracepoints: cost only on the watched syscalls, but each builds a record.
-    Tracepoint,
-    /// The raw syscall tracepoints: cheaper per watched syscall, a filter on every other one.
-    RawTracepoint,
-}
-
-pub fn hooks(preferred: SyscallHook) -> Vec<Hook> {
-    let syscalls = |enter_tp, exit_tp, enter, exit| {
-        [
-            tracepoint(enter, "syscalls", enter_tp),
-            tracepoint(exit, "syscalls", exit_tp),
-        ]
-    };
-    let per_syscall: Vec<_> = [
-        syscalls(
-            "sys_enter_timer_create",
-            "sys_exit_timer_create",
-            "timers_create_enter",
-            "timers_create_exit",
-        ),
-        syscalls(
-            "sys_enter_timer_delete",
-            "sys_exit_timer_delete",
-            "timers_delete_enter",
-            "timers_delete_exit",
-        ),
-        syscalls(
-            "sys_enter_timer_settime",
-            "sys_exit_timer_settime",
-            "timers_settime_enter",
-            "timers_settime_exit",
-        ),
-        // prctl: restore mode (PR_TIMER_CREATE_RESTORE_IDS) switched on and off.
-        syscalls(
-            "sys_enter_prctl",
-            "sys_exit_prctl",
-            "timers_prctl_enter",
-            "timers_prctl_exit",
-        ),
-    ]
-    .concat();
-    let raw = vec![
-        raw_tracepoint("timers_raw_enter", "sys_enter"),
-        raw_tracepoint("timers_raw_exit", "sys_exit"),
-    ];
-    let options = match preferred {
-        SyscallHook::Tracepoint => vec![per_syscall, raw],
-        SyscallHook::RawTracepoint => vec![raw, per_syscall],
-    };
-    let sched = |name, program, tp| Hook {
-        name,
-        options: vec![vec![tracepoint(program, "sched", tp)]],
-        requires: None,
-    };
-    vec![
-        // timer_create, timer_delete, timer_settime, and prctl for restore mode.
-        Hook {
-            name: "timer_syscalls",
-            options,
-            requires: None,
-        },
-        sched(
-            "timer_owner_exit",
-            "timers_process_exit",
-            "sched_process_exit",
-        ),
-        sched(
-            "timer_owner_exec",
-            "timers_process_exec",
-            "sched_process_exec",
-        ),
-    ]
-}
-
-/// The timer family's kernel maps.
-pub struct TimerMaps {
-    syscalls: PerCpuArray<MapData, u64>,
-    restore_creates: PerCpuArray<MapData, u64>,
-    create_latency: PerCpuArray<MapData, u64>,
-}
-
-impl TimerMaps {
-    pub fn take(maps: &mut Maps<'_>) -> anyhow::Result<Self> {
-        Ok(Self {
-            syscalls: maps.per_cpu_array("TIMER_SYSCALLS")?,
-            restore_creates: maps.per_cpu_array("TIMER_RESTORE_CREATES")?,
-            create_latency: maps.per_cpu_array("TIMER_CREATE_LATENCY")?,
-        })
-    }
-}
+use crate::{family::EventFields, metrics::Family};
 
 #[derive(Clone, Copy, Debug)]
 struct LiveTimer {
@@ -143,18 +40,6 @@ pub struct TimerState {
     short_lived: u64,
     creates_by_comm: HashMap<String, u64>,
     creates_untracked_comms: u64,
-}
-
-/// A decoded timer record, for `--events json`.
-#[derive(Debug, Serialize)]
-pub struct TimerRecord {
-    pub event: &'static str,
-    pub pid: u32,
-    pub tid: u32,
-    pub comm: String,
-    pub timer_id: Option<i32>,
-    pub restore: Option<bool>,
-    pub reason: Option<&'static str>,
 }
 
 impl TimerState {
@@ -235,30 +120,28 @@ impl TimerState {
         }
     }
 
+    /// Takes one record; returns the event's own fields when asked for.
     pub fn handle(
         &mut self,
-        kind: observer_common::EventKind,
+        kind: EventKind,
         event: &TimerEvent,
         comm: &str,
-    ) -> TimerRecord {
-        use observer_common::EventKind as K;
-        let (name, timer_id, restore, reason) = match kind {
-            K::TimerCreated => {
+        want_event: bool,
+    ) -> Option<EventFields> {
+        let mut fields = EventFields::new();
+        match kind {
+            EventKind::TimerCreated => {
                 self.created(event, comm);
-                (
-                    "timer_created",
-                    Some(event.timer_id),
-                    Some(event.detail != 0),
-                    None,
-                )
+                fields.insert("timer_id".into(), event.timer_id.into());
+                fields.insert("restore".into(), (event.detail != 0).into());
             }
-            K::TimerArmed => {
+            EventKind::TimerArmed => {
                 self.armed(event);
-                ("timer_armed", Some(event.timer_id), None, None)
+                fields.insert("timer_id".into(), event.timer_id.into());
             }
-            K::TimerDeleted => {
+            EventKind::TimerDeleted => {
                 self.deleted(event);
-                ("timer_deleted", Some(event.timer_id), None, None)
+                fields.insert("timer_id".into(), event.timer_id.into());
             }
             _ => {
                 self.owner_gone(event);
@@ -267,18 +150,10 @@ impl TimerState {
                 } else {
                     "exit"
                 };
-                ("timer_owner_gone", None, None, Some(reason))
+                fields.insert("reason".into(), reason.into());
             }
-        };
-        TimerRecord {
-            event: name,
-            pid: event.header.pid,
-            tid: event.header.tid,
-            comm: comm.to_owned(),
-            timer_id,
-            restore,
-            reason,
         }
+        want_event.then_some(fields)
     }
 
     /// The `top_processes` names with the most creates, and the sum of all others.
@@ -335,61 +210,6 @@ impl TimerState {
     }
 }
 
-/// The `result` label of a counter slot: ok, or the errno's name in lowercase.
-pub fn result_label(slot: u32) -> String {
-    match slot {
-        0 => "ok".into(),
-        s if s == ERRNO_SLOTS - 1 => "other".into(),
-        s => {
-            let name = format!("{:?}", nix::errno::Errno::from_raw(s as i32));
-            if name == "UnknownErrno" {
-                format!("errno{s}")
-            } else {
-                name.to_lowercase()
-            }
-        }
-    }
-}
-
-impl TimerMaps {
-    pub fn gather(&self, families: &mut Vec<Family>) {
-        let mut calls = Family::counter(
-            "posix_timer_syscalls_total",
-            "POSIX timer syscalls by syscall and result (ok, or the errno).",
-        );
-        let counts = maps::sum_per_cpu(&self.syscalls, SYSCALL_COUNTER_SLOTS);
-        for (slot, count) in counts.iter().enumerate().filter(|(_, n)| **n > 0) {
-            let (syscall, result) = (slot as u32 / ERRNO_SLOTS, slot as u32 % ERRNO_SLOTS);
-            calls.add(
-                &[
-                    ("syscall", SYSCALL_NAMES[syscall as usize]),
-                    ("result", &result_label(result)),
-                ],
-                *count as f64,
-            );
-        }
-        families.push(calls);
-
-        let mut restore = Family::counter(
-            "posix_timer_restore_creates_total",
-            "timer_create calls that asked for a specific ID under restore mode (PR_TIMER_CREATE_RESTORE_IDS), by result.",
-        );
-        let counts = maps::sum_per_cpu(&self.restore_creates, ERRNO_SLOTS);
-        for (slot, count) in counts.iter().enumerate().filter(|(_, n)| **n > 0) {
-            restore.add(&[("result", &result_label(slot as u32))], *count as f64);
-        }
-        families.push(restore);
-
-        let mut latency = Family::histogram(
-            "posix_timer_create_duration_seconds",
-            "timer_create syscall latency.",
-        );
-        let slots = maps::sum_per_cpu(&self.create_latency, LOG2_SLOTS);
-        latency.add_histogram(&[], &Log2Histogram::from_slots(&slots));
-        families.push(latency);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use observer_common::{EventHeader, EventKind};
@@ -413,7 +233,7 @@ mod tests {
 
     /// Hands the state a record of `kind` for timer `id` of process `pid` at `ts_ns`.
     fn feed(s: &mut TimerState, kind: EventKind, pid: u32, id: i32, ts_ns: u64, comm: &str) {
-        s.handle(kind, &event(kind, pid, id, ts_ns), comm);
+        s.handle(kind, &event(kind, pid, id, ts_ns), comm, false);
     }
 
     fn state(top: usize) -> TimerState {
@@ -478,13 +298,5 @@ mod tests {
         let (top, other) = s.top_creators();
         assert_eq!(top.len(), 3);
         assert_eq!(other as usize, MAX_TRACKED_COMMS + 100 - 3);
-    }
-
-    #[test]
-    fn result_labels() {
-        assert_eq!(result_label(0), "ok");
-        assert_eq!(result_label(22), "einval");
-        assert_eq!(result_label(16), "ebusy");
-        assert_eq!(result_label(ERRNO_SLOTS - 1), "other");
     }
 }

@@ -8,13 +8,19 @@ use std::{
 use anyhow::bail;
 use testkit::prom;
 
-use super::scenarios::Check;
+use super::scenarios::{Check, expand};
+
+/// The kernel's scenario module names, for the checks' `{M1}`... (see `scenarios::expand`).
+pub type Modules = [&'static str; 3];
 
 /// A console or probes check's failure, if it is one and fails.
-pub fn check_console(check: &Check, console: &str) -> Option<String> {
+pub fn check_console(check: &Check, console: &str, modules: Modules) -> Option<String> {
     match check {
-        Check::Console(text) => (!console.lines().any(|l| l.contains(text)))
-            .then(|| format!("no console line contains {text:?}")),
+        Check::Console(text) => {
+            let text = expand(text, modules);
+            (!console.lines().any(|l| l.contains(text.as_ref())))
+                .then(|| format!("no console line contains {text:?}"))
+        }
         Check::Probes(words) => {
             let section = console
                 .split("PROBES-BEGIN")
@@ -31,18 +37,37 @@ pub fn check_console(check: &Check, console: &str) -> Option<String> {
     }
 }
 
-fn check_metric(check: &Check, text: &str) -> Option<String> {
+/// `labels` with the kernel's module names filled in.
+fn expand_labels(
+    labels: &[(&'static str, &'static str)],
+    modules: Modules,
+) -> Vec<(&'static str, String)> {
+    labels
+        .iter()
+        .map(|(k, v)| (*k, expand(v, modules).into_owned()))
+        .collect()
+}
+
+fn check_metric(check: &Check, text: &str, modules: Modules) -> Option<String> {
     let (what, value, want) = match check {
-        Check::Metric(name, labels, want) => (
-            format!("{name}{}", show_labels(labels)),
-            prom::value(text, name, labels),
-            want,
-        ),
-        Check::MetricSum(name, labels, want) => (
-            format!("sum of {name}{}", show_labels(labels)),
-            prom::sum_with_labels(text, name, labels),
-            want,
-        ),
+        Check::Metric(name, labels, want) => {
+            let owned = expand_labels(labels, modules);
+            let labels: Vec<(&str, &str)> = owned.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            (
+                format!("{name}{}", show_labels(&labels)),
+                prom::value(text, name, &labels),
+                want,
+            )
+        }
+        Check::MetricSum(name, labels, want) => {
+            let owned = expand_labels(labels, modules);
+            let labels: Vec<(&str, &str)> = owned.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            (
+                format!("sum of {name}{}", show_labels(&labels)),
+                prom::sum_with_labels(text, name, &labels),
+                want,
+            )
+        }
         Check::SumAtMost(parts, (whole_name, whole_labels)) => {
             let part_values: Vec<Option<f64>> =
                 parts.iter().map(|(n, l)| prom::value(text, n, l)).collect();
@@ -74,6 +99,7 @@ fn show_labels(labels: &[(&str, &str)]) -> String {
 pub fn settle_metrics(
     addr: SocketAddr,
     checks: &[&Check],
+    modules: Modules,
     until: Instant,
 ) -> (String, Vec<String>) {
     loop {
@@ -81,7 +107,7 @@ pub fn settle_metrics(
             Ok(text) => {
                 let failed: Vec<String> = checks
                     .iter()
-                    .filter_map(|c| check_metric(c, &text))
+                    .filter_map(|c| check_metric(c, &text, modules))
                     .collect();
                 (text, failed)
             }

@@ -1,0 +1,104 @@
+//! A hook family: everything about one thing the observer watches (its hooks, what its programs
+//! need from the running kernel, its maps, the records it decodes, the metrics it exports),
+//! behind one trait. The agent, the pipeline and `main` loop over the registered families and
+//! route records by kind; none of them names a family.
+
+use std::any::Any;
+
+use observer_common::{EventKind, Names};
+
+use crate::{
+    maps::Maps,
+    metrics::Family,
+    plan::{Hook, KernelView},
+};
+
+/// A record kind a family decodes, with the size a record of that kind has at least.
+#[derive(Clone, Copy, Debug)]
+pub struct RecordKind {
+    pub kind: EventKind,
+    pub size: usize,
+}
+
+impl RecordKind {
+    pub const fn of<T>(kind: EventKind) -> Self {
+        Self {
+            kind,
+            size: size_of::<T>(),
+        }
+    }
+}
+
+/// An event's own fields, for the event stream (`--events json`); the pipeline adds those every
+/// event has (kind, process, thread, comm).
+pub type EventFields = serde_json::Map<String, serde_json::Value>;
+
+/// The globals the programs read, set from the running kernel before the object is loaded.
+#[derive(Default)]
+pub struct LoadSettings {
+    pub globals: Vec<(&'static str, Vec<u8>)>,
+}
+
+impl LoadSettings {
+    /// Sets global `name` (which must exist in the object) to `value`'s bytes.
+    pub fn global<T: aya::Pod>(&mut self, name: &'static str, value: &T) {
+        // SAFETY: `T: Pod` is plain data with no padding that matters; its bytes are its value.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(std::ptr::from_ref(value).cast::<u8>(), size_of::<T>())
+        };
+        self.globals.push((name, bytes.to_vec()));
+    }
+}
+
+/// What a family is built from.
+pub struct Context<'a> {
+    /// The whole command line: a family reads its own flags (see [`Registration::flags`]).
+    pub matches: &'a clap::ArgMatches,
+    pub kernel: &'a KernelView,
+    /// `observer profile`: keep every module load for the report.
+    pub keep_samples: bool,
+}
+
+pub trait HookFamily: Send {
+    /// The attach plan's rows: each hook with its mechanisms, preferred first.
+    fn hooks(&self) -> Vec<Hook>;
+
+    /// Globals its programs need from the running kernel (BTF offsets, enum values).
+    fn configure(&self, _kernel: &KernelView, _load: &mut LoadSettings) {}
+
+    /// Takes the maps it reads out of the loaded object.
+    fn take_maps(&mut self, _maps: &mut Maps<'_>) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    /// The record kinds it decodes.
+    fn records(&self) -> &'static [RecordKind];
+
+    /// Takes one record of one of its kinds (at least as long as declared) into its state;
+    /// returns the event's own fields when `want_event` and the record makes an event.
+    fn decode(&mut self, kind: EventKind, bytes: &[u8], want_event: bool) -> Option<EventFields>;
+
+    /// Its metric families, now (kernel maps and its state).
+    fn collect(&self, out: &mut Vec<Family>);
+
+    /// For the subcommand that reads one family's state directly (`observer profile`).
+    fn as_any_mut(&mut self) -> &mut dyn Any;
+}
+
+/// One line of the registry.
+pub struct Registration {
+    /// The collector's name: `--collector.<name>`, `--no-collector.<name>`.
+    pub name: &'static str,
+    /// One line for `--help`.
+    pub about: &'static str,
+    /// The programs, maps and globals it uses in the eBPF object.
+    pub names: &'static Names,
+    /// Adds its own flags to the command line, if it has any.
+    pub flags: fn(clap::Command) -> clap::Command,
+    pub new: fn(&Context<'_>) -> anyhow::Result<Box<dyn HookFamily>>,
+}
+
+/// For families without flags of their own.
+pub fn no_flags(command: clap::Command) -> clap::Command {
+    command
+}

@@ -1,0 +1,292 @@
+//! Start-up: builds the enabled families, loads the eBPF object with what they need from the
+//! running kernel, attaches their hooks, and hands each its maps.
+
+use std::sync::Arc;
+
+use anyhow::{Context as _, bail};
+use aya::{EbpfLoader, maps::RingBuf};
+use observer_common::{EVENTS_LOST_MAP, EVENTS_MAP, WAKEUP_BYTES_GLOBAL};
+
+use crate::{
+    agent::{Agent, Families, RecordCounts},
+    cli::RunArgs,
+    family::{Context, HookFamily, LoadSettings},
+    kernel,
+    maps::Maps,
+    plan::{self, Hook, KernelView, ProbeStatus},
+    registry,
+};
+
+/// The eBPF programs, built by build.rs.
+pub static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/observer"));
+
+/// What the command line asks for: which families, with which settings.
+pub struct Selection<'a> {
+    pub matches: &'a clap::ArgMatches,
+    pub args: &'a RunArgs,
+    /// Only these collectors, whatever the flags say (a subcommand that needs only some).
+    pub only: Option<&'static [&'static str]>,
+    pub keep_samples: bool,
+}
+
+/// The families built, enabled or not, in registry order.
+pub struct Built {
+    pub enabled: Vec<(&'static str, Box<dyn HookFamily>)>,
+    pub collectors: Vec<(&'static str, bool)>,
+    /// The hooks of the switched-off families, for `observer probes`.
+    pub disabled_hooks: Vec<(&'static str, Hook)>,
+}
+
+pub fn build(selection: &Selection<'_>, kernel: &KernelView) -> anyhow::Result<Built> {
+    let context = Context {
+        matches: selection.matches,
+        kernel,
+        keep_samples: selection.keep_samples,
+    };
+    let mut built = Built {
+        enabled: Vec::new(),
+        collectors: Vec::new(),
+        disabled_hooks: Vec::new(),
+    };
+    for (registration, on) in registry::enabled(selection.matches) {
+        let on = on
+            && selection
+                .only
+                .is_none_or(|only| only.contains(&registration.name));
+        let family = (registration.new)(&context)
+            .with_context(|| format!("setting up the {} collector", registration.name))?;
+        built.collectors.push((registration.name, on));
+        if on {
+            built.enabled.push((registration.name, family));
+        } else {
+            for hook in family.hooks() {
+                built.disabled_hooks.push((registration.name, hook));
+            }
+        }
+    }
+    if built.enabled.is_empty() {
+        bail!("every collector is switched off: nothing to observe");
+    }
+    Ok(built)
+}
+
+fn hooks(enabled: &[(&'static str, Box<dyn HookFamily>)]) -> Vec<Hook> {
+    enabled.iter().flat_map(|(_, f)| f.hooks()).collect()
+}
+
+/// Loads the object with every enabled family's globals, and attaches their hooks.
+pub fn load(
+    kernel: &KernelView,
+    args: &RunArgs,
+    enabled: &[(&'static str, Box<dyn HookFamily>)],
+) -> anyhow::Result<(aya::Ebpf, Vec<ProbeStatus>)> {
+    let mut settings = LoadSettings::default();
+    for (_, family) in enabled {
+        family.configure(kernel, &mut settings);
+    }
+    let buffer_size = args.events_buffer_size;
+    // Wake the agent at a quarter full, or 64 KiB, whichever comes first.
+    let wakeup_bytes = u64::from(buffer_size / 4).min(64 * 1024);
+    let mut loader = EbpfLoader::new();
+    loader
+        .btf(kernel.aya_btf.as_ref())
+        .map_max_entries(EVENTS_MAP, buffer_size)
+        .override_global(WAKEUP_BYTES_GLOBAL, &wakeup_bytes, true);
+    for (name, bytes) in &settings.globals {
+        loader.override_global(name, bytes.as_slice(), true);
+    }
+    let mut ebpf = loader
+        .load(PROGRAMS)
+        .context("loading the eBPF object (maps and programs)")?;
+    let statuses = plan::attach(&mut ebpf, &hooks(enabled), kernel);
+    Ok((ebpf, statuses))
+}
+
+pub fn missing_probes(hooks: &[Hook], statuses: &[ProbeStatus]) -> Vec<&'static str> {
+    hooks
+        .iter()
+        .filter(|h| !statuses.iter().any(|s| s.probe == h.name && s.attached))
+        .map(|h| h.name)
+        .collect()
+}
+
+/// The loaded, attached programs and the agent reading them.
+pub struct Started {
+    pub ebpf: aya::Ebpf,
+    pub agent: Arc<Agent>,
+    pub ring: RingBuf<aya::maps::MapData>,
+}
+
+/// Loads and attaches everything this kernel allows for the selected families, and builds the
+/// agent around them.
+pub fn start(selection: &Selection<'_>) -> anyhow::Result<Started> {
+    kernel::ensure_securityfs();
+    let kernel = KernelView::read();
+    let Built {
+        mut enabled,
+        collectors,
+        ..
+    } = build(selection, &kernel)?;
+    let (mut ebpf, probes) = load(&kernel, selection.args, &enabled)?;
+    let hooks = hooks(&enabled);
+    let missing = missing_probes(&hooks, &probes);
+    let reasons = |only_missing: bool| {
+        probes
+            .iter()
+            .filter(|s| !only_missing || missing.contains(&s.probe))
+            .map(|s| format!("{} ({}): {}", s.probe, s.mechanism, s.detail))
+            .collect::<Vec<_>>()
+            .join("\n  ")
+    };
+    if missing.len() == hooks.len() {
+        bail!(
+            "no probe could attach on this kernel:\n  {}",
+            reasons(false)
+        );
+    }
+    if selection.args.strict && !missing.is_empty() {
+        bail!("--strict: probes not attached:\n  {}", reasons(true));
+    }
+
+    let mut maps = Maps::new(&mut ebpf);
+    let ring = RingBuf::try_from(maps.take(EVENTS_MAP)?).context("the ring buffer map")?;
+    for (name, family) in &mut enabled {
+        family
+            .take_maps(&mut maps)
+            .with_context(|| format!("the {name} collector's maps"))?;
+    }
+    let agent = Arc::new(Agent {
+        events_lost: maps.per_cpu_array(EVENTS_LOST_MAP)?,
+        families: Families::new(enabled),
+        counts: RecordCounts::default(),
+        probes,
+        collectors,
+        kernel_release: kernel::release(),
+    });
+    drop(kernel);
+    // Parsing the kernel's BTF (twice: ours and aya's) takes tens of MiB that are free now;
+    // hand them back so the resident size reflects what the agent keeps.
+    // SAFETY: malloc_trim has no preconditions.
+    unsafe { libc::malloc_trim(0) };
+    Ok(Started { ebpf, agent, ring })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
+    use observer_common::{Names, SHARED_NAMES};
+
+    use super::*;
+    use crate::plan::Mechanism;
+
+    fn set(names: &[&str]) -> BTreeSet<String> {
+        names.iter().map(|n| (*n).to_owned()).collect()
+    }
+
+    /// What the object holds: program names, map names, and global variables (symbols in the
+    /// data sections), without loading it into a kernel.
+    fn object_names() -> (BTreeSet<String>, BTreeSet<String>, BTreeSet<String>) {
+        let parsed = aya_obj::Object::parse(PROGRAMS).unwrap();
+        let programs = parsed.programs.keys().cloned().collect();
+        let maps = parsed
+            .maps
+            .keys()
+            .filter(|m| !m.starts_with('.'))
+            .cloned()
+            .collect();
+        let elf = object::File::parse(PROGRAMS).unwrap();
+        let globals = elf
+            .symbols()
+            .filter(|s| s.is_global() && !s.is_undefined())
+            .filter(|s| {
+                s.section_index()
+                    .and_then(|i| elf.section_by_index(i).ok())
+                    .and_then(|section| section.name().ok().map(str::to_owned))
+                    .is_some_and(|name| [".rodata", ".data", ".bss"].contains(&name.as_str()))
+            })
+            .filter_map(|s| s.name().ok().map(str::to_owned))
+            .collect();
+        (programs, maps, globals)
+    }
+
+    /// aya-log's own map and level global, which its crates name.
+    const LOG_MAPS: &[&str] = &["AYA_LOGS"];
+    const LOG_GLOBALS: &[&str] = &["AYA_LOG_LEVEL"];
+
+    #[test]
+    fn the_object_holds_exactly_the_names_the_families_use() {
+        let all: Vec<&Names> = registry::FAMILIES
+            .iter()
+            .map(|f| f.names)
+            .chain([&SHARED_NAMES])
+            .collect();
+        let union = |pick: fn(&Names) -> &'static [&'static str]| {
+            all.iter()
+                .flat_map(|n| pick(n))
+                .copied()
+                .collect::<Vec<_>>()
+        };
+        let (programs, maps, globals) = object_names();
+        assert_eq!(programs, set(&union(|n| n.programs)));
+        let mut expected_maps = union(|n| n.maps);
+        expected_maps.extend(LOG_MAPS);
+        assert_eq!(maps, set(&expected_maps));
+        let mut expected_globals = union(|n| n.globals);
+        expected_globals.extend(LOG_GLOBALS);
+        assert_eq!(globals, set(&expected_globals));
+    }
+
+    /// Each family's hooks (under every flag that changes them) name exactly its programs, and
+    /// its configuration sets exactly its globals.
+    #[test]
+    fn every_family_uses_exactly_its_names() {
+        let kernel = KernelView::without_kernel();
+        for flags in [
+            &["observer"][..],
+            &["observer", "--timers.hook", "raw-tracepoint"],
+        ] {
+            let matches = crate::cli::command().try_get_matches_from(flags).unwrap();
+            let context = Context {
+                matches: &matches,
+                kernel: &kernel,
+                keep_samples: false,
+            };
+            for registration in registry::FAMILIES {
+                let family = (registration.new)(&context).unwrap();
+                let programs: Vec<&str> = family
+                    .hooks()
+                    .iter()
+                    .flat_map(|h| h.options.iter().flatten().map(|a| a.program))
+                    .collect();
+                assert_eq!(
+                    set(&programs),
+                    set(registration.names.programs),
+                    "{}",
+                    registration.name
+                );
+                let mut settings = LoadSettings::default();
+                family.configure(&kernel, &mut settings);
+                let globals: Vec<&str> = settings.globals.iter().map(|(n, _)| *n).collect();
+                assert_eq!(
+                    set(&globals),
+                    set(registration.names.globals),
+                    "{}",
+                    registration.name
+                );
+                // fentry/fexit programs name the function they attach to in the object too.
+                for attachment in family
+                    .hooks()
+                    .iter()
+                    .flat_map(|h| h.options.iter().flatten())
+                {
+                    if let Mechanism::FEntry { .. } | Mechanism::FExit { .. } = attachment.mechanism
+                    {
+                        assert!(programs.contains(&attachment.program));
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,303 @@
+//! POSIX timers: syscall counts and create latency from kernel maps; live timers, the ID
+//! high-water mark, short-lived churn and per-process creates from ring buffer records.
+
+mod state;
+
+use std::{any::Any, time::Duration};
+
+use aya::maps::{MapData, PerCpuArray};
+use observer_common::{
+    ERRNO_SLOTS, EventKind, LOG2_SLOTS,
+    timers::{
+        COUNTED_SYSCALLS, CREATE_LATENCY_MAP, NAMES, RESTORE_CREATES_MAP, SYSCALL_COUNTER_SLOTS,
+        SYSCALLS_MAP, TimerEvent,
+    },
+};
+
+use self::state::{TimerSettings, TimerState};
+use crate::{
+    family::{Context, EventFields, HookFamily, LoadSettings, RecordKind, Registration},
+    maps::{self, Maps},
+    metrics::{Family, Log2Histogram},
+    plan::{Hook, KernelView, raw_tracepoint, tracepoint},
+    record::{comm_str, read_record},
+};
+
+pub const FAMILY: Registration = Registration {
+    name: "timers",
+    about: "POSIX timer syscalls, live timers, ID churn and restore-mode creates",
+    names: &NAMES,
+    flags: <Flags as clap::Args>::augment_args,
+    new: TimerFamily::new,
+};
+
+/// The timer family's own flags.
+#[derive(clap::Args, Debug)]
+pub struct Flags {
+    /// Which timer syscall hooks to prefer (the other is the fallback).
+    #[arg(long = "timers.hook", value_enum, default_value = "tracepoint")]
+    pub hook: SyscallHook,
+    /// A timer deleted this soon after creation, never armed, counts as short-lived churn.
+    #[arg(long = "timers.short-lived", default_value = "10ms", value_parser = crate::parse::parse_duration)]
+    pub short_lived: Duration,
+    /// How many process names get their own series in the per-process timer metric.
+    #[arg(long = "timers.top-processes", default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub top_processes: u16,
+}
+
+const RECORDS: &[RecordKind] = &[
+    RecordKind::of::<TimerEvent>(EventKind::TimerCreated),
+    RecordKind::of::<TimerEvent>(EventKind::TimerDeleted),
+    RecordKind::of::<TimerEvent>(EventKind::TimerArmed),
+    RecordKind::of::<TimerEvent>(EventKind::TimerOwnerGone),
+];
+
+pub struct TimerFamily {
+    hook: SyscallHook,
+    state: TimerState,
+    maps: Option<TimerMaps>,
+}
+
+impl TimerFamily {
+    fn new(context: &Context<'_>) -> anyhow::Result<Box<dyn HookFamily>> {
+        let flags = <Flags as clap::FromArgMatches>::from_arg_matches(context.matches)?;
+        Ok(Box::new(Self::with_flags(&flags)))
+    }
+
+    pub fn with_flags(flags: &Flags) -> Self {
+        Self {
+            hook: flags.hook,
+            state: TimerState::new(TimerSettings {
+                short_lived_ns: u64::try_from(flags.short_lived.as_nanos()).unwrap_or(u64::MAX),
+                top_processes: usize::from(flags.top_processes),
+            }),
+            maps: None,
+        }
+    }
+}
+
+impl HookFamily for TimerFamily {
+    fn hooks(&self) -> Vec<Hook> {
+        hooks(self.hook)
+    }
+
+    fn configure(&self, kernel: &KernelView, load: &mut LoadSettings) {
+        let btf = kernel.btf.as_ref().ok();
+        let offset = |s: &str, m: &str| btf.and_then(|b| b.member_offset(s, m)).unwrap_or(0);
+        let (signal, live) = (
+            offset("task_struct", "signal"),
+            offset("signal_struct", "live"),
+        );
+        if signal == 0 || live == 0 {
+            log::warn!(
+                "no BTF offsets for task_struct.signal/signal_struct.live: a process's timers are taken to die with its main thread"
+            );
+        }
+        load.global("TASK_SIGNAL_OFFSET", &signal);
+        load.global("SIGNAL_LIVE_OFFSET", &live);
+        load.global("SYS_TIMER_CREATE", &(libc::SYS_timer_create as u64));
+        load.global("SYS_TIMER_DELETE", &(libc::SYS_timer_delete as u64));
+        load.global("SYS_TIMER_SETTIME", &(libc::SYS_timer_settime as u64));
+        load.global("SYS_PRCTL", &(libc::SYS_prctl as u64));
+        // Where the saved user registers keep the first three syscall arguments and the
+        // syscall number (x86_64: di, si, dx, orig_ax), for the raw syscall tracepoints.
+        let register = |name: &str, default: u32| {
+            btf.and_then(|b| b.member_offset("pt_regs", name))
+                .unwrap_or(default)
+        };
+        let arguments: [u32; 3] = [register("di", 112), register("si", 104), register("dx", 96)];
+        load.global("PT_REGS_ARG_OFFSETS", &arguments);
+        load.global("PT_REGS_NR_OFFSET", &register("orig_ax", 120));
+    }
+
+    fn take_maps(&mut self, maps: &mut Maps<'_>) -> anyhow::Result<()> {
+        self.maps = Some(TimerMaps::take(maps)?);
+        Ok(())
+    }
+
+    fn records(&self) -> &'static [RecordKind] {
+        RECORDS
+    }
+
+    fn decode(&mut self, kind: EventKind, bytes: &[u8], want_event: bool) -> Option<EventFields> {
+        let event = read_record::<TimerEvent>(bytes)?;
+        let comm = comm_str(&event.header.comm);
+        self.state.handle(kind, &event, &comm, want_event)
+    }
+
+    fn collect(&self, out: &mut Vec<Family>) {
+        if let Some(maps) = &self.maps {
+            maps.gather(out);
+        }
+        self.state.gather(out);
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
+const SYSCALL_NAMES: [&str; COUNTED_SYSCALLS as usize] =
+    ["timer_create", "timer_delete", "timer_settime"];
+
+/// Which syscall hooks the timer family prefers (`--timers.hook`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SyscallHook {
+    /// The syscall tracepoints: cost only on the watched syscalls, but each builds a record.
+    Tracepoint,
+    /// The raw syscall tracepoints: cheaper per watched syscall, a filter on every other one.
+    RawTracepoint,
+}
+
+fn hooks(preferred: SyscallHook) -> Vec<Hook> {
+    let syscalls = |enter_tp, exit_tp, enter, exit| {
+        [
+            tracepoint(enter, "syscalls", enter_tp),
+            tracepoint(exit, "syscalls", exit_tp),
+        ]
+    };
+    let per_syscall: Vec<_> = [
+        syscalls(
+            "sys_enter_timer_create",
+            "sys_exit_timer_create",
+            "timers_create_enter",
+            "timers_create_exit",
+        ),
+        syscalls(
+            "sys_enter_timer_delete",
+            "sys_exit_timer_delete",
+            "timers_delete_enter",
+            "timers_delete_exit",
+        ),
+        syscalls(
+            "sys_enter_timer_settime",
+            "sys_exit_timer_settime",
+            "timers_settime_enter",
+            "timers_settime_exit",
+        ),
+        // prctl: restore mode (PR_TIMER_CREATE_RESTORE_IDS) switched on and off.
+        syscalls(
+            "sys_enter_prctl",
+            "sys_exit_prctl",
+            "timers_prctl_enter",
+            "timers_prctl_exit",
+        ),
+    ]
+    .concat();
+    let raw = vec![
+        raw_tracepoint("timers_raw_enter", "sys_enter"),
+        raw_tracepoint("timers_raw_exit", "sys_exit"),
+    ];
+    let options = match preferred {
+        SyscallHook::Tracepoint => vec![per_syscall, raw],
+        SyscallHook::RawTracepoint => vec![raw, per_syscall],
+    };
+    let sched = |name, program, tp| Hook {
+        name,
+        options: vec![vec![tracepoint(program, "sched", tp)]],
+        requires: None,
+    };
+    vec![
+        // timer_create, timer_delete, timer_settime, and prctl for restore mode.
+        Hook {
+            name: "timer_syscalls",
+            options,
+            requires: None,
+        },
+        sched(
+            "timer_owner_exit",
+            "timers_process_exit",
+            "sched_process_exit",
+        ),
+        sched(
+            "timer_owner_exec",
+            "timers_process_exec",
+            "sched_process_exec",
+        ),
+    ]
+}
+
+/// The timer family's kernel maps.
+struct TimerMaps {
+    syscalls: PerCpuArray<MapData, u64>,
+    restore_creates: PerCpuArray<MapData, u64>,
+    create_latency: PerCpuArray<MapData, u64>,
+}
+
+impl TimerMaps {
+    fn take(maps: &mut Maps<'_>) -> anyhow::Result<Self> {
+        Ok(Self {
+            syscalls: maps.per_cpu_array(SYSCALLS_MAP)?,
+            restore_creates: maps.per_cpu_array(RESTORE_CREATES_MAP)?,
+            create_latency: maps.per_cpu_array(CREATE_LATENCY_MAP)?,
+        })
+    }
+}
+
+/// The `result` label of a counter slot: ok, or the errno's name in lowercase.
+pub fn result_label(slot: u32) -> String {
+    match slot {
+        0 => "ok".into(),
+        s if s == ERRNO_SLOTS - 1 => "other".into(),
+        s => {
+            let name = format!("{:?}", nix::errno::Errno::from_raw(s as i32));
+            if name == "UnknownErrno" {
+                format!("errno{s}")
+            } else {
+                name.to_lowercase()
+            }
+        }
+    }
+}
+
+impl TimerMaps {
+    fn gather(&self, families: &mut Vec<Family>) {
+        let mut calls = Family::counter(
+            "posix_timer_syscalls_total",
+            "POSIX timer syscalls by syscall and result (ok, or the errno).",
+        );
+        let counts = maps::sum_per_cpu(&self.syscalls, SYSCALL_COUNTER_SLOTS);
+        for (slot, count) in counts.iter().enumerate().filter(|(_, n)| **n > 0) {
+            let (syscall, result) = (slot as u32 / ERRNO_SLOTS, slot as u32 % ERRNO_SLOTS);
+            calls.add(
+                &[
+                    ("syscall", SYSCALL_NAMES[syscall as usize]),
+                    ("result", &result_label(result)),
+                ],
+                *count as f64,
+            );
+        }
+        families.push(calls);
+
+        let mut restore = Family::counter(
+            "posix_timer_restore_creates_total",
+            "timer_create calls that asked for a specific ID under restore mode (PR_TIMER_CREATE_RESTORE_IDS), by result.",
+        );
+        let counts = maps::sum_per_cpu(&self.restore_creates, ERRNO_SLOTS);
+        for (slot, count) in counts.iter().enumerate().filter(|(_, n)| **n > 0) {
+            restore.add(&[("result", &result_label(slot as u32))], *count as f64);
+        }
+        families.push(restore);
+
+        let mut latency = Family::histogram(
+            "posix_timer_create_duration_seconds",
+            "timer_create syscall latency.",
+        );
+        let slots = maps::sum_per_cpu(&self.create_latency, LOG2_SLOTS);
+        latency.add_histogram(&[], &Log2Histogram::from_slots(&slots));
+        families.push(latency);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn result_labels() {
+        assert_eq!(result_label(0), "ok");
+        assert_eq!(result_label(22), "einval");
+        assert_eq!(result_label(16), "ebusy");
+        assert_eq!(result_label(ERRNO_SLOTS - 1), "other");
+    }
+}

@@ -1,0 +1,141 @@
+//! The agent itself: which mechanisms attach, what it still does under
+//! `lockdown=confidentiality`, `observer profile`, and the dashboards against a guest.
+use std::net::SocketAddr;
+
+use super::{
+    CURRENT, Check, Scenario, Want,
+    modules::{ALL, ATTACHED, LOADS, LOCKDOWN_GUEST, LOCKDOWN_REFUSES_UNSIGNED, TAINTS},
+    timers,
+};
+use crate::vm::kernel::Series;
+
+const TIMERS: &str = "observer_posix_timer_syscalls_total";
+
+pub const FENTRY_PATH: Scenario = Scenario {
+    host: None,
+    name: "fentry-path",
+    about: "the primary mechanisms attach; timer syscalls are counted exactly",
+    cmdline: "",
+    kernels: CURRENT,
+    guest: "probes\n/vm/guest-tool timers 50\n",
+    checks: &[&[
+        Check::Console("PROBES-END rc=0"),
+        Check::Console(
+            "timers created=50 deleted=50 bad_create errno=EINVAL bad_delete errno=EINVAL",
+        ),
+        Check::Probes(&["security_locked_down", "fexit", " yes "]),
+        Check::MetricSum(ATTACHED, &[("mechanism", "fexit")], Want::AtLeast(1.0)),
+        Check::MetricSum(ATTACHED, &[("mechanism", "fentry")], Want::AtLeast(1.0)),
+        Check::Metric(
+            TIMERS,
+            &[("syscall", "timer_create"), ("result", "ok")],
+            Want::Eq(50.0),
+        ),
+        Check::Metric(
+            TIMERS,
+            &[("syscall", "timer_delete"), ("result", "ok")],
+            Want::Eq(50.0),
+        ),
+    ]],
+    kernel_checks: &[],
+};
+
+/// The same actions and the same checks as `lockdown-integrity`: confidentiality includes
+/// integrity, and the observer is meant to see as much under it.
+pub const CONFIDENTIALITY: Scenario = Scenario {
+    host: None,
+    name: "confidentiality",
+    about: "lockdown=confidentiality: tracefs and kprobes are refused; loads, lockdown decisions \
+            and timer life cycles are seen as under integrity",
+    cmdline: "lockdown=confidentiality",
+    kernels: CURRENT,
+    guest: LOCKDOWN_GUEST,
+    checks: &[
+        &[
+            Check::Console("lockdown: none integrity [confidentiality]"),
+            Check::Console("AGENT-READY"),
+            Check::Console("PROBES-END rc=0"),
+            // Hooks that needed tracefs say so.
+            Check::Probes(&["tracepoint", " no "]),
+            Check::MetricSum(ATTACHED, &[("mechanism", "fexit")], Want::AtLeast(1.0)),
+        ],
+        LOCKDOWN_REFUSES_UNSIGNED,
+        timers::LIFE,
+        timers::LIFE_TOTALS,
+    ],
+    kernel_checks: &[],
+};
+
+pub const PROFILE: Scenario = Scenario {
+    host: None,
+    name: "profile",
+    about: "observer profile times integrity checks per module and estimates a hash-based check",
+    cmdline: "",
+    kernels: CURRENT,
+    guest: "/observer profile --duration 20s --format json >/tmp/profile.json 2>/tmp/profile.err &\n\
+            profile=$!\n\
+            until grep -q watching /tmp/profile.err; do sleep 0.2; done\n\
+            load /vm/mods/$M1.ko /vm/mods/$M2.ko /vm/mods/$M3.ko\n\
+            kill -INT $profile; wait $profile; echo \"profile rc=$?\"\n\
+            echo PROFILE-BEGIN; cat /tmp/profile.json; echo PROFILE-END\n",
+    checks: &[&[
+        Check::Console("profile rc=0"),
+        Check::Console("\"module\": \"{M1.name}\""),
+        Check::Console("\"module\": \"{M2.name}\""),
+        Check::Console("\"module\": \"{M3.name}\""),
+        Check::Console("\"signature\": {"),
+        Check::Console("\"digest\":"),
+        // Debian's packages have 4,096 to 8,191 modules each: a 13-level Merkle tree.
+        Check::Console("\"merkle_levels\": 13"),
+        Check::Console("\"estimated_to_signature_ratio\":"),
+    ]],
+    kernel_checks: &[],
+};
+
+pub const DASHBOARDS: Scenario = Scenario {
+    host: Some(dashboards_against_guest),
+    name: "dashboards",
+    about: "every dashboard panel and alert rule, through a real Prometheus scraping this guest",
+    cmdline: "",
+    // A real Prometheus run costs a minute: once, on the newest kernel.
+    kernels: &[Series::V7_3],
+    guest: "load /vm/mods/$M1.ko /vm/mods/$M3-unsigned.ko\n\
+            load --compressed /vm/mods/$M2.ko.xz\n\
+            /vm/guest-tool timers 5\n",
+    checks: &[&[
+        Check::Console("finit_module {M1}.ko rc=0"),
+        Check::Console("finit_module {M3}-unsigned.ko rc=0"),
+        Check::Console("finit_module {M2}.ko.xz compressed rc=0"),
+        Check::MetricSum(LOADS, ALL, Want::Eq(3.0)),
+        Check::Metric(
+            TAINTS,
+            &[("flag", "E"), ("module", "{M3.name}")],
+            Want::Eq(1.0),
+        ),
+    ]],
+    kernel_checks: &[],
+};
+
+pub const BENCH_MODULES: Scenario = Scenario {
+    host: Some(crate::vm::bench_modules::module_path_report),
+    name: "bench-modules",
+    about: "benchmark (not a test): signed module load time without and with the observer, interleaved",
+    cmdline: "",
+    // Run by `cargo xtask bench` only.
+    kernels: &[],
+    // Detaching trampolines keeps the guest busy for seconds after the agent stops (and
+    // attaching, after it starts): each side waits that out before its loads.
+    guest: "for round in 1 2 3 4 5; do\n\
+            kill -INT $agent_pid; wait $agent_pid; sleep 6\n\
+            /vm/guest-tool loadtime without /vm/mods/$M1.ko /vm/mods/$M2.ko /vm/mods/$M3.ko\n\
+            start_agent >/dev/null; sleep 6\n\
+            /vm/guest-tool loadtime with /vm/mods/$M1.ko /vm/mods/$M2.ko /vm/mods/$M3.ko\n\
+            done\n",
+    checks: &[&[Check::Console("loadtime with {M3.name}")]],
+    kernel_checks: &[],
+};
+
+/// The dashboards' proof with the guest's agent as a second target: module panels need data.
+fn dashboards_against_guest(guest: SocketAddr, _console: &str) -> anyhow::Result<()> {
+    crate::dashboards::run_with_targets(&[guest.to_string()])
+}

@@ -1,0 +1,229 @@
+//! Module loading and its integrity checks: signatures, taint, lockdown and enforcement,
+//! compressed modules, the absent hash-based path.
+use super::{CURRENT, Check, EVERY_KERNEL, Labels, Scenario, Want, timers};
+use crate::vm::kernel::Series;
+
+pub const LOADS: &str = "observer_module_loads_total";
+pub const INTEGRITY_COUNT: &str = "observer_module_integrity_check_duration_seconds_count";
+pub const TAINTS: &str = "observer_kernel_taint_events_total";
+pub const LOCKDOWN: &str = "observer_lockdown_decisions_total";
+pub const ATTACHED: &str = "observer_probe_attached";
+const LOAD_COUNT: &str = "observer_module_load_duration_seconds_count";
+const PHASE_COUNT: &str = "observer_module_integrity_phase_duration_seconds_count";
+const PHASE_SUM: &str = "observer_module_integrity_phase_duration_seconds_sum";
+const INTEGRITY_SUM: &str = "observer_module_integrity_check_duration_seconds_sum";
+
+pub const LOADED_SIGNED: Labels = &[("outcome", "loaded"), ("method", "signature")];
+const LOADED_UNSIGNED: Labels = &[("outcome", "loaded"), ("method", "none")];
+pub const SIGNATURE_OK: Labels = &[("method", "signature"), ("result", "ok")];
+const MODULE_SIGNATURE_DENIED: Labels = &[("reason", "module_signature"), ("verdict", "denied")];
+pub const ALL: Labels = &[];
+
+/// The timed phases of a signature check lie within the whole check.
+const PHASES_WITHIN_CHECK: Check = Check::SumAtMost(
+    &[
+        (PHASE_SUM, &[("phase", "parse")]),
+        (PHASE_SUM, &[("phase", "digest")]),
+        (PHASE_SUM, &[("phase", "key_lookup")]),
+        (PHASE_SUM, &[("phase", "public_key_verify")]),
+    ],
+    (INTEGRITY_SUM, SIGNATURE_OK),
+);
+
+pub const SIGNED: Scenario = Scenario {
+    host: None,
+    name: "signed",
+    about: "two signed modules load; each signature is verified; nothing taints",
+    cmdline: "",
+    kernels: EVERY_KERNEL,
+    guest: "load /vm/mods/$M1.ko /vm/mods/$M2.ko\n\
+            echo \"tainted=$(cat /proc/sys/kernel/tainted)\"\n",
+    checks: &[&[
+        Check::Console("finit_module {M1}.ko rc=0"),
+        Check::Console("finit_module {M2}.ko rc=0"),
+        Check::Console("tainted=0"),
+        Check::Metric(LOADS, LOADED_SIGNED, Want::Eq(2.0)),
+        Check::MetricSum(LOADS, ALL, Want::Eq(2.0)),
+        Check::Metric(INTEGRITY_COUNT, SIGNATURE_OK, Want::Eq(2.0)),
+        Check::Metric(LOAD_COUNT, &[("outcome", "loaded")], Want::Eq(2.0)),
+        Check::MetricSum(TAINTS, ALL, Want::ZeroOrAbsent),
+        // One sample per phase that ran, per signed load; nothing decompressed.
+        Check::Metric(PHASE_COUNT, &[("phase", "parse")], Want::Eq(2.0)),
+        Check::Metric(PHASE_COUNT, &[("phase", "digest")], Want::Eq(2.0)),
+        Check::Metric(PHASE_COUNT, &[("phase", "key_lookup")], Want::Eq(2.0)),
+        Check::Metric(
+            PHASE_COUNT,
+            &[("phase", "public_key_verify")],
+            Want::Eq(2.0),
+        ),
+        Check::Metric(PHASE_COUNT, &[("phase", "other")], Want::Eq(2.0)),
+        Check::MetricSum(PHASE_COUNT, &[("phase", "decompress")], Want::ZeroOrAbsent),
+        PHASES_WITHIN_CHECK,
+        // And what a hash-based check would have cost, for each of them.
+        Check::Metric(
+            "observer_module_hash_check_estimate_seconds_count",
+            ALL,
+            Want::Eq(2.0),
+        ),
+    ]],
+    kernel_checks: &[],
+};
+
+pub const UNSIGNED: Scenario = Scenario {
+    host: None,
+    name: "unsigned",
+    about: "default boot: an unsigned module loads and taints the kernel with E",
+    cmdline: "",
+    kernels: EVERY_KERNEL,
+    guest: "load /vm/mods/$M1-unsigned.ko\n\
+            echo \"tainted=$(cat /proc/sys/kernel/tainted)\"\n\
+            echo \"$M1 taint=$(cat /sys/module/$(echo $M1 | tr - _)/taint)\"\n",
+    checks: &[&[
+        Check::Console("finit_module {M1}-unsigned.ko rc=0"),
+        Check::Console("tainted=8192"),
+        Check::Console("{M1} taint=E"),
+        Check::Console(
+            "module verification failed: signature and/or required key missing - tainting kernel",
+        ),
+        Check::Metric(LOADS, LOADED_UNSIGNED, Want::Eq(1.0)),
+        Check::MetricSum(LOADS, ALL, Want::Eq(1.0)),
+        Check::Metric(
+            TAINTS,
+            &[("flag", "E"), ("module", "{M1.name}")],
+            Want::Eq(1.0),
+        ),
+        Check::MetricSum(TAINTS, ALL, Want::Eq(1.0)),
+        Check::MetricSum(LOCKDOWN, MODULE_SIGNATURE_DENIED, Want::ZeroOrAbsent),
+        // No signature, so no integrity check and no phase of one.
+        Check::MetricSum(INTEGRITY_COUNT, ALL, Want::ZeroOrAbsent),
+        Check::MetricSum(PHASE_COUNT, ALL, Want::ZeroOrAbsent),
+    ]],
+    kernel_checks: &[],
+};
+
+/// The lockdown scenarios' guest script: the attach table, an unsigned load refused by lockdown
+/// and a signed one loaded, then the timer life cycles; the same under `lockdown=integrity` and
+/// `lockdown=confidentiality` (which includes integrity), so their checks are the same too.
+pub const LOCKDOWN_GUEST: &str =
+    "probes\nload /vm/mods/$M1-unsigned.ko /vm/mods/$M2.ko\n/vm/guest-tool timer-life\n";
+pub const LOCKDOWN_REFUSES_UNSIGNED: &[Check] = &[
+    Check::Console("finit_module {M1}-unsigned.ko errno=EPERM"),
+    Check::Console("finit_module {M2}.ko rc=0"),
+    Check::Console("Lockdown: guest-tool: unsigned module loading is restricted"),
+    Check::Metric(
+        LOADS,
+        &[("outcome", "rejected_lockdown"), ("method", "none")],
+        Want::Eq(1.0),
+    ),
+    Check::Metric(LOADS, LOADED_SIGNED, Want::Eq(1.0)),
+    Check::MetricSum(LOADS, ALL, Want::Eq(2.0)),
+    // One check, seen by fexit on security_locked_down.
+    Check::Metric(LOCKDOWN, MODULE_SIGNATURE_DENIED, Want::Eq(1.0)),
+    Check::Metric(
+        ATTACHED,
+        &[("probe", "lockdown_decision"), ("mechanism", "fexit")],
+        Want::Eq(1.0),
+    ),
+    Check::MetricSum(TAINTS, ALL, Want::ZeroOrAbsent),
+];
+
+pub const LOCKDOWN_INTEGRITY: Scenario = Scenario {
+    host: None,
+    name: "lockdown-integrity",
+    about: "lockdown=integrity: the unsigned module is refused by lockdown, a signed one loads; \
+            timer life cycles",
+    cmdline: "lockdown=integrity",
+    kernels: EVERY_KERNEL,
+    guest: LOCKDOWN_GUEST,
+    checks: &[
+        &[Check::Console("lockdown: none [integrity] confidentiality")],
+        LOCKDOWN_REFUSES_UNSIGNED,
+        timers::LIFE,
+        timers::LIFE_TOTALS,
+    ],
+    kernel_checks: &[],
+};
+
+pub const SIG_ENFORCE: Scenario = Scenario {
+    host: None,
+    name: "sig-enforce",
+    about: "module.sig_enforce=1: the unsigned module is refused by the signature check",
+    cmdline: "module.sig_enforce=1",
+    kernels: EVERY_KERNEL,
+    guest: "load /vm/mods/$M1-unsigned.ko /vm/mods/$M2.ko\n",
+    checks: &[&[
+        Check::Console("finit_module {M1}-unsigned.ko errno=EKEYREJECTED"),
+        Check::Console("finit_module {M2}.ko rc=0"),
+        Check::Console("Loading of unsigned module is rejected"),
+        Check::Metric(
+            LOADS,
+            &[("outcome", "rejected_signature"), ("method", "none")],
+            Want::Eq(1.0),
+        ),
+        Check::Metric(LOADS, LOADED_SIGNED, Want::Eq(1.0)),
+        Check::MetricSum(LOADS, ALL, Want::Eq(2.0)),
+        // Enforcement refuses before lockdown is asked.
+        Check::MetricSum(LOCKDOWN, MODULE_SIGNATURE_DENIED, Want::ZeroOrAbsent),
+        Check::MetricSum(TAINTS, ALL, Want::ZeroOrAbsent),
+    ]],
+    kernel_checks: &[],
+};
+
+pub const COMPRESSED: Scenario = Scenario {
+    host: None,
+    name: "compressed",
+    about: "finit_module(MODULE_INIT_COMPRESSED_FILE) on a .ko.xz; without the flag it is not ELF",
+    cmdline: "",
+    kernels: EVERY_KERNEL,
+    guest: "load /vm/mods/$M1.ko.xz\n\
+            load --compressed /vm/mods/$M1.ko.xz\n",
+    checks: &[&[
+        // The signature check passes (unsigned, not enforced), then the ELF check refuses.
+        Check::Console("finit_module {M1}.ko.xz errno=ENOEXEC"),
+        Check::Metric(
+            LOADS,
+            &[("outcome", "failed"), ("method", "none")],
+            Want::Eq(1.0),
+        ),
+    ]],
+    kernel_checks: &[
+        (
+            // CONFIG_MODULE_DECOMPRESS.
+            CURRENT,
+            &[
+                Check::Console("finit_module {M1}.ko.xz compressed rc=0"),
+                Check::Metric(LOADS, LOADED_SIGNED, Want::Eq(1.0)),
+                Check::MetricSum(LOADS, ALL, Want::Eq(2.0)),
+                Check::Metric(INTEGRITY_COUNT, SIGNATURE_OK, Want::Eq(1.0)),
+                // The kernel decompressed it: one decompress sample for the load.
+                Check::Metric(PHASE_COUNT, &[("phase", "decompress")], Want::Eq(1.0)),
+                Check::Metric(PHASE_COUNT, &[("phase", "digest")], Want::Eq(1.0)),
+            ],
+        ),
+        (
+            // No CONFIG_MODULE_DECOMPRESS: refused before load_module runs.
+            &[Series::V6_1],
+            &[
+                Check::Console("finit_module {M1}.ko.xz compressed errno=EOPNOTSUPP"),
+                Check::MetricSum(LOADS, &[("outcome", "loaded")], Want::ZeroOrAbsent),
+            ],
+        ),
+    ],
+};
+
+pub const HASH_PATH: Scenario = Scenario {
+    host: None,
+    name: "hash-path",
+    about: "Debian's kernels have no hash-based module integrity: reported absent, never timed",
+    cmdline: "",
+    kernels: CURRENT,
+    guest: "probes\nload /vm/mods/$M1.ko\n",
+    checks: &[&[
+        Check::Console("PROBES-END rc=0"),
+        Check::Console("finit_module {M1}.ko rc=0"),
+        Check::Probes(&["hash", " no "]),
+        Check::MetricSum(INTEGRITY_COUNT, &[("method", "hash")], Want::ZeroOrAbsent),
+        Check::Metric(INTEGRITY_COUNT, SIGNATURE_OK, Want::Eq(1.0)),
+    ]],
+    kernel_checks: &[],
+};

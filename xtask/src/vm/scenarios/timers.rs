@@ -1,0 +1,121 @@
+//! POSIX timers in the guest: the life cycles of `guest-tool timer-life` and the restore-mode
+//! creates of `guest-tool timer-restore`, counted exactly (nothing else in the guest makes timer
+//! syscalls).
+use super::{Check, EVERY_KERNEL, Labels, NO_RESTORE_MODE, RESTORE_MODE, Scenario, Want};
+
+const SYSCALLS: &str = "observer_posix_timer_syscalls_total";
+const EVENTS: &str = "observer_events_total";
+const LIVE: &str = "observer_posix_timers_live";
+const ID_MAX: &str = "observer_posix_timer_id_max";
+const SHORT_LIVED: &str = "observer_posix_timer_short_lived_total";
+const BY_PROCESS: &str = "observer_posix_timer_creates_by_process_total";
+const RESTORE_CREATES: &str = "observer_posix_timer_restore_creates_total";
+const CREATE_COUNT: &str = "observer_posix_timer_create_duration_seconds_count";
+const LOST: &str = "observer_events_lost_total";
+
+const CREATE_OK: Labels = &[("syscall", "timer_create"), ("result", "ok")];
+const CREATE_EINVAL: Labels = &[("syscall", "timer_create"), ("result", "einval")];
+const CREATE_EBUSY: Labels = &[("syscall", "timer_create"), ("result", "ebusy")];
+const CREATED: Labels = &[("kind", "timer_created")];
+const OWNER_GONE: Labels = &[("kind", "timer_owner_gone")];
+
+/// What `timer-life` did (see xtask/src/bin/guest-tool/timer_life.rs) and what follows from it
+/// whatever else the scenario does with timers: 20 churned creates and deletes in `tm-churn`,
+/// 3 creates, 2 armed, 1 deleted in `tm-armed`, 2 in `tm-exec`, 4 kept live in `tm-keep`; one
+/// failed create, delete and settime.
+pub const LIFE: &[Check] = &[
+    Check::Console("timer-life churn created=20 deleted=20 max_id=19"),
+    Check::Console("timer-life armed created=3 armed=2 delete rc=0"),
+    Check::Console("timer-life exec created=2"),
+    Check::Console("timer-life keep created=4"),
+    Check::Console(
+        "timer-life errors create errno=EINVAL delete errno=EINVAL settime errno=EINVAL",
+    ),
+    Check::Metric(
+        SYSCALLS,
+        &[("syscall", "timer_delete"), ("result", "ok")],
+        Want::Eq(21.0),
+    ),
+    Check::Metric(
+        SYSCALLS,
+        &[("syscall", "timer_delete"), ("result", "einval")],
+        Want::Eq(1.0),
+    ),
+    Check::Metric(
+        SYSCALLS,
+        &[("syscall", "timer_settime"), ("result", "ok")],
+        Want::Eq(2.0),
+    ),
+    Check::Metric(
+        SYSCALLS,
+        &[("syscall", "timer_settime"), ("result", "einval")],
+        Want::Eq(1.0),
+    ),
+    Check::Metric(EVENTS, &[("kind", "timer_armed")], Want::Eq(2.0)),
+    // tm-keep's four; tm-armed's two died with it, tm-exec's two at exec.
+    Check::Metric(LIVE, &[], Want::Eq(4.0)),
+    // Only tm-churn's: the armed ones and the ones never deleted are not churn.
+    Check::Metric(SHORT_LIVED, &[], Want::Eq(20.0)),
+    Check::Metric(BY_PROCESS, &[("comm", "tm-churn")], Want::Eq(20.0)),
+    Check::Metric(BY_PROCESS, &[("comm", "tm-armed")], Want::Eq(3.0)),
+    Check::Metric(BY_PROCESS, &[("comm", "tm-exec")], Want::Eq(2.0)),
+    Check::Metric(BY_PROCESS, &[("comm", "tm-keep")], Want::Eq(4.0)),
+    Check::MetricSum(LOST, &[], Want::ZeroOrAbsent),
+];
+
+/// Totals when `timer-life` made all of the guest's timer calls: 29 creates, one EINVAL; IDs
+/// count from 0 in each process, so tm-churn's 19 is the highest; three owners gone (tm-churn
+/// and tm-armed at exit, tm-exec at exec).
+pub const LIFE_TOTALS: &[Check] = &[
+    Check::Metric(SYSCALLS, CREATE_OK, Want::Eq(29.0)),
+    Check::Metric(SYSCALLS, CREATE_EINVAL, Want::Eq(1.0)),
+    Check::MetricSum(SYSCALLS, CREATE_EBUSY, Want::ZeroOrAbsent),
+    Check::Metric(EVENTS, CREATED, Want::Eq(29.0)),
+    // Every create is timed, failed or not.
+    Check::Metric(CREATE_COUNT, &[], Want::Eq(30.0)),
+    Check::Metric(ID_MAX, &[], Want::Eq(19.0)),
+    Check::Metric(EVENTS, OWNER_GONE, Want::Eq(3.0)),
+];
+
+/// `timer-restore` in `tm-restore` on a kernel with restore mode: ID 424242 granted, asked
+/// again (EBUSY), -5 (EINVAL), then an ordinary create after the counter the kernel moved
+/// past the restored ID; the child exits with two timers.
+const RESTORED: &[Check] = &[
+    Check::Console(
+        "timer-restore on rc=0 get rc=1 first rc=0 id=424242 again errno=EBUSY \
+         negative errno=EINVAL off rc=0 next rc=0 id=424243",
+    ),
+    Check::Metric(RESTORE_CREATES, &[("result", "ok")], Want::Eq(1.0)),
+    Check::Metric(RESTORE_CREATES, &[("result", "ebusy")], Want::Eq(1.0)),
+    Check::Metric(RESTORE_CREATES, &[("result", "einval")], Want::Eq(1.0)),
+    Check::Metric(SYSCALLS, CREATE_OK, Want::Eq(31.0)),
+    Check::Metric(SYSCALLS, CREATE_EINVAL, Want::Eq(2.0)),
+    Check::Metric(SYSCALLS, CREATE_EBUSY, Want::Eq(1.0)),
+    Check::Metric(EVENTS, CREATED, Want::Eq(31.0)),
+    Check::Metric(CREATE_COUNT, &[], Want::Eq(34.0)),
+    Check::Metric(ID_MAX, &[], Want::Eq(424_243.0)),
+    Check::Metric(BY_PROCESS, &[("comm", "tm-restore")], Want::Eq(2.0)),
+    Check::Metric(EVENTS, OWNER_GONE, Want::Eq(4.0)),
+];
+
+/// Before 6.15 the prctl is unknown: the child says so and makes no timer call.
+const NOT_RESTORED: &[Check] = &[
+    Check::Console("timer-restore on errno=EINVAL: no restore mode on this kernel (6.15+)"),
+    Check::MetricSum(RESTORE_CREATES, &[], Want::ZeroOrAbsent),
+];
+
+pub const TIMERS: Scenario = Scenario {
+    host: None,
+    name: "timers",
+    about: "timer creates by result, deletes, arming, live timers, ID high-water mark, churn, \
+            per-process creates, owners gone at exit and exec; restore-mode IDs on 6.15+",
+    cmdline: "",
+    kernels: EVERY_KERNEL,
+    guest: "/vm/guest-tool timer-life\n/vm/guest-tool timer-restore\n",
+    checks: &[LIFE],
+    kernel_checks: &[
+        (RESTORE_MODE, RESTORED),
+        (NO_RESTORE_MODE, NOT_RESTORED),
+        (NO_RESTORE_MODE, LIFE_TOTALS),
+    ],
+};
