@@ -82,7 +82,7 @@ fn without_module_support_the_module_probes_say_so() {
         "module_sig_check",
         "module_verify_sig",
         "module_hash_check",
-        "module_taint",
+        "kernel_taint",
     ] {
         let line = text
             .lines()
