@@ -1,8 +1,10 @@
-//! The metrics endpoint: GET on the telemetry path and /healthz, nothing else.
+//! The metrics endpoint: GET on the telemetry path (gzip-compressed when the scraper accepts
+//! it), /healthz, and a landing page at / that links to both; nothing else.
 
-use std::{convert::Infallible, sync::Arc, time::Duration};
+use std::{convert::Infallible, io::Write as _, sync::Arc, time::Duration};
 
 use bytes::Bytes;
+use flate2::{Compression, write::GzEncoder};
 use http_body_util::Full;
 use hyper::{
     Method, Request, Response, StatusCode, body::Incoming, header, server::conn::http1,
@@ -86,7 +88,8 @@ fn respond(
     web: &WebConfig,
 ) -> Response<Full<Bytes>> {
     let path = request.uri().path();
-    if path != telemetry_path && path != "/healthz" {
+    let landing = path == "/" && telemetry_path != "/";
+    if path != telemetry_path && path != "/healthz" && !landing {
         return plain(StatusCode::NOT_FOUND, "not found\n");
     }
     if request.method() != Method::GET && request.method() != Method::HEAD {
@@ -113,13 +116,37 @@ fn respond(
         );
         return response;
     }
+    if landing {
+        return landing_page(telemetry_path);
+    }
     match agent.scrape() {
         Ok(body) => {
-            let mut response = Response::new(Full::new(Bytes::from(body)));
-            response.headers_mut().insert(
+            // Compression failing (it only allocates) falls back to the plain text.
+            let compressed = if accepts_gzip(request.headers()) {
+                compress(&body)
+                    .inspect_err(|err| log::error!("compressing metrics: {err}"))
+                    .ok()
+            } else {
+                None
+            };
+            let gzip = compressed.is_some();
+            let mut response = Response::new(Full::new(Bytes::from(compressed.unwrap_or(body))));
+            let headers = response.headers_mut();
+            headers.insert(
                 header::CONTENT_TYPE,
                 header::HeaderValue::from_static(TEXT_FORMAT),
             );
+            // Caches between scraper and agent must not hand a gzip body to a plain client.
+            headers.insert(
+                header::VARY,
+                header::HeaderValue::from_static("Accept-Encoding"),
+            );
+            if gzip {
+                headers.insert(
+                    header::CONTENT_ENCODING,
+                    header::HeaderValue::from_static("gzip"),
+                );
+            }
             response
         }
         Err(err) => {
@@ -140,4 +167,95 @@ fn plain(status: StatusCode, text: &'static str) -> Response<Full<Bytes>> {
         header::HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     response
+}
+
+/// True when the request's Accept-Encoding lists gzip (or `*`) with a non-zero quality.
+fn accepts_gzip(headers: &header::HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|coding| {
+            let mut parts = coding.split(';').map(str::trim);
+            let name = parts.next().unwrap_or_default();
+            let quality = parts
+                .find_map(|p| p.strip_prefix("q="))
+                .map_or(Some(1.0), |q| q.parse::<f32>().ok());
+            (name.eq_ignore_ascii_case("gzip")
+                || name.eq_ignore_ascii_case("x-gzip")
+                || name == "*")
+                && quality.is_some_and(|q| q > 0.0)
+        })
+}
+
+fn compress(body: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut encoder = GzEncoder::new(Vec::with_capacity(body.len() / 4), Compression::default());
+    encoder.write_all(body)?;
+    encoder.finish()
+}
+
+/// What node_exporter answers at /: the name, the version, and where to go next.
+fn landing_page(telemetry_path: &str) -> Response<Full<Bytes>> {
+    let path = escape_html(telemetry_path);
+    let version = env!("CARGO_PKG_VERSION");
+    let html = format!(
+        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n\
+         <title>observer</title>\n</head>\n<body>\n<h1>observer</h1>\n\
+         <p>eBPF runtime observer, version {version}</p>\n<ul>\n\
+         <li><a href=\"{path}\">Metrics</a></li>\n\
+         <li><a href=\"/healthz\">Health</a></li>\n</ul>\n</body>\n</html>\n"
+    );
+    let mut response = Response::new(Full::new(Bytes::from(html)));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    response
+}
+
+/// The telemetry path is an operator's flag: it may hold characters HTML gives meaning to.
+fn escape_html(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_encoding(value: &str) -> header::HeaderMap {
+        let mut headers = header::HeaderMap::new();
+        headers.insert(
+            header::ACCEPT_ENCODING,
+            header::HeaderValue::from_str(value).unwrap(),
+        );
+        headers
+    }
+
+    #[test]
+    fn gzip_negotiation() {
+        assert!(accepts_gzip(&with_encoding("gzip")));
+        assert!(accepts_gzip(&with_encoding("deflate, GZIP;q=0.5")));
+        assert!(accepts_gzip(&with_encoding("*")));
+        assert!(!accepts_gzip(&with_encoding("gzip;q=0")));
+        assert!(!accepts_gzip(&with_encoding("identity")));
+        assert!(!accepts_gzip(&with_encoding("gzip;q=nonsense")));
+        assert!(!accepts_gzip(&header::HeaderMap::new()));
+    }
+
+    #[test]
+    fn landing_page_escapes_the_path() {
+        assert_eq!(escape_html("/m<\"&'>"), "/m&lt;&quot;&amp;&#39;&gt;");
+    }
 }

@@ -1,0 +1,163 @@
+//! The endpoint as node_exporter's: a landing page at `/`, and metrics gzip-compressed for
+//! scrapers that ask for it (Prometheus sends `Accept-Encoding: gzip`), plain for the rest.
+
+mod support;
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    time::Duration,
+};
+
+use flate2::read::GzDecoder;
+use support::Agent;
+
+struct Response {
+    status: u16,
+    /// Header names lowercased.
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Response {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// One GET with the given extra header lines, over a real socket; the body as raw bytes.
+fn get(addr: SocketAddr, path: &str, extra_headers: &str) -> Response {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{extra_headers}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).unwrap();
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a response with a header block");
+    let head = String::from_utf8(raw[..split].to_vec()).unwrap();
+    let body = raw[split + 4..].to_vec();
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .expect("a status line");
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    // The agent sends whole bodies with a length, never chunked.
+    let length: usize = headers
+        .iter()
+        .find(|(n, _)| n == "content-length")
+        .map(|(_, v)| v.parse().unwrap())
+        .expect("a Content-Length");
+    assert_eq!(body.len(), length, "the whole body arrived");
+    Response {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// The metric families a scrape declares, in order.
+fn families(text: &str) -> Vec<&str> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect()
+}
+
+#[test]
+fn landing_page_links_to_metrics_and_health() {
+    let agent = Agent::start(&["--web.telemetry-path", "/custom-metrics"]);
+    let page = get(agent.addr, "/", "");
+    assert_eq!(page.status, 200);
+    assert_eq!(
+        page.header("content-type"),
+        Some("text/html; charset=utf-8")
+    );
+    let html = String::from_utf8(page.body).unwrap();
+    assert!(html.contains("<h1>observer</h1>"), "{html}");
+    assert!(
+        html.contains(&format!("version {}", env!("CARGO_PKG_VERSION"))),
+        "{html}"
+    );
+    assert!(html.contains("<a href=\"/custom-metrics\">"), "{html}");
+    assert!(html.contains("<a href=\"/healthz\">"), "{html}");
+    // The link leads somewhere real, and the default path is no longer served.
+    assert_eq!(get(agent.addr, "/custom-metrics", "").status, 200);
+    assert_eq!(get(agent.addr, "/metrics", "").status, 404);
+    assert_eq!(get(agent.addr, "/index.html", "").status, 404);
+    assert_eq!(agent.stop(), 0);
+}
+
+#[test]
+fn metrics_gzip_when_asked_plain_otherwise() {
+    let agent = Agent::start(&[]);
+    let plain = get(agent.addr, "/metrics", "");
+    assert_eq!(plain.status, 200);
+    assert_eq!(plain.header("content-encoding"), None);
+    assert_eq!(plain.header("vary"), Some("Accept-Encoding"));
+    let plain_text = String::from_utf8(plain.body).unwrap();
+    assert!(
+        plain_text.starts_with("# HELP observer_"),
+        "{plain_text:.200}"
+    );
+
+    // What Prometheus sends.
+    let zipped = get(
+        agent.addr,
+        "/metrics",
+        "Accept-Encoding: gzip\r\nAccept: application/openmetrics-text;version=1.0.0;q=0.5,text/plain;version=0.0.4;q=0.4,*/*;q=0.1\r\n",
+    );
+    assert_eq!(zipped.status, 200);
+    assert_eq!(zipped.header("content-encoding"), Some("gzip"));
+    assert_eq!(
+        zipped.header("content-type"),
+        Some("text/plain; version=0.0.4; charset=utf-8")
+    );
+    assert_eq!(&zipped.body[..2], b"\x1f\x8b", "a gzip member");
+    let mut unzipped = String::new();
+    GzDecoder::new(zipped.body.as_slice())
+        .read_to_string(&mut unzipped)
+        .expect("a valid gzip body");
+    // Values move between scrapes; the families and their order do not.
+    assert_eq!(families(&unzipped), families(&plain_text));
+    assert!(!families(&plain_text).is_empty());
+    assert!(
+        zipped.body.len() * 3 < unzipped.len(),
+        "compressed {} of {} bytes",
+        zipped.body.len(),
+        unzipped.len()
+    );
+
+    // Refused gzip (quality 0) and other codings get plain text.
+    for header in [
+        "Accept-Encoding: gzip;q=0\r\n",
+        "Accept-Encoding: br, zstd\r\n",
+    ] {
+        let response = get(agent.addr, "/metrics", header);
+        assert_eq!(response.header("content-encoding"), None, "{header}");
+        assert!(response.body.starts_with(b"# HELP observer_"), "{header}");
+    }
+    // Several codings, gzip among them, as browsers send them.
+    let browser = get(
+        agent.addr,
+        "/metrics",
+        "Accept-Encoding: deflate, GZIP;q=0.8, br\r\n",
+    );
+    assert_eq!(browser.header("content-encoding"), Some("gzip"));
+    assert_eq!(agent.stop(), 0);
+}
