@@ -95,7 +95,7 @@ pub struct Registration {
     pub names: &'static Names,
     /// Adds its own flags to the command line, if it has any.
     pub flags: fn(clap::Command) -> clap::Command,
-    pub new: fn(&Context<'_>) -> anyhow::Result<Box<dyn HookFamily>>,
+    pub build: fn(&Context<'_>) -> anyhow::Result<Box<dyn HookFamily>>,
 }
 
 /// For families without flags of their own.

@@ -29,7 +29,7 @@ pub const FAMILY: Registration = Registration {
     about: "lockdown decisions by reason and verdict, and the active lockdown level",
     names: &NAMES,
     flags: no_flags,
-    new: LockdownFamily::new,
+    build: LockdownFamily::build,
 };
 
 const RECORDS: &[RecordKind] = &[
@@ -43,7 +43,7 @@ pub struct LockdownFamily {
 }
 
 impl LockdownFamily {
-    fn new(context: &Context<'_>) -> anyhow::Result<Box<dyn HookFamily>> {
+    fn build(context: &Context<'_>) -> anyhow::Result<Box<dyn HookFamily>> {
         Ok(Box::new(Self {
             state: Lockdown::new(context.kernel.btf.as_ref().ok()),
             maps: None,

@@ -162,12 +162,13 @@ fn print_probes(matches: &clap::ArgMatches, args: &RunArgs) -> anyhow::Result<()
         only: None,
         keep_samples: false,
     };
+    let built = start::build(&selection, &kernel)?;
+    let (ebpf, statuses) = start::load(&kernel, args, &built)?;
     let Built {
         enabled,
         disabled_hooks,
         ..
-    } = start::build(&selection, &kernel)?;
-    let (ebpf, statuses) = start::load(&kernel, args, &enabled)?;
+    } = built;
     let mut out = format!("kernel {}\n", kernel::release());
     out += &format!(
         "{:<22} {:<15} {:<9} DETAIL\n",

@@ -199,7 +199,7 @@ mod tests {
             registry::FAMILIES
                 .iter()
                 .filter(|f| enabled.is_empty() || enabled.contains(&f.name))
-                .map(|f| (f.name, (f.new)(&context).unwrap()))
+                .map(|f| (f.name, (f.build)(&context).unwrap()))
                 .collect(),
         )
     }

@@ -35,6 +35,8 @@ pub struct Built {
     pub collectors: Vec<(&'static str, bool)>,
     /// The hooks of the switched-off families, for `observer probes`.
     pub disabled_hooks: Vec<(&'static str, Hook)>,
+    /// The maps of the switched-off families, created at their smallest.
+    pub disabled_maps: Vec<&'static str>,
 }
 
 pub fn build(selection: &Selection<'_>, kernel: &KernelView) -> anyhow::Result<Built> {
@@ -47,13 +49,14 @@ pub fn build(selection: &Selection<'_>, kernel: &KernelView) -> anyhow::Result<B
         enabled: Vec::new(),
         collectors: Vec::new(),
         disabled_hooks: Vec::new(),
+        disabled_maps: Vec::new(),
     };
     for (registration, on) in registry::enabled(selection.matches) {
         let on = on
             && selection
                 .only
                 .is_none_or(|only| only.contains(&registration.name));
-        let family = (registration.new)(&context)
+        let family = (registration.build)(&context)
             .with_context(|| format!("setting up the {} collector", registration.name))?;
         built.collectors.push((registration.name, on));
         if on {
@@ -62,6 +65,7 @@ pub fn build(selection: &Selection<'_>, kernel: &KernelView) -> anyhow::Result<B
             for hook in family.hooks() {
                 built.disabled_hooks.push((registration.name, hook));
             }
+            built.disabled_maps.extend(registration.names.maps);
         }
     }
     if built.enabled.is_empty() {
@@ -78,8 +82,9 @@ fn hooks(enabled: &[(&'static str, Box<dyn HookFamily>)]) -> Vec<Hook> {
 pub fn load(
     kernel: &KernelView,
     args: &RunArgs,
-    enabled: &[(&'static str, Box<dyn HookFamily>)],
+    built: &Built,
 ) -> anyhow::Result<(aya::Ebpf, Vec<ProbeStatus>)> {
+    let enabled = &built.enabled;
     let mut settings = LoadSettings::default();
     for (_, family) in enabled {
         family.configure(kernel, &mut settings);
@@ -94,6 +99,11 @@ pub fn load(
         .override_global(WAKEUP_BYTES_GLOBAL, &wakeup_bytes, true);
     for (name, bytes) in &settings.globals {
         loader.override_global(name, bytes.as_slice(), true);
+    }
+    // Maps no loaded program uses still exist in the object: keep them one entry small
+    // (a switched-off family's tables would otherwise take their full size in kernel memory).
+    for map in &built.disabled_maps {
+        loader.map_max_entries(map, 1);
     }
     let mut ebpf = loader
         .load(PROGRAMS)
@@ -122,12 +132,13 @@ pub struct Started {
 pub fn start(selection: &Selection<'_>) -> anyhow::Result<Started> {
     kernel::ensure_securityfs();
     let kernel = KernelView::read();
+    let built = build(selection, &kernel)?;
+    let (mut ebpf, probes) = load(&kernel, selection.args, &built)?;
     let Built {
         mut enabled,
         collectors,
         ..
-    } = build(selection, &kernel)?;
-    let (mut ebpf, probes) = load(&kernel, selection.args, &enabled)?;
+    } = built;
     let hooks = hooks(&enabled);
     let missing = missing_probes(&hooks, &probes);
     let reasons = |only_missing: bool| {
@@ -254,7 +265,7 @@ mod tests {
                 keep_samples: false,
             };
             for registration in registry::FAMILIES {
-                let family = (registration.new)(&context).unwrap();
+                let family = (registration.build)(&context).unwrap();
                 let programs: Vec<&str> = family
                     .hooks()
                     .iter()

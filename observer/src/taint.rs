@@ -24,7 +24,7 @@ pub const FAMILY: Registration = Registration {
     about: "kernel taint flags, and each taint added with the module that caused it",
     names: &NAMES,
     flags: no_flags,
-    new: TaintFamily::new,
+    build: TaintFamily::build,
 };
 
 const RECORDS: &[RecordKind] = &[RecordKind::of::<TaintEvent>(EventKind::Taint)];
@@ -40,7 +40,7 @@ pub struct TaintFamily {
 }
 
 impl TaintFamily {
-    fn new(_context: &Context<'_>) -> anyhow::Result<Box<dyn HookFamily>> {
+    fn build(_context: &Context<'_>) -> anyhow::Result<Box<dyn HookFamily>> {
         Ok(Box::new(Self::default()))
     }
 

@@ -1,6 +1,8 @@
 //! POSIX timer observation against this machine's kernel: real timer syscalls from child
 //! processes with names of their own, asserted through /metrics.
 
+#[path = "support/features.rs"]
+mod features;
 mod support;
 
 use std::{sync::Mutex, time::Duration};
@@ -228,8 +230,11 @@ fn restore_mode_creates_with_requested_ids() {
         ]
     });
     finish();
-    if results.first() == Some(&-1) {
-        eprintln!("SKIP: this kernel has no PR_TIMER_CREATE_RESTORE_IDS (Linux 6.15+)");
+    if !features::kernel_has(
+        "timer-restore-ids",
+        results.first() != Some(&-1),
+        "this kernel has no PR_TIMER_CREATE_RESTORE_IDS (Linux 6.15+)",
+    ) {
         return;
     }
     assert_eq!(
@@ -256,25 +261,12 @@ fn restore_mode_creates_with_requested_ids() {
         ),
         Some(1.0)
     );
-    // The event stream names the process, the ID and restore mode.
-    let wanted = format!(
-        "\"event\":\"timer_created\",\"pid\":{pid},\"tid\":{pid},\"comm\":\"{comm}\",\"timer_id\":424242,\"restore\":true"
-    );
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !agent
-        .stdout
-        .lock()
-        .unwrap()
-        .iter()
-        .any(|l| l.contains(&wanted))
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no JSON event {wanted}: {:?}",
-            agent.stdout.lock().unwrap()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    // The event stream names the process, the ID and restore mode, and nothing else.
+    let wanted = serde_json::json!({
+        "event": "timer_created", "pid": pid, "tid": pid, "comm": comm,
+        "timer_id": 424_242, "restore": true,
+    });
+    wait_for_event(&agent, "the restore-mode create", |e| *e == wanted);
 }
 
 #[test]
@@ -310,10 +302,9 @@ fn timers_die_with_their_process_at_exit_and_exec() {
     );
     let lines = agent.stdout.lock().unwrap().clone();
     let gone = |pid: i32, reason: &str| {
-        lines.iter().any(|l| {
-            l.contains(&format!("\"event\":\"timer_owner_gone\",\"pid\":{pid},"))
-                && l.contains(&format!("\"reason\":\"{reason}\""))
-        })
+        events(&lines)
+            .iter()
+            .any(|e| e["event"] == "timer_owner_gone" && e["pid"] == pid && e["reason"] == reason)
     };
     assert!(
         gone(exit_pid, "exit"),
@@ -340,14 +331,19 @@ fn a_thread_exiting_does_not_end_its_process_timers() {
         vec![created, joined]
     });
     assert_eq!(results, vec![0, 1]);
-    std::thread::sleep(Duration::from_millis(300));
+    // A sentinel after the thread's exit: once its event is through, so is anything the exit
+    // made (the ring buffer keeps order), whatever the agent's drain interval.
+    let mut sentinel = 0;
+    assert_eq!(timer_create(libc::CLOCK_MONOTONIC.into(), &mut sentinel), 0);
+    assert_eq!(timer_delete(sentinel), 0);
+    let me = std::process::id();
+    wait_for_event(&agent, "the sentinel", |e| {
+        e["event"] == "timer_deleted" && e["pid"] == me && e["timer_id"] == sentinel
+    });
     let gone_for = |pid: i32| {
-        agent
-            .stdout
-            .lock()
-            .unwrap()
+        events(&agent.stdout.lock().unwrap())
             .iter()
-            .any(|l| l.contains(&format!("\"event\":\"timer_owner_gone\",\"pid\":{pid},")))
+            .any(|e| e["event"] == "timer_owner_gone" && e["pid"] == pid)
     };
     assert!(
         !gone_for(pid),
@@ -359,6 +355,27 @@ fn a_thread_exiting_does_not_end_its_process_timers() {
         assert!(
             std::time::Instant::now() < deadline,
             "the process's exit was not seen"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The JSON events among the agent's output lines.
+fn events(lines: &[String]) -> Vec<serde_json::Value> {
+    lines
+        .iter()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// Waits (up to 10 s) for an event the agent printed that `matches`.
+fn wait_for_event(agent: &Agent, what: &str, matches: impl Fn(&serde_json::Value) -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !events(&agent.stdout.lock().unwrap()).iter().any(&matches) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no event for {what}: {:?}",
+            agent.stdout.lock().unwrap()
         );
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -28,7 +28,7 @@ pub const FAMILY: Registration = Registration {
     about: "POSIX timer syscalls, live timers, ID churn and restore-mode creates",
     names: &NAMES,
     flags: <Flags as clap::Args>::augment_args,
-    new: TimerFamily::new,
+    build: TimerFamily::build,
 };
 
 /// The timer family's own flags.
@@ -59,7 +59,7 @@ pub struct TimerFamily {
 }
 
 impl TimerFamily {
-    fn new(context: &Context<'_>) -> anyhow::Result<Box<dyn HookFamily>> {
+    fn build(context: &Context<'_>) -> anyhow::Result<Box<dyn HookFamily>> {
         let flags = <Flags as clap::FromArgMatches>::from_arg_matches(context.matches)?;
         Ok(Box::new(Self::with_flags(&flags)))
     }
