@@ -1,4 +1,6 @@
 //! Everything CI runs, in the order a failure is cheapest to find.
+use std::path::{Path, PathBuf};
+
 use clap::Args;
 
 use crate::{cargo, setup, vm};
@@ -45,9 +47,43 @@ pub fn run(_options: &Options) -> anyhow::Result<()> {
     setup::prometheus()?;
     // The deployment files: offline schema checks and systemd-analyze.
     crate::deploy::run()?;
-    cargo(&["test", "--release"])?;
+    // The integration tests log each test they skip (a kernel feature this host lacks) here; a
+    // log left from an earlier run would report its skips as this run's.
+    let skip_log = skip_log();
+    if let Err(e) = std::fs::remove_file(&skip_log)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        anyhow::bail!("removing {}: {e}", skip_log.display());
+    }
+    let tested = cargo(&["test", "--release"]);
+    report_skips(&skip_log);
+    tested?;
     // The module path and the primary mechanisms, in QEMU guests running Debian's kernels; the
     // `dashboards` scenario runs every dashboard query and alert rule through a real Prometheus
     // scraping this host's agent and the guest's.
     vm::run(&vm::Options::default())
+}
+
+/// cargo's scratch folder for integration tests (CARGO_TARGET_TMPDIR), where they log skips.
+fn skip_log() -> PathBuf {
+    let root = crate::workspace_root();
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .map_or_else(|| root.join("target"), |dir| root.join(dir))
+        .join("tmp/skipped-tests.txt")
+}
+
+/// Prints the tests skipped for a missing kernel feature, so that no skip goes unseen.
+fn report_skips(log: &Path) {
+    let Ok(text) = std::fs::read_to_string(log) else {
+        return;
+    };
+    if text.trim().is_empty() {
+        return;
+    }
+    eprintln!("\nskipped (the running kernel lacks a feature):");
+    for line in text.lines() {
+        eprintln!("  {line}");
+    }
+    eprintln!();
 }
