@@ -91,6 +91,21 @@ fn emit<T: 'static>(kind: EventKind, record: T) {
     }
 }
 
+/// Sends one taint record (`taint.rs` for taints outside a load, `modules.rs` for those a load
+/// added, at its end).
+#[inline(always)]
+fn send_taint(flag: u32, module_source: u32, module: &[u8; observer_common::modules::NAME_LEN]) {
+    emit(
+        EventKind::Taint,
+        observer_common::taint::TaintEvent {
+            header: header(EventKind::Taint),
+            flag,
+            module_source,
+            module: *module,
+        },
+    );
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {

@@ -24,6 +24,8 @@ use observer_common::{
     },
 };
 
+use observer_common::taint::{MODULE_FROM_FILE, MODULE_FROM_NAME, MODULE_NONE};
+
 use crate::{header, increment};
 
 /// `file.f_path.dentry` and `dentry.d_name.name` offsets from the running kernel's BTF.
@@ -184,7 +186,7 @@ pub fn modules_load_exit(ctx: FExitContext) -> u32 {
         }
         None => increment(&crate::EVENTS_LOST, EventKind::ModuleLoad as u32),
     }
-    crate::taint::emit_load_taints(load);
+    emit_load_taints(load);
     let _ = MODULE_LOADS.remove(tid);
     0
 }
@@ -349,4 +351,26 @@ pub fn modules_request_fentry(_ctx: FEntryContext) -> u32 {
 pub fn modules_request_tracepoint(_ctx: TracePointContext) -> u32 {
     increment(&MODULE_AUTOLOADS, 0);
     0
+}
+
+/// Sends the taints a load added, each with the load's module name (known only late in the
+/// load: see `taint.rs`). Called at `load_module`'s exit, by the thread that loaded.
+#[inline(always)]
+fn emit_load_taints(load: &ModuleLoad) {
+    let (source, module) = if load.seen & SEEN_NAME != 0 {
+        (MODULE_FROM_NAME, &load.name)
+    } else if load.seen & SEEN_FILE != 0 {
+        (MODULE_FROM_FILE, &load.file)
+    } else {
+        (MODULE_NONE, &load.name)
+    };
+    let mut bits = load.taints;
+    // One iteration per set bit; the bound is for the verifier.
+    for _ in 0..64 {
+        if bits == 0 {
+            break;
+        }
+        crate::send_taint(bits.trailing_zeros(), source, module);
+        bits &= bits - 1;
+    }
 }

@@ -24,7 +24,7 @@ pub enum Command {
     #[command(hide = true)]
     Generate {
         #[arg(value_enum)]
-        artifact: crate::generate::Artifact,
+        artifact: Artifact,
     },
     /// Print, for this kernel, each hook: the mechanism tried, whether it attached, and why not.
     Probes,
@@ -41,6 +41,15 @@ pub enum Command {
         #[arg(long)]
         merkle_leaves: Option<u64>,
     },
+}
+
+/// What `observer generate` writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Artifact {
+    Man,
+    Bash,
+    Zsh,
+    Fish,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

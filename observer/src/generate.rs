@@ -4,18 +4,10 @@
 use std::io::Write as _;
 
 use anyhow::Context as _;
-use clap::{CommandFactory as _, ValueEnum};
+
 use clap_complete::Shell;
 
-use crate::cli::Cli;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Artifact {
-    Man,
-    Bash,
-    Zsh,
-    Fish,
-}
+use crate::cli::{Artifact, command};
 
 /// Writes the artifact to stdout.
 pub fn run(artifact: Artifact) -> anyhow::Result<()> {
@@ -28,7 +20,7 @@ pub fn run(artifact: Artifact) -> anyhow::Result<()> {
 }
 
 pub fn render(artifact: Artifact) -> anyhow::Result<Vec<u8>> {
-    let mut command = Cli::command();
+    let mut command = command();
     // The binary's installed name, whatever the file was called when it ran.
     command = command.name(NAME).bin_name(NAME);
     let mut out = Vec::new();
