@@ -147,6 +147,10 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         }
     };
 
+    if plan.iter().any(|(_, s)| s.host_agent) {
+        crate::cargo(&["build", "--release", "--package", "observer"])
+            .context("building the host's agent for the host side of a scenario")?;
+    }
     // Every kernel and its initramfs first, then the guests, `options.guests` at a time.
     let mut guests: Vec<(Arc<Kernel>, Arc<PathBuf>, &'static Scenario)> = Vec::new();
     for series in Series::ALL {

@@ -71,6 +71,9 @@ pub struct Scenario {
     /// Run on the host after the checks, while the guest's agent still serves (given its
     /// forwarded metrics address and the console so far).
     pub host: Option<fn(SocketAddr, &str) -> anyhow::Result<()>>,
+    /// The host step runs the host's own agent: it is built before any guest starts, so the
+    /// build never eats into a waiting guest's time.
+    pub host_agent: bool,
 }
 
 impl Scenario {

@@ -13,6 +13,7 @@ const TIMERS: &str = "observer_posix_timer_syscalls_total";
 
 pub const FENTRY_PATH: Scenario = Scenario {
     host: None,
+    host_agent: false,
     name: "fentry-path",
     about: "the primary mechanisms attach; timer syscalls are counted exactly",
     cmdline: "",
@@ -44,6 +45,7 @@ pub const FENTRY_PATH: Scenario = Scenario {
 /// integrity, and the observer is meant to see as much under it.
 pub const CONFIDENTIALITY: Scenario = Scenario {
     host: None,
+    host_agent: false,
     name: "confidentiality",
     about: "lockdown=confidentiality: tracefs and kprobes are refused; loads, lockdown decisions \
             and timer life cycles are seen as under integrity",
@@ -68,6 +70,7 @@ pub const CONFIDENTIALITY: Scenario = Scenario {
 
 pub const PROFILE: Scenario = Scenario {
     host: None,
+    host_agent: false,
     name: "profile",
     about: "observer profile times integrity checks per module and estimates a hash-based check",
     cmdline: "",
@@ -94,6 +97,7 @@ pub const PROFILE: Scenario = Scenario {
 
 pub const DASHBOARDS: Scenario = Scenario {
     host: Some(dashboards_against_guest),
+    host_agent: true,
     name: "dashboards",
     about: "every dashboard panel and alert rule, through a real Prometheus scraping this guest",
     cmdline: "",
@@ -118,6 +122,7 @@ pub const DASHBOARDS: Scenario = Scenario {
 
 pub const BENCH_MODULES: Scenario = Scenario {
     host: Some(crate::vm::bench_modules::module_path_report),
+    host_agent: false,
     name: "bench-modules",
     about: "benchmark (not a test): signed module load time without and with the observer, interleaved",
     cmdline: "",

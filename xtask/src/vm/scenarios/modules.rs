@@ -32,6 +32,7 @@ const PHASES_WITHIN_CHECK: Check = Check::SumAtMost(
 
 pub const SIGNED: Scenario = Scenario {
     host: None,
+    host_agent: false,
     name: "signed",
     about: "two signed modules load; each signature is verified; nothing taints",
     cmdline: "",
@@ -71,6 +72,7 @@ pub const SIGNED: Scenario = Scenario {
 
 pub const UNSIGNED: Scenario = Scenario {
     host: None,
+    host_agent: false,
     name: "unsigned",
     about: "default boot: an unsigned module loads and taints the kernel with E",
     cmdline: "",
@@ -129,6 +131,7 @@ pub const LOCKDOWN_REFUSES_UNSIGNED: &[Check] = &[
 
 pub const LOCKDOWN_INTEGRITY: Scenario = Scenario {
     host: None,
+    host_agent: false,
     name: "lockdown-integrity",
     about: "lockdown=integrity: the unsigned module is refused by lockdown, a signed one loads; \
             timer life cycles",
@@ -146,6 +149,7 @@ pub const LOCKDOWN_INTEGRITY: Scenario = Scenario {
 
 pub const SIG_ENFORCE: Scenario = Scenario {
     host: None,
+    host_agent: false,
     name: "sig-enforce",
     about: "module.sig_enforce=1: the unsigned module is refused by the signature check",
     cmdline: "module.sig_enforce=1",
@@ -171,6 +175,7 @@ pub const SIG_ENFORCE: Scenario = Scenario {
 
 pub const COMPRESSED: Scenario = Scenario {
     host: None,
+    host_agent: false,
     name: "compressed",
     about: "finit_module(MODULE_INIT_COMPRESSED_FILE) on a .ko.xz; without the flag it is not ELF",
     cmdline: "",
@@ -213,6 +218,7 @@ pub const COMPRESSED: Scenario = Scenario {
 
 pub const HASH_PATH: Scenario = Scenario {
     host: None,
+    host_agent: false,
     name: "hash-path",
     about: "Debian's kernels have no hash-based module integrity: reported absent, never timed",
     cmdline: "",

@@ -106,6 +106,7 @@ const NOT_RESTORED: &[Check] = &[
 
 pub const TIMERS: Scenario = Scenario {
     host: None,
+    host_agent: false,
     name: "timers",
     about: "timer creates by result, deletes, arming, live timers, ID high-water mark, churn, \
             per-process creates, owners gone at exit and exec; restore-mode IDs on 6.15+",
