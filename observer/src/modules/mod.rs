@@ -2,7 +2,6 @@
 //! load latency, signature-check phases, autoload requests.
 
 mod load;
-mod shape;
 
 use std::any::Any;
 
@@ -13,10 +12,7 @@ use observer_common::{
 };
 
 pub use self::load::LoadRecord;
-use self::{
-    load::ModuleState,
-    shape::{IntegrityFunctions, decide},
-};
+use self::load::ModuleState;
 use crate::{
     family::{Context, EventFields, HookFamily, LoadSettings, RecordKind, Registration, no_flags},
     kernel,
@@ -57,45 +53,20 @@ impl ModuleFamily {
 
 impl HookFamily for ModuleFamily {
     fn hooks(&self) -> Vec<Hook> {
-        hooks(self.integrity)
+        hooks()
     }
 
     fn configure(&self, kernel: &KernelView, load: &mut LoadSettings) {
         let btf = kernel.btf.as_ref().ok();
-        let offset = |s: &str, m: &str| btf.and_then(|b| b.member_offset(s, m));
-        let size = |s: &str, m: &str| btf.and_then(|b| b.member_size(s, m));
-        // The last path component of the file finit_module reads: file.f_path.dentry, its
-        // d_name.len and the name kept inline in the dentry (d_iname; d_shortname from 6.14).
-        let file_dentry = offset("file", "f_path")
-            .zip(offset("path", "dentry"))
-            .map_or(0, |(a, b)| a + b);
-        let name_len = offset("dentry", "d_name")
-            .zip(offset("qstr", "len"))
-            .map_or(0, |(a, b)| a + b);
-        let (inline_offset, inline_size) = ["d_shortname", "d_iname"]
-            .iter()
-            .find_map(|m| offset("dentry", m).zip(size("dentry", m)))
-            .unwrap_or((0, 0));
-        if inline_size == 0 {
-            log::warn!(
-                "the dentry's inline name is not in this kernel's BTF: module file names unknown"
-            );
-        }
-        load.global("FILE_DENTRY_OFFSET", &file_dentry);
-        load.global("DENTRY_NAME_LEN_OFFSET", &name_len);
-        load.global("DENTRY_INLINE_NAME_OFFSET", &inline_offset);
-        // At most what the record holds.
+        let offset = |s: &str, m: &str| btf.and_then(|b| b.member_offset(s, m)).unwrap_or(0);
+        // The last path component of the file finit_module reads: file.f_path.dentry->d_name.name.
         load.global(
-            "DENTRY_INLINE_NAME_SIZE",
-            &inline_size.min(observer_common::modules::NAME_LEN as u32),
+            "FILE_DENTRY_OFFSET",
+            &(offset("file", "f_path") + offset("path", "dentry")),
         );
-        let (module_name_offset, module_name_size) = offset("module", "name")
-            .zip(size("module", "name"))
-            .unwrap_or((0, 0));
-        load.global("MODULE_NAME_OFFSET", &module_name_offset);
         load.global(
-            "MODULE_NAME_SIZE",
-            &module_name_size.min(observer_common::modules::NAME_LEN as u32),
+            "DENTRY_NAME_OFFSET",
+            &(offset("dentry", "d_name") + offset("qstr", "name")),
         );
         let read_ids = btf
             .map(|b| b.enum_values("kernel_read_file_id"))
@@ -111,10 +82,7 @@ impl HookFamily for ModuleFamily {
             "READING_MODULE_COMPRESSED",
             &read_id("READING_MODULE_COMPRESSED"),
         );
-        load.global(
-            "LOAD_INFO_LEN_OFFSET",
-            &offset("load_info", "len").unwrap_or(0),
-        );
+        load.global("LOAD_INFO_LEN_OFFSET", &offset("load_info", "len"));
     }
 
     fn take_maps(&mut self, maps: &mut Maps<'_>) -> anyhow::Result<()> {
@@ -148,7 +116,7 @@ impl HookFamily for ModuleFamily {
     }
 }
 
-fn hooks(integrity: IntegrityFunctions) -> Vec<Hook> {
+fn hooks() -> Vec<Hook> {
     let bracket = |name, enter, exit, function| Hook {
         name,
         options: vec![vec![fentry(enter, function), fexit(exit, function)]],
@@ -159,20 +127,18 @@ fn hooks(integrity: IntegrityFunctions) -> Vec<Hook> {
         options: vec![vec![attachment]],
         requires: Some(kernel::has_modules),
     };
-    let mut hooks = vec![
+    vec![
         bracket(
             "module_load",
             "modules_load_enter",
             "modules_load_exit",
             "load_module",
         ),
-        // The policy step (signature policy, enforcement, lockdown): `module_sig_check` on
-        // released kernels, renamed by the hash-based patch set (see `shape`).
         bracket(
             "module_sig_check",
             "modules_sig_check_enter",
             "modules_sig_check_exit",
-            integrity.policy.unwrap_or("module_sig_check"),
+            "module_sig_check",
         ),
         bracket(
             "module_verify_sig",
@@ -180,28 +146,23 @@ fn hooks(integrity: IntegrityFunctions) -> Vec<Hook> {
             "modules_verify_exit",
             "mod_verify_sig",
         ),
-        // The Merkle-tree check of the hash-based integrity patch set (unmerged as of 2026),
-        // where this kernel has a version of it that `shape` knows.
+        // The Merkle-tree check of the hash-based integrity patch set (unmerged as of 2026).
+        // Only `module_hash_check` is timed: `module_integrity_check`, where present, is the
+        // dispatcher that also runs the signature path.
         bracket(
             "module_hash_check",
             "modules_hash_enter",
             "modules_hash_exit",
-            integrity.hash.unwrap_or("module_hash_check"),
+            "module_hash_check",
         ),
         single(
             "module_file",
             fentry("modules_read_file", "security_kernel_read_file"),
         ),
-        // do_init_module's argument is read with plain loads (works under
-        // lockdown=confidentiality, where tracefs is refused too); the tracepoint elsewhere.
-        Hook {
-            name: "module_name",
-            options: vec![
-                vec![fentry("modules_init_name", "do_init_module")],
-                vec![tracepoint("modules_loaded_name", "module", "module_load")],
-            ],
-            requires: Some(kernel::has_modules),
-        },
+        single(
+            "module_name",
+            tracepoint("modules_loaded_name", "module", "module_load"),
+        ),
         bracket(
             "module_decompress",
             "modules_decompress_enter",
@@ -248,16 +209,7 @@ fn hooks(integrity: IntegrityFunctions) -> Vec<Hook> {
             ],
             requires: Some(kernel::has_modules),
         },
-    ];
-    // A policy step whose prototype fits no known shape is not attached: its return value
-    // would be misread.
-    if integrity.policy.is_none() {
-        hooks.retain(|h| h.name != "module_sig_check");
-    }
-    if integrity.hash.is_none() && integrity.shape != shape::Shape::Mainline {
-        hooks.retain(|h| h.name != "module_hash_check");
-    }
-    hooks
+    ]
 }
 
 /// The autoload counter, kept in the kernel.
