@@ -21,6 +21,11 @@ pub fn report_path() -> PathBuf {
     crate::workspace_root().join("target/bench/vm-modules.md")
 }
 
+/// Where the scenario leaves its verdict: `{"target", "measured", "met"}`.
+pub fn verdict_path() -> PathBuf {
+    crate::workspace_root().join("target/bench/vm-modules.json")
+}
+
 const CHECK: &str = "observer_module_integrity_check_duration_seconds";
 const SIGNATURE_OK: &[(&str, &str)] = &[("method", "signature"), ("result", "ok")];
 /// The target: the observer adds less than this share of an integrity check to a load.
@@ -46,9 +51,10 @@ pub fn module_path_report(guest: SocketAddr, console: &str) -> anyhow::Result<()
         bail!("no load times or integrity checks from the guest");
     }
     let mean_check_ns = check_sum / check_count * 1e9;
-    let section = section(&times, mean_check_ns)?;
+    let (section, verdict) = section(&times, mean_check_ns)?;
     std::fs::create_dir_all(crate::workspace_root().join("target/bench"))?;
     std::fs::write(report_path(), section)?;
+    std::fs::write(verdict_path(), verdict.to_string())?;
     Ok(())
 }
 
@@ -71,7 +77,11 @@ fn load_times(console: &str) -> BTreeMap<(&str, &str), Vec<f64>> {
     times
 }
 
-fn section(times: &BTreeMap<(&str, &str), Vec<f64>>, mean_check_ns: f64) -> anyhow::Result<String> {
+/// The report's section and its verdict.
+fn section(
+    times: &BTreeMap<(&str, &str), Vec<f64>>,
+    mean_check_ns: f64,
+) -> anyhow::Result<(String, serde_json::Value)> {
     let mut section = String::from(
         "## Module path (VM)\n\nDebian 6.12 under QEMU TCG, one guest: crc7, crc-itu-t and crc8 (signed) loaded \
          with `finit_module` and unloaded, 5 interleaved rounds without and with the observer (stopped and \
@@ -121,7 +131,14 @@ fn section(times: &BTreeMap<(&str, &str), Vec<f64>>, mean_check_ns: f64) -> anyh
         (p75 - p25) / 1e6,
         (p75 - p25) / (b - a).abs().max(1.0),
     )?;
-    Ok(section)
+    let verdict = serde_json::json!({
+        "target": format!(
+            "module load: the observer adds under {TARGET_PERCENT:.0}% of an integrity check (VM)"
+        ),
+        "measured": format!("{added_percent:.1}% ({:.3} ms of {:.1} ms)", (b - a) / 1e6, mean_check_ns / 1e6),
+        "met": added_percent < TARGET_PERCENT,
+    });
+    Ok((section, verdict))
 }
 
 #[cfg(test)]
@@ -136,7 +153,8 @@ mod tests {
         let times = load_times(console);
         assert_eq!(times[&("crc7", "without")], [2e6, 2e6]);
         assert!(!times.contains_key(&("crc8", "with")));
-        let text = section(&times, 2e6).unwrap();
+        let (text, verdict) = section(&times, 2e6).unwrap();
+        assert_eq!(verdict["met"], true);
         assert!(
             text.contains("| crc7 | 2.0 ms | 2.0 ms | 1.005 |"),
             "{text}"
