@@ -25,7 +25,7 @@ impl Sample {
 }
 
 /// A metric family as declared by `# TYPE name kind`, with the label names its samples carry
-/// (`le` and `quantile` included for histograms and summaries).
+/// (not a histogram's `le` nor a summary's `quantile`: those come with the type, not the family).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Family {
     pub name: String,
@@ -95,9 +95,18 @@ pub fn families(text: &str) -> Vec<Family> {
             .filter(|f| f.owns(&sample.name))
             .max_by_key(|f| f.name.len())
         {
-            family
-                .label_names
-                .extend(sample.labels.into_iter().map(|(k, _)| k));
+            let structural = match family.kind.as_str() {
+                "histogram" => "le",
+                "summary" => "quantile",
+                _ => "",
+            };
+            family.label_names.extend(
+                sample
+                    .labels
+                    .into_iter()
+                    .map(|(k, _)| k)
+                    .filter(|k| k != structural),
+            );
         }
     }
     families
@@ -221,7 +230,7 @@ not a sample line
                 Family {
                     name: "observer_module_integrity_check_duration_seconds".into(),
                     kind: "histogram".into(),
-                    label_names: names(&["le", "method", "result"]),
+                    label_names: names(&["method", "result"]),
                 },
                 Family {
                     name: "observer_up".into(),

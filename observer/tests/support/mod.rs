@@ -3,8 +3,8 @@
 #![allow(dead_code, reason = "each test binary uses a different part")]
 
 use std::{
-    io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream},
+    io::{BufRead as _, BufReader},
+    net::SocketAddr,
     process::{Child, Command, Stdio},
     sync::{Arc, Mutex},
     thread,
@@ -25,11 +25,7 @@ pub fn require_root() {
 
 /// A free loopback port (the listener is closed before the agent binds it).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    testkit::free_loopback_port().expect("no free loopback port")
 }
 
 /// A running agent, stopped with SIGTERM when dropped.
@@ -145,26 +141,10 @@ fn collect_lines(stream: impl std::io::Read + Send + 'static) -> Arc<Mutex<Vec<S
     lines
 }
 
-/// A plain HTTP/1.1 request over a real socket; returns the status and the body.
+/// A plain HTTP/1.1 request over a real socket; returns the status and the body (chunked
+/// transfer encoding undone).
 pub fn http_request(addr: SocketAddr, method: &str, path: &str) -> std::io::Result<(u16, String)> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("bad response: {response:?}")))?;
-    let body = response
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_owned();
-    Ok((status, body))
+    testkit::http::request(addr, method, path, Duration::from_secs(10))
 }
 
 pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
@@ -177,39 +157,22 @@ pub struct Metrics(pub String);
 impl Metrics {
     /// The value of the sample with exactly these labels (in any order), if present.
     pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-        self.0
-            .lines()
-            .filter(|l| !l.starts_with('#'))
-            .find_map(|line| {
-                let (series, value) = line.rsplit_once(' ')?;
-                let (sample_name, label_text) = match series.split_once('{') {
-                    Some((n, rest)) => (n, rest.strip_suffix('}')?),
-                    None => (series, ""),
-                };
-                if sample_name != name {
-                    return None;
-                }
-                let mut found: Vec<(String, String)> = label_text
-                    .split("\",")
-                    .filter(|p| !p.is_empty())
-                    .filter_map(|p| {
-                        let (k, v) = p.split_once("=\"")?;
-                        Some((k.to_owned(), v.trim_end_matches('"').to_owned()))
-                    })
-                    .collect();
-                let mut wanted: Vec<(String, String)> = labels
-                    .iter()
-                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                    .collect();
-                found.sort();
-                wanted.sort();
-                (found == wanted).then(|| value.parse().ok()).flatten()
-            })
+        testkit::prom::value(&self.0, name, labels)
     }
 
     /// Like [`Self::get`], 0 when the sample is absent (counters not yet incremented).
     pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         self.get(name, labels).unwrap_or(0.0)
+    }
+
+    /// The sum over the samples that carry at least these labels, 0 when there are none.
+    pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        testkit::prom::sum_with_labels(&self.0, name, labels).unwrap_or(0.0)
+    }
+
+    /// The families the scrape declares, with their types and label names.
+    pub fn families(&self) -> Vec<testkit::prom::Family> {
+        testkit::prom::families(&self.0)
     }
 }
 
@@ -243,42 +206,22 @@ pub fn timer_storm(
         .collect()
 }
 
-#[repr(C)]
-struct SigEvent {
-    value: u64,
-    signo: libc::c_int,
-    notify: libc::c_int,
-    pad: [u64; 6],
-}
-
-/// timer_create with SIGEV_NONE on `clock`, the raw syscall (glibc's wrapper keeps its own
-/// bookkeeping); returns what the kernel returned and writes the ID to `id`.
+/// timer_create with SIGEV_NONE on `clock`, the raw syscall; returns what the kernel returned
+/// and writes the ID to `id` (in restore mode, reads the wanted ID from it).
 pub fn timer_create(clock: libc::c_long, id: &mut libc::c_int) -> i64 {
-    let mut event = SigEvent {
-        value: 0,
-        signo: 0,
-        notify: libc::SIGEV_NONE,
-        pad: [0; 6],
-    };
-    // SAFETY: valid pointers to a sigevent and an int for the kernel to write.
-    unsafe {
-        libc::syscall(
-            libc::SYS_timer_create,
-            clock,
-            &raw mut event,
-            std::ptr::from_mut(id),
-        )
-    }
+    testkit::timers::timer_create(clock, id)
 }
 
 pub fn timer_delete(id: libc::c_int) -> i64 {
-    // SAFETY: a plain syscall.
-    unsafe { libc::syscall(libc::SYS_timer_delete, id) }
+    testkit::timers::timer_delete(id)
+}
+
+/// Names the calling thread (its comm); false when the kernel refuses.
+pub fn set_thread_name(name: &str) -> bool {
+    testkit::set_thread_name(name)
 }
 
 /// One timer_create + timer_delete (SIGEV_NONE, CLOCK_MONOTONIC).
 pub fn timer_pair() {
-    let mut id = 0;
-    assert_eq!(timer_create(libc::CLOCK_MONOTONIC.into(), &mut id), 0);
-    timer_delete(id);
+    testkit::timers::timer_pair().expect("timer_create/timer_delete");
 }
