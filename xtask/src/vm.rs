@@ -6,6 +6,7 @@
 //! while the host scrapes /metrics through a forwarded port and checks the scenario's table.
 //! Consoles and scrapes are kept in `.cache/vm/logs/`.
 pub mod bench_modules;
+mod guest;
 mod initramfs;
 pub(crate) mod kernel;
 mod metrics;
@@ -13,27 +14,19 @@ mod qemu;
 mod scenarios;
 
 use std::{
-    fmt::Write as _,
     fs,
-    io::{BufRead as _, BufReader, Write as _},
-    net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::Command,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicUsize, Ordering},
-    },
-    time::{Duration, Instant},
+    sync::Arc,
+    time::Instant,
 };
 
 use anyhow::{Context as _, bail};
 use clap::{Args, ValueEnum};
 
 use self::{
-    kernel::{Kernel, Series},
-    metrics::{check_console, scrape_until_ok, settle_metrics},
-    qemu::{Boot, Vm},
-    scenarios::{Check, SCENARIOS, Scenario},
+    kernel::Series,
+    scenarios::{SCENARIOS, Scenario},
 };
 
 const HOST_PACKAGES: &[&str] = &[
@@ -45,9 +38,6 @@ const HOST_PACKAGES: &[&str] = &[
     "xz-utils",
 ];
 const GUEST_TARGET: &str = "x86_64-unknown-linux-gnu";
-/// How long the host keeps scraping for the counts to settle: events reach the agent through a
-/// ring buffer, so the last ones may land just after the guest's ACTIONS-DONE.
-const SETTLE: Duration = Duration::from_secs(5);
 
 #[derive(Args, Debug)]
 pub struct Options {
@@ -154,7 +144,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         eprintln!("vm: the host's agent did not build ({e:#})");
     }
     // Every kernel and its initramfs first, then the guests, `options.guests` at a time.
-    let mut guests: Vec<(Arc<Kernel>, Arc<PathBuf>, &'static Scenario)> = Vec::new();
+    let mut guests: Vec<guest::Guest> = Vec::new();
     for series in Series::ALL {
         let scenarios: Vec<&Scenario> = plan
             .iter()
@@ -193,7 +183,15 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         }
     }
     let started = Instant::now();
-    let results = run_guests(&guests, options, &logs);
+    // The longest guest (a host step with a real Prometheus) first, so the others overlap it.
+    guests.sort_by_key(|(_, _, scenario)| !scenario.host_agent);
+    let settings = guest::Settings {
+        timeout: options.timeout,
+        verbose: options.verbose,
+        agent_log: options.agent_log.clone(),
+        guests: options.guests,
+    };
+    let results = guest::run_guests(&guests, &settings, &logs);
     let wall = started.elapsed();
 
     let failed = results.iter().filter(|r| !r.failures.is_empty()).count();
@@ -222,39 +220,6 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         bail!("{failed} of {} VM scenarios failed", results.len());
     }
     Ok(())
-}
-
-/// Runs the guests on `options.guests` threads; the results in the order of `guests`.
-fn run_guests(
-    guests: &[(Arc<Kernel>, Arc<PathBuf>, &'static Scenario)],
-    options: &Options,
-    logs: &Path,
-) -> Vec<ScenarioResult> {
-    let next = AtomicUsize::new(0);
-    let results: Mutex<Vec<(usize, ScenarioResult)>> = Mutex::new(Vec::new());
-    std::thread::scope(|scope| {
-        for _ in 0..options.guests {
-            scope.spawn(|| {
-                loop {
-                    let index = next.fetch_add(1, Ordering::Relaxed);
-                    let Some((kernel, initramfs, scenario)) = guests.get(index) else {
-                        return;
-                    };
-                    let result = run_scenario(kernel, initramfs, scenario, options, logs);
-                    result.report();
-                    results
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .push((index, result));
-                }
-            });
-        }
-    });
-    let mut results = results
-        .into_inner()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    results.sort_by_key(|(index, _)| *index);
-    results.into_iter().map(|(_, result)| result).collect()
 }
 
 /// Which scenario runs on which kernel.
@@ -318,227 +283,6 @@ fn build_static(package: &str, bin: &str) -> anyhow::Result<PathBuf> {
             .current_dir(crate::workspace_root()),
     )?;
     Ok(static_binary(bin))
-}
-
-struct ScenarioResult {
-    series: Series,
-    name: &'static str,
-    failures: Vec<String>,
-    /// Moments since QEMU started, in order.
-    marks: Vec<(&'static str, Duration)>,
-    console: String,
-    log: PathBuf,
-}
-
-impl ScenarioResult {
-    fn timings(&self) -> String {
-        self.marks
-            .iter()
-            .map(|(what, at)| format!("{what} {:.1} s", at.as_secs_f64()))
-            .collect::<Vec<_>>()
-            .join(", ")
-    }
-
-    fn report(&self) {
-        let label = self.series.label();
-        if self.failures.is_empty() {
-            eprintln!("vm: PASS {label} {} ({})", self.name, self.timings());
-            return;
-        }
-        eprintln!("vm: FAIL {label} {} ({})", self.name, self.timings());
-        for failure in &self.failures {
-            eprintln!("  - {failure}");
-        }
-        let lines: Vec<&str> = self.console.lines().collect();
-        let tail = &lines[lines.len().saturating_sub(40)..];
-        eprintln!(
-            "  console, last {} lines (all of it in {}):",
-            tail.len(),
-            self.log.display()
-        );
-        for line in tail {
-            eprintln!("  | {line}");
-        }
-    }
-}
-
-fn run_scenario(
-    kernel: &Kernel,
-    initramfs: &Path,
-    scenario: &'static Scenario,
-    options: &Options,
-    logs: &Path,
-) -> ScenarioResult {
-    let series = kernel.series;
-    let stem = format!("{}-{}", series.label(), scenario.name);
-    eprintln!("vm: running {stem}");
-    // A scrape left from an earlier run would pass for this run's.
-    let _ = fs::remove_file(logs.join(format!("{stem}.metrics.txt")));
-    let mut result = ScenarioResult {
-        series,
-        name: scenario.name,
-        failures: Vec::new(),
-        marks: Vec::new(),
-        console: String::new(),
-        log: logs.join(format!("{stem}.console.log")),
-    };
-    let boot = Boot {
-        vmlinux: &kernel.vmlinux,
-        initramfs,
-        cmdline: format!(
-            "console=ttyS0 panic=-1 quiet observer_scenario={}{} {}",
-            scenario.name,
-            options
-                .agent_log
-                .as_ref()
-                .map_or(String::new(), |level| format!(" observer_log={level}")),
-            scenario.cmdline
-        ),
-        log: result.log.clone(),
-        echo: options.verbose,
-    };
-    let deadline = Instant::now() + Duration::from_secs(options.timeout);
-    let mut vm = match Vm::start(&boot) {
-        Ok(vm) => vm,
-        Err(e) => {
-            result.failures.push(format!("{e:#}"));
-            return result;
-        }
-    };
-    drive(
-        &mut vm,
-        scenario,
-        series,
-        deadline,
-        logs,
-        &stem,
-        &mut result,
-    );
-    if vm.wait_exit(deadline) {
-        result.marks.push(("exit", vm.started.elapsed()));
-    } else {
-        result.marks.push(("killed", vm.started.elapsed()));
-        result.failures.push(format!(
-            "timed out: the guest was still running after {} s and was killed",
-            options.timeout
-        ));
-    }
-    result.console = vm.console();
-    let want = format!("RESULT {} rc=0", scenario.name);
-    if !result.console.lines().any(|l| l.trim_end() == want) {
-        let got = result.console.lines().find(|l| l.starts_with("RESULT "));
-        result.failures.push(format!(
-            "expected the guest to end with `{want}`, got {}",
-            got.map_or("no RESULT line".to_owned(), |l| format!("`{l}`"))
-        ));
-    }
-    result
-}
-
-/// The host's side of the protocol in xtask/guest/init.sh; failures go into `result`.
-fn drive(
-    vm: &mut Vm,
-    scenario: &Scenario,
-    series: Series,
-    deadline: Instant,
-    logs: &Path,
-    stem: &str,
-    result: &mut ScenarioResult,
-) {
-    let failures = &mut result.failures;
-    if vm.wait_for_line(&["vm: kernel"], deadline).is_none() {
-        failures.push("the guest never reached /init".into());
-        return;
-    }
-    result.marks.push(("init", vm.started.elapsed()));
-    let Some(agent) = vm.wait_for_line(&["AGENT-READY", "AGENT-FAILED"], deadline) else {
-        failures.push("the guest never said AGENT-READY or AGENT-FAILED".into());
-        return;
-    };
-    let agent_up = agent.starts_with("AGENT-READY");
-    if agent_up {
-        result.marks.push(("agent", vm.started.elapsed()));
-        // Through the forwarded port, as a Prometheus on the host would.
-        let until = deadline.min(Instant::now() + Duration::from_secs(30));
-        match scrape_until_ok(vm.metrics, until) {
-            Ok(_) => {}
-            Err(e) => failures.push(format!("the host could not scrape /metrics: {e:#}")),
-        }
-    } else {
-        failures.push(format!("the observer did not start: {agent}"));
-    }
-    if vm.wait_for_line(&["ACTIONS-DONE"], deadline).is_none() {
-        failures.push("the guest never said ACTIONS-DONE".into());
-        return;
-    }
-    result.marks.push(("actions", vm.started.elapsed()));
-    let console = vm.console();
-    let checks: Vec<&Check> = scenario.checks_on(series).collect();
-    let modules = series.scenario_modules();
-    failures.extend(
-        checks
-            .iter()
-            .filter_map(|c| check_console(c, &console, modules)),
-    );
-
-    let metric_checks: Vec<&Check> = checks
-        .into_iter()
-        .filter(|c| {
-            matches!(
-                c,
-                Check::Metric(..) | Check::MetricSum(..) | Check::SumAtMost(..)
-            )
-        })
-        .collect();
-    if agent_up && !metric_checks.is_empty() {
-        let until = deadline.min(Instant::now() + SETTLE);
-        let (text, failed) = settle_metrics(vm.metrics, &metric_checks, modules, until);
-        let _ = fs::write(logs.join(format!("{stem}.metrics.txt")), &text);
-        failures.extend(failed);
-        result.marks.push(("checked", vm.started.elapsed()));
-    } else if !metric_checks.is_empty() {
-        failures.push(format!(
-            "{} metric check(s) not made: no observer",
-            metric_checks.len()
-        ));
-    }
-    if let Some(host) = scenario.host
-        && agent_up
-        && let Err(e) = host(vm.metrics, &vm.console())
-    {
-        failures.push(format!("{e:#}"));
-    }
-    let until = deadline.min(Instant::now() + Duration::from_secs(20));
-    if let Err(e) = release_guest(vm.control, until) {
-        failures.push(format!("could not tell the guest to finish: {e:#}"));
-    }
-}
-
-/// Says "finish" until the guest answers "bye" (see `guest-tool await-host`).
-fn release_guest(addr: SocketAddr, until: Instant) -> anyhow::Result<()> {
-    let mut last = "no time left before the deadline".to_owned();
-    while Instant::now() < until {
-        let attempt = || -> anyhow::Result<()> {
-            let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-            stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-            (&stream).write_all(b"finish\n")?;
-            let mut line = String::new();
-            BufReader::new(&stream).read_line(&mut line)?;
-            if line.trim() != "bye" {
-                bail!("answer {line:?}");
-            }
-            Ok(())
-        };
-        match attempt() {
-            Ok(()) => return Ok(()),
-            Err(e) => {
-                last.clear();
-                let _ = write!(last, "{e:#}");
-            }
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
-    bail!("no answer: {last}")
 }
 
 #[cfg(test)]
