@@ -9,13 +9,17 @@ pub const CREATE_LATENCY_MAP: &str = "TIMER_CREATE_LATENCY";
 
 pub const NAMES: Names = Names {
     programs: &[
+        "timers_create_fentry",
+        "timers_create_fexit",
+        "timers_delete_fexit",
+        "timers_settime_fexit",
+        "timers_prctl_fexit",
+        "timers_itimers_exit",
+        "timers_itimers_exec",
         "timers_create_enter",
         "timers_create_exit",
-        "timers_delete_enter",
         "timers_delete_exit",
-        "timers_settime_enter",
         "timers_settime_exit",
-        "timers_prctl_enter",
         "timers_prctl_exit",
         "timers_raw_enter",
         "timers_raw_exit",
@@ -32,6 +36,7 @@ pub const NAMES: Names = Names {
         "TIMER_OWNERS",
     ],
     globals: &[
+        "TASK_FLAGS_OFFSET",
         "TASK_SIGNAL_OFFSET",
         "SIGNAL_LIVE_OFFSET",
         "SYS_TIMER_CREATE",
@@ -48,8 +53,6 @@ pub const NAMES: Names = Names {
 pub const SYSCALL_TIMER_CREATE: u32 = 0;
 pub const SYSCALL_TIMER_DELETE: u32 = 1;
 pub const SYSCALL_TIMER_SETTIME: u32 = 2;
-/// Only tracked in flight (restore-mode switches), never counted.
-pub const SYSCALL_PRCTL: u32 = 3;
 /// Number of counted syscalls.
 pub const COUNTED_SYSCALLS: u32 = 3;
 /// Size of the `TIMER_SYSCALLS` per-CPU array.
@@ -61,16 +64,15 @@ pub const PR_TIMER_CREATE_RESTORE_IDS: u64 = 77;
 pub const PR_TIMER_CREATE_RESTORE_IDS_OFF: u64 = 0;
 pub const PR_TIMER_CREATE_RESTORE_IDS_ON: u64 = 1;
 
-/// A timer syscall between its enter and exit tracepoints, keyed by thread id.
+/// A timer_create call between its entry and exit (for its latency), keyed by thread id.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct InFlight {
     pub start_ns: u64,
-    /// timer_create: the user pointer to the created ID; timer_delete/settime: the timer ID;
-    /// prctl: the restore-mode argument.
+    /// Unused: the exit reads the arguments itself.
     pub arg: u64,
     pub syscall: u32,
-    /// timer_create: 1 when the process is in restore mode; timer_settime: 1 when it arms.
+    /// Unused.
     pub flag: u32,
 }
 

@@ -3,6 +3,7 @@
 mod bench;
 mod dashboards;
 mod deploy;
+mod dist;
 mod setup;
 mod stats;
 mod test;
@@ -43,6 +44,9 @@ enum Task {
     },
     /// Validate the deployment files (systemd unit, Kubernetes manifests) offline.
     Deploy,
+    /// Build the release files into target/dist (static tarball, .deb, OCI image archive);
+    /// --check proves each as an operator installs it.
+    Dist(dist::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -64,6 +68,10 @@ fn main() -> anyhow::Result<()> {
             dashboards::run_with_targets(&target)
         }
         Task::Deploy => deploy::run(),
+        Task::Dist(options) => {
+            setup::run()?;
+            dist::run(&options)
+        }
         Task::Vm(options) => {
             setup::run()?;
             vm::run(&options)

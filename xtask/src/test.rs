@@ -58,6 +58,9 @@ pub fn run(_options: &Options) -> anyhow::Result<()> {
     let tested = cargo(&["test", "--release"]);
     report_skips(&skip_log);
     tested?;
+    // The release files, each proven as an operator installs it (the .deb under systemd in a
+    // QEMU guest too).
+    crate::dist::check()?;
     // The module path and the primary mechanisms, in QEMU guests running Debian's kernels; the
     // `dashboards` scenario runs every dashboard query and alert rule through a real Prometheus
     // scraping this host's agent and the guest's.

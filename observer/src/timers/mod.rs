@@ -19,7 +19,7 @@ use crate::{
     family::{Context, EventFields, HookFamily, LoadSettings, RecordKind, Registration},
     maps::{self, Maps},
     metrics::{Family, Log2Histogram},
-    plan::{Hook, KernelView, raw_tracepoint, tracepoint},
+    plan::{Hook, KernelView, fentry, fexit, raw_tracepoint, tracepoint},
     record::{comm_str, read_record},
 };
 
@@ -34,8 +34,9 @@ pub const FAMILY: Registration = Registration {
 /// The timer family's own flags.
 #[derive(clap::Args, Debug)]
 pub struct Flags {
-    /// Which timer syscall hooks to prefer (the other is the fallback).
-    #[arg(long = "timers.hook", value_enum, default_value = "tracepoint")]
+    /// Which timer syscall hooks to prefer; the others are the fallbacks, in this order:
+    /// fentry/fexit, syscall tracepoints, raw syscall tracepoints.
+    #[arg(long = "timers.hook", value_enum, default_value = "fentry")]
     pub hook: SyscallHook,
     /// A timer deleted this soon after creation, never armed, counts as short-lived churn.
     #[arg(long = "timers.short-lived", default_value = "10ms", value_parser = crate::parse::parse_duration)]
@@ -93,6 +94,9 @@ impl HookFamily for TimerFamily {
                 "no BTF offsets for task_struct.signal/signal_struct.live: a process's timers are taken to die with its main thread"
             );
         }
+        // PF_EXITING in task_struct.flags tells exit_itimers at exit from exit_itimers at exec.
+        let flags = offset("task_struct", "flags");
+        load.global("TASK_FLAGS_OFFSET", &flags);
         load.global("TASK_SIGNAL_OFFSET", &signal);
         load.global("SIGNAL_LIVE_OFFSET", &live);
         load.global("SYS_TIMER_CREATE", &(libc::SYS_timer_create as u64));
@@ -143,58 +147,71 @@ const SYSCALL_NAMES: [&str; COUNTED_SYSCALLS as usize] =
 /// Which syscall hooks the timer family prefers (`--timers.hook`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum SyscallHook {
-    /// The syscall tracepoints: cost only on the watched syscalls, but each builds a record.
+    /// fexit on the syscalls' kernel functions (fentry too, for timer_create's latency), where
+    /// the kernel has BPF trampolines: cost only on the watched calls, and the least there.
+    Fentry,
+    /// The syscall tracepoints: cost only on the watched syscalls, but each builds a record and
+    /// any syscall tracepoint puts every task on the slow syscall path.
     Tracepoint,
-    /// The raw syscall tracepoints: cheaper per watched syscall, a filter on every other one.
+    /// The raw syscall tracepoints: a filter on every syscall of the system.
     RawTracepoint,
 }
 
+/// The kernel functions behind the timer syscalls on this architecture, with their
+/// `(const struct pt_regs *)` wrappers; `None` where the programs do not know the register layout.
+const SYSCALL_FUNCTIONS: Option<[&str; 4]> = if cfg!(target_arch = "x86_64") {
+    Some([
+        "__x64_sys_timer_create",
+        "__x64_sys_timer_delete",
+        "__x64_sys_timer_settime",
+        "__x64_sys_prctl",
+    ])
+} else {
+    None
+};
+
 fn hooks(preferred: SyscallHook) -> Vec<Hook> {
-    let syscalls = |enter_tp, exit_tp, enter, exit| {
-        [
-            tracepoint(enter, "syscalls", enter_tp),
-            tracepoint(exit, "syscalls", exit_tp),
-        ]
-    };
-    let per_syscall: Vec<_> = [
-        syscalls(
-            "sys_enter_timer_create",
-            "sys_exit_timer_create",
-            "timers_create_enter",
-            "timers_create_exit",
-        ),
-        syscalls(
-            "sys_enter_timer_delete",
-            "sys_exit_timer_delete",
-            "timers_delete_enter",
-            "timers_delete_exit",
-        ),
-        syscalls(
-            "sys_enter_timer_settime",
-            "sys_exit_timer_settime",
-            "timers_settime_enter",
-            "timers_settime_exit",
-        ),
+    // Every syscall is handled at its exit alone; only timer_create's entry is hooked, for its
+    // latency. The programs name their x86_64 functions; other architectures skip this option
+    // (the attach fails by name and the plan moves on).
+    let [create, delete, settime, prctl] = SYSCALL_FUNCTIONS.unwrap_or([
+        "sys_timer_create",
+        "sys_timer_delete",
+        "sys_timer_settime",
+        "sys_prctl",
+    ]);
+    let trampolines = vec![
+        fentry("timers_create_fentry", create),
+        fexit("timers_create_fexit", create),
+        fexit("timers_delete_fexit", delete),
+        fexit("timers_settime_fexit", settime),
+        fexit("timers_prctl_fexit", prctl),
+    ];
+    let per_syscall = vec![
+        tracepoint("timers_create_enter", "syscalls", "sys_enter_timer_create"),
+        tracepoint("timers_create_exit", "syscalls", "sys_exit_timer_create"),
+        tracepoint("timers_delete_exit", "syscalls", "sys_exit_timer_delete"),
+        tracepoint("timers_settime_exit", "syscalls", "sys_exit_timer_settime"),
         // prctl: restore mode (PR_TIMER_CREATE_RESTORE_IDS) switched on and off.
-        syscalls(
-            "sys_enter_prctl",
-            "sys_exit_prctl",
-            "timers_prctl_enter",
-            "timers_prctl_exit",
-        ),
-    ]
-    .concat();
+        tracepoint("timers_prctl_exit", "syscalls", "sys_exit_prctl"),
+    ];
     let raw = vec![
         raw_tracepoint("timers_raw_enter", "sys_enter"),
         raw_tracepoint("timers_raw_exit", "sys_exit"),
     ];
     let options = match preferred {
-        SyscallHook::Tracepoint => vec![per_syscall, raw],
-        SyscallHook::RawTracepoint => vec![raw, per_syscall],
+        SyscallHook::Fentry => vec![trampolines, per_syscall, raw],
+        SyscallHook::Tracepoint => vec![per_syscall, raw, trampolines],
+        SyscallHook::RawTracepoint => vec![raw, per_syscall, trampolines],
     };
-    let sched = |name, program, tp| Hook {
+    // A process's timers die in exit_itimers, at its last thread's exit and at exec: fentry
+    // there costs nothing to other exits; the sched tracepoints are the fallbacks.
+    let owner = |name, trampoline, program, tp| Hook {
         name,
-        options: vec![vec![tracepoint(program, "sched", tp)]],
+        options: vec![
+            vec![fentry(trampoline, "exit_itimers")],
+            vec![tracepoint(program, "sched", tp)],
+        ],
         requires: None,
     };
     vec![
@@ -204,13 +221,15 @@ fn hooks(preferred: SyscallHook) -> Vec<Hook> {
             options,
             requires: None,
         },
-        sched(
+        owner(
             "timer_owner_exit",
+            "timers_itimers_exit",
             "timers_process_exit",
             "sched_process_exit",
         ),
-        sched(
+        owner(
             "timer_owner_exec",
+            "timers_itimers_exec",
             "timers_process_exec",
             "sched_process_exec",
         ),
