@@ -32,7 +32,7 @@ pub const WAKEUP_BYTES_GLOBAL: &str = "WAKEUP_BYTES";
 pub const SHARED_NAMES: Names = Names {
     programs: &[],
     maps: &[EVENTS_MAP, EVENTS_LOST_MAP],
-    globals: &[WAKEUP_BYTES_GLOBAL],
+    globals: &[WAKEUP_BYTES_GLOBAL, EVENT_DETAIL_GLOBAL],
 };
 
 /// Length of a task's `comm` in the kernel (`TASK_COMM_LEN`).
@@ -106,11 +106,22 @@ pub struct EventHeader {
     pub pid: u32,
     /// Thread id (the kernel's pid).
     pub tid: u32,
-    pub _pad: u32,
-    /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC nanoseconds.
+    /// The task's real user id: only while the event stream is on ([`EVENT_DETAIL_GLOBAL`]),
+    /// else 0.
+    pub uid: u32,
+    /// `bpf_ktime_get_boot_ns()`: CLOCK_BOOTTIME nanoseconds (which, unlike CLOCK_MONOTONIC,
+    /// counts suspend, so one offset turns it into wall-clock time for the whole run).
     pub ts_ns: u64,
+    /// The task's cgroup v2 ID (the cgroup directory's inode number): only while the event
+    /// stream is on, else 0.
+    pub cgroup_id: u64,
     pub comm: [u8; COMM_LEN],
 }
+
+/// Set by the agent when it writes the event stream: the programs then also record what only
+/// the stream needs (uid, cgroup), and cost nothing more otherwise (a frozen global: the
+/// verifier drops the branch).
+pub const EVENT_DETAIL_GLOBAL: &str = "EVENT_DETAIL";
 
 /// Number of log2 buckets in an in-kernel latency histogram: bucket `i` counts durations `d` in
 /// nanoseconds with `floor(log2(d)) == i` (bucket 0 also takes `d == 0`). 40 buckets reach ~18 min.
@@ -189,6 +200,6 @@ mod tests {
 
     #[test]
     fn header_layout() {
-        assert_eq!(size_of::<EventHeader>(), 40);
+        assert_eq!(size_of::<EventHeader>(), 48);
     }
 }

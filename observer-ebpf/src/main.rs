@@ -11,7 +11,10 @@ mod timers;
 use aya_ebpf::{
     Global,
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_get_current_uid_gid, bpf_ktime_get_boot_ns,
+    },
     macros::map,
     maps::{PerCpuArray, RingBuf},
 };
@@ -48,17 +51,35 @@ fn observe_ns(histogram: &PerCpuArray<u64>, ns: u64) {
     add(histogram, LOG2_SUM_SLOT, ns);
 }
 
+/// Whether the agent writes the event stream: then records also carry the task's uid and
+/// cgroup. Frozen at load, so when it is off the verifier drops those calls: the hot paths
+/// cost nothing more.
+#[unsafe(no_mangle)]
+static EVENT_DETAIL: Global<u32> = Global::new(0);
+
 /// The header of a record made now by the current task.
 #[inline(always)]
 fn header(kind: EventKind) -> EventHeader {
     let pid_tgid = bpf_get_current_pid_tgid();
+    let (uid, cgroup_id) = if EVENT_DETAIL.load() != 0 {
+        // SAFETY: helpers without preconditions.
+        unsafe {
+            (
+                bpf_get_current_uid_gid() as u32,
+                bpf_get_current_cgroup_id(),
+            )
+        }
+    } else {
+        (0, 0)
+    };
     EventHeader {
         kind: kind as u32,
         pid: (pid_tgid >> 32) as u32,
         tid: pid_tgid as u32,
-        _pad: 0,
+        uid,
         // SAFETY: a helper without preconditions.
-        ts_ns: unsafe { bpf_ktime_get_ns() },
+        ts_ns: unsafe { bpf_ktime_get_boot_ns() },
+        cgroup_id,
         comm: bpf_get_current_comm().unwrap_or_default(),
     }
 }

@@ -158,7 +158,7 @@ pub fn modules_load_enter(ctx: FEntryContext) -> u32 {
     }
     let Some(load) = current_load() else { return 0 };
     load.header = header(EventKind::ModuleLoad);
-    load.start_ns = load.header.ts_ns;
+    load.start_ns = now();
     // SAFETY: the map's value for this thread; copied before the entry is removed.
     if let Some(pending) = MODULE_PENDING.get_ptr(tid).map(|p| unsafe { &*p }) {
         load.file = pending.file;

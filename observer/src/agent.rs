@@ -74,6 +74,8 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct RecordCounts {
     pub received: [AtomicU64; EVENT_KIND_SLOTS as usize],
     pub decode_errors: AtomicU64,
+    /// Event-stream writes that failed.
+    pub output_errors: AtomicU64,
 }
 
 impl Default for RecordCounts {
@@ -81,6 +83,7 @@ impl Default for RecordCounts {
         Self {
             received: std::array::from_fn(|_| AtomicU64::new(0)),
             decode_errors: AtomicU64::new(0),
+            output_errors: AtomicU64::new(0),
         }
     }
 }
@@ -169,6 +172,13 @@ impl Agent {
                 "Records too short or of an unknown kind.",
             )
             .single(self.counts.decode_errors.load(Ordering::Relaxed) as f64),
+        );
+        families.push(
+            Family::counter(
+                "events_output_errors_total",
+                "Writes of the event stream (--events json) that failed; the events in them are lost.",
+            )
+            .single(self.counts.output_errors.load(Ordering::Relaxed) as f64),
         );
     }
 }

@@ -73,9 +73,12 @@ pub struct RunArgs {
     /// Path under which to expose metrics.
     #[arg(long = "web.telemetry-path", default_value = "/metrics", value_parser = parse_path)]
     pub telemetry_path: String,
-    /// Also write one object per event to stdout.
+    /// Also write one JSON object per event (see the schema in schemas/events.schema.json).
     #[arg(long, value_enum)]
     pub events: Option<EventsFormat>,
+    /// Where the events go: - for stdout, or a file appended to and reopened on SIGHUP.
+    #[arg(long = "events.output", default_value = "-", value_name = "PATH")]
+    pub events_output: crate::events::Output,
     /// Size of the ring buffer carrying records to the agent, in bytes: a power of two from
     /// 4096 to 1 GiB. Records that find it full are counted in observer_events_lost_total.
     #[arg(long = "events.buffer-size", default_value_t = DEFAULT_BUFFER_SIZE, value_parser = parse_buffer_size)]

@@ -2,7 +2,9 @@
 //! timer-ID churn, and serves it all as Prometheus metrics.
 
 mod agent;
+mod cgroups;
 mod cli;
+mod events;
 mod family;
 mod generate;
 mod http;
@@ -85,6 +87,12 @@ fn run_agent(matches: &clap::ArgMatches, args: &RunArgs) -> anyhow::Result<()> {
         Some(path) => webconfig::WebConfig::load(path)?,
         None => webconfig::WebConfig::default(),
     };
+    // The events file is opened while the agent may still create it anywhere.
+    let events = args
+        .events
+        .map(|_| events::EventStream::open(args.events_output.clone()))
+        .transpose()?;
+    let reopen = events.as_ref().map(|e| e.reopen.clone());
     let Started {
         mut ebpf,
         agent,
@@ -112,7 +120,19 @@ fn run_agent(matches: &clap::ArgMatches, args: &RunArgs) -> anyhow::Result<()> {
             args.listen_address,
             args.telemetry_path
         );
-        let mut pipeline = pipeline::Pipeline::new(ring, agent.clone(), args.events.is_some())?;
+        let mut pipeline = pipeline::Pipeline::new(ring, agent.clone(), events)?;
+        let reopen_on_hangup = async {
+            let mut hangup =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+            loop {
+                hangup.recv().await;
+                if let Some(reopen) = &reopen {
+                    reopen.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+            #[expect(unreachable_code, reason = "gives the loop's error type")]
+            anyhow::Ok(())
+        };
         let server = http::serve(
             listener,
             agent.clone(),
@@ -128,6 +148,7 @@ fn run_agent(matches: &clap::ArgMatches, args: &RunArgs) -> anyhow::Result<()> {
         let result = tokio::select! {
             result = pipeline.run() => result.context("event pipeline"),
             result = kernel_logs => result.context("eBPF log lines"),
+            result = reopen_on_hangup => result.context("SIGHUP"),
             () = server => Ok(()),
             signal = shutdown_signal() => {
                 log::info!("{}: detaching and exiting", signal?);

@@ -2,7 +2,6 @@
 //! checked, never trusted), hands it to its family, and optionally writes it as JSON.
 
 use std::{
-    io::Write as _,
     sync::{Arc, MutexGuard, atomic::Ordering},
     time::Duration,
 };
@@ -13,19 +12,27 @@ use tokio::io::{Interest, unix::AsyncFd};
 
 use crate::{
     agent::{Agent, Families, RecordCounts},
-    family::HookFamily,
-    record::{comm_str, read_record},
+    events::EventStream,
+    family::{EventFields, HookFamily},
+    record::read_record,
 };
 
+/// A record taken by its family, with the event it makes (when asked for).
+pub struct Decoded {
+    pub header: EventHeader,
+    pub kind: EventKind,
+    pub fields: EventFields,
+}
+
 /// Decodes one record and hands it to its family (`locked`: every family, locked, in the
-/// order of [`Families`]); returns its JSON line when asked for.
+/// order of [`Families`]); returns the event when `want_event` and the record makes one.
 pub fn dispatch(
     families: &Families,
     locked: &mut [MutexGuard<'_, Box<dyn HookFamily>>],
     counts: &RecordCounts,
     bytes: &[u8],
-    want_json: bool,
-) -> Option<String> {
+    want_event: bool,
+) -> Option<Decoded> {
     let error = || {
         counts.decode_errors.fetch_add(1, Ordering::Relaxed);
         None
@@ -43,17 +50,13 @@ pub fn dispatch(
     if bytes.len() < size {
         return error();
     }
-    let fields = locked[slot].decode(kind, bytes, want_json);
+    let fields = locked[slot].decode(kind, bytes, want_event);
     counts.received[kind as usize].fetch_add(1, Ordering::Relaxed);
-    let fields = fields?;
-    let mut event = serde_json::Map::new();
-    event.insert("event".into(), kind.label().into());
-    event.insert("pid".into(), header.pid.into());
-    event.insert("tid".into(), header.tid.into());
-    event.insert("comm".into(), comm_str(&header.comm).into());
-    // A family's own fields come last: it may name the event or the process more precisely.
-    event.extend(fields);
-    serde_json::to_string(&event).ok()
+    Some(Decoded {
+        header,
+        kind,
+        fields: fields?,
+    })
 }
 
 /// How often the agent drains without being woken: the programs wake it only once a quarter of
@@ -67,13 +70,16 @@ const IDLE_DRAIN_INTERVAL: Duration = Duration::from_secs(1);
 pub struct Pipeline {
     ring: AsyncFd<RingBuf<MapData>>,
     agent: Arc<Agent>,
-    want_json: bool,
-    lines: Vec<String>,
+    events: Option<EventStream>,
 }
 
 impl Pipeline {
     /// Must be called inside the tokio runtime.
-    pub fn new(ring: RingBuf<MapData>, agent: Arc<Agent>, want_json: bool) -> anyhow::Result<Self> {
+    pub fn new(
+        ring: RingBuf<MapData>,
+        agent: Arc<Agent>,
+        events: Option<EventStream>,
+    ) -> anyhow::Result<Self> {
         // SAFETY: the ring buffer owns its map fd, which stays open and the same while the
         // AsyncFd owns the ring buffer. Readable only: the kernel never signals it writable.
         let ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
@@ -81,8 +87,7 @@ impl Pipeline {
         Ok(Self {
             ring,
             agent,
-            want_json,
-            lines: Vec::new(),
+            events,
         })
     }
 
@@ -93,11 +98,11 @@ impl Pipeline {
             let drained = tokio::select! {
                 guard = self.ring.readable_mut() => {
                     let mut guard = guard?;
-                    let drained = drain(guard.get_inner_mut(), &self.agent, self.want_json, &mut self.lines);
+                    let drained = drain(guard.get_inner_mut(), &self.agent, self.events.as_mut());
                     guard.clear_ready();
                     drained
                 }
-                () = tokio::time::sleep(interval) => drain(self.ring.get_mut(), &self.agent, self.want_json, &mut self.lines),
+                () = tokio::time::sleep(interval) => drain(self.ring.get_mut(), &self.agent, self.events.as_mut()),
             };
             interval = if drained > 0 {
                 DRAIN_INTERVAL
@@ -110,25 +115,14 @@ impl Pipeline {
 
     /// Takes in what is still waiting: at exit, nothing already recorded is left unread.
     pub fn drain_now(&mut self) {
-        let _ = drain(
-            self.ring.get_mut(),
-            &self.agent,
-            self.want_json,
-            &mut self.lines,
-        );
+        let _ = drain(self.ring.get_mut(), &self.agent, self.events.as_mut());
         self.flush_lines();
     }
 
     fn flush_lines(&mut self) {
-        if self.lines.is_empty() {
-            return;
+        if let Some(events) = &mut self.events {
+            events.flush(&self.agent.counts.output_errors);
         }
-        let mut out = std::io::stdout().lock();
-        for line in self.lines.drain(..) {
-            // A closed stdout must not stop observation.
-            let _ = writeln!(out, "{line}");
-        }
-        let _ = out.flush();
     }
 }
 
@@ -152,25 +146,26 @@ pub async fn forward_kernel_logs(
     }
 }
 
-/// Drains every record waiting, collecting the JSON lines asked for; returns how many.
+/// Drains every record waiting, handing events to the stream when there is one; returns how
+/// many.
 fn drain(
     ring: &mut RingBuf<MapData>,
     agent: &Agent,
-    want_json: bool,
-    lines: &mut Vec<String>,
+    mut events: Option<&mut EventStream>,
 ) -> usize {
     let mut locked = agent.families.lock_all();
     let mut drained = 0;
     while let Some(item) = ring.next() {
         drained += 1;
-        if let Some(line) = dispatch(
+        let decoded = dispatch(
             &agent.families,
             &mut locked,
             &agent.counts,
             &item,
-            want_json,
-        ) {
-            lines.push(line);
+            events.is_some(),
+        );
+        if let (Some(events), Some(decoded)) = (events.as_deref_mut(), decoded) {
+            events.push(&decoded.header, decoded.kind, decoded.fields);
         }
     }
     drained
@@ -204,11 +199,11 @@ mod tests {
         )
     }
 
-    /// Feeds one record; returns its JSON line, records received, decode errors.
-    fn feed(families: &Families, bytes: &[u8]) -> (Option<String>, u64, u64) {
+    /// Feeds one record; returns the event's own fields, records received, decode errors.
+    fn feed(families: &Families, bytes: &[u8]) -> (Option<EventFields>, u64, u64) {
         let counts = RecordCounts::default();
         let mut locked = families.lock_all();
-        let line = dispatch(families, &mut locked, &counts, bytes, true);
+        let line = dispatch(families, &mut locked, &counts, bytes, true).map(|d| d.fields);
         let received = counts
             .received
             .iter()
@@ -223,8 +218,9 @@ mod tests {
                 kind: EventKind::TimerCreated as u32,
                 pid: 7,
                 tid: 8,
-                _pad: 0,
+                uid: 0,
                 ts_ns: 1,
+                cgroup_id: 0,
                 comm: *b"churn\0\0\0\0\0\0\0\0\0\0\0",
             },
             timer_id: id,
@@ -271,15 +267,11 @@ mod tests {
 
     #[test]
     fn records_reach_their_family_and_become_events_without_filler() {
-        let (line, received, errors) = feed(&families(&[]), &timer_created(42));
+        let (fields, received, errors) = feed(&families(&[]), &timer_created(42));
         assert_eq!((received, errors), (1, 0));
-        let event: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
         assert_eq!(
-            event,
-            serde_json::json!({
-                "event": "timer_created", "pid": 7, "tid": 8, "comm": "churn",
-                "timer_id": 42, "restore": true,
-            })
+            serde_json::Value::Object(fields.unwrap()),
+            serde_json::json!({"timer_id": 42, "restore": true})
         );
     }
 

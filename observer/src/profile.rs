@@ -317,7 +317,7 @@ pub fn run(
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let mut pipeline = crate::pipeline::Pipeline::new(ring, agent.clone(), false)?;
+        let mut pipeline = crate::pipeline::Pipeline::new(ring, agent.clone(), None)?;
         let result = tokio::select! {
             result = pipeline.run() => result.context("event pipeline"),
             () = tokio::time::sleep(duration) => Ok(()),

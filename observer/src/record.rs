@@ -33,7 +33,7 @@ mod tests {
     #[test]
     fn short_records_are_refused_and_strings_end_at_nul() {
         assert_eq!(read_record::<EventHeader>(&[0u8; 8]), None);
-        assert!(read_record::<EventHeader>(&[0u8; 40]).is_some());
+        assert!(read_record::<EventHeader>(&[0u8; size_of::<EventHeader>()]).is_some());
         assert_eq!(comm_str(b"bash\0\0\0\0garbage!"), "bash");
         assert_eq!(comm_str(b"sixteen-bytes-xx"), "sixteen-bytes-xx");
     }

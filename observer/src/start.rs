@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::{Context as _, bail};
 use aya::{EbpfLoader, maps::RingBuf};
-use observer_common::{EVENTS_LOST_MAP, EVENTS_MAP, WAKEUP_BYTES_GLOBAL};
+use observer_common::{EVENT_DETAIL_GLOBAL, EVENTS_LOST_MAP, EVENTS_MAP, WAKEUP_BYTES_GLOBAL};
 
 use crate::{
     agent::{Agent, Families, RecordCounts},
@@ -92,11 +92,13 @@ pub fn load(
     let buffer_size = args.events_buffer_size;
     // Wake the agent at a quarter full, or 64 KiB, whichever comes first.
     let wakeup_bytes = u64::from(buffer_size / 4).min(64 * 1024);
+    let event_detail = u32::from(args.events.is_some());
     let mut loader = EbpfLoader::new();
     loader
         .btf(kernel.aya_btf.as_ref())
         .map_max_entries(EVENTS_MAP, buffer_size)
-        .override_global(WAKEUP_BYTES_GLOBAL, &wakeup_bytes, true);
+        .override_global(WAKEUP_BYTES_GLOBAL, &wakeup_bytes, true)
+        .override_global(EVENT_DETAIL_GLOBAL, &event_detail, true);
     for (name, bytes) in &settings.globals {
         loader.override_global(name, bytes.as_slice(), true);
     }

@@ -24,45 +24,18 @@ const GOLDEN: &str = concat!(
 );
 
 /// `name type label,label` for every family in a scrape.
-fn families(scrape: &str) -> BTreeSet<String> {
-    let mut types = std::collections::BTreeMap::new();
-    let mut labels: std::collections::BTreeMap<String, BTreeSet<String>> = Default::default();
-    for line in scrape.lines() {
-        if let Some(rest) = line.strip_prefix("# TYPE ") {
-            let (name, kind) = rest.split_once(' ').unwrap();
-            types.insert(name.to_owned(), kind.to_owned());
-            continue;
-        }
-        if line.starts_with('#') || line.is_empty() {
-            continue;
-        }
-        let series = line.rsplit_once(' ').unwrap().0;
-        let (sample, label_text) = series.split_once('{').unwrap_or((series, ""));
-        // Histogram samples belong to their family; `le` is the type's, not the family's.
-        let family = types
-            .keys()
-            .filter(|f| sample.starts_with(f.as_str()))
-            .max_by_key(|f| f.len())
-            .cloned()
-            .unwrap_or_else(|| panic!("sample {sample} before its TYPE line"));
-        let names = labels.entry(family).or_default();
-        for pair in label_text.trim_end_matches('}').split("\",") {
-            if let Some((name, _)) = pair.split_once("=\"")
-                && name != "le"
-            {
-                names.insert(name.to_owned());
-            }
-        }
-    }
-    types
+fn families(scrape: &Metrics) -> BTreeSet<String> {
+    scrape
+        .families()
         .into_iter()
-        .map(|(name, kind)| {
-            let names: Vec<String> = labels
-                .remove(&name)
-                .unwrap_or_default()
+        .map(|f| {
+            // `le` and `quantile` belong to the type, not to the family.
+            let labels: Vec<String> = f
+                .label_names
                 .into_iter()
+                .filter(|l| l != "le" && l != "quantile")
                 .collect();
-            format!("{name} {kind} {}", names.join(","))
+            format!("{} {} {}", f.name, f.kind, labels.join(","))
                 .trim_end()
                 .to_owned()
         })
@@ -70,7 +43,7 @@ fn families(scrape: &str) -> BTreeSet<String> {
 }
 
 /// A scrape after the host's hooks have each seen something: a timer pair, a lockdown denial.
-fn scrape_with_data() -> (String, bool) {
+fn scrape_with_data() -> (Metrics, bool) {
     let agent = Agent::start(&[]);
     timer_pair();
     let lockdown = std::fs::read_to_string("/sys/kernel/security/lockdown")
@@ -92,7 +65,7 @@ fn scrape_with_data() -> (String, bool) {
             .write(true)
             .open("/sys/kernel/debug/clear_warn_once");
     }
-    let Metrics(text) = agent.metrics_until("the timer pair and the denial", |m| {
+    let scrape = agent.metrics_until("the timer pair and the denial", |m| {
         m.value("observer_events_total", &[("kind", "timer_deleted")]) >= 1.0
             && (!denied
                 || m.get(
@@ -101,13 +74,13 @@ fn scrape_with_data() -> (String, bool) {
                 )
                 .is_some())
     });
-    (text, denied)
+    (scrape, denied)
 }
 
 #[test]
 fn a_real_scrape_has_exactly_the_golden_families_and_passes_promtool() {
-    let (text, denied) = scrape_with_data();
-    let found = families(&text);
+    let (scrape, denied) = scrape_with_data();
+    let found = families(&scrape);
     if std::env::var_os("OBSERVER_UPDATE_GOLDEN").is_some() {
         let mut lines: Vec<&str> = found.iter().map(String::as_str).collect();
         lines.push("");
@@ -142,7 +115,7 @@ fn a_real_scrape_has_exactly_the_golden_families_and_passes_promtool() {
         .stdin
         .take()
         .unwrap()
-        .write_all(text.as_bytes())
+        .write_all(scrape.0.as_bytes())
         .unwrap();
     let out = promtool.wait_with_output().unwrap();
     assert!(

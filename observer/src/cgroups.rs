@@ -1,0 +1,181 @@
+//! Names a task's cgroup (v2) from the ID its records carry: the path under the cgroup2 mount
+//! (`/kubepods.slice/...`), and the container ID where a runtime's naming shows one.
+
+use std::{
+    collections::HashMap,
+    fs,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+/// Paths kept; a fleet node has hundreds of cgroups, not tens of thousands.
+const MAX_CACHED: usize = 16_384;
+/// Directories read in one scan at most: a bound on the time a scan can take.
+const MAX_SCANNED: usize = 65_536;
+/// A miss rescans the hierarchy at most this often (a storm of events from a cgroup already
+/// gone must not become a storm of scans).
+const RESCAN_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Where the cgroup v2 hierarchy is mounted: `/sys/fs/cgroup` on unified hosts,
+/// `/sys/fs/cgroup/unified` on hybrid ones; from the mount table.
+pub fn find_mount(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        let (mount, fs) = line.split_once(" - ")?;
+        (fs.split_whitespace().next() == Some("cgroup2"))
+            .then(|| mount.split_whitespace().nth(4).map(PathBuf::from))
+            .flatten()
+    })
+}
+
+/// The container ID a runtime's cgroup naming shows: systemd scopes (`docker-<id>.scope`,
+/// `cri-containerd-<id>.scope`, `crio-<id>.scope`, `libpod-<id>.scope`) and cgroupfs paths
+/// (`/docker/<id>`, `/kubepods/.../<id>`), with a 64-hex-digit ID.
+pub fn container_id(path: &str) -> Option<&str> {
+    const PREFIXES: [&str; 5] = [
+        "docker-",
+        "cri-containerd-",
+        "crio-",
+        "libpod-",
+        "containerd-",
+    ];
+    path.rsplit('/').find_map(|component| {
+        let name = component.strip_suffix(".scope").unwrap_or(component);
+        let id = PREFIXES
+            .iter()
+            .find_map(|p| name.strip_prefix(p))
+            .unwrap_or(name);
+        (id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit())).then_some(id)
+    })
+}
+
+/// Cgroup IDs to paths, from scans of the hierarchy (the ID is the directory's inode number).
+pub struct CgroupNames {
+    root: Option<PathBuf>,
+    paths: HashMap<u64, String>,
+    last_scan: Option<Instant>,
+}
+
+impl CgroupNames {
+    pub fn new() -> Self {
+        let root = fs::read_to_string("/proc/self/mountinfo")
+            .ok()
+            .and_then(|text| find_mount(&text));
+        if root.is_none() {
+            log::warn!("no cgroup2 mount: events name no cgroup");
+        }
+        Self::at(root)
+    }
+
+    pub fn at(root: Option<PathBuf>) -> Self {
+        Self {
+            root,
+            paths: HashMap::new(),
+            last_scan: None,
+        }
+    }
+
+    /// The cgroup's path under the hierarchy's root (`/` for the root), if it can be found.
+    pub fn path(&mut self, id: u64) -> Option<&str> {
+        if !self.paths.contains_key(&id) {
+            self.rescan();
+        }
+        self.paths.get(&id).map(String::as_str)
+    }
+
+    fn rescan(&mut self) {
+        let Some(root) = self.root.clone() else {
+            return;
+        };
+        if self
+            .last_scan
+            .is_some_and(|last| last.elapsed() < RESCAN_INTERVAL)
+        {
+            return;
+        }
+        self.last_scan = Some(Instant::now());
+        // Paths of cgroups that are gone drop out; their IDs are never reused.
+        self.paths.clear();
+        let mut pending = vec![root.clone()];
+        let mut scanned = 0;
+        while let Some(dir) = pending.pop() {
+            scanned += 1;
+            if scanned > MAX_SCANNED || self.paths.len() >= MAX_CACHED {
+                log::debug!("cgroup scan stopped at {scanned} directories");
+                break;
+            }
+            let Ok(meta) = fs::metadata(&dir) else {
+                continue;
+            };
+            self.paths.insert(meta.ino(), relative(&root, &dir));
+            let Ok(entries) = fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    pending.push(entry.path());
+                }
+            }
+        }
+    }
+}
+
+fn relative(root: &Path, dir: &Path) -> String {
+    let rest = dir.strip_prefix(root).unwrap_or(dir);
+    format!("/{}", rest.to_string_lossy())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cgroup2_mount_is_found_on_unified_and_hybrid_hosts() {
+        let hybrid = "31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755\n\
+                      32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu\n\
+                      41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            find_mount(hybrid),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        let unified = "30 22 0:26 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw\n";
+        assert_eq!(find_mount(unified), Some(PathBuf::from("/sys/fs/cgroup")));
+        assert_eq!(find_mount("1 0 8:1 / / rw - ext4 /dev/sda1 rw\n"), None);
+    }
+
+    #[test]
+    fn container_ids_from_runtime_naming() {
+        let id = "4f1b8c3e9a2d7f6e5b4a39281706f5e4d3c2b1a0998877665544332211aabbcc";
+        for path in [
+            format!(
+                "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1.slice/cri-containerd-{id}.scope"
+            ),
+            format!("/system.slice/docker-{id}.scope"),
+            format!("/kubepods.slice/kubepods-pod2.slice/crio-{id}.scope"),
+            format!("/machine.slice/libpod-{id}.scope"),
+            format!("/docker/{id}"),
+            format!("/kubepods/burstable/pod3/{id}"),
+        ] {
+            assert_eq!(container_id(&path), Some(id), "{path}");
+        }
+        assert_eq!(container_id("/system.slice/observer.service"), None);
+        assert_eq!(
+            container_id("/user.slice/user-0.slice/session-3.scope"),
+            None
+        );
+        assert_eq!(container_id("/"), None);
+    }
+
+    #[test]
+    fn paths_come_from_a_scan_of_the_hierarchy() {
+        let root = std::env::temp_dir().join(format!("observer-cgroups-{}", std::process::id()));
+        let child = root.join("a.slice/b.scope");
+        fs::create_dir_all(&child).unwrap();
+        let id = fs::metadata(&child).unwrap().ino();
+        let mut names = CgroupNames::at(Some(root.clone()));
+        assert_eq!(names.path(id), Some("/a.slice/b.scope"));
+        let root_id = fs::metadata(&root).unwrap().ino();
+        assert_eq!(names.path(root_id), Some("/"));
+        fs::remove_dir_all(&root).unwrap();
+    }
+}

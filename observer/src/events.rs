@@ -1,0 +1,207 @@
+//! The event stream (`--events json`): one JSON object per record, with what every event has
+//! (time, kind, process, thread, user, comm, cgroup, container) around the family's own fields,
+//! written to stdout or appended to a file that SIGHUP reopens (for logrotate). A write that
+//! fails is counted and logged, never fatal: the metrics keep being served.
+
+use std::{
+    fs::{File, OpenOptions},
+    io::Write as _,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+};
+
+use anyhow::Context as _;
+use observer_common::{EventHeader, EventKind};
+
+use crate::{cgroups::CgroupNames, family::EventFields, record::comm_str};
+
+/// Where the stream goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Output {
+    Stdout,
+    File(PathBuf),
+}
+
+impl std::str::FromStr for Output {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "-" => Ok(Self::Stdout),
+            "" => Err("give a file path, or - for stdout".into()),
+            path => Ok(Self::File(path.into())),
+        }
+    }
+}
+
+pub struct EventStream {
+    /// Wall-clock time minus boot time, taken once at start: the records' CLOCK_BOOTTIME
+    /// stamps plus this are UTC nanoseconds.
+    wall_offset_ns: i128,
+    cgroups: CgroupNames,
+    output: Output,
+    file: Option<File>,
+    /// Set by SIGHUP: reopen the file before the next write.
+    pub reopen: Arc<AtomicBool>,
+    lines: Vec<String>,
+    failing: bool,
+}
+
+fn clock_ns(clock: libc::clockid_t) -> i128 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `now` is a valid timespec to write into.
+    unsafe { libc::clock_gettime(clock, &mut now) };
+    i128::from(now.tv_sec) * 1_000_000_000 + i128::from(now.tv_nsec)
+}
+
+impl EventStream {
+    /// Opens the output (a file that cannot be opened is an error at start, not later).
+    pub fn open(output: Output) -> anyhow::Result<Self> {
+        let file = match &output {
+            Output::Stdout => None,
+            Output::File(path) => Some(append(path)?),
+        };
+        let boot = clock_ns(libc::CLOCK_BOOTTIME);
+        let wall = clock_ns(libc::CLOCK_REALTIME);
+        Ok(Self {
+            wall_offset_ns: wall - boot,
+            cgroups: CgroupNames::new(),
+            output,
+            file,
+            reopen: Arc::new(AtomicBool::new(false)),
+            lines: Vec::new(),
+            failing: false,
+        })
+    }
+
+    /// Adds one event: the family's `fields` come last, so a family may name the event or the
+    /// process more precisely (a lockdown console line names its own process).
+    pub fn push(&mut self, header: &EventHeader, kind: EventKind, fields: EventFields) {
+        let mut event = EventFields::new();
+        let wall = i128::from(header.ts_ns) + self.wall_offset_ns;
+        event.insert("time".into(), rfc3339_nanos(wall).into());
+        event.insert("event".into(), kind.label().into());
+        event.insert("pid".into(), header.pid.into());
+        event.insert("tid".into(), header.tid.into());
+        event.insert("uid".into(), header.uid.into());
+        event.insert("comm".into(), comm_str(&header.comm).into());
+        event.insert("cgroup_id".into(), header.cgroup_id.into());
+        if let Some(path) = self.cgroups.path(header.cgroup_id) {
+            if let Some(id) = crate::cgroups::container_id(path) {
+                event.insert("container_id".into(), id.into());
+            }
+            event.insert("cgroup".into(), path.into());
+        }
+        event.extend(fields);
+        if let Ok(line) = serde_json::to_string(&event) {
+            self.lines.push(line);
+        }
+    }
+
+    /// Writes what was pushed; counts a failed write in `errors`.
+    pub fn flush(&mut self, errors: &AtomicU64) {
+        if self.reopen.swap(false, Ordering::Relaxed)
+            && let Output::File(path) = &self.output
+        {
+            match append(path) {
+                Ok(file) => {
+                    log::info!("reopened {}", path.display());
+                    self.file = Some(file);
+                }
+                Err(err) => log::warn!("{err:#}; still writing to the file open before"),
+            }
+        }
+        if self.lines.is_empty() {
+            return;
+        }
+        let mut text = self.lines.join("\n");
+        text.push('\n');
+        self.lines.clear();
+        let result = match &mut self.file {
+            Some(file) => file.write_all(text.as_bytes()),
+            None => {
+                let mut out = std::io::stdout().lock();
+                out.write_all(text.as_bytes()).and_then(|()| out.flush())
+            }
+        };
+        match result {
+            Ok(()) => self.failing = false,
+            Err(err) => {
+                errors.fetch_add(1, Ordering::Relaxed);
+                // Once per run of failures, not once per write.
+                if !self.failing {
+                    log::warn!(
+                        "writing events: {err}; counting failures in observer_events_output_errors_total"
+                    );
+                }
+                self.failing = true;
+            }
+        }
+    }
+}
+
+fn append(path: &PathBuf) -> anyhow::Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening {} for events", path.display()))
+}
+
+/// `2026-11-29T05:30:00.123456789Z` for nanoseconds since the epoch (UTC).
+pub fn rfc3339_nanos(unix_ns: i128) -> String {
+    let secs = unix_ns.div_euclid(1_000_000_000);
+    let nanos = unix_ns.rem_euclid(1_000_000_000);
+    let (days, day_secs) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i128::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{nanos:09}Z",
+        day_secs / 3_600,
+        day_secs % 3_600 / 60,
+        day_secs % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_with_nanoseconds() {
+        assert_eq!(rfc3339_nanos(0), "1970-01-01T00:00:00.000000000Z");
+        assert_eq!(
+            rfc3339_nanos(1_796_016_600_123_456_789),
+            "2026-11-30T05:30:00.123456789Z"
+        );
+        // A leap day.
+        assert_eq!(
+            rfc3339_nanos(1_709_164_800_000_000_001),
+            "2024-02-29T00:00:00.000000001Z"
+        );
+    }
+
+    #[test]
+    fn outputs() {
+        assert_eq!("-".parse::<Output>(), Ok(Output::Stdout));
+        assert_eq!(
+            "/var/log/observer/events.json".parse::<Output>(),
+            Ok(Output::File("/var/log/observer/events.json".into()))
+        );
+        assert!("".parse::<Output>().is_err());
+    }
+}

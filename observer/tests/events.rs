@@ -1,0 +1,267 @@
+//! The event stream against this machine's kernel: a process in a child cgroup of its own,
+//! under another user, makes a timer and meets a lockdown denial; its events name the time,
+//! the user, the exact cgroup path, and validate against schemas/events.schema.json. The file
+//! route: appended, reopened on SIGHUP, and write errors counted without stopping the agent.
+
+#[path = "support/features.rs"]
+mod features;
+mod support;
+
+use std::{
+    ffi::CString,
+    fs,
+    path::{Path, PathBuf},
+    time::{Duration, Instant, SystemTime},
+};
+
+use serde_json::Value;
+use support::{Agent, timer_create, timer_delete, timer_pair};
+
+const SCHEMA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../schemas/events.schema.json");
+const NOBODY: u32 = 65_534;
+
+/// Where the cgroup v2 hierarchy is mounted here (`/sys/fs/cgroup/unified` on hybrid hosts).
+fn cgroup2_root() -> PathBuf {
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            let (mount, fs) = l.split_once(" - ")?;
+            fs.starts_with("cgroup2 ")
+                .then(|| PathBuf::from(mount.split_whitespace().nth(4).unwrap()))
+        })
+        .expect("a cgroup2 mount")
+}
+
+/// A child cgroup of the root, removed when dropped.
+struct ChildCgroup(PathBuf);
+
+impl Drop for ChildCgroup {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir(&self.0);
+    }
+}
+
+/// Forks a child that joins `cgroup`, is denied a debugfs write open by lockdown (as root),
+/// then as `nobody` creates and deletes a timer; returns its pid once it has exited.
+fn child_in(cgroup: &Path) -> i32 {
+    let procs = CString::new(cgroup.join("cgroup.procs").to_str().unwrap()).unwrap();
+    let debugfs = c"/sys/kernel/debug/clear_warn_once";
+    // SAFETY: the child makes raw syscalls only and exits.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        // SAFETY: in the child; async-signal-safe calls only.
+        unsafe {
+            libc::prctl(libc::PR_SET_NAME, c"obst-events".as_ptr());
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+            let joined = fd >= 0 && libc::write(fd, c"0".as_ptr().cast(), 1) == 1;
+            libc::close(fd);
+            let denied = libc::open(debugfs.as_ptr(), libc::O_WRONLY);
+            if denied >= 0 {
+                libc::close(denied);
+            }
+            if !joined || libc::setresuid(NOBODY, NOBODY, NOBODY) != 0 {
+                libc::_exit(2);
+            }
+            let mut id = 0;
+            let created = timer_create(libc::CLOCK_MONOTONIC.into(), &mut id);
+            let deleted = timer_delete(id);
+            libc::_exit(if created == 0 && deleted == 0 { 0 } else { 3 });
+        }
+    }
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "the child failed: {status:#x}"
+    );
+    pid
+}
+
+fn events_in(path: &Path) -> Vec<Value> {
+    fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect()
+}
+
+fn wait_for(path: &Path, what: &str, matches: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(event) = events_in(path).into_iter().find(&matches) {
+            return event;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no event for {what} in {}:\n{}",
+            path.display(),
+            fs::read_to_string(path).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn validate_all(path: &Path) {
+    let schema: Value = serde_json::from_str(&fs::read_to_string(SCHEMA).unwrap()).unwrap();
+    let validator = jsonschema::draft202012::new(&schema).unwrap();
+    let events = events_in(path);
+    assert!(!events.is_empty());
+    for event in events {
+        let errors: Vec<String> = validator
+            .iter_errors(&event)
+            .map(|e| e.to_string())
+            .collect();
+        assert!(errors.is_empty(), "{event}: {errors:?}");
+    }
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("events-{name}-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn time_of(event: &Value) -> SystemTime {
+    let text = event["time"].as_str().unwrap();
+    // `date` reads RFC 3339 with nanoseconds: one parser that is not ours.
+    let out = std::process::Command::new("date")
+        .args(["-u", "-d", text, "+%s%N"])
+        .output()
+        .unwrap();
+    let ns: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    SystemTime::UNIX_EPOCH + Duration::from_nanos(ns)
+}
+
+#[test]
+fn events_name_the_time_the_user_and_the_cgroup_and_follow_the_schema() {
+    let dir = scratch("cgroup");
+    let file = dir.join("events.json");
+    let agent = Agent::start(&[
+        "--events",
+        "json",
+        "--events.output",
+        file.to_str().unwrap(),
+    ]);
+    let name = format!("observer-test-{}", std::process::id());
+    let cgroup = ChildCgroup(cgroup2_root().join(&name));
+    fs::create_dir(&cgroup.0).unwrap();
+    if !Path::new("/sys/kernel/debug/clear_warn_once").exists() {
+        assert!(
+            std::process::Command::new("mount")
+                .args(["-t", "debugfs", "none", "/sys/kernel/debug"])
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+    let before = SystemTime::now();
+    let pid = child_in(&cgroup.0);
+    let after = SystemTime::now();
+
+    let created = wait_for(&file, "the child's timer", |e| {
+        e["event"] == "timer_created" && e["pid"] == pid
+    });
+    assert_eq!(created["uid"], NOBODY);
+    assert_eq!(created["tid"], pid);
+    assert_eq!(created["comm"], "obst-events");
+    assert_eq!(created["cgroup"], format!("/{name}"));
+    assert!(created.get("container_id").is_none());
+    let time = time_of(&created);
+    assert!(
+        before <= time && time <= after,
+        "{created} not within the test's window"
+    );
+    let deleted = wait_for(&file, "the child's delete", |e| {
+        e["event"] == "timer_deleted" && e["pid"] == pid
+    });
+    assert_eq!(deleted["cgroup"], format!("/{name}"));
+    assert!(time_of(&deleted) >= time);
+
+    let lockdown = fs::read_to_string("/sys/kernel/security/lockdown")
+        .is_ok_and(|levels| !levels.contains("[none]"));
+    if features::kernel_has(
+        "lockdown",
+        lockdown,
+        "this kernel runs without lockdown: no denial to name",
+    ) {
+        let denial = wait_for(&file, "the child's lockdown denial", |e| {
+            e["event"] == "lockdown_decision" && e["pid"] == pid
+        });
+        assert_eq!(
+            (&denial["reason"], &denial["verdict"], &denial["uid"]),
+            (
+                &Value::from("debugfs"),
+                &Value::from("denied"),
+                &Value::from(0)
+            )
+        );
+        assert_eq!(denial["cgroup"], format!("/{name}"));
+        let time = time_of(&denial);
+        assert!(
+            before <= time && time <= after,
+            "{denial} not within the test's window"
+        );
+    }
+    drop(agent);
+    validate_all(&file);
+}
+
+#[test]
+fn the_events_file_is_reopened_on_sighup() {
+    let dir = scratch("rotate");
+    let file = dir.join("events.json");
+    let agent = Agent::start(&[
+        "--events",
+        "json",
+        "--events.output",
+        file.to_str().unwrap(),
+    ]);
+    timer_pair();
+    let me = std::process::id();
+    wait_for(&file, "a timer before rotation", |e| e["pid"] == me);
+    // logrotate's move-then-signal.
+    let rotated = dir.join("events.json.1");
+    fs::rename(&file, &rotated).unwrap();
+    // SAFETY: signalling our own child.
+    assert_eq!(
+        unsafe { libc::kill(agent.child.id() as i32, libc::SIGHUP) },
+        0
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !file.exists() {
+        assert!(Instant::now() < deadline, "the file was not reopened");
+        timer_pair();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    timer_pair();
+    wait_for(&file, "a timer after rotation", |e| e["pid"] == me);
+    let metrics = agent.metrics();
+    assert_eq!(
+        metrics.value("observer_events_output_errors_total", &[]),
+        0.0
+    );
+    drop(agent);
+    validate_all(&rotated);
+    validate_all(&file);
+}
+
+#[test]
+fn write_errors_are_counted_and_the_metrics_go_on() {
+    let agent = Agent::start(&["--events", "json", "--events.output", "/dev/full"]);
+    timer_pair();
+    let metrics = agent.metrics_until("a failed write counted", |m| {
+        m.value("observer_events_output_errors_total", &[]) >= 1.0
+    });
+    assert!(metrics.value("observer_events_total", &[("kind", "timer_created")]) >= 1.0);
+    timer_pair();
+    // Still serving, still counting.
+    agent.metrics_until("a second failed write", |m| {
+        m.value("observer_events_output_errors_total", &[]) >= 2.0
+    });
+    assert_eq!(agent.stop(), 0);
+}
