@@ -117,7 +117,11 @@ pub fn section(tools: &Tools, pairs: u64, report: &mut Report) -> anyhow::Result
                 if runs == 0 {
                     continue;
                 }
-                total_ns += ns;
+                // A program that did not run on (nearly) every pair is not on the pair's path:
+                // its runs came from other processes, listed but not added to the pair.
+                if runs * 2 >= pairs {
+                    total_ns += ns;
+                }
                 per_program[index]
                     .entry(end.label.clone())
                     .or_default()
@@ -140,7 +144,8 @@ pub fn section(tools: &Tools, pairs: u64, report: &mut Report) -> anyhow::Result
          program's run time and run count; the difference across {pairs} create+delete pairs, \
          {ROUNDS} interleaved rounds (medians). Only the programs' own time: not the tracepoint \
          machinery around them nor the slow syscall path (see the hook overhead above). Runs per \
-         pair above 1 are other processes' calls on this host.\n\n\
+         pair above 1 are other processes' calls on this host; a program with under 0.5 runs per \
+         pair ran for other processes only and is not counted in the pair's total.\n\n\
          | tool | program | ns per run | runs per pair |\n| --- | --- | --- | --- |"
     )?;
     for (index, tracer) in TOOLS.iter().enumerate() {
