@@ -27,6 +27,7 @@ pub const NAMES: Names = Names {
         "modules_public_key_exit",
         "modules_hash_enter",
         "modules_hash_exit",
+        "modules_init_name",
         "modules_loaded_name",
         "modules_request_fentry",
         "modules_request_tracepoint",
@@ -34,7 +35,11 @@ pub const NAMES: Names = Names {
     maps: &["MODULE_LOADS", "MODULE_PENDING", AUTOLOADS_MAP],
     globals: &[
         "FILE_DENTRY_OFFSET",
-        "DENTRY_NAME_OFFSET",
+        "DENTRY_NAME_LEN_OFFSET",
+        "DENTRY_INLINE_NAME_OFFSET",
+        "DENTRY_INLINE_NAME_SIZE",
+        "MODULE_NAME_OFFSET",
+        "MODULE_NAME_SIZE",
         "READING_MODULE",
         "READING_MODULE_COMPRESSED",
         "LOAD_INFO_LEN_OFFSET",
@@ -51,6 +56,9 @@ pub const SEEN_HASH_CHECK: u32 = 1 << 2;
 pub const SEEN_NAME: u32 = 1 << 3;
 pub const SEEN_FILE: u32 = 1 << 4;
 pub const SEEN_DECOMPRESS: u32 = 1 << 5;
+/// The file's name is too long to be kept inside its dentry: reading it would take
+/// `bpf_probe_read_kernel`, which the programs do not use (lockdown=confidentiality refuses it).
+pub const SEEN_FILE_NOT_INLINE: u32 = 1 << 6;
 
 /// Phases of a signature check timed inside a load (index into [`ModuleLoad::phase_ns`]).
 pub const PHASE_PARSE: usize = 0;
@@ -92,6 +100,9 @@ pub struct ModuleLoad {
     pub phase_ns: [u64; PHASES],
     pub phase_entry_ns: [u64; PHASES],
     pub phase_calls: [u32; PHASES],
+    /// Time the phase programs themselves spent inside the check but outside the phases they
+    /// time (measured by them; the trampolines' own entry and exit are not in it).
+    pub probe_ns: u64,
     /// Bytes `mod_verify_sig` hashed (the module without its signature).
     pub hashed_len: u64,
     /// Taint bits `add_taint` set during the load.

@@ -1,16 +1,17 @@
 //! Module loading: fentry/fexit on `load_module` brackets each attempt by thread; the integrity
 //! checks inside it (`module_sig_check`, `mod_verify_sig`, the hash-based check where a kernel
 //! has one) and `add_taint` add their time, results and bits to that attempt; `load_module`'s
-//! exit sends it whole. Names come from `module:module_load` (loads that got that far) or from
-//! the file `finit_module` read (refused loads).
+//! exit sends it whole. Names come from `do_init_module` (or `module:module_load`) for loads
+//! that got that far, or from the file `finit_module` read (refused loads).
+//!
+//! Kernel memory is read with plain loads through the BTF-typed pointers fentry/fexit programs
+//! receive, at offsets from the running kernel's BTF (frozen read-only globals, so constants to
+//! the verifier, which checks each load against the type). `bpf_probe_read_kernel` is refused
+//! under `lockdown=confidentiality`, and a program calling it does not even load there.
 
 use aya_ebpf::{
     EbpfContext as _, Global,
-    helpers::bpf_probe_read_kernel_str_bytes,
-    helpers::{
-        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
-        bpf_probe_read_kernel_buf,
-    },
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel_buf},
     macros::{fentry, fexit, map, tracepoint},
     maps::{HashMap, LruHashMap, PerCpuArray},
     programs::{FEntryContext, FExitContext, TracePointContext},
@@ -19,8 +20,8 @@ use observer_common::{
     EventKind,
     modules::{
         ModuleLoad, NAME_LEN, PHASE_DIGEST, PHASE_KEY_LOOKUP, PHASE_PARSE, PHASE_PUBLIC_KEY_VERIFY,
-        PHASES, PendingLoad, SEEN_DECOMPRESS, SEEN_FILE, SEEN_HASH_CHECK, SEEN_NAME,
-        SEEN_SIG_CHECK, SEEN_VERIFY_SIG,
+        PHASES, PendingLoad, SEEN_DECOMPRESS, SEEN_FILE, SEEN_FILE_NOT_INLINE, SEEN_HASH_CHECK,
+        SEEN_NAME, SEEN_SIG_CHECK, SEEN_VERIFY_SIG,
     },
 };
 
@@ -28,11 +29,21 @@ use observer_common::taint::{MODULE_FROM_FILE, MODULE_FROM_NAME, MODULE_NONE};
 
 use crate::{header, increment};
 
-/// `file.f_path.dentry` and `dentry.d_name.name` offsets from the running kernel's BTF.
+/// `file.f_path.dentry`, `dentry.d_name.len` and the dentry's inline name (`d_iname`, or
+/// `d_shortname` from 6.14) with its size, from the running kernel's BTF (0: unknown).
 #[unsafe(no_mangle)]
 static FILE_DENTRY_OFFSET: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
-static DENTRY_NAME_OFFSET: Global<u32> = Global::new(0);
+static DENTRY_NAME_LEN_OFFSET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static DENTRY_INLINE_NAME_OFFSET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static DENTRY_INLINE_NAME_SIZE: Global<u32> = Global::new(0);
+/// `module.name` and its size (MODULE_NAME_LEN), from BTF (0: unknown).
+#[unsafe(no_mangle)]
+static MODULE_NAME_OFFSET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static MODULE_NAME_SIZE: Global<u32> = Global::new(0);
 /// `enum kernel_read_file_id` values meaning a module (the second only where it exists).
 #[unsafe(no_mangle)]
 static READING_MODULE: Global<u32> = Global::new(2);
@@ -92,31 +103,85 @@ pub fn current_load() -> Option<&'static mut ModuleLoad> {
     MODULE_LOADS.get_ptr_mut(tid()).map(|p| unsafe { &mut *p })
 }
 
+/// Copies the first `size` bytes (whole words, at most [`NAME_LEN`]) of the array at `offset` in
+/// the kernel object `base` points to. Plain loads: `base` must be a BTF-typed pointer and
+/// `offset`, `size` verifier constants; each step is written out, because a load at a variable
+/// offset from such a pointer is refused.
+#[inline(always)]
+unsafe fn copy_inline(base: usize, offset: u32, size: u32, out: &mut [u8; NAME_LEN]) {
+    let (src, dst) = (base + offset as usize, out.as_mut_ptr().cast::<u64>());
+    macro_rules! word {
+        ($i:literal) => {
+            if ($i + 1) * 8 <= size {
+                // SAFETY: inside the array (checked above and by the verifier) and `out`.
+                unsafe {
+                    dst.add($i)
+                        .write_unaligned(core::ptr::read_volatile((src + $i * 8) as *const u64))
+                };
+            }
+        };
+    }
+    word!(0);
+    word!(1);
+    word!(2);
+    word!(3);
+    word!(4);
+    word!(5);
+    word!(6);
+    word!(7);
+}
+
 #[fentry(function = "security_kernel_read_file")]
 pub fn modules_read_file(ctx: FEntryContext) -> u32 {
     let id: u32 = ctx.arg(1);
     if id != READING_MODULE.load() && id != READING_MODULE_COMPRESSED.load() {
         return 0;
     }
+    let (dentry_offset, inline_size) = (FILE_DENTRY_OFFSET.load(), DENTRY_INLINE_NAME_SIZE.load());
+    if dentry_offset == 0 || inline_size == 0 {
+        return 0;
+    }
     let file: usize = ctx.arg(0);
     let Some(pending) = pending() else { return 0 };
-    let name = &mut pending.file;
-    // SAFETY: kernel pointers read with the fault-tolerant helpers; offsets come from BTF.
+    // SAFETY: `file` is the BTF-typed `struct file *` argument; `f_path.dentry` is a `struct
+    // dentry *`, so the verifier types the loaded pointer too; offsets from BTF.
     unsafe {
-        let Ok(dentry) =
-            bpf_probe_read_kernel((file + FILE_DENTRY_OFFSET.load() as usize) as *const usize)
-        else {
+        let dentry = core::ptr::read_volatile((file + dentry_offset as usize) as *const usize);
+        if dentry == 0 {
             return 0;
-        };
-        let Ok(text) =
-            bpf_probe_read_kernel((dentry + DENTRY_NAME_OFFSET.load() as usize) as *const usize)
-        else {
-            return 0;
-        };
-        if bpf_probe_read_kernel_str_bytes(text as *const u8, name).is_ok() {
-            pending.seen |= SEEN_FILE;
         }
+        let len = core::ptr::read_volatile(
+            (dentry + DENTRY_NAME_LEN_OFFSET.load() as usize) as *const u32,
+        );
+        // A name shorter than the inline array is kept in it (d_alloc); a longer one is behind
+        // a `char *`, which only bpf_probe_read_kernel could follow.
+        if len >= inline_size {
+            pending.seen |= SEEN_FILE_NOT_INLINE;
+            return 0;
+        }
+        copy_inline(
+            dentry,
+            DENTRY_INLINE_NAME_OFFSET.load(),
+            inline_size,
+            &mut pending.file,
+        );
+        pending.seen |= SEEN_FILE;
     }
+    0
+}
+
+/// The module's own name, as `load_module` hands the module to its init.
+#[fentry(function = "do_init_module")]
+pub fn modules_init_name(ctx: FEntryContext) -> u32 {
+    let size = MODULE_NAME_SIZE.load();
+    let Some(load) = current_load() else { return 0 };
+    if size == 0 {
+        return 0;
+    }
+    let module: usize = ctx.arg(0);
+    // SAFETY: the BTF-typed `struct module *` argument; `name` is a char array in it.
+    unsafe { copy_inline(module, MODULE_NAME_OFFSET.load(), size, &mut load.name) };
+    load.seen |= SEEN_NAME;
     0
 }
 
@@ -228,10 +293,9 @@ pub fn modules_verify_exit(ctx: FExitContext) -> u32 {
         // mod_verify_sig(mod, info) has cut the signature off info->len: the bytes hashed.
         let info: usize = ctx.arg(1);
         let offset = LOAD_INFO_LEN_OFFSET.load() as usize;
-        if offset != 0 {
-            // SAFETY: a kernel pointer read with the fault-tolerant helper; offset from BTF.
-            load.hashed_len =
-                unsafe { bpf_probe_read_kernel((info + offset) as *const u64) }.unwrap_or(0);
+        if offset != 0 && info != 0 {
+            // SAFETY: the BTF-typed `struct load_info *` argument; offset from BTF.
+            load.hashed_len = unsafe { core::ptr::read_volatile((info + offset) as *const u64) };
         }
     }
     0
@@ -239,25 +303,35 @@ pub fn modules_verify_exit(ctx: FExitContext) -> u32 {
 
 /// Phases of a signature check: counted only inside a module load (the same functions also
 /// serve kexec, firmware and IMA), each call's time added to its phase.
+///
+/// The phase starts at the last thing the entry program does and ends at the first thing the
+/// exit program does; what the two programs spend outside that window (the lookup before it,
+/// the bookkeeping after it) is added to `probe_ns`, so that the check's remainder (`other`)
+/// can leave the observer's own work out.
 #[inline(always)]
 fn phase_enter(phase: usize) -> u32 {
+    let start = now();
     if let Some(load) = current_load()
         && phase < PHASES
     {
-        load.phase_entry_ns[phase] = now();
+        let entry = now();
+        load.phase_entry_ns[phase] = entry;
+        load.probe_ns += entry - start;
     }
     0
 }
 
 #[inline(always)]
 fn phase_exit(phase: usize) -> u32 {
+    let exit = now();
     if let Some(load) = current_load()
         && phase < PHASES
         && load.phase_entry_ns[phase] != 0
     {
-        load.phase_ns[phase] += now() - load.phase_entry_ns[phase];
+        load.phase_ns[phase] += exit - load.phase_entry_ns[phase];
         load.phase_calls[phase] += 1;
         load.phase_entry_ns[phase] = 0;
+        load.probe_ns += now() - exit;
     }
     0
 }

@@ -33,6 +33,107 @@ impl KernelBtf {
         Ok(Self { btf })
     }
 
+    /// Type information from raw BTF bytes (one a test wrote).
+    #[cfg(test)]
+    pub fn from_bytes(bytes: &[u8]) -> anyhow::Result<Self> {
+        Ok(Self {
+            btf: Btf::from_bytes(bytes).context("parsing BTF")?,
+        })
+    }
+
+    /// The parameter types of function `name`, written as C would (`struct load_info *`,
+    /// `const void *`, `size_t`, `int`), when the kernel has that function.
+    pub fn function_params(&self, name: &str) -> Option<Vec<String>> {
+        let types = self.btf.resolve_types_by_name(name).ok()?;
+        let func = types.iter().find_map(|t| match t {
+            Type::Func(f) => Some(f.clone()),
+            _ => None,
+        })?;
+        let Ok(Type::FuncProto(proto)) = self.btf.resolve_chained_type(&func) else {
+            return None;
+        };
+        Some(
+            proto
+                .parameters
+                .iter()
+                .map(|p| match self.btf.resolve_chained_type(p) {
+                    Ok(t) => self.type_text(&t, 0),
+                    Err(_) => "?".into(),
+                })
+                .collect(),
+        )
+    }
+
+    /// A type as C writes it; `depth` bounds the walk through pointers and qualifiers.
+    fn type_text(&self, t: &Type, depth: u32) -> String {
+        let named = |kind: &str, item: &dyn btf_rs::BtfType| {
+            let name = self.btf.resolve_name(item).unwrap_or_default();
+            if kind.is_empty() {
+                name
+            } else {
+                format!("{kind} {name}")
+            }
+        };
+        let inner = |item: &dyn btf_rs::BtfType| match self
+            .btf
+            .resolve_type_by_id(item.get_type_id().unwrap_or(0))
+        {
+            Ok(next) if depth < 8 => self.type_text(&next, depth + 1),
+            _ => "?".into(),
+        };
+        match t {
+            Type::Void => "void".into(),
+            Type::Int(i) => named("", i),
+            Type::Float(f) => named("", f),
+            Type::Typedef(td) => named("", td),
+            Type::Struct(st) => named("struct", st),
+            Type::Union(u) => named("union", u),
+            Type::Enum(e) => named("enum", e),
+            Type::Enum64(e) => named("enum", e),
+            Type::Fwd(f) => named("struct", f),
+            Type::Ptr(p) => format!("{} *", inner(p)),
+            Type::Const(c) => format!("const {}", inner(c)),
+            Type::Volatile(v) => format!("volatile {}", inner(v)),
+            Type::Restrict(r) => inner(r),
+            Type::TypeTag(tt) => inner(tt),
+            Type::FuncProto(_) => "function".into(),
+            _ => "?".into(),
+        }
+    }
+
+    /// Size in bytes of `member` in `struct <name>` (an array's whole length).
+    pub fn member_size(&self, name: &str, member: &str) -> Option<u32> {
+        let (_, id) = self.find_member_in(name, member)?;
+        let mut t = self.btf.resolve_type_by_id(id).ok()?;
+        // Through typedefs and qualifiers to the type that has a size.
+        for _ in 0..8 {
+            t = match t {
+                Type::Typedef(ref x) => self.btf.resolve_chained_type(x).ok()?,
+                Type::Const(ref x) => self.btf.resolve_chained_type(x).ok()?,
+                Type::Volatile(ref x) => self.btf.resolve_chained_type(x).ok()?,
+                _ => break,
+            };
+        }
+        let size = match t {
+            Type::Int(i) => i.size(),
+            Type::Ptr(_) => 8,
+            Type::Struct(s) | Type::Union(s) => s.size(),
+            Type::Enum(e) => e.size(),
+            Type::Array(a) => {
+                let element = self.btf.resolve_chained_type(&a).ok()?;
+                let element_size = match element {
+                    Type::Int(i) => i.size(),
+                    Type::Ptr(_) => 8,
+                    Type::Struct(s) | Type::Union(s) => s.size(),
+                    _ => return None,
+                };
+                a.len() * element_size
+            }
+            _ => return None,
+        };
+        u32::try_from(size).ok()
+    }
+
     /// True when the kernel has a (non-inlined) function of that name.
     pub fn has_function(&self, name: &str) -> bool {
         self.btf
@@ -57,6 +158,11 @@ impl KernelBtf {
 
     /// Byte offset of `member` in `struct <name>`, looking through anonymous members.
     pub fn member_offset(&self, name: &str, member: &str) -> Option<u32> {
+        self.find_member_in(name, member).map(|(offset, _)| offset)
+    }
+
+    /// Byte offset and type id of `member` in `struct <name>`.
+    fn find_member_in(&self, name: &str, member: &str) -> Option<(u32, u32)> {
         self.btf
             .resolve_types_by_name(name)
             .ok()?
@@ -67,12 +173,13 @@ impl KernelBtf {
             })
     }
 
-    fn find_member(&self, s: &btf_rs::Struct, member: &str, base_bits: u32) -> Option<u32> {
+    fn find_member(&self, s: &btf_rs::Struct, member: &str, base_bits: u32) -> Option<(u32, u32)> {
+        use btf_rs::BtfType as _;
         for m in &s.members {
             let bits = base_bits + m.bit_offset();
             let name = self.btf.resolve_name(m).unwrap_or_default();
             if name == member {
-                return Some(bits / 8);
+                return Some((bits / 8, m.get_type_id().unwrap_or(0)));
             }
             if name.is_empty()
                 && let Ok(Type::Struct(inner) | Type::Union(inner)) =

@@ -2,6 +2,7 @@
 //! load latency, signature-check phases, autoload requests.
 
 mod load;
+mod shape;
 
 use std::any::Any;
 
@@ -12,7 +13,10 @@ use observer_common::{
 };
 
 pub use self::load::LoadRecord;
-use self::load::ModuleState;
+use self::{
+    load::ModuleState,
+    shape::{IntegrityFunctions, Shape, decide},
+};
 use crate::{
     family::{Context, EventFields, HookFamily, LoadSettings, RecordKind, Registration, no_flags},
     kernel,
@@ -35,13 +39,29 @@ const RECORDS: &[RecordKind] = &[RecordKind::of::<ModuleLoad>(EventKind::ModuleL
 pub struct ModuleFamily {
     state: ModuleState,
     maps: Option<ModuleMaps>,
+    /// Which integrity functions this kernel has (from BTF prototypes).
+    integrity: IntegrityFunctions,
 }
 
 impl ModuleFamily {
     fn build(context: &Context<'_>) -> anyhow::Result<Box<dyn HookFamily>> {
+        let integrity = decide(context.kernel.btf.as_ref().ok());
+        if integrity.shape == Shape::Unrecognised {
+            log::warn!(
+                "module_sig_check/module_hash_check have prototypes of no known version: \
+                 functions whose arguments cannot be read right are not attached"
+            );
+        }
+        log::info!(
+            "module integrity checking: {} (policy step {}, Merkle check {})",
+            integrity.shape.label(),
+            integrity.policy.unwrap_or("not traceable"),
+            integrity.hash.unwrap_or("absent"),
+        );
         Ok(Box::new(Self {
             state: ModuleState::new(context.keep_samples, kernel::module_count()),
             maps: None,
+            integrity,
         }))
     }
 
@@ -53,20 +73,45 @@ impl ModuleFamily {
 
 impl HookFamily for ModuleFamily {
     fn hooks(&self) -> Vec<Hook> {
-        hooks()
+        hooks(self.integrity)
     }
 
     fn configure(&self, kernel: &KernelView, load: &mut LoadSettings) {
         let btf = kernel.btf.as_ref().ok();
-        let offset = |s: &str, m: &str| btf.and_then(|b| b.member_offset(s, m)).unwrap_or(0);
-        // The last path component of the file finit_module reads: file.f_path.dentry->d_name.name.
+        let offset = |s: &str, m: &str| btf.and_then(|b| b.member_offset(s, m));
+        let size = |s: &str, m: &str| btf.and_then(|b| b.member_size(s, m));
+        // The last path component of the file finit_module reads: file.f_path.dentry, its
+        // d_name.len and the name kept inline in the dentry (d_iname; d_shortname from 6.14).
+        let file_dentry = offset("file", "f_path")
+            .zip(offset("path", "dentry"))
+            .map_or(0, |(a, b)| a + b);
+        let name_len = offset("dentry", "d_name")
+            .zip(offset("qstr", "len"))
+            .map_or(0, |(a, b)| a + b);
+        let (inline_offset, inline_size) = ["d_shortname", "d_iname"]
+            .iter()
+            .find_map(|m| offset("dentry", m).zip(size("dentry", m)))
+            .unwrap_or((0, 0));
+        if inline_size == 0 {
+            log::warn!(
+                "the dentry's inline name is not in this kernel's BTF: module file names unknown"
+            );
+        }
+        load.global("FILE_DENTRY_OFFSET", &file_dentry);
+        load.global("DENTRY_NAME_LEN_OFFSET", &name_len);
+        load.global("DENTRY_INLINE_NAME_OFFSET", &inline_offset);
+        // At most what the record holds.
         load.global(
-            "FILE_DENTRY_OFFSET",
-            &(offset("file", "f_path") + offset("path", "dentry")),
+            "DENTRY_INLINE_NAME_SIZE",
+            &inline_size.min(observer_common::modules::NAME_LEN as u32),
         );
+        let (module_name_offset, module_name_size) = offset("module", "name")
+            .zip(size("module", "name"))
+            .unwrap_or((0, 0));
+        load.global("MODULE_NAME_OFFSET", &module_name_offset);
         load.global(
-            "DENTRY_NAME_OFFSET",
-            &(offset("dentry", "d_name") + offset("qstr", "name")),
+            "MODULE_NAME_SIZE",
+            &module_name_size.min(observer_common::modules::NAME_LEN as u32),
         );
         let read_ids = btf
             .map(|b| b.enum_values("kernel_read_file_id"))
@@ -82,7 +127,10 @@ impl HookFamily for ModuleFamily {
             "READING_MODULE_COMPRESSED",
             &read_id("READING_MODULE_COMPRESSED"),
         );
-        load.global("LOAD_INFO_LEN_OFFSET", &offset("load_info", "len"));
+        load.global(
+            "LOAD_INFO_LEN_OFFSET",
+            &offset("load_info", "len").unwrap_or(0),
+        );
     }
 
     fn take_maps(&mut self, maps: &mut Maps<'_>) -> anyhow::Result<()> {
@@ -116,7 +164,7 @@ impl HookFamily for ModuleFamily {
     }
 }
 
-fn hooks() -> Vec<Hook> {
+fn hooks(integrity: IntegrityFunctions) -> Vec<Hook> {
     let bracket = |name, enter, exit, function| Hook {
         name,
         options: vec![vec![fentry(enter, function), fexit(exit, function)]],
@@ -127,18 +175,20 @@ fn hooks() -> Vec<Hook> {
         options: vec![vec![attachment]],
         requires: Some(kernel::has_modules),
     };
-    vec![
+    let mut hooks = vec![
         bracket(
             "module_load",
             "modules_load_enter",
             "modules_load_exit",
             "load_module",
         ),
+        // The policy step (signature policy, enforcement, lockdown): `module_sig_check` on
+        // released kernels, renamed by the hash-based patch set (see `shape`).
         bracket(
             "module_sig_check",
             "modules_sig_check_enter",
             "modules_sig_check_exit",
-            "module_sig_check",
+            integrity.policy.unwrap_or("module_sig_check"),
         ),
         bracket(
             "module_verify_sig",
@@ -146,23 +196,28 @@ fn hooks() -> Vec<Hook> {
             "modules_verify_exit",
             "mod_verify_sig",
         ),
-        // The Merkle-tree check of the hash-based integrity patch set (unmerged as of 2026).
-        // Only `module_hash_check` is timed: `module_integrity_check`, where present, is the
-        // dispatcher that also runs the signature path.
+        // The Merkle-tree check of the hash-based integrity patch set (unmerged as of 2026),
+        // where this kernel has a version of it that `shape` knows.
         bracket(
             "module_hash_check",
             "modules_hash_enter",
             "modules_hash_exit",
-            "module_hash_check",
+            integrity.hash.unwrap_or("module_hash_check"),
         ),
         single(
             "module_file",
             fentry("modules_read_file", "security_kernel_read_file"),
         ),
-        single(
-            "module_name",
-            tracepoint("modules_loaded_name", "module", "module_load"),
-        ),
+        // do_init_module's argument is read with plain loads (works under
+        // lockdown=confidentiality, where tracefs is refused too); the tracepoint elsewhere.
+        Hook {
+            name: "module_name",
+            options: vec![
+                vec![fentry("modules_init_name", "do_init_module")],
+                vec![tracepoint("modules_loaded_name", "module", "module_load")],
+            ],
+            requires: Some(kernel::has_modules),
+        },
         bracket(
             "module_decompress",
             "modules_decompress_enter",
@@ -209,7 +264,16 @@ fn hooks() -> Vec<Hook> {
             ],
             requires: Some(kernel::has_modules),
         },
-    ]
+    ];
+    // Functions whose prototypes fit no known shape are not attached: their arguments and
+    // return values would be misread.
+    if integrity.shape == Shape::Unrecognised {
+        hooks.retain(|h| {
+            (h.name != "module_sig_check" || integrity.policy.is_some())
+                && (h.name != "module_hash_check" || integrity.hash.is_some())
+        });
+    }
+    hooks
 }
 
 /// The autoload counter, kept in the kernel.
