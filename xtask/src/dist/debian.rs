@@ -228,12 +228,10 @@ pub fn install_and_purge(root_tar: &Path, deb: &Path, scratch: &Path) -> anyhow:
     Ok(())
 }
 
-/// Files dpkg itself keeps about every install (its database backups and log).
+/// dpkg's log, which the first dpkg run in a fresh root creates (its database files exist
+/// already; a package's own entries under /var/lib/dpkg/info must be gone after a purge).
 fn dpkg_bookkeeping(path: &str) -> bool {
-    matches!(
-        path,
-        "var/lib/dpkg/status-old" | "var/lib/dpkg/diversions-old" | "var/log/dpkg.log"
-    ) || path.starts_with("var/lib/dpkg/triggers/")
+    path == "var/log/dpkg.log"
 }
 
 /// Every path under `dir` (relative, sorted), with its type, on this file system only.
