@@ -143,6 +143,11 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         // The host step builds it again and fails its own scenario, with the reason.
         eprintln!("vm: the host's agent did not build ({e:#})");
     }
+    // This run's own initramfs files: another `cargo xtask vm` (or bench) at the same time
+    // builds its own, for its own scenarios, and must not replace ours between two guests.
+    let run_work = cache
+        .join("work")
+        .join(format!("run-{}", std::process::id()));
     // Every kernel and its initramfs first, then the guests, `options.guests` at a time.
     let mut guests: Vec<guest::Guest> = Vec::new();
     for series in Series::ALL {
@@ -161,7 +166,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
             kernel.package,
             scenarios.len()
         );
-        let work = cache.join("work").join(series.label());
+        let work = run_work.join(series.label());
         fs::create_dir_all(&work)?;
         let started = Instant::now();
         let initramfs = Arc::new(initramfs::build(&initramfs::Inputs {
@@ -193,6 +198,8 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     };
     let results = guest::run_guests(&guests, &settings, &logs);
     let wall = started.elapsed();
+    // Best effort: a leftover folder only takes space.
+    let _ = fs::remove_dir_all(&run_work);
 
     let failed = results.iter().filter(|r| !r.failures.is_empty()).count();
     eprintln!("\nvm: summary");
