@@ -189,6 +189,19 @@ pub fn install_and_purge(root_tar: &Path, deb: &Path, scratch: &Path) -> anyhow:
             "the package does not install {path}; it lists:\n{listed}"
         );
     }
+    // The unit installed is the repository's, hardening and all: only the binary's path differs.
+    let shipped = fs::read_to_string(dir.join("usr/lib/systemd/system/observer.service"))?;
+    let repository =
+        fs::read_to_string(crate::workspace_root().join("deploy/systemd/observer.service"))?;
+    ensure!(
+        shipped
+            == repository.replace(
+                "ExecStart=/usr/local/bin/observer ",
+                "ExecStart=/usr/bin/observer "
+            ),
+        "the packaged observer.service differs from deploy/systemd/observer.service beyond \
+         the ExecStart path"
+    );
     let conffiles = chroot(&[
         "dpkg-query",
         "--show",
