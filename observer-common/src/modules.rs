@@ -17,6 +17,7 @@ pub const NAMES: Names = Names {
         "modules_sig_check_exit",
         "modules_verify_enter",
         "modules_verify_exit",
+        "modules_verify_gap",
         "modules_parse_enter",
         "modules_parse_exit",
         "modules_digest_enter",
@@ -103,6 +104,10 @@ pub struct ModuleLoad {
     /// Time the phase programs themselves spent inside the check but outside the phases they
     /// time (measured by them; the trampolines' own entry and exit are not in it).
     pub probe_ns: u64,
+    /// Time from one program's last step to the next one's first on the same trampoline
+    /// (measured once per load on `mod_verify_sig`), and its mark (scratch).
+    pub gap_ns: u64,
+    pub gap_mark_ns: u64,
     /// Bytes `mod_verify_sig` hashed (the module without its signature).
     pub hashed_len: u64,
     /// Taint bits `add_taint` set during the load.

@@ -103,15 +103,21 @@ pub fn phases(load: &ModuleLoad) -> BTreeMap<&'static str, u64> {
                 accounted += load.phase_ns[index];
             }
         }
-        // The phase programs' own time between the phases is the observer's, not the kernel's.
-        phases.insert(
-            "other",
-            load.verify_ns
-                .saturating_sub(accounted)
-                .saturating_sub(load.probe_ns),
-        );
+        phases.insert("other", other_ns(load, accounted));
     }
     phases
+}
+
+/// What the signature check spent outside its timed phases, less the observer's own work there:
+/// what the phase programs measured of themselves (`probe_ns`), and per phase call the part of
+/// its trampolines no program can time from inside, estimated by the gap between two programs
+/// on one trampoline measured in the same load (`gap_ns`).
+fn other_ns(load: &ModuleLoad, accounted: u64) -> u64 {
+    let calls: u64 = load.phase_calls.iter().map(|&c| u64::from(c)).sum();
+    load.verify_ns
+        .saturating_sub(accounted)
+        .saturating_sub(load.probe_ns)
+        .saturating_sub(load.gap_ns.saturating_mul(calls))
 }
 
 /// One load, as `observer profile` and `--events json` see it.
@@ -363,6 +369,10 @@ mod tests {
         l.phase_ns[0] = 3_000;
         l.probe_ns = 500;
         assert_eq!(phases(&l)["other"], 6_500);
+        // One gap per phase call.
+        l.gap_ns = 100;
+        l.phase_calls[1] = 2;
+        assert_eq!(phases(&l)["other"], 6_200);
     }
 
     #[test]

@@ -198,6 +198,11 @@ fn hooks(integrity: IntegrityFunctions) -> Vec<Hook> {
         ),
         // The Merkle-tree check of the hash-based integrity patch set (unmerged as of 2026),
         // where this kernel has a version of it that `shape` knows.
+        // Attached after module_verify_sig, so that two programs share its trampoline.
+        single(
+            "module_probe_gap",
+            fentry("modules_verify_gap", "mod_verify_sig"),
+        ),
         bracket(
             "module_hash_check",
             "modules_hash_enter",
