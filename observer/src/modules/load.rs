@@ -295,8 +295,9 @@ mod tests {
             kind: 7,
             pid: 1,
             tid: 1,
-            _pad: 0,
+            uid: 0,
             ts_ns: 0,
+            cgroup_id: 0,
             comm: [0; 16],
         };
         l.load_ret = load_ret;
