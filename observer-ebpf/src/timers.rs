@@ -131,6 +131,10 @@ fn create_done(ret: i64, id_ptr: u64) {
         return;
     }
     // SAFETY: a user pointer the kernel just wrote the new ID through; a fault is Err.
+    // Under lockdown=confidentiality aya 0.14 rewrites this helper into the legacy
+    // `bpf_probe_read` (its feature probe for `bpf_probe_read_kernel` fails there), which the
+    // kernel refuses: the timer syscalls then go unwatched. `bpf_copy_from_user` would need a
+    // sleepable fexit, which Debian's kernels refuse on syscalls (no FUNCTION_ERROR_INJECTION).
     let Ok(id) = (unsafe { bpf_probe_read_user(id_ptr as *const i32) }) else {
         return;
     };
@@ -204,7 +208,7 @@ static PT_REGS_ARG_OFFSETS: Global<[u32; 3]> = Global::new([112, 104, 96]);
 
 /// The three first syscall arguments from a `struct pt_regs` the verifier knows the type of
 /// (fexit's argument, `bpf_task_pt_regs`): plain loads, checked against the type at load time,
-/// which also work under `lockdown=confidentiality` where `bpf_probe_read_kernel` is refused.
+/// no helper call (and none that `lockdown=confidentiality` refuses).
 #[inline(always)]
 fn typed_regs_args(regs: usize) -> [u64; 3] {
     // SAFETY: `regs` is a BTF-typed pointer; the offsets are frozen globals (constants to the
