@@ -52,24 +52,26 @@ pub fn container_id(path: &str) -> Option<&str> {
 /// Cgroup IDs to paths, from scans of the hierarchy (the ID is the directory's inode number).
 pub struct CgroupNames {
     root: Option<PathBuf>,
+    /// Look for the mount again at each scan while it is missing (it may be mounted later).
+    discover: bool,
     paths: HashMap<u64, String>,
     last_scan: Option<Instant>,
 }
 
 impl CgroupNames {
     pub fn new() -> Self {
-        let root = fs::read_to_string("/proc/self/mountinfo")
-            .ok()
-            .and_then(|text| find_mount(&text));
-        if root.is_none() {
-            log::warn!("no cgroup2 mount: events name no cgroup");
+        let mut names = Self::at(mounted());
+        if names.root.is_none() {
+            log::warn!("no cgroup2 mount yet: events name no cgroup until one appears");
         }
-        Self::at(root)
+        names.discover = true;
+        names
     }
 
     pub fn at(root: Option<PathBuf>) -> Self {
         Self {
             root,
+            discover: false,
             paths: HashMap::new(),
             last_scan: None,
         }
@@ -84,9 +86,6 @@ impl CgroupNames {
     }
 
     fn rescan(&mut self) {
-        let Some(root) = self.root.clone() else {
-            return;
-        };
         if self
             .last_scan
             .is_some_and(|last| last.elapsed() < RESCAN_INTERVAL)
@@ -94,6 +93,12 @@ impl CgroupNames {
             return;
         }
         self.last_scan = Some(Instant::now());
+        if self.root.is_none() && self.discover {
+            self.root = mounted();
+        }
+        let Some(root) = self.root.clone() else {
+            return;
+        };
         // Paths of cgroups that are gone drop out; their IDs are never reused.
         self.paths.clear();
         let mut pending = vec![root.clone()];
@@ -118,6 +123,12 @@ impl CgroupNames {
             }
         }
     }
+}
+
+fn mounted() -> Option<PathBuf> {
+    fs::read_to_string("/proc/self/mountinfo")
+        .ok()
+        .and_then(|text| find_mount(&text))
 }
 
 fn relative(root: &Path, dir: &Path) -> String {

@@ -280,6 +280,12 @@ fn build_static(package: &str, bin: &str) -> anyhow::Result<PathBuf> {
     crate::run(
         Command::new(cargo)
             .args(["build", "--release", "--package", package, "--bin", bin])
+            // The guest tool needs none of xtask's optional host-side dependencies.
+            .args(if package == "xtask" {
+                &["--no-default-features"][..]
+            } else {
+                &[]
+            })
             .args(["--target", GUEST_TARGET, "--target-dir", "target/static"])
             // For the guest's target only: not for build scripts, nor the eBPF programs'
             // inner build, which the agent's build script runs for the BPF target.

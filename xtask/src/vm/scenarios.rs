@@ -11,6 +11,7 @@
 //! cut off). `load [--compressed] FILE...` prints `finit_module FILE[ compressed] rc=0` or
 //! `... errno=NAME` per call.
 mod agent;
+mod events;
 mod modules;
 mod timers;
 
@@ -108,6 +109,7 @@ pub const SCENARIOS: &[&Scenario] = &[
     &agent::PROFILE,
     &timers::TIMERS,
     &agent::DASHBOARDS,
+    &events::EVENTS,
     &agent::BENCH_MODULES,
 ];
 

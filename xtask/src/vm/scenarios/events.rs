@@ -1,0 +1,101 @@
+//! The event stream in a guest: a module load made from a child cgroup names that cgroup, a
+//! taint names its module, and every event the guest's agent wrote validates against
+//! schemas/events.schema.json.
+use std::net::SocketAddr;
+
+use anyhow::{Context as _, bail, ensure};
+use serde_json::Value;
+
+use super::{
+    CURRENT, Check, Scenario, Want,
+    modules::{ALL, LOADS},
+};
+
+pub const EVENTS: Scenario = Scenario {
+    host: Some(check_events),
+    host_agent: false,
+    name: "events",
+    about: "--events json to a file: a load from a child cgroup names it, every event follows the schema",
+    cmdline: "",
+    kernels: CURRENT,
+    // The agent again, with the event stream on (its detach keeps TCG busy for seconds first).
+    guest: "kill -INT $agent_pid; wait $agent_pid\n\
+            /observer --web.listen-address 0.0.0.0:9745 --events json --events.output /tmp/events.json &\n\
+            agent_pid=$!\n\
+            until wget -q -O /dev/null http://127.0.0.1:9745/metrics 2>/dev/null; do usleep 100000; done\n\
+            mount -t cgroup2 none /sys/fs/cgroup\n\
+            mkdir /sys/fs/cgroup/observer-loader\n\
+            echo \"cgroup-load $M1\"\n\
+            (echo 0 > /sys/fs/cgroup/observer-loader/cgroup.procs && load /vm/mods/$M1.ko)\n\
+            load /vm/mods/$M2-unsigned.ko\n\
+            sleep 2\n\
+            echo EVENTS-BEGIN; cat /tmp/events.json; echo EVENTS-END\n",
+    checks: &[&[
+        Check::Console("finit_module {M1}.ko rc=0"),
+        Check::Console("finit_module {M2}-unsigned.ko rc=0"),
+        Check::Console("EVENTS-END"),
+        Check::MetricSum(LOADS, ALL, Want::Eq(2.0)),
+    ]],
+    kernel_checks: &[],
+};
+
+const SCHEMA: &str = include_str!("../../../../schemas/events.schema.json");
+
+/// The events between the markers, each validated against the schema; then the load from the
+/// child cgroup and the unsigned module's taint, exactly.
+fn check_events(_guest: SocketAddr, console: &str) -> anyhow::Result<()> {
+    let lines: Vec<&str> = console
+        .lines()
+        .map(str::trim)
+        .skip_while(|l| *l != "EVENTS-BEGIN")
+        .skip(1)
+        .take_while(|l| *l != "EVENTS-END")
+        .filter(|l| l.starts_with('{'))
+        .collect();
+    let schema: Value = serde_json::from_str(SCHEMA).context("the events schema")?;
+    let validator = jsonschema::draft202012::new(&schema).context("compiling the schema")?;
+    let mut events = Vec::new();
+    for line in lines {
+        let event: Value =
+            serde_json::from_str(line).with_context(|| format!("not JSON: {line}"))?;
+        let errors: Vec<String> = validator
+            .iter_errors(&event)
+            .map(|e| e.to_string())
+            .collect();
+        ensure!(errors.is_empty(), "{line}: {errors:?}");
+        events.push(event);
+    }
+    let stem = console
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("cgroup-load "))
+        .context("no cgroup-load line")?;
+    let module = stem.replace('-', "_");
+    let from_cgroup: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["event"] == "module_load" && e["cgroup"] == "/observer-loader")
+        .collect();
+    let [load] = from_cgroup.as_slice() else {
+        bail!("want one module_load from /observer-loader, got {from_cgroup:?} of {events:?}");
+    };
+    for (field, want) in [
+        ("module", Value::from(module.as_str())),
+        ("outcome", "loaded".into()),
+        ("method", "signature".into()),
+        ("uid", 0.into()),
+    ] {
+        ensure!(load[field] == want, "{field}: want {want}, got {load}");
+    }
+    let taints: Vec<&Value> = events.iter().filter(|e| e["event"] == "taint").collect();
+    let [taint] = taints.as_slice() else {
+        bail!("want one taint event, got {taints:?}");
+    };
+    ensure!(
+        taint["flag"] == "E" && taint["cgroup"] == "/" && taint["module"].is_string(),
+        "{taint}"
+    );
+    println!(
+        "vm: events: {} events valid against the schema; the load from /observer-loader named",
+        events.len()
+    );
+    Ok(())
+}
