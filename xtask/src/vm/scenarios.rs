@@ -13,6 +13,8 @@
 mod agent;
 mod events;
 mod modules;
+mod names;
+mod phases;
 mod timers;
 
 use std::{borrow::Cow, net::SocketAddr};
@@ -110,6 +112,9 @@ pub const SCENARIOS: &[&Scenario] = &[
     &timers::TIMERS,
     &agent::DASHBOARDS,
     &events::EVENTS,
+    &names::NAMES_INTEGRITY,
+    &names::NAMES_CONFIDENTIALITY,
+    &phases::PHASES_VS_FTRACE,
     &agent::BENCH_MODULES,
 ];
 
