@@ -47,8 +47,8 @@ pub const CONFIDENTIALITY: Scenario = Scenario {
     host: None,
     host_agent: false,
     name: "confidentiality",
-    about: "lockdown=confidentiality: tracefs and kprobes are refused; loads, lockdown decisions \
-            and timer life cycles are seen as under integrity",
+    about: "lockdown=confidentiality: tracefs, kprobes and kernel reads are refused; loads, \
+            lockdown decisions and timer life cycles are seen as under integrity",
     cmdline: "lockdown=confidentiality",
     kernels: CURRENT,
     guest: LOCKDOWN_GUEST,
@@ -57,8 +57,8 @@ pub const CONFIDENTIALITY: Scenario = Scenario {
             Check::Console("lockdown: none integrity [confidentiality]"),
             Check::Console("AGENT-READY"),
             Check::Console("PROBES-END rc=0"),
-            // Hooks that needed tracefs say so.
-            Check::Probes(&["tracepoint", " no "]),
+            // Lockdown's decisions come from fexit, which needs neither tracefs nor kernel reads.
+            Check::Probes(&["lockdown_decision", "fexit", " yes "]),
             Check::MetricSum(ATTACHED, &[("mechanism", "fexit")], Want::AtLeast(1.0)),
         ],
         LOCKDOWN_REFUSES_UNSIGNED,
