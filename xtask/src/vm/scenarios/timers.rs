@@ -12,6 +12,7 @@ const BY_PROCESS: &str = "observer_posix_timer_creates_by_process_total";
 const RESTORE_CREATES: &str = "observer_posix_timer_restore_creates_total";
 const CREATE_COUNT: &str = "observer_posix_timer_create_duration_seconds_count";
 const LOST: &str = "observer_events_lost_total";
+const ATTACHED: &str = "observer_probe_attached";
 
 const CREATE_OK: Labels = &[("syscall", "timer_create"), ("result", "ok")];
 const CREATE_EINVAL: Labels = &[("syscall", "timer_create"), ("result", "einval")];
@@ -98,6 +99,20 @@ const RESTORED: &[Check] = &[
     Check::Metric(EVENTS, OWNER_GONE, Want::Eq(4.0)),
 ];
 
+/// The primary mechanisms, so the counts above (restore mode included) come through trampolines.
+const THROUGH_TRAMPOLINES: &[Check] = &[
+    Check::Metric(
+        ATTACHED,
+        &[("probe", "timer_syscalls"), ("mechanism", "fentry+fexit")],
+        Want::Eq(1.0),
+    ),
+    Check::Metric(
+        ATTACHED,
+        &[("probe", "timer_owner_exit"), ("mechanism", "fentry")],
+        Want::Eq(1.0),
+    ),
+];
+
 /// Before 6.15 the prctl is unknown: the child says so and makes no timer call.
 const NOT_RESTORED: &[Check] = &[
     Check::Console("timer-restore on errno=EINVAL: no restore mode on this kernel (6.15+)"),
@@ -113,7 +128,7 @@ pub const TIMERS: Scenario = Scenario {
     cmdline: "",
     kernels: EVERY_KERNEL,
     guest: "/vm/guest-tool timer-life\n/vm/guest-tool timer-restore\n",
-    checks: &[LIFE],
+    checks: &[LIFE, THROUGH_TRAMPOLINES],
     kernel_checks: &[
         (RESTORE_MODE, RESTORED),
         (NO_RESTORE_MODE, NOT_RESTORED),
