@@ -166,7 +166,11 @@ pub const TIMERS: Scenario = Scenario {
     cmdline: "",
     kernels: EVERY_KERNEL,
     // The agent again with a churn threshold that an emulated guest cannot miss by stalling.
-    guest: "kill -INT $agent_pid; wait $agent_pid\n\
+    // /init started it, so this script cannot `wait` for it: it watches for it to end (a zombie
+    // until /init reaps it).
+    guest: "kill -INT $agent_pid\n\
+            while [ -e /proc/$agent_pid/status ] && ! grep -q '^State:.*Z' /proc/$agent_pid/status; do\n\
+            usleep 100000; done\n\
             /observer --web.listen-address 0.0.0.0:9745 --timers.short-lived 10s &\n\
             agent_pid=$!; i=0\n\
             until wget -q -O /dev/null http://127.0.0.1:9745/metrics 2>/dev/null || [ $i -ge 600 ]; do\n\
