@@ -44,6 +44,7 @@ pub const NAMES: Names = Names {
         "SYS_TIMER_SETTIME",
         "SYS_PRCTL",
         "PT_REGS_ARG_OFFSETS",
+        "TIMER_USER_READS",
         "PT_REGS_NR_OFFSET",
     ],
 };

@@ -135,8 +135,13 @@ fn create_done(ret: i64, id_ptr: u64) {
     // `bpf_probe_read` (its feature probe for `bpf_probe_read_kernel` fails there), which the
     // kernel refuses: the timer syscalls then go unwatched. `bpf_copy_from_user` would need a
     // sleepable fexit, which Debian's kernels refuse on syscalls (no FUNCTION_ERROR_INJECTION).
-    let Ok(id) = (unsafe { bpf_probe_read_user(id_ptr as *const i32) }) else {
-        return;
+    let id = if TIMER_USER_READS.load() == 0 {
+        -1
+    } else {
+        let Ok(id) = (unsafe { bpf_probe_read_user(id_ptr as *const i32) }) else {
+            return;
+        };
+        id
     };
     // SAFETY: only presence is checked; a lookup is cheaper than an update.
     if unsafe { TIMER_OWNERS.get(tgid) }.is_none() && TIMER_OWNERS.insert(tgid, 1, 0).is_err() {
@@ -162,6 +167,9 @@ fn delete_done(ret: i64, id: u64) {
 fn settime_done(ret: i64, id: u64, spec: u64) {
     count(SYSCALL_TIMER_SETTIME, ret);
     if ret != 0 {
+        return;
+    }
+    if TIMER_USER_READS.load() == 0 {
         return;
     }
     let spec = spec as usize;
@@ -203,6 +211,14 @@ fn owner_gone(tgid: u32, reason: u32) {
 }
 
 /// Where the agent says the first three syscall arguments are in `struct pt_regs` (from BTF).
+/// 0 where user memory cannot be read: under lockdown=confidentiality aya 0.14 rewrites
+/// `bpf_probe_read_user` into the legacy `bpf_probe_read` (its feature probe for
+/// `bpf_probe_read_kernel` fails there), which lockdown refuses. Frozen at load, so with 0 the
+/// verifier drops the reads and the programs still load: calls are counted and timed, creates
+/// are sent without their ID, and nothing is armed.
+#[unsafe(no_mangle)]
+static TIMER_USER_READS: Global<u32> = Global::new(1);
+
 #[unsafe(no_mangle)]
 static PT_REGS_ARG_OFFSETS: Global<[u32; 3]> = Global::new([112, 104, 96]);
 

@@ -83,6 +83,15 @@ impl HookFamily for TimerFamily {
     }
 
     fn configure(&self, kernel: &KernelView, load: &mut LoadSettings) {
+        let confidential = crate::kernel::lockdown_level().as_deref() == Some("confidentiality");
+        if confidential {
+            log::warn!(
+                "lockdown=confidentiality: timer IDs and arming are not read (the user-memory read \
+                 helper is refused there); syscalls are counted and timed, creates counted per \
+                 process, owners' exits seen; live timers, the ID high-water mark and churn are not"
+            );
+        }
+        load.global("TIMER_USER_READS", &u32::from(!confidential));
         let btf = kernel.btf.as_ref().ok();
         let offset = |s: &str, m: &str| btf.and_then(|b| b.member_offset(s, m)).unwrap_or(0);
         let (signal, live) = (

@@ -56,9 +56,10 @@ impl TimerState {
         }
     }
 
+    /// A create; `timer_id` is negative where the ID could not be read (lockdown=confidentiality):
+    /// the create is counted for its process, but the timer is not followed.
     pub fn created(&mut self, event: &TimerEvent, comm: &str) {
         let (pid, id) = (event.header.pid, event.timer_id);
-        self.id_max = Some(self.id_max.map_or(id, |max| max.max(id)));
         if let Some(count) = self.creates_by_comm.get_mut(comm) {
             *count += 1;
         } else if self.creates_by_comm.len() < MAX_TRACKED_COMMS {
@@ -66,6 +67,10 @@ impl TimerState {
         } else {
             self.creates_untracked_comms += 1;
         }
+        if id < 0 {
+            return;
+        }
+        self.id_max = Some(self.id_max.map_or(id, |max| max.max(id)));
         if self.live_count >= MAX_TRACKED_TIMERS {
             self.untracked += 1;
             return;
@@ -132,7 +137,10 @@ impl TimerState {
         match kind {
             EventKind::TimerCreated => {
                 self.created(event, comm);
-                fields.insert("timer_id".into(), event.timer_id.into());
+                // No ID where it could not be read: absent rather than a made-up number.
+                if event.timer_id >= 0 {
+                    fields.insert("timer_id".into(), event.timer_id.into());
+                }
                 fields.insert("restore".into(), (event.detail != 0).into());
             }
             EventKind::TimerArmed => {
@@ -260,6 +268,15 @@ mod tests {
         assert_eq!(s.short_lived, 1);
         assert_eq!(s.live_count, 0);
         assert_eq!(s.id_max, Some(7));
+    }
+
+    #[test]
+    fn creates_without_an_id_count_for_their_process_only() {
+        let mut s = state(10);
+        feed(&mut s, EventKind::TimerCreated, 1, -1, 0, "a");
+        feed(&mut s, EventKind::TimerCreated, 1, -1, 5, "a");
+        assert_eq!((s.live_count, s.id_max), (0, None));
+        assert_eq!(s.creates_by_comm.get("a"), Some(&2));
     }
 
     #[test]
