@@ -135,14 +135,29 @@ impl Running {
             .unwrap_or_default()
     }
 
+    /// SIGINT (bpftrace prints its maps on it), then SIGKILL if it has not exited in 10 s.
     fn interrupt(&mut self) {
-        if let Some(child) = &mut self.child {
-            if matches!(child.try_wait(), Ok(None)) {
-                // SAFETY: signals our own child, not yet reaped.
-                unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
-            }
-            let _ = child.wait();
+        let Some(child) = &mut self.child else {
+            return;
+        };
+        if !matches!(child.try_wait(), Ok(None)) {
+            return;
         }
+        // SAFETY: signals our own child, not yet reaped.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if !matches!(child.try_wait(), Ok(None)) {
+                return;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        eprintln!(
+            "bench: {:?} ignored SIGINT for 10 s: killing it",
+            child.id()
+        );
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
 
@@ -170,30 +185,33 @@ pub fn start(tracer: Tracer, tools: &Tools) -> anyhow::Result<Running> {
         .stderr(Stdio::null())
         .spawn()
         .context("starting bpftrace")?;
-    // bpftrace prints "Attaching N probes..." and attaches right after.
-    let mut stdout = child.stdout.take().context("bpftrace's stdout")?;
+    // bpftrace prints "Attaching N probes..." and attaches right after. A reader thread, so
+    // that a bpftrace that never gets there is a timeout, not a hang.
+    let stdout = child.stdout.take().context("bpftrace's stdout")?;
     let mut running = Running {
         child: Some(child),
         addr: None,
         output: None,
     };
-    let mut seen = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !String::from_utf8_lossy(&seen).contains("Attaching") {
-        let mut byte = [0u8; 1];
-        if stdout.read(&mut byte)? == 0 || Instant::now() > deadline {
-            bail!(
-                "bpftrace {file} did not attach: {}",
-                String::from_utf8_lossy(&seen)
-            );
-        }
-        seen.push(byte[0]);
-    }
+    let (attaching, attached) = std::sync::mpsc::channel();
     running.output = Some(thread::spawn(move || {
+        let mut stdout = stdout;
+        let mut seen = Vec::new();
+        let mut byte = [0u8; 1];
+        while !String::from_utf8_lossy(&seen).contains("Attaching") {
+            match stdout.read(&mut byte) {
+                Ok(1) => seen.push(byte[0]),
+                _ => return String::from_utf8_lossy(&seen).into_owned(),
+            }
+        }
+        let _ = attaching.send(());
         let mut rest = String::new();
         let _ = stdout.read_to_string(&mut rest);
         rest
     }));
+    if attached.recv_timeout(Duration::from_secs(60)).is_err() {
+        bail!("bpftrace {file} did not say it was attaching within 60 s");
+    }
     thread::sleep(Duration::from_millis(500));
     Ok(running)
 }
