@@ -13,8 +13,10 @@ use std::{
 const MAX_CACHED: usize = 16_384;
 /// Directories read in one scan at most: a bound on the time a scan can take.
 const MAX_SCANNED: usize = 65_536;
-/// A miss rescans the hierarchy at most this often (a storm of events from a cgroup already
-/// gone must not become a storm of scans).
+/// A miss for an ID at or below the highest one seen (a cgroup already gone, or unreadable)
+/// rescans the hierarchy at most this often: a storm of its events must not become a storm of
+/// scans. An ID above every one seen is a cgroup made since the last scan (kernfs hands out
+/// IDs in increasing order) and is looked for at once: each new cgroup costs one scan.
 const RESCAN_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Where the cgroup v2 hierarchy is mounted: `/sys/fs/cgroup` on unified hosts,
@@ -56,6 +58,8 @@ pub struct CgroupNames {
     discover: bool,
     paths: HashMap<u64, String>,
     last_scan: Option<Instant>,
+    /// The highest ID the last scan found.
+    highest: u64,
 }
 
 impl CgroupNames {
@@ -74,21 +78,23 @@ impl CgroupNames {
             discover: false,
             paths: HashMap::new(),
             last_scan: None,
+            highest: 0,
         }
     }
 
     /// The cgroup's path under the hierarchy's root (`/` for the root), if it can be found.
     pub fn path(&mut self, id: u64) -> Option<&str> {
         if !self.paths.contains_key(&id) {
-            self.rescan();
+            self.rescan(id > self.highest);
         }
         self.paths.get(&id).map(String::as_str)
     }
 
-    fn rescan(&mut self) {
-        if self
-            .last_scan
-            .is_some_and(|last| last.elapsed() < RESCAN_INTERVAL)
+    fn rescan(&mut self, newer_than_seen: bool) {
+        if !newer_than_seen
+            && self
+                .last_scan
+                .is_some_and(|last| last.elapsed() < RESCAN_INTERVAL)
         {
             return;
         }
@@ -112,6 +118,7 @@ impl CgroupNames {
             let Ok(meta) = fs::metadata(&dir) else {
                 continue;
             };
+            self.highest = self.highest.max(meta.ino());
             self.paths.insert(meta.ino(), relative(&root, &dir));
             let Ok(entries) = fs::read_dir(&dir) else {
                 continue;
@@ -187,6 +194,19 @@ mod tests {
         assert_eq!(names.path(id), Some("/a.slice/b.scope"));
         let root_id = fs::metadata(&root).unwrap().ino();
         assert_eq!(names.path(root_id), Some("/"));
+        // Within the rescan interval, a miss above the highest ID seen (a new cgroup, in
+        // kernfs's increasing order) scans again; one at or below it does not.
+        let (newer, older) = (root.join("c.scope"), root.join("d.scope"));
+        fs::create_dir(&newer).unwrap();
+        fs::create_dir(&older).unwrap();
+        let (newer_id, older_id) = (
+            fs::metadata(&newer).unwrap().ino(),
+            fs::metadata(&older).unwrap().ino(),
+        );
+        names.highest = older_id.max(newer_id + 1);
+        assert_eq!(names.path(older_id), None);
+        names.highest = newer_id - 1;
+        assert_eq!(names.path(newer_id), Some("/c.scope"));
         fs::remove_dir_all(&root).unwrap();
     }
 }
