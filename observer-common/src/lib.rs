@@ -99,7 +99,7 @@ pub const EVENT_KIND_SLOTS: u32 = 16;
 
 /// The start of every ring buffer record.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EventHeader {
     pub kind: u32,
     /// Process id (the kernel's tgid).

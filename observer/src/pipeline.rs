@@ -218,22 +218,13 @@ mod tests {
                 kind: EventKind::TimerCreated as u32,
                 pid: 7,
                 tid: 8,
-                uid: 0,
-                ts_ns: 1,
-                cgroup_id: 0,
                 comm: *b"churn\0\0\0\0\0\0\0\0\0\0\0",
+                ..EventHeader::default()
             },
             timer_id: id,
             detail: 1,
         };
-        // SAFETY: a plain #[repr(C)] record viewed as its bytes.
-        unsafe {
-            std::slice::from_raw_parts(
-                std::ptr::from_ref(&event).cast::<u8>(),
-                size_of::<TimerEvent>(),
-            )
-        }
-        .to_vec()
+        crate::record::record_bytes(&event)
     }
 
     proptest! {

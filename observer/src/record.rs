@@ -24,6 +24,14 @@ pub fn module_name_from_file(file: &[u8]) -> Option<String> {
     (!stem.is_empty()).then(|| stem.replace('-', "_"))
 }
 
+/// A record as the bytes the ring buffer would carry (for tests that feed the decoders).
+#[cfg(test)]
+pub fn record_bytes<T: aya::Pod>(record: &T) -> Vec<u8> {
+    // SAFETY: `T` is plain `#[repr(C)]` data; its bytes are its value.
+    unsafe { std::slice::from_raw_parts(std::ptr::from_ref(record).cast::<u8>(), size_of::<T>()) }
+        .to_vec()
+}
+
 #[cfg(test)]
 mod tests {
     use observer_common::EventHeader;

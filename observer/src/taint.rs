@@ -139,23 +139,13 @@ mod tests {
                 kind: EventKind::Taint as u32,
                 pid: 1,
                 tid: 1,
-                uid: 0,
-                ts_ns: 0,
-                cgroup_id: 0,
-                comm: [0; 16],
+                ..EventHeader::default()
             },
             flag,
             module_source: source,
             module: name,
         };
-        // SAFETY: a plain #[repr(C)] record viewed as its bytes.
-        unsafe {
-            std::slice::from_raw_parts(
-                std::ptr::from_ref(&event).cast::<u8>(),
-                size_of::<TaintEvent>(),
-            )
-        }
-        .to_vec()
+        crate::record::record_bytes(&event)
     }
 
     #[test]

@@ -46,7 +46,7 @@ impl Drop for ChildCgroup {
 /// then as `nobody` creates and deletes a timer; returns its pid once it has exited.
 fn child_in(cgroup: &Path) -> i32 {
     let procs = CString::new(cgroup.join("cgroup.procs").to_str().unwrap()).unwrap();
-    let debugfs = c"/sys/kernel/debug/clear_warn_once";
+    let debugfs = CString::new(support::DEBUGFS_FILE).unwrap();
     // SAFETY: the child makes raw syscalls only and exits.
     let pid = unsafe { libc::fork() };
     assert!(pid >= 0);
@@ -137,28 +137,25 @@ fn time_of(event: &Value) -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_nanos(ns)
 }
 
-#[test]
-fn events_name_the_time_the_user_and_the_cgroup_and_follow_the_schema() {
-    let dir = scratch("cgroup");
-    let file = dir.join("events.json");
-    let agent = Agent::start(&[
+/// The agent with the event stream going to `file`.
+fn writing_events_to(file: &Path) -> Agent {
+    Agent::start(&[
         "--events",
         "json",
         "--events.output",
         file.to_str().unwrap(),
-    ]);
+    ])
+}
+
+#[test]
+fn events_name_the_time_the_user_and_the_cgroup_and_follow_the_schema() {
+    let dir = scratch("cgroup");
+    let file = dir.join("events.json");
+    let agent = writing_events_to(&file);
     let name = format!("observer-test-{}", std::process::id());
     let cgroup = ChildCgroup(cgroup2_root().join(&name));
     fs::create_dir(&cgroup.0).unwrap();
-    if !Path::new("/sys/kernel/debug/clear_warn_once").exists() {
-        assert!(
-            std::process::Command::new("mount")
-                .args(["-t", "debugfs", "none", "/sys/kernel/debug"])
-                .status()
-                .unwrap()
-                .success()
-        );
-    }
+    support::ensure_debugfs();
     let before = SystemTime::now();
     let pid = child_in(&cgroup.0);
     let after = SystemTime::now();
@@ -182,11 +179,9 @@ fn events_name_the_time_the_user_and_the_cgroup_and_follow_the_schema() {
     assert_eq!(deleted["cgroup"], format!("/{name}"));
     assert!(time_of(&deleted) >= time);
 
-    let lockdown = fs::read_to_string("/sys/kernel/security/lockdown")
-        .is_ok_and(|levels| !levels.contains("[none]"));
     if features::kernel_has(
         "lockdown",
-        lockdown,
+        support::lockdown_level().is_some_and(|level| level != "none"),
         "this kernel runs without lockdown: no denial to name",
     ) {
         let denial = wait_for(&file, "the child's lockdown denial", |e| {
@@ -215,12 +210,7 @@ fn events_name_the_time_the_user_and_the_cgroup_and_follow_the_schema() {
 fn the_events_file_is_reopened_on_sighup() {
     let dir = scratch("rotate");
     let file = dir.join("events.json");
-    let agent = Agent::start(&[
-        "--events",
-        "json",
-        "--events.output",
-        file.to_str().unwrap(),
-    ]);
+    let agent = writing_events_to(&file);
     timer_pair();
     let me = std::process::id();
     wait_for(&file, "a timer before rotation", |e| e["pid"] == me);

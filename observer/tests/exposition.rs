@@ -46,24 +46,13 @@ fn families(scrape: &Metrics) -> BTreeSet<String> {
 fn scrape_with_data() -> (Metrics, bool) {
     let agent = Agent::start(&[]);
     timer_pair();
-    let lockdown = std::fs::read_to_string("/sys/kernel/security/lockdown")
-        .is_ok_and(|levels| !levels.contains("[none]"));
     let denied = features::kernel_has(
         "lockdown",
-        lockdown,
+        support::lockdown_level().is_some_and(|level| level != "none"),
         "this kernel runs without lockdown: the decisions family stays empty",
     );
     if denied {
-        if !std::path::Path::new("/sys/kernel/debug/clear_warn_once").exists() {
-            let status = Command::new("mount")
-                .args(["-t", "debugfs", "none", "/sys/kernel/debug"])
-                .status()
-                .unwrap();
-            assert!(status.success(), "mounting debugfs");
-        }
-        let _ = std::fs::OpenOptions::new()
-            .write(true)
-            .open("/sys/kernel/debug/clear_warn_once");
+        support::write_open_debugfs();
     }
     let scrape = agent.metrics_until("the timer pair and the denial", |m| {
         m.value("observer_events_total", &[("kind", "timer_deleted")]) >= 1.0

@@ -5,37 +5,14 @@
 mod features;
 mod support;
 
-use std::{fs, path::Path};
+use std::fs;
 
-use support::Agent;
-
-fn active_level() -> Option<String> {
-    let text = fs::read_to_string("/sys/kernel/security/lockdown").ok()?;
-    let start = text.find('[')?;
-    let end = text.find(']')?;
-    Some(text[start + 1..end].to_owned())
-}
-
-/// A debugfs file opened for write: the lockdown LSM refuses it (LOCKDOWN_DEBUGFS) from the
-/// integrity level up.
-fn write_open_debugfs() -> std::io::Error {
-    if !Path::new("/sys/kernel/debug/clear_warn_once").exists() {
-        let status = std::process::Command::new("mount")
-            .args(["-t", "debugfs", "none", "/sys/kernel/debug"])
-            .status()
-            .unwrap();
-        assert!(status.success(), "mounting debugfs");
-    }
-    fs::OpenOptions::new()
-        .write(true)
-        .open("/sys/kernel/debug/clear_warn_once")
-        .unwrap_err()
-}
+use support::{Agent, lockdown_level, write_open_debugfs};
 
 #[test]
 fn a_debugfs_denial_is_counted_by_reason() {
     let agent = Agent::start(&[]);
-    let level = active_level();
+    let level = lockdown_level();
     let m = agent.metrics();
     // The level gauge mirrors securityfs exactly.
     for name in ["none", "integrity", "confidentiality"] {

@@ -295,10 +295,7 @@ mod tests {
             kind: 7,
             pid: 1,
             tid: 1,
-            uid: 0,
-            ts_ns: 0,
-            cgroup_id: 0,
-            comm: [0; 16],
+            ..EventHeader::default()
         };
         l.load_ret = load_ret;
         l.seen = seen;

@@ -230,10 +230,8 @@ mod tests {
                 kind: kind as u32,
                 pid,
                 tid: pid,
-                uid: 0,
                 ts_ns,
-                cgroup_id: 0,
-                comm: [0; 16],
+                ..EventHeader::default()
             },
             timer_id: id,
             detail: 0,

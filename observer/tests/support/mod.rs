@@ -225,3 +225,35 @@ pub fn set_thread_name(name: &str) -> bool {
 pub fn timer_pair() {
     testkit::timers::timer_pair().expect("timer_create/timer_delete");
 }
+
+/// The active lockdown level (`none`, `integrity`, `confidentiality`), from securityfs.
+pub fn lockdown_level() -> Option<String> {
+    let text = std::fs::read_to_string("/sys/kernel/security/lockdown").ok()?;
+    let start = text.find('[')?;
+    let end = text.find(']')?;
+    Some(text[start + 1..end].to_owned())
+}
+
+/// A debugfs file the lockdown LSM refuses to open for write (LOCKDOWN_DEBUGFS) from the
+/// integrity level up.
+pub const DEBUGFS_FILE: &str = "/sys/kernel/debug/clear_warn_once";
+
+/// Mounts debugfs where it is not mounted yet.
+pub fn ensure_debugfs() {
+    if !std::path::Path::new(DEBUGFS_FILE).exists() {
+        let status = Command::new("mount")
+            .args(["-t", "debugfs", "none", "/sys/kernel/debug"])
+            .status()
+            .unwrap();
+        assert!(status.success(), "mounting debugfs");
+    }
+}
+
+/// Opens [`DEBUGFS_FILE`] for write, which lockdown refuses: the kernel's answer.
+pub fn write_open_debugfs() -> std::io::Error {
+    ensure_debugfs();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(DEBUGFS_FILE)
+        .unwrap_err()
+}
