@@ -28,6 +28,13 @@ pub const NAMES: Names = Names {
         "modules_public_key_exit",
         "modules_hash_enter",
         "modules_hash_exit",
+        "modules_ima_enter",
+        "modules_ima_exit",
+        "modules_ima_digest_enter",
+        "modules_ima_digest_exit",
+        "modules_ima_appraise_enter",
+        "modules_ima_appraise_exit",
+        "modules_ima_signature",
         "modules_init_name",
         "modules_loaded_name",
         "modules_request_fentry",
@@ -60,6 +67,17 @@ pub const SEEN_DECOMPRESS: u32 = 1 << 5;
 /// The file's name is too long to be kept inside its dentry: reading it would take
 /// `bpf_probe_read_kernel`, which the programs do not use (lockdown=confidentiality refuses it).
 pub const SEEN_FILE_NOT_INLINE: u32 = 1 << 6;
+/// IMA's hook on the module's read (`security_kernel_post_read_file`) ran: `ima_ns` and
+/// `ima_ret` hold its time and verdict.
+pub const SEEN_IMA_READ: u32 = 1 << 7;
+/// IMA hashed the module (`ima_calc_buffer_hash`) inside that hook.
+pub const SEEN_IMA_DIGEST: u32 = 1 << 8;
+/// IMA appraised it (`ima_appraise_measurement`): `ima_status` holds its verdict.
+pub const SEEN_IMA_APPRAISE: u32 = 1 << 9;
+/// The module's `security.ima` was a signature (`integrity_digsig_verify` ran), not a digest.
+pub const SEEN_IMA_SIGNATURE: u32 = 1 << 10;
+/// The read was refused: `load_module` never ran and the record was sent at the refusal.
+pub const SEEN_READ_REFUSED: u32 = 1 << 11;
 
 /// Phases of a signature check timed inside a load (index into [`ModuleLoad::phase_ns`]).
 pub const PHASE_PARSE: usize = 0;
@@ -68,12 +86,35 @@ pub const PHASE_KEY_LOOKUP: usize = 2;
 pub const PHASE_PUBLIC_KEY_VERIFY: usize = 3;
 pub const PHASES: usize = 4;
 
-/// What a thread did just before `load_module`: the file it read and its decompression.
+/// IMA's appraisal of a module's read: what it took and what it decided.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ImaCheck {
+    /// The whole hook on the read (`security_kernel_post_read_file`): policy, the
+    /// `security.ima` attribute, hashing, appraisal.
+    pub check_ns: u64,
+    /// Hashing the module's bytes (`ima_calc_buffer_hash`).
+    pub digest_ns: u64,
+    /// Comparing with `security.ima` (`ima_appraise_measurement`: EVM, digest or signature).
+    pub appraise_ns: u64,
+    /// The hook's return (0, or -EACCES when IMA enforces a failed appraisal).
+    pub ret: i32,
+    /// `ima_appraise_measurement`'s `enum integrity_status` (0 INTEGRITY_PASS).
+    pub status: i32,
+}
+
+/// What a thread did just before `load_module`: the file it read, IMA's appraisal of it and
+/// its decompression.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PendingLoad {
     pub decompress_start_ns: u64,
     pub decompress_ns: u64,
+    /// Entry times of IMA's hook and of its two phases (scratch; 0 outside them).
+    pub ima_start_ns: u64,
+    pub ima_digest_start_ns: u64,
+    pub ima_appraise_start_ns: u64,
+    pub ima: ImaCheck,
     pub seen: u32,
     pub _pad: u32,
     pub file: [u8; NAME_LEN],
@@ -112,6 +153,8 @@ pub struct ModuleLoad {
     pub hashed_len: u64,
     /// Taint bits `add_taint` set during the load.
     pub taints: u64,
+    /// IMA's appraisal of the module's read, before `load_module`.
+    pub ima: ImaCheck,
     pub load_ret: i32,
     pub sig_check_ret: i32,
     pub verify_ret: i32,
@@ -129,4 +172,5 @@ mod pod {
     // SAFETY: plain `#[repr(C)]` integers and arrays; any bit pattern is valid.
     unsafe impl aya::Pod for super::ModuleLoad {}
     unsafe impl aya::Pod for super::PendingLoad {}
+    unsafe impl aya::Pod for super::ImaCheck {}
 }

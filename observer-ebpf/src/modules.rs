@@ -29,6 +29,8 @@ use observer_common::taint::{MODULE_FROM_FILE, MODULE_FROM_NAME, MODULE_NONE};
 
 use crate::{header, increment};
 
+mod ima;
+
 /// `file.f_path.dentry`, `dentry.d_name.len` and the dentry's inline name (`d_iname`, or
 /// `d_shortname` from 6.14) with its size, from the running kernel's BTF (0: unknown).
 #[unsafe(no_mangle)]
@@ -228,6 +230,7 @@ pub fn modules_load_enter(ctx: FEntryContext) -> u32 {
     if let Some(pending) = MODULE_PENDING.get_ptr(tid).map(|p| unsafe { &*p }) {
         load.file = pending.file;
         load.decompress_ns = pending.decompress_ns;
+        load.ima = pending.ima;
         load.seen |= pending.seen;
         let _ = MODULE_PENDING.remove(tid);
     }

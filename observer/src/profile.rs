@@ -58,12 +58,15 @@ pub struct ModuleReport {
     pub module: String,
     pub loads: usize,
     pub load: Stats,
-    /// Integrity-check time by method (signature, hash).
+    /// Integrity-check time by method (signature, hash, and IMA's ima_hash, ima_signature).
     pub integrity: BTreeMap<&'static str, Stats>,
     /// Integrity-check time as a share of whole-load time (0..1), over loads that had a check.
     pub integrity_share_of_load: Option<f64>,
     /// Mean hash-check time over mean signature-check time, when both were seen.
     pub hash_to_signature_ratio: Option<f64>,
+    /// Mean IMA hash check (appraisal of the file's read) over mean signature check, when both
+    /// were seen: a hash-based module check measured on a released kernel.
+    pub ima_hash_to_signature_ratio: Option<f64>,
     /// Mean time per phase over the loads where it ran (decompress, parse, digest, key_lookup,
     /// public_key_verify, other).
     pub phases_mean_ns: BTreeMap<&'static str, f64>,
@@ -151,18 +154,24 @@ fn summarize(module: &str, loads: &[&LoadRecord], leaves: Option<u64>) -> Module
             checked_load_ns += load.total_ns;
             check_ns += ns;
         }
+        // IMA's check runs before load_module: not part of the load's time or its share.
+        if let Some(ima) = load.ima {
+            integrity.entry(ima.method).or_default().push(ima.check_ns);
+        }
     }
     let integrity: BTreeMap<&'static str, Stats> = integrity
         .into_iter()
         .map(|(m, v)| (m, Stats::of(v)))
         .collect();
-    let ratio = match (
-        integrity.get("hash").and_then(Stats::mean),
+    let to_signature = |method: &str| match (
+        integrity.get(method).and_then(Stats::mean),
         integrity.get("signature").and_then(Stats::mean),
     ) {
-        (Some(hash), Some(signature)) if signature > 0.0 => Some(hash / signature),
+        (Some(check), Some(signature)) if signature > 0.0 => Some(check / signature),
         _ => None,
     };
+    let (hash_to_signature_ratio, ima_hash_to_signature_ratio) =
+        (to_signature("hash"), to_signature("ima_hash"));
     let mut phase_values: BTreeMap<&'static str, Vec<f64>> = BTreeMap::new();
     for load in loads {
         for (phase, ns) in &load.phases_ns {
@@ -181,7 +190,8 @@ fn summarize(module: &str, loads: &[&LoadRecord], leaves: Option<u64>) -> Module
         integrity,
         integrity_share_of_load: (checked_load_ns > 0)
             .then(|| check_ns as f64 / checked_load_ns as f64),
-        hash_to_signature_ratio: ratio,
+        hash_to_signature_ratio,
+        ima_hash_to_signature_ratio,
     }
 }
 
@@ -289,6 +299,46 @@ pub fn text(report: &Report) -> String {
         )),
         None => out.push_str("estimated hash-based check: needs signed loads with a timed digest, and the module count\n"),
     }
+    out.push_str(&hash_checks_side_by_side(report));
+    out
+}
+
+/// The same module's measured IMA hash check, measured signature check and estimated Merkle
+/// check, side by side (mean microseconds; "-" where that check did not run).
+fn hash_checks_side_by_side(report: &Report) -> String {
+    let mut out = format!(
+        "\n{:<24} {:>12} {:>12} {:>14} {:>8} {:>11}\n",
+        "MODULE", "IMA_HASH_US", "SIG_US", "EST_MERKLE_US", "IMA/SIG", "MERKLE/SIG"
+    );
+    let cell = |value: Option<f64>, scale: f64, precision: usize| {
+        value.map_or_else(|| "-".to_owned(), |v| format!("{:.precision$}", v / scale))
+    };
+    for m in report.modules.iter().chain(std::iter::once(&report.total)) {
+        let ima = m.integrity.get("ima_hash").and_then(Stats::mean);
+        if ima.is_none() {
+            continue;
+        }
+        let signature = m.integrity.get("signature").and_then(Stats::mean);
+        let merkle = m.hash_estimate.as_ref();
+        out.push_str(&format!(
+            "{:<24} {:>12} {:>12} {:>14} {:>8} {:>11}\n",
+            m.module,
+            cell(ima, 1000.0, 1),
+            cell(signature, 1000.0, 1),
+            cell(merkle.map(|e| e.estimated_hash_check_ns), 1000.0, 1),
+            cell(m.ima_hash_to_signature_ratio, 1.0, 3),
+            cell(merkle.map(|e| e.estimated_to_signature_ratio), 1.0, 3),
+        ));
+    }
+    match report.total.ima_hash_to_signature_ratio {
+        Some(ratio) => out.push_str(&format!(
+            "IMA hash check/signature check time (measured): {ratio:.3}\n"
+        )),
+        None => out.push_str(
+            "IMA hash check/signature check time (measured): needs loads IMA appraised (policy \
+             `appraise func=MODULE_CHECK`, a digest in security.ima) and signature-checked\n",
+        ),
+    }
     out
 }
 
@@ -351,6 +401,7 @@ pub fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::modules::ImaVerdict;
 
     fn record(module: &str, method: &'static str, total_ns: u64, check: Option<u64>) -> LoadRecord {
         LoadRecord {
@@ -361,6 +412,7 @@ mod tests {
             total_ns,
             sig_check_ns: check,
             integrity_check_ns: check,
+            ima: None,
             phases_ns: check
                 .map(|c| [("digest", c / 2), ("other", c / 2)].into_iter().collect())
                 .unwrap_or_default(),
@@ -378,6 +430,26 @@ mod tests {
         );
         assert_eq!(Stats::of(vec![7]).p99_ns, 7);
         assert_eq!(Stats::of(vec![]), Stats::default());
+    }
+
+    #[test]
+    fn ima_beside_signature_and_merkle() {
+        let mut load = record("a", "signature", 1000, Some(400));
+        load.ima = Some(ImaVerdict {
+            method: "ima_hash",
+            result: "ok",
+            check_ns: 100,
+        });
+        let r = report(&[load], 1.0, Some(4256));
+        assert_eq!(r.modules[0].ima_hash_to_signature_ratio, Some(0.25));
+        assert_eq!(r.modules[0].integrity["ima_hash"].count, 1);
+        let text = text(&r);
+        assert!(text.contains("IMA hash check/signature check time (measured): 0.250"));
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with('a') && l.contains(" 0.1 ") && l.contains(" 0.4 ")),
+            "{text}"
+        );
     }
 
     #[test]

@@ -5,20 +5,22 @@ use std::collections::BTreeMap;
 
 use observer_common::modules::{
     ModuleLoad, PHASES, SEEN_DECOMPRESS, SEEN_FILE, SEEN_FILE_NOT_INLINE, SEEN_HASH_CHECK,
-    SEEN_NAME, SEEN_SIG_CHECK, SEEN_VERIFY_SIG,
+    SEEN_NAME, SEEN_READ_REFUSED, SEEN_SIG_CHECK, SEEN_VERIFY_SIG,
 };
 use serde::Serialize;
 
+use super::ima::{self, ImaVerdict};
 use crate::{
     kernel, merkle,
     metrics::{Family, Log2Histogram},
     record::{comm_str, module_name_from_file},
 };
 
-pub const OUTCOMES: [&str; 4] = [
+pub const OUTCOMES: [&str; 5] = [
     "loaded",
     "rejected_signature",
     "rejected_lockdown",
+    "rejected_ima",
     "failed",
 ];
 pub const METHODS: [&str; 3] = ["signature", "hash", "none"];
@@ -31,6 +33,11 @@ const MAX_SAMPLES: usize = 100_000;
 
 /// What became of a load attempt.
 pub fn outcome(load: &ModuleLoad) -> &'static str {
+    // Refused at the read, before load_module: by IMA's appraisal (the only LSM of mainline
+    // that hooks the end of a kernel file read).
+    if load.seen & SEEN_READ_REFUSED != 0 {
+        return "rejected_ima";
+    }
     if load.load_ret == 0 {
         return "loaded";
     }
@@ -100,11 +107,12 @@ pub fn phases(load: &ModuleLoad) -> BTreeMap<&'static str, u64> {
         for (index, name) in PHASE_NAMES.iter().enumerate() {
             if load.phase_calls[index] > 0 {
                 phases.insert(*name, load.phase_ns[index]);
-                accounted += load.phase_ns[index];
+                accounted = accounted.saturating_add(load.phase_ns[index]);
             }
         }
         phases.insert("other", other_ns(load, accounted));
     }
+    ima::phases(load, &mut phases);
     phases
 }
 
@@ -132,6 +140,9 @@ pub struct LoadRecord {
     pub sig_check_ns: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub integrity_check_ns: Option<u64>,
+    /// IMA's appraisal of the module's read, when IMA appraised it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ima: Option<ImaVerdict>,
     /// Time per phase: decompress, the signature-check phases, and `other` (the rest of the
     /// signature check).
     pub phases_ns: BTreeMap<&'static str, u64>,
@@ -177,10 +188,20 @@ impl ModuleState {
         let (outcome, method) = (outcome(load), method(load));
         let module = module_name(load);
         *self.loads.entry((outcome, method)).or_default() += 1;
-        self.load_duration
-            .entry(outcome)
-            .or_default()
-            .observe(load.total_ns);
+        // A load refused at its read never ran load_module.
+        if load.seen & SEEN_READ_REFUSED == 0 {
+            self.load_duration
+                .entry(outcome)
+                .or_default()
+                .observe(load.total_ns);
+        }
+        let ima = ima::verdict(load);
+        if let Some(check) = ima {
+            self.integrity
+                .entry((check.method, check.result))
+                .or_default()
+                .observe(check.check_ns);
+        }
         let integrity_check_ns = match method {
             "signature" => Some((load.verify_ns, load.verify_ret)),
             "hash" => Some((load.hash_ns, load.hash_ret)),
@@ -216,6 +237,7 @@ impl ModuleState {
             total_ns: load.total_ns,
             sig_check_ns: (load.seen & SEEN_SIG_CHECK != 0).then_some(load.sig_check_ns),
             integrity_check_ns,
+            ima,
             phases_ns,
             hashed_bytes: load.hashed_len,
             taints: taint_letters(load.taints),
@@ -229,8 +251,9 @@ impl ModuleState {
     pub fn gather(&self, families: &mut Vec<Family>) {
         let mut loads = Family::counter(
             "module_loads_total",
-            "Module load attempts by outcome (loaded, rejected_signature, rejected_lockdown, failed) and \
-             integrity method (signature, hash, none: the module carried no signature or proof).",
+            "Module load attempts by outcome (loaded, rejected_signature, rejected_lockdown, rejected_ima: \
+             refused by IMA appraisal at the file's read, failed) and load_module's integrity method \
+             (signature, hash, none: no signature or proof was checked).",
         );
         // Every combination, zeros included, so alerts and rates see a series from the start.
         for outcome in OUTCOMES {
@@ -243,7 +266,9 @@ impl ModuleState {
 
         let mut integrity = Family::histogram(
             "module_integrity_check_duration_seconds",
-            "Time proving a module's integrity: signature (mod_verify_sig) or hash (module_hash_check), by result.",
+            "Time proving a module's integrity, by method and result: signature (mod_verify_sig), hash \
+             (module_hash_check), and IMA's appraisal of the file's read (ima_hash: a SHA digest in \
+             security.ima; ima_signature: an imasig).",
         );
         for ((method, result), histogram) in &self.integrity {
             integrity.add_histogram(&[("method", method), ("result", result)], histogram);
@@ -263,7 +288,8 @@ impl ModuleState {
             "module_integrity_phase_duration_seconds",
             "Where module integrity checking spends its time, per load: decompress, and the signature check's \
              parse, digest (hashing the module: what a hash-based check keeps), key_lookup, public_key_verify, \
-             and other (the rest of the signature check).",
+             other (the rest of the signature check), and IMA's ima_digest (hashing the file) and ima_appraise \
+             (comparing with security.ima).",
         );
         for (phase, histogram) in &self.phases {
             phases.add_histogram(&[("phase", phase)], histogram);

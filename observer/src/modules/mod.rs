@@ -1,6 +1,7 @@
 //! Module loading and integrity verification: load outcomes and methods, integrity-check and
 //! load latency, signature-check phases, autoload requests.
 
+mod ima;
 mod load;
 mod shape;
 
@@ -12,6 +13,8 @@ use observer_common::{
     modules::{AUTOLOADS_MAP, ModuleLoad, NAMES},
 };
 
+#[cfg(test)]
+pub use self::ima::ImaVerdict;
 pub use self::load::LoadRecord;
 use self::{
     load::ModuleState,
@@ -41,6 +44,8 @@ pub struct ModuleFamily {
     maps: Option<ModuleMaps>,
     /// Which integrity functions this kernel has (from BTF prototypes).
     integrity: IntegrityFunctions,
+    /// IMA's appraisal of module reads, where the kernel's prototypes allow.
+    ima_hooks: Vec<Hook>,
 }
 
 impl ModuleFamily {
@@ -62,6 +67,7 @@ impl ModuleFamily {
             state: ModuleState::new(context.keep_samples, kernel::module_count()),
             maps: None,
             integrity,
+            ima_hooks: ima::hooks(context.kernel.btf.as_ref().ok()),
         }))
     }
 
@@ -73,7 +79,9 @@ impl ModuleFamily {
 
 impl HookFamily for ModuleFamily {
     fn hooks(&self) -> Vec<Hook> {
-        hooks(self.integrity)
+        let mut hooks = hooks(self.integrity);
+        hooks.extend(self.ima_hooks.iter().cloned());
+        hooks
     }
 
     fn configure(&self, kernel: &KernelView, load: &mut LoadSettings) {

@@ -22,13 +22,14 @@ const MODULE_INIT_COMPRESSED_FILE: libc::c_uint = 4;
 
 const USAGE: &str = "usage: guest-tool load [--compressed] FILE... | timers COUNT | \
                      timer-life | timer-restore | await-host PORT SECONDS | \
-                     loadtime LABEL FILE...";
+                     loadtime LABEL FILE... | ima-digest [--wrong] FILE...";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("load") => load(&args[1..]),
         Some("loadtime") => load_time(&args[1..]),
+        Some("ima-digest") => ima_digest(&args[1..]),
         Some("timers") => args
             .get(1)
             .and_then(|n| n.parse().ok())
@@ -85,6 +86,55 @@ fn load(args: &[String]) -> Result<(), String> {
             name.into_owned()
         };
         println!("finit_module {shown} {}", outcome(rc));
+    }
+    Ok(())
+}
+
+/// `security.ima` type 0x04 (IMA_XATTR_DIGEST_NG: a digest with its algorithm), and the
+/// kernel's `enum hash_algo` value of SHA-256.
+const IMA_XATTR_DIGEST_NG: u8 = 4;
+const HASH_ALGO_SHA256: u8 = 4;
+
+/// `ima-digest [--wrong] FILE...`: writes each file's SHA-256 into its `security.ima` attribute,
+/// as IMA appraisal compares it (`--wrong`: with one bit flipped); prints
+/// `ima-digest NAME set` or `... wrong`.
+fn ima_digest(args: &[String]) -> Result<(), String> {
+    use sha2::Digest as _;
+    let (wrong, files) = match args.first().map(String::as_str) {
+        Some("--wrong") => (true, &args[1..]),
+        _ => (false, args),
+    };
+    if files.is_empty() {
+        return Err(USAGE.to_owned());
+    }
+    for file in files {
+        let bytes = std::fs::read(file).map_err(|e| format!("reading {file}: {e}"))?;
+        let mut value = vec![IMA_XATTR_DIGEST_NG, HASH_ALGO_SHA256];
+        value.extend_from_slice(&sha2::Sha256::digest(&bytes));
+        if wrong {
+            value[2] ^= 1;
+        }
+        let path = CString::new(file.as_str()).map_err(|e| e.to_string())?;
+        // SAFETY: NUL-terminated path and name; `value` outlives the call.
+        let rc = unsafe {
+            libc::setxattr(
+                path.as_ptr(),
+                c"security.ima".as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+                0,
+            )
+        };
+        if rc != 0 {
+            return Err(format!(
+                "setting security.ima on {file}: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        let name = Path::new(file)
+            .file_name()
+            .map_or(file.as_str().into(), |n| n.to_string_lossy());
+        println!("ima-digest {name} {}", if wrong { "wrong" } else { "set" });
     }
     Ok(())
 }

@@ -12,6 +12,7 @@
 //! `... errno=NAME` per call.
 mod agent;
 mod events;
+mod ima;
 mod modules;
 mod names;
 mod phases;
@@ -114,6 +115,7 @@ pub const SCENARIOS: &[&Scenario] = &[
     &events::EVENTS,
     &names::NAMES_INTEGRITY,
     &names::NAMES_CONFIDENTIALITY,
+    &ima::IMA,
     &phases::PHASES_VS_FTRACE,
     &agent::BENCH_MODULES,
 ];

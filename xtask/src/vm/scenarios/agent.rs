@@ -102,14 +102,20 @@ pub const DASHBOARDS: Scenario = Scenario {
     cmdline: "",
     // A real Prometheus run costs a minute: once, on the newest kernel.
     kernels: &[Series::V7_3],
+    // Last, a load IMA appraisal refuses (a wrong digest), for the IMA panels and alert.
     guest: "load /vm/mods/$M1.ko /vm/mods/$M3-unsigned.ko\n\
             load --compressed /vm/mods/$M2.ko.xz\n\
-            /vm/guest-tool timers 5\n",
+            /vm/guest-tool timers 5\n\
+            cp /vm/mods/$M1.ko /tmp/ima-$M1.ko\n\
+            /vm/guest-tool ima-digest --wrong /tmp/ima-$M1.ko\n\
+            echo 'appraise func=MODULE_CHECK' >/sys/kernel/security/ima/policy\n\
+            load /tmp/ima-$M1.ko\n",
     checks: &[&[
         Check::Console("finit_module {M1}.ko rc=0"),
         Check::Console("finit_module {M3}-unsigned.ko rc=0"),
         Check::Console("finit_module {M2}.ko.xz compressed rc=0"),
-        Check::MetricSum(LOADS, ALL, Want::Eq(3.0)),
+        Check::Console("finit_module ima-{M1}.ko errno=EACCES"),
+        Check::MetricSum(LOADS, ALL, Want::Eq(4.0)),
         Check::Metric(
             TAINTS,
             &[("flag", "E"), ("module", "{M3.name}")],

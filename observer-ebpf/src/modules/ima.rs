@@ -1,0 +1,141 @@
+//! IMA appraisal of a module's read: `finit_module` reads the file, and IMA's hook on that read
+//! (`security_kernel_post_read_file` → `process_measurement`) hashes it and compares the digest
+//! with its `security.ima` attribute, before `load_module` runs. Its time, phases and verdict go
+//! into the thread's pending record, which `load_module` takes over; a read IMA refuses never
+//! reaches `load_module`, so its record is sent here, at the refusal.
+//!
+//! `security_kernel_post_read_file` rather than `process_measurement`: the latter also runs for
+//! every file opened, executed or mapped, and a trampoline there would tax every `open(2)`;
+//! kernel reads of whole files are rare. IMA is the only LSM of mainline with this hook.
+
+use aya_ebpf::{
+    macros::{fentry, fexit},
+    programs::{FEntryContext, FExitContext},
+};
+use observer_common::{
+    EventKind,
+    modules::{
+        ImaCheck, ModuleLoad, PendingLoad, SEEN_IMA_APPRAISE, SEEN_IMA_DIGEST, SEEN_IMA_READ,
+        SEEN_IMA_SIGNATURE, SEEN_READ_REFUSED,
+    },
+};
+
+use super::{
+    MODULE_PENDING, READING_MODULE, READING_MODULE_COMPRESSED, ZERO_LOAD, now, pending, tid,
+};
+use crate::{header, increment};
+
+/// `security_kernel_post_read_file`'s `enum kernel_read_file_id` argument: its index, checked
+/// against the running kernel's BTF by the agent (which does not attach on a mismatch).
+const READ_ID_ARG: usize = 3;
+
+/// This thread's pending record while IMA checks its module read.
+#[inline(always)]
+fn checking() -> Option<&'static mut PendingLoad> {
+    // SAFETY: the map's value for this thread, only touched by this thread.
+    let pending = MODULE_PENDING
+        .get_ptr_mut(tid())
+        .map(|p| unsafe { &mut *p })?;
+    (pending.ima_start_ns != 0).then_some(pending)
+}
+
+#[fentry(function = "security_kernel_post_read_file")]
+pub fn modules_ima_enter(ctx: FEntryContext) -> u32 {
+    let id: u32 = ctx.arg(READ_ID_ARG);
+    if id != READING_MODULE.load() && id != READING_MODULE_COMPRESSED.load() {
+        return 0;
+    }
+    let Some(pending) = pending() else { return 0 };
+    pending.ima = ImaCheck::default();
+    pending.seen &= !(SEEN_IMA_READ | SEEN_IMA_DIGEST | SEEN_IMA_APPRAISE | SEEN_IMA_SIGNATURE);
+    pending.ima_start_ns = now();
+    0
+}
+
+#[fexit(function = "security_kernel_post_read_file")]
+pub fn modules_ima_exit(ctx: FExitContext) -> u32 {
+    let Some(pending) = checking() else { return 0 };
+    pending.ima.check_ns = now() - pending.ima_start_ns;
+    pending.ima_start_ns = 0;
+    pending.ima.ret = ctx.ret::<i64>().unwrap_or(0) as i32;
+    pending.seen |= SEEN_IMA_READ;
+    if pending.ima.ret != 0 {
+        send_refused(pending);
+        let _ = MODULE_PENDING.remove(tid());
+    }
+    0
+}
+
+/// The record of a load refused at its read: the file, IMA's check, the error; no `load_module`.
+#[inline(always)]
+fn send_refused(pending: &PendingLoad) {
+    let Some(mut entry) = crate::EVENTS.reserve::<ModuleLoad>(0) else {
+        increment(&crate::EVENTS_LOST, EventKind::ModuleLoad as u32);
+        return;
+    };
+    let load = entry.as_mut_ptr();
+    // SAFETY: `load` is the reserved entry, written field by field after being zeroed from
+    // the static (not via the stack: the record is larger than the BPF stack allows).
+    unsafe {
+        core::ptr::copy_nonoverlapping(&raw const ZERO_LOAD, load, 1);
+        (*load).header = header(EventKind::ModuleLoad);
+        (*load).file = pending.file;
+        (*load).decompress_ns = pending.decompress_ns;
+        (*load).ima = pending.ima;
+        (*load).load_ret = pending.ima.ret;
+        (*load).seen = pending.seen | SEEN_READ_REFUSED;
+    }
+    entry.submit(crate::wakeup_flags());
+}
+
+/// Hashing the module's bytes, timed only inside IMA's check of a module read (IMA also hashes
+/// executables and firmware).
+#[fentry(function = "ima_calc_buffer_hash")]
+pub fn modules_ima_digest_enter(_ctx: FEntryContext) -> u32 {
+    if let Some(pending) = checking() {
+        pending.ima_digest_start_ns = now();
+    }
+    0
+}
+
+#[fexit(function = "ima_calc_buffer_hash")]
+pub fn modules_ima_digest_exit(_ctx: FExitContext) -> u32 {
+    if let Some(pending) = checking()
+        && pending.ima_digest_start_ns != 0
+    {
+        pending.ima.digest_ns += now() - pending.ima_digest_start_ns;
+        pending.ima_digest_start_ns = 0;
+        pending.seen |= SEEN_IMA_DIGEST;
+    }
+    0
+}
+
+#[fentry(function = "ima_appraise_measurement")]
+pub fn modules_ima_appraise_enter(_ctx: FEntryContext) -> u32 {
+    if let Some(pending) = checking() {
+        pending.ima_appraise_start_ns = now();
+    }
+    0
+}
+
+#[fexit(function = "ima_appraise_measurement")]
+pub fn modules_ima_appraise_exit(ctx: FExitContext) -> u32 {
+    if let Some(pending) = checking()
+        && pending.ima_appraise_start_ns != 0
+    {
+        pending.ima.appraise_ns += now() - pending.ima_appraise_start_ns;
+        pending.ima_appraise_start_ns = 0;
+        pending.ima.status = ctx.ret::<i64>().unwrap_or(0) as i32;
+        pending.seen |= SEEN_IMA_APPRAISE;
+    }
+    0
+}
+
+/// An imasig (`security.ima` type 3) is verified with a key; a digest never reaches this.
+#[fentry(function = "integrity_digsig_verify")]
+pub fn modules_ima_signature(_ctx: FEntryContext) -> u32 {
+    if let Some(pending) = checking() {
+        pending.seen |= SEEN_IMA_SIGNATURE;
+    }
+    0
+}

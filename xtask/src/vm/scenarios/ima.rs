@@ -1,0 +1,123 @@
+//! IMA appraisal of modules (`appraise func=MODULE_CHECK`): the kernel hashes each module file
+//! and compares the digest with its `security.ima` attribute before `load_module`. One module
+//! has the right digest (five copies: IMA appraises a file once, so each load needs a file of its
+//! own), one a wrong digest, one no attribute. The files sit on /tmp (a tmpfs: the guest's ramfs
+//! root keeps no extended attributes); `finit_module` reads them (`init_module`, a buffer without a
+//! file, is refused outright under such a policy). `observer profile` watches the same loads.
+//! On every kernel; 6.1 cannot time the appraisal step on its own (see its checks).
+use super::{CURRENT, Check, EVERY_KERNEL, Labels, Scenario, Want, modules::ALL};
+use crate::vm::kernel::Series;
+
+const LOADS: &str = "observer_module_loads_total";
+const INTEGRITY_COUNT: &str = "observer_module_integrity_check_duration_seconds_count";
+const PHASE_COUNT: &str = "observer_module_integrity_phase_duration_seconds_count";
+const INTEGRITY_SUM: &str = "observer_module_integrity_check_duration_seconds_sum";
+const PHASE_SUM: &str = "observer_module_integrity_phase_duration_seconds_sum";
+const LOAD_COUNT: &str = "observer_module_load_duration_seconds_count";
+const ATTACHED: &str = "observer_probe_attached";
+
+const IMA_OK: Labels = &[("method", "ima_hash"), ("result", "ok")];
+const IMA_FAIL: Labels = &[("method", "ima_hash"), ("result", "fail")];
+
+pub const IMA: Scenario = Scenario {
+    host: None,
+    host_agent: false,
+    name: "ima",
+    about: "IMA appraisal: a module with the right digest in security.ima loads (IMA hash check, \
+            then its signature check); a wrong digest and a missing one are refused (rejected_ima)",
+    cmdline: "",
+    kernels: EVERY_KERNEL,
+    guest: "probes\n\
+            m1=$(echo $M1 | tr - _)\n\
+            for i in 1 2 3 4 5; do cp /vm/mods/$M1.ko /tmp/$M1-$i.ko; done\n\
+            cp /vm/mods/$M2.ko /vm/mods/$M3.ko /tmp/\n\
+            /vm/guest-tool ima-digest /tmp/$M1-1.ko /tmp/$M1-2.ko /tmp/$M1-3.ko /tmp/$M1-4.ko /tmp/$M1-5.ko\n\
+            /vm/guest-tool ima-digest --wrong /tmp/$M2.ko\n\
+            echo 'appraise func=MODULE_CHECK' >/sys/kernel/security/ima/policy && echo 'ima policy set'\n\
+            /observer profile --duration 120s --format text >/tmp/profile.txt 2>/tmp/profile.err &\n\
+            profile=$!\n\
+            until grep -q watching /tmp/profile.err; do sleep 0.2; done\n\
+            for i in 1 2 3 4 5; do load /tmp/$M1-$i.ko; rmmod $m1 || echo \"rmmod $m1 failed\"; done\n\
+            load /tmp/$M2.ko /tmp/$M3.ko\n\
+            kill -INT $profile; wait $profile; echo \"profile rc=$?\"\n\
+            echo PROFILE-BEGIN; cat /tmp/profile.txt; echo PROFILE-END\n\
+            dmesg | grep -oE 'cause=[a-z-]+' | sed 's/^/kmsg ima: /'\n",
+    checks: &[&[
+        Check::Console("ima-digest {M2}.ko wrong"),
+        Check::Console("ima policy set"),
+        Check::Console("finit_module {M1}-5.ko rc=0"),
+        Check::Console("finit_module {M2}.ko errno=EACCES"),
+        Check::Console("finit_module {M3}.ko errno=EACCES"),
+        // The kernel's own reasons (its audit lines).
+        Check::Console("kmsg ima: cause=invalid-hash"),
+        Check::Console("kmsg ima: cause=missing-hash"),
+        Check::Probes(&["module_ima_check", "fentry+fexit", " yes "]),
+        Check::Probes(&["module_ima_digest", "fentry+fexit", " yes "]),
+        Check::Metric(
+            ATTACHED,
+            &[("probe", "module_ima_check"), ("mechanism", "fentry+fexit")],
+            Want::Eq(1.0),
+        ),
+        Check::Metric(
+            LOADS,
+            &[("outcome", "loaded"), ("method", "signature")],
+            Want::Eq(5.0),
+        ),
+        Check::Metric(
+            LOADS,
+            &[("outcome", "rejected_ima"), ("method", "none")],
+            Want::Eq(2.0),
+        ),
+        Check::MetricSum(LOADS, ALL, Want::Eq(7.0)),
+        // load_module ran for the five loads only.
+        Check::MetricSum(LOAD_COUNT, ALL, Want::Eq(5.0)),
+        Check::Metric(INTEGRITY_COUNT, IMA_OK, Want::Eq(5.0)),
+        Check::Metric(INTEGRITY_COUNT, IMA_FAIL, Want::Eq(2.0)),
+        Check::Metric(
+            INTEGRITY_COUNT,
+            &[("method", "signature"), ("result", "ok")],
+            Want::Eq(5.0),
+        ),
+        Check::MetricSum(
+            INTEGRITY_COUNT,
+            &[("method", "ima_signature")],
+            Want::ZeroOrAbsent,
+        ),
+        // Timed, not only counted: the loaded ones' checks too.
+        Check::Metric(INTEGRITY_SUM, IMA_OK, Want::AtLeast(1e-6)),
+        Check::Metric(PHASE_SUM, &[("phase", "ima_digest")], Want::AtLeast(1e-6)),
+        // Every appraisal hashed the file and compared the digest.
+        Check::Metric(PHASE_COUNT, &[("phase", "ima_digest")], Want::Eq(7.0)),
+        Check::Metric(
+            PHASE_COUNT,
+            &[("phase", "public_key_verify")],
+            Want::Eq(5.0),
+        ),
+        // `observer profile`: the same module's three numbers in one line.
+        Check::Console("profile rc=0"),
+        Check::Console("IMA hash check/signature check time (measured): "),
+        Check::Console("{M1.name}"),
+    ]],
+    kernel_checks: &[
+        (
+            CURRENT,
+            &[
+                Check::Probes(&["module_ima_appraise", "fentry+fexit", " yes "]),
+                Check::Metric(PHASE_COUNT, &[("phase", "ima_appraise")], Want::Eq(7.0)),
+            ],
+        ),
+        // ima_appraise_measurement has seven arguments: 6.1's trampolines take at most six
+        // (ENOTSUPP). The verdict then comes from the hook's return, and the rest is the same.
+        (
+            &[Series::V6_1],
+            &[
+                Check::Probes(&["module_ima_appraise", "fentry+fexit", " no "]),
+                Check::MetricSum(
+                    PHASE_COUNT,
+                    &[("phase", "ima_appraise")],
+                    Want::ZeroOrAbsent,
+                ),
+            ],
+        ),
+    ],
+};
