@@ -139,12 +139,15 @@ pub fn modules_read_file(ctx: FEntryContext) -> u32 {
     if id != READING_MODULE.load() && id != READING_MODULE_COMPRESSED.load() {
         return 0;
     }
+    let Some(pending) = pending() else { return 0 };
+    // A new read of a module: IMA's check of it starts afresh (it may take two calls of its
+    // hook, which add up: see `ima`).
+    ima::start_read(pending);
     let (dentry_offset, inline_size) = (FILE_DENTRY_OFFSET.load(), DENTRY_INLINE_NAME_SIZE.load());
     if dentry_offset == 0 || inline_size == 0 {
         return 0;
     }
     let file: usize = ctx.arg(0);
-    let Some(pending) = pending() else { return 0 };
     // SAFETY: `file` is the BTF-typed `struct file *` argument; `f_path.dentry` is a `struct
     // dentry *`, so the verifier types the loaded pointer too; offsets from BTF.
     unsafe {

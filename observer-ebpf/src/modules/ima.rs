@@ -45,17 +45,25 @@ pub fn modules_ima_enter(ctx: FEntryContext) -> u32 {
     if id != READING_MODULE.load() && id != READING_MODULE_COMPRESSED.load() {
         return 0;
     }
-    let Some(pending) = pending() else { return 0 };
+    if let Some(pending) = pending() {
+        pending.ima_start_ns = now();
+    }
+    0
+}
+
+/// Called where a module's read begins (`security_kernel_read_file`): from 6.19 a compressed
+/// module's read takes two calls of the hook, both added here: on the compressed bytes, where IMA
+/// only hashes them, and after decompression, where it appraises with that hash.
+#[inline(always)]
+pub(super) fn start_read(pending: &mut PendingLoad) {
     pending.ima = ImaCheck::default();
     pending.seen &= !(SEEN_IMA_READ | SEEN_IMA_DIGEST | SEEN_IMA_APPRAISE | SEEN_IMA_SIGNATURE);
-    pending.ima_start_ns = now();
-    0
 }
 
 #[fexit(function = "security_kernel_post_read_file")]
 pub fn modules_ima_exit(ctx: FExitContext) -> u32 {
     let Some(pending) = checking() else { return 0 };
-    pending.ima.check_ns = now() - pending.ima_start_ns;
+    pending.ima.check_ns += now() - pending.ima_start_ns;
     pending.ima_start_ns = 0;
     pending.ima.ret = ctx.ret::<i64>().unwrap_or(0) as i32;
     pending.seen |= SEEN_IMA_READ;
