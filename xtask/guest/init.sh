@@ -47,13 +47,14 @@ ip addr add 10.0.2.15/24 dev eth0 && ip link set eth0 up || echo "vm: eth0 not c
 # Helpers for the scenario scripts.
 load() { /vm/guest-tool load "$@"; }
 
-# Starts the observer and waits until it answers /metrics; 0 when it does.
+# Starts the observer (with any extra arguments given) and waits until it answers /metrics;
+# 0 when it does.
 start_agent() {
     if [ ! -x /observer ]; then
         echo "AGENT-FAILED no /observer in the initramfs"
         return 1
     fi
-    /observer --web.listen-address 0.0.0.0:9745 &
+    /observer --web.listen-address 0.0.0.0:9745 "$@" &
     agent_pid=$!
     i=0
     while [ $i -lt 600 ]; do

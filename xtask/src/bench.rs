@@ -24,7 +24,8 @@ pub struct Options {
     /// Timer create+delete pairs per measurement.
     #[arg(long, default_value_t = 200_000)]
     pairs: u64,
-    /// Leave out the module path (a QEMU guest, several minutes); the report says so.
+    /// Leave out the guest benchmarks (module path and timer path in QEMU, several minutes);
+    /// the report says so.
     #[arg(long)]
     no_vm: bool,
 }
@@ -71,9 +72,9 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     agent::scrape_cost(&tools, &mut report)?;
     agent::startup(&tools, &mut report)?;
     if options.no_vm {
-        report
-            .text
-            .push_str("## Module path (VM)\n\nNot measured in this run (`--no-vm`).\n");
+        report.text.push_str(
+            "## Module path and timer path (VM)\n\nNot measured in this run (`--no-vm`).\n",
+        );
     } else {
         module_path(&mut report)?;
     }
@@ -144,30 +145,39 @@ fn machine() -> String {
     format!("Machine: {cores} cores, {cpu}; kernel {}.", kernel.trim())
 }
 
-/// The module path, in one guest: the same signed modules loaded without and with the
-/// observer, interleaved (ratios only: TCG emulates the CPU).
+/// The guest benchmarks, one guest at a time (ratios only: TCG emulates the CPU): the module
+/// path (the same signed modules loaded without and with the observer, interleaved) and the
+/// timer path (fentry/fexit against the syscall tracepoints, and unwatched syscalls).
 fn module_path(report: &mut Report) -> anyhow::Result<()> {
-    use crate::vm::bench_modules;
-    let _ = std::fs::remove_file(bench_modules::report_path());
-    let _ = std::fs::remove_file(bench_modules::verdict_path());
+    use crate::vm::{bench_modules, bench_timers};
+    let outputs = [
+        (bench_modules::report_path(), bench_modules::verdict_path()),
+        (bench_timers::report_path(), bench_timers::verdict_path()),
+    ];
+    for (section, verdict) in &outputs {
+        let _ = std::fs::remove_file(section);
+        let _ = std::fs::remove_file(verdict);
+    }
     let options = crate::vm::Options {
-        scenarios: vec!["bench-modules".into()],
+        scenarios: vec!["bench-modules".into(), "bench-timers".into()],
         kernel: crate::vm::KernelChoice::V6_12,
         timeout: 600,
+        guests: 1,
         ..crate::vm::Options::default()
     };
     crate::vm::run(&options)?;
-    let section = std::fs::read_to_string(bench_modules::report_path())
-        .context("the VM scenario wrote no report")?;
-    let verdict: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(bench_modules::verdict_path())
-            .context("the VM scenario wrote no verdict")?,
-    )?;
-    report.text.push_str(&section);
-    report.verdicts.push(Verdict {
-        target: verdict["target"].as_str().unwrap_or_default().to_owned(),
-        measured: verdict["measured"].as_str().unwrap_or_default().to_owned(),
-        met: verdict["met"].as_bool().unwrap_or(false),
-    });
+    for (section, verdict) in &outputs {
+        let text = std::fs::read_to_string(section)
+            .with_context(|| format!("the VM scenario wrote no {}", section.display()))?;
+        let verdict: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(verdict).context("the VM scenario wrote no verdict")?,
+        )?;
+        report.text.push_str(&text);
+        report.verdicts.push(Verdict {
+            target: verdict["target"].as_str().unwrap_or_default().to_owned(),
+            measured: verdict["measured"].as_str().unwrap_or_default().to_owned(),
+            met: verdict["met"].as_bool().unwrap_or(false),
+        });
+    }
     Ok(())
 }

@@ -6,6 +6,7 @@
 //! while the host scrapes /metrics through a forwarded port and checks the scenario's table.
 //! Consoles and scrapes are kept in `.cache/vm/logs/`.
 pub mod bench_modules;
+pub mod bench_timers;
 mod guest;
 mod initramfs;
 pub(crate) mod kernel;

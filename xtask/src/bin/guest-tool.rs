@@ -4,6 +4,8 @@
 //! busybox insmod is not used for the scenarios' modules: after a refused finit_module it retries
 //! with init_module, so every refused load would be seen (and counted) twice.
 // Beside this file rather than in src/bin/, where cargo would take it for a binary of its own.
+#[path = "guest-tool/bench.rs"]
+mod bench;
 #[path = "guest-tool/timer_life.rs"]
 mod timer_life;
 
@@ -22,7 +24,8 @@ const MODULE_INIT_COMPRESSED_FILE: libc::c_uint = 4;
 
 const USAGE: &str = "usage: guest-tool load [--compressed] FILE... | timers COUNT | \
                      timer-life | timer-restore | await-host PORT SECONDS | \
-                     loadtime LABEL FILE... | ima-digest [--wrong] FILE...";
+                     loadtime LABEL FILE... | ima-digest [--wrong] FILE... | \
+                     timer-pairs N | getppid N | bpf-stats PREFIX";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -30,6 +33,12 @@ fn main() -> ExitCode {
         Some("load") => load(&args[1..]),
         Some("loadtime") => load_time(&args[1..]),
         Some("ima-digest") => ima_digest(&args[1..]),
+        Some("timer-pairs") => count_arg(&args).and_then(bench::timer_pairs),
+        Some("getppid") => count_arg(&args).and_then(bench::getppid),
+        Some("bpf-stats") => args
+            .get(1)
+            .ok_or_else(|| USAGE.to_owned())
+            .and_then(|prefix| bench::stats(prefix)),
         Some("timers") => args
             .get(1)
             .and_then(|n| n.parse().ok())
@@ -53,6 +62,13 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The count a subcommand takes as its one argument.
+fn count_arg(args: &[String]) -> Result<u64, String> {
+    args.get(1)
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| USAGE.to_owned())
 }
 
 /// `finit_module(fd, "", flags)` for each file; prints `finit_module NAME rc=0` or

@@ -118,6 +118,7 @@ pub const SCENARIOS: &[&Scenario] = &[
     &ima::IMA,
     &phases::PHASES_VS_FTRACE,
     &agent::BENCH_MODULES,
+    &agent::BENCH_TIMERS,
 ];
 
 pub fn find(name: &str) -> Option<&'static Scenario> {

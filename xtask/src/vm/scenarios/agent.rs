@@ -145,6 +145,36 @@ pub const BENCH_MODULES: Scenario = Scenario {
     kernel_checks: &[],
 };
 
+pub const BENCH_TIMERS: Scenario = Scenario {
+    host: Some(crate::vm::bench_timers::timer_path_report),
+    host_agent: false,
+    name: "bench-timers",
+    about: "benchmark (not a test): timer pairs and unwatched getppid with the observer on fentry/fexit, \
+            without it, and on the syscall tracepoints, interleaved, with the programs' own time",
+    cmdline: "",
+    // Run by `cargo xtask bench` only.
+    kernels: &[],
+    // Each side waits out the trampolines' attach and detach work (seconds under TCG).
+    guest: "echo 1 >/proc/sys/kernel/bpf_stats_enabled\n\
+            measure() {\n\
+                /vm/guest-tool bpf-stats timers_ | sed \"s/^/$1 before /\"\n\
+                /vm/guest-tool timer-pairs 20000 | sed \"s/^/$1 /\"\n\
+                /vm/guest-tool bpf-stats timers_ | sed \"s/^/$1 after /\"\n\
+                /vm/guest-tool getppid 200000 | sed \"s/^/$1 /\"\n\
+            }\n\
+            for round in 1 2 3 4 5; do\n\
+                sleep 6; measure fentry\n\
+                kill -INT $agent_pid; wait $agent_pid; sleep 6\n\
+                measure bare\n\
+                start_agent --timers.hook tracepoint >/dev/null; sleep 6\n\
+                measure tracepoint\n\
+                kill -INT $agent_pid; wait $agent_pid\n\
+                start_agent >/dev/null\n\
+            done\n",
+    checks: &[&[Check::Console("tracepoint getppid 200000 ns=")]],
+    kernel_checks: &[],
+};
+
 /// The dashboards' proof with the guest's agent as a second target: module panels need data.
 fn dashboards_against_guest(guest: SocketAddr, _console: &str) -> anyhow::Result<()> {
     crate::dashboards::run_with_targets(&[guest.to_string()])
