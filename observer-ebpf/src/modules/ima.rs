@@ -96,6 +96,17 @@ fn send_refused(pending: &PendingLoad) {
     entry.submit(crate::wakeup_flags());
 }
 
+/// Ends a phase begun at `*start` (0: not begun inside this check), adding it to `*total`.
+#[inline(always)]
+fn phase_end(start: &mut u64, total: &mut u64) -> bool {
+    if *start == 0 {
+        return false;
+    }
+    *total += now() - *start;
+    *start = 0;
+    true
+}
+
 /// Hashing the module's bytes, timed only inside IMA's check of a module read (IMA also hashes
 /// executables and firmware).
 #[fentry(function = "ima_calc_buffer_hash")]
@@ -109,15 +120,14 @@ pub fn modules_ima_digest_enter(_ctx: FEntryContext) -> u32 {
 #[fexit(function = "ima_calc_buffer_hash")]
 pub fn modules_ima_digest_exit(_ctx: FExitContext) -> u32 {
     if let Some(pending) = checking()
-        && pending.ima_digest_start_ns != 0
+        && phase_end(&mut pending.ima_digest_start_ns, &mut pending.ima.digest_ns)
     {
-        pending.ima.digest_ns += now() - pending.ima_digest_start_ns;
-        pending.ima_digest_start_ns = 0;
         pending.seen |= SEEN_IMA_DIGEST;
     }
     0
 }
 
+/// Comparing the hash with `security.ima`; its return is the appraisal's verdict.
 #[fentry(function = "ima_appraise_measurement")]
 pub fn modules_ima_appraise_enter(_ctx: FEntryContext) -> u32 {
     if let Some(pending) = checking() {
@@ -129,10 +139,11 @@ pub fn modules_ima_appraise_enter(_ctx: FEntryContext) -> u32 {
 #[fexit(function = "ima_appraise_measurement")]
 pub fn modules_ima_appraise_exit(ctx: FExitContext) -> u32 {
     if let Some(pending) = checking()
-        && pending.ima_appraise_start_ns != 0
+        && phase_end(
+            &mut pending.ima_appraise_start_ns,
+            &mut pending.ima.appraise_ns,
+        )
     {
-        pending.ima.appraise_ns += now() - pending.ima_appraise_start_ns;
-        pending.ima_appraise_start_ns = 0;
         pending.ima.status = ctx.ret::<i64>().unwrap_or(0) as i32;
         pending.seen |= SEEN_IMA_APPRAISE;
     }

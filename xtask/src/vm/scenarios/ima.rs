@@ -7,20 +7,17 @@
 //! them (`init_module`, a buffer without a file, is refused outright under such a policy).
 //! `observer profile` watches the same loads.
 //! On every kernel; 6.1 cannot time the appraisal step on its own (see its checks).
-use super::{CURRENT, Check, EVERY_KERNEL, Labels, Scenario, Want, modules::ALL};
+use super::{
+    CURRENT, Check, EVERY_KERNEL, Labels, Scenario, Want,
+    modules::{
+        ALL, ATTACHED, INTEGRITY_COUNT, INTEGRITY_SUM, LOAD_COUNT, LOADS, PHASE_COUNT, PHASE_SUM,
+        SIGNATURE_OK,
+    },
+};
 use crate::vm::kernel::Series;
-
-const LOADS: &str = "observer_module_loads_total";
-const INTEGRITY_COUNT: &str = "observer_module_integrity_check_duration_seconds_count";
-const PHASE_COUNT: &str = "observer_module_integrity_phase_duration_seconds_count";
-const INTEGRITY_SUM: &str = "observer_module_integrity_check_duration_seconds_sum";
-const PHASE_SUM: &str = "observer_module_integrity_phase_duration_seconds_sum";
-const LOAD_COUNT: &str = "observer_module_load_duration_seconds_count";
-const ATTACHED: &str = "observer_probe_attached";
 
 const IMA_OK: Labels = &[("method", "ima_hash"), ("result", "ok")];
 const IMA_FAIL: Labels = &[("method", "ima_hash"), ("result", "fail")];
-const SIGNATURE_OK: Labels = &[("method", "signature"), ("result", "ok")];
 const PUBLIC_KEY: Labels = &[("phase", "public_key_verify")];
 const IMA_DIGEST: Labels = &[("phase", "ima_digest")];
 

@@ -8,10 +8,10 @@ pub const INTEGRITY_COUNT: &str = "observer_module_integrity_check_duration_seco
 pub const TAINTS: &str = "observer_kernel_taint_events_total";
 pub const LOCKDOWN: &str = "observer_lockdown_decisions_total";
 pub const ATTACHED: &str = "observer_probe_attached";
-const LOAD_COUNT: &str = "observer_module_load_duration_seconds_count";
-const PHASE_COUNT: &str = "observer_module_integrity_phase_duration_seconds_count";
-const PHASE_SUM: &str = "observer_module_integrity_phase_duration_seconds_sum";
-const INTEGRITY_SUM: &str = "observer_module_integrity_check_duration_seconds_sum";
+pub const LOAD_COUNT: &str = "observer_module_load_duration_seconds_count";
+pub const PHASE_COUNT: &str = "observer_module_integrity_phase_duration_seconds_count";
+pub const PHASE_SUM: &str = "observer_module_integrity_phase_duration_seconds_sum";
+pub const INTEGRITY_SUM: &str = "observer_module_integrity_check_duration_seconds_sum";
 
 pub const LOADED_SIGNED: Labels = &[("outcome", "loaded"), ("method", "signature")];
 const LOADED_UNSIGNED: Labels = &[("outcome", "loaded"), ("method", "none")];
