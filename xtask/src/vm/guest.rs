@@ -47,6 +47,10 @@ const SETTLE: Duration = Duration::from_secs(5);
 
 /// Boots a guest gets when its kernel dies before /init.
 const MAX_BOOTS: u32 = 3;
+/// /init runs 3-10 s after QEMU starts: a kernel not there in this time has hung (seen on 7.3
+/// under TCG: no console output at all).
+const BOOT_LIMIT: Duration = Duration::from_secs(60);
+const NEVER_REACHED_INIT: &str = "the guest never reached /init";
 
 /// Runs the guests on `options.guests` threads; the results in the order of `guests`.
 pub fn run_guests(guests: &[Guest], options: &Settings, logs: &Path) -> Vec<ScenarioResult> {
@@ -123,12 +127,11 @@ impl ScenarioResult {
         marks.join(", ")
     }
 
-    /// The kernel panicked before /init ran: nothing of the scenario happened yet.
+    /// The kernel panicked or hung before /init ran: nothing of the scenario happened yet.
     fn kernel_died_booting(&self) -> bool {
         self.failures
             .iter()
-            .any(|f| f == "the guest never reached /init")
-            && self.console.contains("Kernel panic")
+            .any(|f| f.starts_with(NEVER_REACHED_INIT))
             && !self.console.contains("vm: kernel")
     }
 
@@ -240,8 +243,16 @@ fn drive(
     result: &mut ScenarioResult,
 ) {
     let failures = &mut result.failures;
-    if vm.wait_for_line(&["vm: kernel"], deadline).is_none() {
-        failures.push("the guest never reached /init".into());
+    if vm
+        .wait_for_line(&["vm: kernel"], deadline.min(vm.started + BOOT_LIMIT))
+        .is_none()
+    {
+        failures.push(format!(
+            "{NEVER_REACHED_INIT} (within {} s)",
+            BOOT_LIMIT.as_secs()
+        ));
+        // A panicked kernel has stopped already; a hung one is stopped here.
+        vm.kill();
         return;
     }
     result.marks.push(("init", vm.started.elapsed()));
