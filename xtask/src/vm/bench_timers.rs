@@ -60,7 +60,8 @@ impl Round {
             .values()
             .map(|(runs, ns)| runs * ns)
             .sum::<f64>()
-            .max(0.0)
+            // An empty sum is -0.0, which would print as "-0".
+            + 0.0
     }
 }
 
