@@ -39,6 +39,7 @@ pub const NAMES: Names = Names {
         "modules_loaded_name",
         "modules_request_fentry",
         "modules_request_tracepoint",
+        "modules_finit_exit",
     ],
     maps: &["MODULE_LOADS", "MODULE_PENDING", AUTOLOADS_MAP],
     globals: &[
@@ -78,6 +79,9 @@ pub const SEEN_IMA_APPRAISE: u32 = 1 << 9;
 pub const SEEN_IMA_SIGNATURE: u32 = 1 << 10;
 /// The read was refused: `load_module` never ran and the record was sent at the refusal.
 pub const SEEN_READ_REFUSED: u32 = 1 << 11;
+/// `finit_module` failed after reading the file and before `load_module` (decompression, the
+/// read itself): the record was sent at its exit.
+pub const SEEN_NO_LOAD: u32 = 1 << 12;
 
 /// Phases of a signature check timed inside a load (index into [`ModuleLoad::phase_ns`]).
 pub const PHASE_PARSE: usize = 0;

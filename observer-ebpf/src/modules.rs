@@ -21,7 +21,7 @@ use observer_common::{
     modules::{
         ModuleLoad, NAME_LEN, PHASE_DIGEST, PHASE_KEY_LOOKUP, PHASE_PARSE, PHASE_PUBLIC_KEY_VERIFY,
         PHASES, PendingLoad, SEEN_DECOMPRESS, SEEN_FILE, SEEN_FILE_NOT_INLINE, SEEN_HASH_CHECK,
-        SEEN_NAME, SEEN_SIG_CHECK, SEEN_VERIFY_SIG,
+        SEEN_NAME, SEEN_NO_LOAD, SEEN_SIG_CHECK, SEEN_VERIFY_SIG,
     },
 };
 
@@ -259,6 +259,49 @@ pub fn modules_load_exit(ctx: FExitContext) -> u32 {
     }
     emit_load_taints(load);
     let _ = MODULE_LOADS.remove(tid);
+    0
+}
+
+/// The record of an attempt that never reached `load_module`, from what its thread did before
+/// (the file, IMA's check, decompression): `ret` is the error that ended it, `why` the `seen`
+/// bit that says where.
+#[inline(always)]
+fn send_without_load(pending: &PendingLoad, ret: i32, why: u32) {
+    let Some(mut entry) = crate::EVENTS.reserve::<ModuleLoad>(0) else {
+        increment(&crate::EVENTS_LOST, EventKind::ModuleLoad as u32);
+        return;
+    };
+    let load = entry.as_mut_ptr();
+    // SAFETY: `load` is the reserved entry, written field by field after being zeroed from
+    // the static (not via the stack: the record is larger than the BPF stack allows).
+    unsafe {
+        core::ptr::copy_nonoverlapping(&raw const ZERO_LOAD, load, 1);
+        (*load).header = header(EventKind::ModuleLoad);
+        (*load).file = pending.file;
+        (*load).decompress_ns = pending.decompress_ns;
+        (*load).ima = pending.ima;
+        (*load).load_ret = ret;
+        (*load).seen = pending.seen | why;
+    }
+    entry.submit(crate::wakeup_flags());
+}
+
+/// finit_module's end: a pending record still here means `load_module` never ran for the file
+/// this thread read (its decompression or the read failed): sent as a failed attempt, so that
+/// no attempt seen goes uncounted.
+#[fexit(function = "__x64_sys_finit_module")]
+pub fn modules_finit_exit(ctx: FExitContext) -> u32 {
+    // `long __x64_sys_finit_module(const struct pt_regs *)`: the return is the second slot.
+    let ret: i64 = ctx.arg(1);
+    let tid = tid();
+    // SAFETY: the map's value for this thread, only touched by this thread.
+    let Some(pending) = MODULE_PENDING.get_ptr(tid).map(|p| unsafe { &*p }) else {
+        return 0;
+    };
+    if ret != 0 {
+        send_without_load(pending, ret as i32, SEEN_NO_LOAD);
+    }
+    let _ = MODULE_PENDING.remove(tid);
     0
 }
 

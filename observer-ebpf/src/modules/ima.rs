@@ -12,18 +12,14 @@ use aya_ebpf::{
     macros::{fentry, fexit},
     programs::{FEntryContext, FExitContext},
 };
-use observer_common::{
-    EventKind,
-    modules::{
-        ImaCheck, ModuleLoad, PendingLoad, SEEN_IMA_APPRAISE, SEEN_IMA_DIGEST, SEEN_IMA_READ,
-        SEEN_IMA_SIGNATURE, SEEN_READ_REFUSED,
-    },
+use observer_common::modules::{
+    ImaCheck, PendingLoad, SEEN_IMA_APPRAISE, SEEN_IMA_DIGEST, SEEN_IMA_READ, SEEN_IMA_SIGNATURE,
+    SEEN_READ_REFUSED,
 };
 
 use super::{
-    MODULE_PENDING, READING_MODULE, READING_MODULE_COMPRESSED, ZERO_LOAD, now, pending, tid,
+    MODULE_PENDING, READING_MODULE, READING_MODULE_COMPRESSED, now, pending, send_without_load, tid,
 };
-use crate::{header, increment};
 
 /// `security_kernel_post_read_file`'s `enum kernel_read_file_id` argument: its index, checked
 /// against the running kernel's BTF by the agent (which does not attach on a mismatch).
@@ -68,32 +64,10 @@ pub fn modules_ima_exit(ctx: FExitContext) -> u32 {
     pending.ima.ret = ctx.ret::<i64>().unwrap_or(0) as i32;
     pending.seen |= SEEN_IMA_READ;
     if pending.ima.ret != 0 {
-        send_refused(pending);
+        send_without_load(pending, pending.ima.ret, SEEN_READ_REFUSED);
         let _ = MODULE_PENDING.remove(tid());
     }
     0
-}
-
-/// The record of a load refused at its read: the file, IMA's check, the error; no `load_module`.
-#[inline(always)]
-fn send_refused(pending: &PendingLoad) {
-    let Some(mut entry) = crate::EVENTS.reserve::<ModuleLoad>(0) else {
-        increment(&crate::EVENTS_LOST, EventKind::ModuleLoad as u32);
-        return;
-    };
-    let load = entry.as_mut_ptr();
-    // SAFETY: `load` is the reserved entry, written field by field after being zeroed from
-    // the static (not via the stack: the record is larger than the BPF stack allows).
-    unsafe {
-        core::ptr::copy_nonoverlapping(&raw const ZERO_LOAD, load, 1);
-        (*load).header = header(EventKind::ModuleLoad);
-        (*load).file = pending.file;
-        (*load).decompress_ns = pending.decompress_ns;
-        (*load).ima = pending.ima;
-        (*load).load_ret = pending.ima.ret;
-        (*load).seen = pending.seen | SEEN_READ_REFUSED;
-    }
-    entry.submit(crate::wakeup_flags());
 }
 
 /// Ends a phase begun at `*start` (0: not begun inside this check), adding it to `*total`.

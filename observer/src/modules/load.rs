@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use observer_common::modules::{
     ModuleLoad, PHASES, SEEN_DECOMPRESS, SEEN_FILE, SEEN_FILE_NOT_INLINE, SEEN_HASH_CHECK,
-    SEEN_NAME, SEEN_READ_REFUSED, SEEN_SIG_CHECK, SEEN_VERIFY_SIG,
+    SEEN_NAME, SEEN_NO_LOAD, SEEN_READ_REFUSED, SEEN_SIG_CHECK, SEEN_VERIFY_SIG,
 };
 use serde::Serialize;
 
@@ -37,6 +37,10 @@ pub fn outcome(load: &ModuleLoad) -> &'static str {
     // that hooks the end of a kernel file read).
     if load.seen & SEEN_READ_REFUSED != 0 {
         return "rejected_ima";
+    }
+    // finit_module failed after its read and before load_module (decompression, the read).
+    if load.seen & SEEN_NO_LOAD != 0 {
+        return "failed";
     }
     if load.load_ret == 0 {
         return "loaded";
@@ -188,8 +192,8 @@ impl ModuleState {
         let (outcome, method) = (outcome(load), method(load));
         let module = module_name(load);
         *self.loads.entry((outcome, method)).or_default() += 1;
-        // A load refused at its read never ran load_module.
-        if load.seen & SEEN_READ_REFUSED == 0 {
+        // An attempt refused at its read, or ended before load_module, never ran it.
+        if load.seen & (SEEN_READ_REFUSED | SEEN_NO_LOAD) == 0 {
             self.load_duration
                 .entry(outcome)
                 .or_default()
@@ -352,6 +356,18 @@ mod tests {
             "rejected_signature"
         );
         assert_eq!(outcome(&load(-libc::ENOEXEC, 0, 0)), "failed");
+        // Ended before load_module: by IMA at the read, or by finit_module itself.
+        assert_eq!(
+            outcome(&load(-libc::EACCES, SEEN_READ_REFUSED, 0)),
+            "rejected_ima"
+        );
+        assert_eq!(outcome(&load(-libc::EOPNOTSUPP, SEEN_NO_LOAD, 0)), "failed");
+        let mut state = ModuleState::default();
+        state.load(&load(-libc::EOPNOTSUPP, SEEN_NO_LOAD, 0));
+        assert!(
+            state.load_duration.is_empty(),
+            "no load_module, no load duration"
+        );
     }
 
     #[test]

@@ -262,6 +262,12 @@ fn hooks(integrity: IntegrityFunctions) -> Vec<Hook> {
             "modules_public_key_exit",
             "public_key_verify_signature",
         ),
+        // An attempt that ends before load_module (decompression or the read failed) is sent
+        // at finit_module's exit. x86_64's syscall function: elsewhere it does not attach.
+        single(
+            "module_attempt_end",
+            fexit("modules_finit_exit", "__x64_sys_finit_module"),
+        ),
         Hook {
             name: "module_autoload",
             options: vec![
