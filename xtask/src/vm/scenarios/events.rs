@@ -1,6 +1,6 @@
 //! The event stream in a guest: a module load made from a child cgroup names that cgroup, a
-//! taint names its module, and every event the guest's agent wrote validates against
-//! schemas/events.schema.json.
+//! taint names its module, IMA's check shows in a load it passed and one it refused, and every
+//! event the guest's agent wrote validates against schemas/events.schema.json.
 use std::net::SocketAddr;
 
 use anyhow::{Context as _, bail, ensure};
@@ -28,13 +28,19 @@ pub const EVENTS: Scenario = Scenario {
             echo \"cgroup-load $M1\"\n\
             (echo 0 > /sys/fs/cgroup/observer-loader/cgroup.procs && load /vm/mods/$M1.ko)\n\
             load /vm/mods/$M2-unsigned.ko\n\
+            cp /vm/mods/$M3.ko /tmp/$M3.ko; /vm/guest-tool ima-digest /tmp/$M3.ko\n\
+            cp /vm/mods/$M1.ko /tmp/bad.ko; /vm/guest-tool ima-digest --wrong /tmp/bad.ko\n\
+            echo 'appraise func=MODULE_CHECK' >/sys/kernel/security/ima/policy\n\
+            load /tmp/$M3.ko /tmp/bad.ko\n\
             sleep 2\n\
             echo EVENTS-BEGIN; cat /tmp/events.json; echo EVENTS-END\n",
     checks: &[&[
         Check::Console("finit_module {M1}.ko rc=0"),
         Check::Console("finit_module {M2}-unsigned.ko rc=0"),
+        Check::Console("finit_module {M3}.ko rc=0"),
+        Check::Console("finit_module bad.ko errno=EACCES"),
         Check::Console("EVENTS-END"),
-        Check::MetricSum(LOADS, ALL, Want::Eq(2.0)),
+        Check::MetricSum(LOADS, ALL, Want::Eq(4.0)),
     ]],
     kernel_checks: &[],
 };
@@ -93,9 +99,52 @@ fn check_events(_guest: SocketAddr, console: &str) -> anyhow::Result<()> {
         taint["flag"] == "E" && taint["cgroup"] == "/" && taint["module"].is_string(),
         "{taint}"
     );
+    check_ima_events(&events, &console_stem(console, "ima-digest ")?)?;
     println!(
         "vm: events: {} events valid against the schema; the load from /observer-loader named",
         events.len()
+    );
+    Ok(())
+}
+
+/// The first `ima-digest NAME set` line's module name (`crc8.ko` is module `crc8`).
+fn console_stem(console: &str, prefix: &str) -> anyhow::Result<String> {
+    console
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(prefix))
+        .and_then(|rest| rest.split(".ko").next())
+        .map(|stem| stem.replace('-', "_"))
+        .context("no ima-digest line")
+}
+
+/// The load IMA passed carries its check (then its signature check), the one it refused is
+/// `rejected_ima` with EACCES and a failed check.
+fn check_ima_events(events: &[Value], passed: &str) -> anyhow::Result<()> {
+    let load_of = |module: &str| {
+        events
+            .iter()
+            .find(|e| e["event"] == "module_load" && e["module"] == module)
+            .with_context(|| format!("no module_load event for {module} in {events:?}"))
+    };
+    let ok = load_of(passed)?;
+    ensure!(
+        ok["outcome"] == "loaded"
+            && ok["method"] == "signature"
+            && ok["ima"]["method"] == "ima_hash"
+            && ok["ima"]["result"] == "ok"
+            && ok["ima"]["check_ns"].as_u64().is_some_and(|ns| ns > 0)
+            && ok["phases_ns"]["ima_digest"]
+                .as_u64()
+                .is_some_and(|ns| ns > 0),
+        "{ok}"
+    );
+    let refused = load_of("bad")?;
+    ensure!(
+        refused["outcome"] == "rejected_ima"
+            && refused["result"] == "eacces"
+            && refused["ima"]["result"] == "fail"
+            && refused["total_ns"] == 0,
+        "{refused}"
     );
     Ok(())
 }
