@@ -55,6 +55,10 @@ pub const NAMES: Names = Names {
     ],
 };
 
+/// The index of `security_kernel_post_read_file`'s `enum kernel_read_file_id` argument, which
+/// IMA's entry program reads (the agent checks it against the kernel's BTF before attaching).
+pub const IMA_READ_ID_ARG: usize = 3;
+
 /// `MODULE_NAME_LEN` is 56; a file name gets the same room.
 pub const NAME_LEN: usize = 64;
 

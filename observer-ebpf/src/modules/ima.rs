@@ -13,17 +13,13 @@ use aya_ebpf::{
     programs::{FEntryContext, FExitContext},
 };
 use observer_common::modules::{
-    ImaCheck, PendingLoad, SEEN_IMA_APPRAISE, SEEN_IMA_DIGEST, SEEN_IMA_READ, SEEN_IMA_SIGNATURE,
-    SEEN_READ_REFUSED,
+    IMA_READ_ID_ARG, ImaCheck, PendingLoad, SEEN_IMA_APPRAISE, SEEN_IMA_DIGEST, SEEN_IMA_READ,
+    SEEN_IMA_SIGNATURE, SEEN_READ_REFUSED,
 };
 
 use super::{
     MODULE_PENDING, READING_MODULE, READING_MODULE_COMPRESSED, now, pending, send_without_load, tid,
 };
-
-/// `security_kernel_post_read_file`'s `enum kernel_read_file_id` argument: its index, checked
-/// against the running kernel's BTF by the agent (which does not attach on a mismatch).
-const READ_ID_ARG: usize = 3;
 
 /// This thread's pending record while IMA checks its module read.
 #[inline(always)]
@@ -37,7 +33,8 @@ fn checking() -> Option<&'static mut PendingLoad> {
 
 #[fentry(function = "security_kernel_post_read_file")]
 pub fn modules_ima_enter(ctx: FEntryContext) -> u32 {
-    let id: u32 = ctx.arg(READ_ID_ARG);
+    // Checked against the running kernel's BTF by the agent, which does not attach on a mismatch.
+    let id: u32 = ctx.arg(IMA_READ_ID_ARG);
     if id != READING_MODULE.load() && id != READING_MODULE_COMPRESSED.load() {
         return 0;
     }

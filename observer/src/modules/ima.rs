@@ -7,13 +7,15 @@
 use std::collections::BTreeMap;
 
 use observer_common::modules::{
-    ModuleLoad, SEEN_IMA_APPRAISE, SEEN_IMA_DIGEST, SEEN_IMA_READ, SEEN_IMA_SIGNATURE,
+    IMA_READ_ID_ARG, ModuleLoad, SEEN_IMA_APPRAISE, SEEN_IMA_DIGEST, SEEN_IMA_READ,
+    SEEN_IMA_SIGNATURE,
 };
 use serde::Serialize;
 
+use super::{bracket, single};
 use crate::{
-    kernel::{self, KernelBtf},
-    plan::{Hook, fentry, fexit},
+    kernel::KernelBtf,
+    plan::{Hook, fentry},
 };
 
 /// The `method` label of an IMA check: a digest in `security.ima` (compared, no key) or an
@@ -25,10 +27,9 @@ pub const METHODS: [&str; 2] = ["ima_hash", "ima_signature"];
 const PASSED: [i32; 2] = [0, 1];
 
 /// The function whose fentry/fexit bracket IMA's check of a read, and the type of the argument
-/// the program reads (its fourth: which kind of file is read).
+/// the program reads ([`IMA_READ_ID_ARG`]: which kind of file is read).
 const READ_HOOK: &str = "security_kernel_post_read_file";
 const READ_ID_TYPE: &str = "enum kernel_read_file_id";
-const READ_ID_ARG: usize = 3;
 
 /// What IMA decided about one module read, when it appraised it (no policy rule for modules, or
 /// a result cached from an earlier read of the same file: no check, no verdict).
@@ -77,7 +78,7 @@ pub fn phases(load: &ModuleLoad, phases: &mut BTreeMap<&'static str, u64>) {
 pub fn hooks(btf: Option<&KernelBtf>) -> Vec<Hook> {
     let params = btf.and_then(|b| b.function_params(READ_HOOK));
     if let Some(params) = &params
-        && params.get(READ_ID_ARG).map(String::as_str) != Some(READ_ID_TYPE)
+        && params.get(IMA_READ_ID_ARG).map(String::as_str) != Some(READ_ID_TYPE)
     {
         log::warn!(
             "{READ_HOOK} has arguments ({}) of no known shape: IMA appraisal of modules not observed",
@@ -85,11 +86,6 @@ pub fn hooks(btf: Option<&KernelBtf>) -> Vec<Hook> {
         );
         return Vec::new();
     }
-    let bracket = |name, enter, exit, function| Hook {
-        name,
-        options: vec![vec![fentry(enter, function), fexit(exit, function)]],
-        requires: Some(kernel::has_modules),
-    };
     vec![
         bracket(
             "module_ima_check",
@@ -109,14 +105,10 @@ pub fn hooks(btf: Option<&KernelBtf>) -> Vec<Hook> {
             "modules_ima_appraise_exit",
             "ima_appraise_measurement",
         ),
-        Hook {
-            name: "module_ima_signature",
-            options: vec![vec![fentry(
-                "modules_ima_signature",
-                "integrity_digsig_verify",
-            )]],
-            requires: Some(kernel::has_modules),
-        },
+        single(
+            "module_ima_signature",
+            fentry("modules_ima_signature", "integrity_digsig_verify"),
+        ),
     ]
 }
 

@@ -25,7 +25,7 @@ use crate::{
     kernel,
     maps::{self, Maps},
     metrics::Family,
-    plan::{Hook, KernelView, fentry, fexit, tracepoint},
+    plan::{Attachment, Hook, KernelView, fentry, fexit, tracepoint},
     record::read_record,
 };
 
@@ -172,17 +172,30 @@ impl HookFamily for ModuleFamily {
     }
 }
 
-fn hooks(integrity: IntegrityFunctions) -> Vec<Hook> {
-    let bracket = |name, enter, exit, function| Hook {
+/// A module hook timed by an entry and an exit program on one function.
+fn bracket(
+    name: &'static str,
+    enter: &'static str,
+    exit: &'static str,
+    function: &'static str,
+) -> Hook {
+    Hook {
         name,
         options: vec![vec![fentry(enter, function), fexit(exit, function)]],
         requires: Some(kernel::has_modules),
-    };
-    let single = |name, attachment| Hook {
+    }
+}
+
+/// A module hook of one program.
+fn single(name: &'static str, attachment: Attachment) -> Hook {
+    Hook {
         name,
         options: vec![vec![attachment]],
         requires: Some(kernel::has_modules),
-    };
+    }
+}
+
+fn hooks(integrity: IntegrityFunctions) -> Vec<Hook> {
     let mut hooks = vec![
         bracket(
             "module_load",
