@@ -41,51 +41,45 @@ pub fn getppid(count: u64) -> Result<(), String> {
     Ok(())
 }
 
-/// `bpf(cmd, attr)` on a zero-padded attribute of 16 bytes plus the words given.
-fn bpf(cmd: libc::c_long, words: [u64; 2]) -> libc::c_long {
+/// `bpf(cmd, attr)` with the attribute's first two words (the rest zero); returns the result
+/// and the first word as the kernel left it (where BPF_PROG_GET_NEXT_ID writes the next ID).
+fn bpf(cmd: libc::c_long, words: [u64; 2]) -> (libc::c_long, u64) {
     let mut attr = [0u64; 8];
     attr[..2].copy_from_slice(&words);
     // SAFETY: `attr` is a live buffer larger than each command's attribute.
-    unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), size_of_val(&attr)) }
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), size_of_val(&attr)) };
+    (rc, attr[0])
 }
 
 pub fn stats(prefix: &str) -> Result<(), String> {
     let mut id: u32 = 0;
     loop {
-        // union bpf_attr { __u32 start_id; __u32 next_id; ... }: the next ID is written back.
-        let mut attr = [0u32; 16];
-        attr[0] = id;
-        // SAFETY: a live, large enough attribute buffer.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_PROG_GET_NEXT_ID,
-                attr.as_mut_ptr(),
-                size_of_val(&attr),
-            )
-        };
+        // { __u32 start_id; __u32 next_id; ... }: the next ID comes back in the upper half.
+        let (rc, first) = bpf(BPF_PROG_GET_NEXT_ID, [u64::from(id), 0]);
         if rc != 0 {
             break;
         }
-        id = attr[1];
-        let fd = bpf(BPF_PROG_GET_FD_BY_ID, [u64::from(id), 0]);
+        id = (first >> 32) as u32;
+        // { __u32 prog_id; ... }
+        let (fd, _) = bpf(BPF_PROG_GET_FD_BY_ID, [u64::from(id), 0]);
         if fd < 0 {
             continue;
         }
         let mut info = [0u8; INFO_SIZE];
         // { __u32 bpf_fd; __u32 info_len; __u64 info; }
-        let words = [
-            (fd as u64) | ((INFO_SIZE as u64) << 32),
-            info.as_mut_ptr() as u64,
-        ];
-        let rc = bpf(BPF_OBJ_GET_INFO_BY_FD, words);
+        let (rc, _) = bpf(
+            BPF_OBJ_GET_INFO_BY_FD,
+            [
+                (fd as u64) | ((INFO_SIZE as u64) << 32),
+                info.as_mut_ptr() as u64,
+            ],
+        );
+        // Taken before close, which may set errno again.
+        let error = std::io::Error::last_os_error();
         // SAFETY: our own fd.
         unsafe { libc::close(fd as libc::c_int) };
         if rc != 0 {
-            return Err(format!(
-                "BPF_OBJ_GET_INFO_BY_FD: {}",
-                std::io::Error::last_os_error()
-            ));
+            return Err(format!("BPF_OBJ_GET_INFO_BY_FD: {error}"));
         }
         let name_bytes = &info[INFO_NAME..INFO_NAME + 16];
         let end = name_bytes.iter().position(|&b| b == 0).unwrap_or(16);
