@@ -149,17 +149,14 @@ fn machine() -> String {
 /// path (the same signed modules loaded without and with the observer, interleaved) and the
 /// timer path (fentry/fexit against the syscall tracepoints, and unwatched syscalls).
 fn module_path(report: &mut Report) -> anyhow::Result<()> {
-    use crate::vm::{bench_modules, bench_timers};
-    let outputs = [
-        (bench_modules::report_path(), bench_modules::verdict_path()),
-        (bench_timers::report_path(), bench_timers::verdict_path()),
-    ];
+    const BENCHES: [&str; 2] = ["modules", "timers"];
+    let outputs = BENCHES.map(crate::vm::bench_output);
     for (section, verdict) in &outputs {
         let _ = std::fs::remove_file(section);
         let _ = std::fs::remove_file(verdict);
     }
     let options = crate::vm::Options {
-        scenarios: vec!["bench-modules".into(), "bench-timers".into()],
+        scenarios: BENCHES.iter().map(|name| format!("bench-{name}")).collect(),
         kernel: crate::vm::KernelChoice::V6_12,
         timeout: 600,
         guests: 1,

@@ -230,6 +230,26 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Where a guest benchmark (`bench-NAME`) leaves its section of BENCHMARKS.md and its verdict
+/// (`{"target", "measured", "met"}`) for `cargo xtask bench`.
+pub fn bench_output(name: &str) -> (PathBuf, PathBuf) {
+    let dir = crate::workspace_root().join("target/bench");
+    (
+        dir.join(format!("vm-{name}.md")),
+        dir.join(format!("vm-{name}.json")),
+    )
+}
+
+fn save_bench(name: &str, section: &str, verdict: &serde_json::Value) -> anyhow::Result<()> {
+    let (section_path, verdict_path) = bench_output(name);
+    if let Some(dir) = section_path.parent() {
+        fs::create_dir_all(dir)?;
+    }
+    fs::write(section_path, section)?;
+    fs::write(verdict_path, verdict.to_string())?;
+    Ok(())
+}
+
 /// Which scenario runs on which kernel.
 fn plan(options: &Options) -> anyhow::Result<Vec<(Series, &'static Scenario)>> {
     let named: Vec<&'static Scenario> = options

@@ -1,12 +1,11 @@
 //! The host side of the `bench-modules` scenario: the guest loads the same signed modules
 //! without and with the observer, interleaved, and prints each load's time; this turns those
 //! times and the integrity-check time the guest's agent measured into a section of
-//! BENCHMARKS.md, left at [`report_path`] for `cargo xtask bench`.
+//! BENCHMARKS.md, left at [`super::bench_output`] for `cargo xtask bench`.
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
     net::SocketAddr,
-    path::PathBuf,
     thread,
     time::{Duration, Instant},
 };
@@ -16,23 +15,13 @@ use testkit::prom;
 
 use crate::stats::{median, quartiles};
 
-/// Where the scenario leaves its section of the report.
-pub fn report_path() -> PathBuf {
-    crate::workspace_root().join("target/bench/vm-modules.md")
-}
-
-/// Where the scenario leaves its verdict: `{"target", "measured", "met"}`.
-pub fn verdict_path() -> PathBuf {
-    crate::workspace_root().join("target/bench/vm-modules.json")
-}
-
 const CHECK: &str = "observer_module_integrity_check_duration_seconds";
 const SIGNATURE_OK: &[(&str, &str)] = &[("method", "signature"), ("result", "ok")];
 /// The target: the observer adds less than this share of an integrity check to a load.
 const TARGET_PERCENT: f64 = 1.0;
 
 /// Medians of the guest's load times and the agent's mean integrity-check time, written to
-/// [`report_path`].
+/// [`super::bench_output`].
 pub fn module_path_report(guest: SocketAddr, console: &str) -> anyhow::Result<()> {
     let times = load_times(console);
     // The last loads' records reach the agent's state within its drain interval.
@@ -52,10 +41,7 @@ pub fn module_path_report(guest: SocketAddr, console: &str) -> anyhow::Result<()
     }
     let mean_check_ns = check_sum / check_count * 1e9;
     let (section, verdict) = section(&times, mean_check_ns)?;
-    std::fs::create_dir_all(crate::workspace_root().join("target/bench"))?;
-    std::fs::write(report_path(), section)?;
-    std::fs::write(verdict_path(), verdict.to_string())?;
-    Ok(())
+    super::save_bench("modules", &section, &verdict)
 }
 
 /// `loadtime LABEL MODULE ns=N` lines: nanoseconds per (module, label).

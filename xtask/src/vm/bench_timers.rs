@@ -1,21 +1,13 @@
 //! The host side of the `bench-timers` scenario: in one guest, rounds of timer pairs and
 //! getppid calls with the observer on fentry/fexit, without it, and on the syscall
 //! tracepoints, with the programs' own time from the kernel's BPF statistics (read in the guest
-//! by the guest tool: there is no bpftool there). Written to [`report_path`] for
+//! by the guest tool: there is no bpftool there). Written to [`super::bench_output`] for
 //! `cargo xtask bench`. Times are emulated (TCG): only ratios carry over.
-use std::{collections::BTreeMap, fmt::Write as _, net::SocketAddr, path::PathBuf};
+use std::{collections::BTreeMap, fmt::Write as _, net::SocketAddr};
 
 use anyhow::bail;
 
 use crate::stats::{median, quartiles};
-
-pub fn report_path() -> PathBuf {
-    crate::workspace_root().join("target/bench/vm-timers.md")
-}
-
-pub fn verdict_path() -> PathBuf {
-    crate::workspace_root().join("target/bench/vm-timers.json")
-}
 
 /// The configurations, in the guest's order: the agent's default (fentry/fexit), none, and
 /// `--timers.hook tracepoint`.
@@ -125,10 +117,7 @@ pub fn timer_path_report(_guest: SocketAddr, console: &str) -> anyhow::Result<()
         bail!("the guest printed no complete round for every configuration");
     }
     let (section, verdict) = section(&rounds)?;
-    std::fs::create_dir_all(crate::workspace_root().join("target/bench"))?;
-    std::fs::write(report_path(), section)?;
-    std::fs::write(verdict_path(), verdict.to_string())?;
-    Ok(())
+    super::save_bench("timers", &section, &verdict)
 }
 
 fn section(rounds: &BTreeMap<&str, Vec<Round>>) -> anyhow::Result<(String, serde_json::Value)> {
