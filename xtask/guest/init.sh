@@ -81,6 +81,23 @@ probes() {
     echo "PROBES-END rc=$?"
 }
 
+# `observer profile` in the background with the arguments given, its report in
+# /tmp/profile.out; returns once it is watching. stop_profile ends it (Ctrl-C, as a user would),
+# says how it exited and prints the report between markers.
+start_profile() {
+    /observer profile "$@" >/tmp/profile.out 2>/tmp/profile.err &
+    profile_pid=$!
+    until grep -q watching /tmp/profile.err; do sleep 0.2; done
+}
+stop_profile() {
+    kill -INT "$profile_pid"
+    wait "$profile_pid"
+    echo "profile rc=$?"
+    echo PROFILE-BEGIN
+    cat /tmp/profile.out
+    echo PROFILE-END
+}
+
 # The kernel's own words about modules, taint and lockdown (the console is quiet).
 kernel_log() {
     dmesg | grep -iE 'module|taint|lockdown|signature' | sed 's/^/kmsg: /'

@@ -9,7 +9,8 @@
 //! `{M1.name}`... (the kernel's module name, `crc_itu_t`). Module files in the guest:
 //! `/vm/mods/NAME.ko` (signed), `NAME.ko.xz` (signed, compressed), `NAME-unsigned.ko` (signature
 //! cut off). `load [--compressed] FILE...` prints `finit_module FILE[ compressed] rc=0` or
-//! `... errno=NAME` per call.
+//! `... errno=NAME` per call. `start_profile ARGS...` and `stop_profile` run `observer profile`
+//! around a scenario's actions and print its report between `PROFILE-BEGIN` and `PROFILE-END`.
 mod agent;
 mod events;
 mod ima;

@@ -74,12 +74,9 @@ pub const PROFILE: Scenario = Scenario {
     about: "observer profile times integrity checks per module and estimates a hash-based check",
     cmdline: "",
     kernels: CURRENT,
-    guest: "/observer profile --duration 20s --format json >/tmp/profile.json 2>/tmp/profile.err &\n\
-            profile=$!\n\
-            until grep -q watching /tmp/profile.err; do sleep 0.2; done\n\
+    guest: "start_profile --duration 20s --format json\n\
             load /vm/mods/$M1.ko /vm/mods/$M2.ko /vm/mods/$M3.ko\n\
-            kill -INT $profile; wait $profile; echo \"profile rc=$?\"\n\
-            echo PROFILE-BEGIN; cat /tmp/profile.json; echo PROFILE-END\n",
+            stop_profile\n",
     checks: &[&[
         Check::Console("profile rc=0"),
         Check::Console("\"module\": \"{M1.name}\""),

@@ -71,11 +71,7 @@ fn check_events(_guest: SocketAddr, console: &str) -> anyhow::Result<()> {
         ensure!(errors.is_empty(), "{line}: {errors:?}");
         events.push(event);
     }
-    let stem = console
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("cgroup-load "))
-        .context("no cgroup-load line")?;
-    let module = stem.replace('-', "_");
+    let module = console_module(console, "cgroup-load ")?;
     let from_cgroup: Vec<&Value> = events
         .iter()
         .filter(|e| e["event"] == "module_load" && e["cgroup"] == "/observer-loader")
@@ -99,7 +95,7 @@ fn check_events(_guest: SocketAddr, console: &str) -> anyhow::Result<()> {
         taint["flag"] == "E" && taint["cgroup"] == "/" && taint["module"].is_string(),
         "{taint}"
     );
-    check_ima_events(&events, &console_stem(console, "ima-digest ")?)?;
+    check_ima_events(&events, &console_module(console, "ima-digest ")?)?;
     println!(
         "vm: events: {} events valid against the schema; the load from /observer-loader named",
         events.len()
@@ -107,14 +103,16 @@ fn check_events(_guest: SocketAddr, console: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The first `ima-digest NAME set` line's module name (`crc8.ko` is module `crc8`).
-fn console_stem(console: &str, prefix: &str) -> anyhow::Result<String> {
+/// The module named first after `prefix` on a console line (`cgroup-load crc-itu-t`,
+/// `ima-digest crc8.ko set`): the file stem as the kernel names the module (`crc_itu_t`).
+fn console_module(console: &str, prefix: &str) -> anyhow::Result<String> {
     console
         .lines()
         .find_map(|l| l.trim().strip_prefix(prefix))
-        .and_then(|rest| rest.split(".ko").next())
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|file| file.split(".ko").next())
         .map(|stem| stem.replace('-', "_"))
-        .context("no ima-digest line")
+        .with_context(|| format!("no console line starting {prefix:?}"))
 }
 
 /// The load IMA passed carries its check (then its signature check), the one it refused is

@@ -61,15 +61,12 @@ pub const IMA: Scenario = Scenario {
             /vm/guest-tool ima-digest --wrong /tmp/$M2.ko\n\
             /vm/guest-tool ima-digest /tmp/$M2.ko.xz\n\
             echo 'appraise func=MODULE_CHECK' >/sys/kernel/security/ima/policy && echo 'ima policy set'\n\
-            /observer profile --duration 120s --format text >/tmp/profile.txt 2>/tmp/profile.err &\n\
-            profile=$!\n\
-            until grep -q watching /tmp/profile.err; do sleep 0.2; done\n\
+            start_profile --duration 120s --format text\n\
             for i in 1 2 3 4 5; do load /tmp/$M1-$i.ko; rmmod $m1 || echo \"rmmod $m1 failed\"; done\n\
             load /tmp/$M2.ko /tmp/$M3.ko\n\
             load --compressed /tmp/$M2.ko.xz\n\
-            kill -INT $profile; wait $profile; echo \"profile rc=$?\"\n\
-            echo PROFILE-BEGIN; cat /tmp/profile.txt; echo PROFILE-END\n\
-            row=$(sed -n '/IMA_HASH_US/,$p' /tmp/profile.txt | grep \"^$m1 \")\n\
+            stop_profile\n\
+            row=$(sed -n '/IMA_HASH_US/,$p' /tmp/profile.out | grep \"^$m1 \")\n\
             case \"$row\" in *' - '*|'') echo \"ima-row incomplete: $row\";; \
             *) echo \"ima-row complete for $m1\";; esac\n\
             dmesg | grep -oE 'cause=[a-z-]+' | sed 's/^/kmsg ima: /'\n",
