@@ -2,8 +2,10 @@
 
 use crate::{EventHeader, Names};
 
-/// The maps the agent reads: counts by syscall and result, restore-mode creates, create latency.
+/// The maps the agent reads: counts by syscall and result, restore-mode creates, create latency,
+/// the ID high-water mark.
 pub const SYSCALLS_MAP: &str = "TIMER_SYSCALLS";
+pub const ID_MAX_MAP: &str = "TIMER_ID_MAX";
 pub const RESTORE_CREATES_MAP: &str = "TIMER_RESTORE_CREATES";
 pub const CREATE_LATENCY_MAP: &str = "TIMER_CREATE_LATENCY";
 
@@ -30,6 +32,7 @@ pub const NAMES: Names = Names {
         SYSCALLS_MAP,
         RESTORE_CREATES_MAP,
         CREATE_LATENCY_MAP,
+        ID_MAX_MAP,
         "TIMER_IN_FLIGHT",
         "TIMER_RESTORE_SEEN",
         "TIMER_RESTORE_MODE",
@@ -45,6 +48,8 @@ pub const NAMES: Names = Names {
         "SYS_PRCTL",
         "PT_REGS_ARG_OFFSETS",
         "TIMER_USER_READS",
+        "TIMER_LATENCY",
+        "TIMER_PER_TIMER",
         "PT_REGS_NR_OFFSET",
     ],
 };

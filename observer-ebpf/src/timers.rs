@@ -5,7 +5,10 @@
 //! at hand (fexit: the syscall's `pt_regs` argument; syscall tracepoints: the task's saved user
 //! registers; raw tracepoints: the `pt_regs` argument): no per-thread state between entry and
 //! exit, and one program run per call instead of two. Only timer_create's latency needs its
-//! entry: a timestamp per thread. The programs, per mechanism, are in [`hooks`].
+//! entry: a timestamp per thread, so it is measured only when asked for (`TIMER_LATENCY`).
+//! Without per-timer records (`TIMER_PER_TIMER` off) a create+delete pair is counted and its ID
+//! kept as a high-water mark in per-CPU arrays alone: no ring buffer, no hash map. The
+//! programs, per mechanism, are in [`hooks`].
 
 mod hooks;
 
@@ -43,6 +46,10 @@ static TIMER_CREATE_LATENCY: PerCpuArray<u64> = PerCpuArray::with_max_entries(LO
 /// its entry removed at its exit.
 #[map]
 static TIMER_IN_FLIGHT: HashMap<u32, InFlight> = HashMap::with_max_entries(16384, 0);
+
+/// The highest timer ID created, plus one (0: none yet), per CPU.
+#[map]
+static TIMER_ID_MAX: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// Set once any process has turned restore mode on: until then timer_create skips the lookup.
 #[map]
@@ -109,13 +116,29 @@ fn in_restore_mode(tgid: u32) -> bool {
     unsafe { TIMER_RESTORE_MODE.get(tgid) }.is_some()
 }
 
+/// Raises this CPU's ID high-water mark to `id`.
+#[inline(always)]
+fn note_id(id: i32) {
+    if let Some(max) = TIMER_ID_MAX.get_ptr_mut(0) {
+        let seen = id as u64 + 1;
+        // SAFETY: this CPU's own slot.
+        unsafe {
+            if seen > *max {
+                *max = seen;
+            }
+        }
+    }
+}
+
 /// timer_create returned `ret`; `id_ptr` is its third argument, where the kernel wrote the ID.
 #[inline(always)]
 fn create_done(ret: i64, id_ptr: u64) {
     count(SYSCALL_TIMER_CREATE, ret);
     let (tgid, tid) = current_ids();
     // SAFETY: the value is copied out before the entry is removed.
-    if let Some(call) = unsafe { TIMER_IN_FLIGHT.get(tid) }.copied() {
+    if TIMER_LATENCY.load() != 0
+        && let Some(call) = unsafe { TIMER_IN_FLIGHT.get(tid) }.copied()
+    {
         let _ = TIMER_IN_FLIGHT.remove(tid);
         // SAFETY: a helper without preconditions.
         observe_ns(
@@ -143,6 +166,12 @@ fn create_done(ret: i64, id_ptr: u64) {
         };
         id
     };
+    if id >= 0 {
+        note_id(id);
+    }
+    if TIMER_PER_TIMER.load() == 0 {
+        return;
+    }
     // SAFETY: only presence is checked; a lookup is cheaper than an update.
     if unsafe { TIMER_OWNERS.get(tgid) }.is_none() && TIMER_OWNERS.insert(tgid, 1, 0).is_err() {
         // Without an owner entry its exit would go unseen: say so rather than lie later.
@@ -156,7 +185,7 @@ fn create_done(ret: i64, id_ptr: u64) {
 #[inline(always)]
 fn delete_done(ret: i64, id: u64) {
     count(SYSCALL_TIMER_DELETE, ret);
-    if ret == 0 {
+    if ret == 0 && TIMER_PER_TIMER.load() != 0 {
         send(EventKind::TimerDeleted, id as i32, 0);
     }
 }
@@ -166,10 +195,7 @@ fn delete_done(ret: i64, id: u64) {
 #[inline(always)]
 fn settime_done(ret: i64, id: u64, spec: u64) {
     count(SYSCALL_TIMER_SETTIME, ret);
-    if ret != 0 {
-        return;
-    }
-    if TIMER_USER_READS.load() == 0 {
+    if ret != 0 || TIMER_USER_READS.load() == 0 || TIMER_PER_TIMER.load() == 0 {
         return;
     }
     let spec = spec as usize;
@@ -218,6 +244,16 @@ fn owner_gone(tgid: u32, reason: u32) {
 /// are sent without their ID, and nothing is armed.
 #[unsafe(no_mangle)]
 static TIMER_USER_READS: Global<u32> = Global::new(1);
+
+/// Whether timer_create is timed (`--timers.latency`): its entry program attached, a hash-map
+/// entry per call. Frozen at load: with 0 the verifier drops the lookup from the exit.
+#[unsafe(no_mangle)]
+static TIMER_LATENCY: Global<u32> = Global::new(1);
+
+/// Whether creates, deletes and arming are sent as records for live timers, churn and
+/// per-process creates (off with `--timers.counts-only`). Frozen at load.
+#[unsafe(no_mangle)]
+static TIMER_PER_TIMER: Global<u32> = Global::new(1);
 
 #[unsafe(no_mangle)]
 static PT_REGS_ARG_OFFSETS: Global<[u32; 3]> = Global::new([112, 104, 96]);

@@ -37,6 +37,8 @@ pub type EventFields = serde_json::Map<String, serde_json::Value>;
 #[derive(Default)]
 pub struct LoadSettings {
     pub globals: Vec<(&'static str, Vec<u8>)>,
+    /// Maps the configured programs never use: created one entry small.
+    pub unused_maps: Vec<&'static str>,
 }
 
 impl LoadSettings {

@@ -40,3 +40,14 @@ pub fn sum_per_cpu(map: &PerCpuArray<MapData, u64>, slots: u32) -> Vec<u64> {
         })
         .collect()
 }
+
+/// The highest of the CPUs' values in slot `index` (0 when it cannot be read, logged).
+pub fn max_per_cpu(map: &PerCpuArray<MapData, u64>, index: u32) -> u64 {
+    match map.get(&index, 0) {
+        Ok(values) => values.iter().copied().max().unwrap_or(0),
+        Err(err) => {
+            log::debug!("reading slot {index}: {err}");
+            0
+        }
+    }
+}

@@ -103,8 +103,9 @@ pub fn load(
         loader.override_global(name, bytes.as_slice(), true);
     }
     // Maps no loaded program uses still exist in the object: keep them one entry small
-    // (a switched-off family's tables would otherwise take their full size in kernel memory).
-    for map in &built.disabled_maps {
+    // (a switched-off family's or option's tables would otherwise take their full size in
+    // kernel memory).
+    for map in built.disabled_maps.iter().chain(&settings.unused_maps) {
         loader.map_max_entries(map, 1);
     }
     let mut ebpf = loader
@@ -186,7 +187,7 @@ pub fn start(selection: &Selection<'_>) -> anyhow::Result<Started> {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeSet;
+    use std::collections::{BTreeMap, BTreeSet};
 
     use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
     use observer_common::{Names, SHARED_NAMES};
@@ -251,14 +252,17 @@ mod tests {
         assert_eq!(globals, set(&expected_globals));
     }
 
-    /// Each family's hooks (under every flag that changes them) name exactly its programs, and
-    /// its configuration sets exactly its globals.
+    /// Each family's hooks (under every flag that changes them) name only its programs, and all
+    /// of them under some flags; its configuration sets exactly its globals.
     #[test]
     fn every_family_uses_exactly_its_names() {
         let kernel = KernelView::without_kernel();
+        let mut used: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
         for flags in [
             &["observer"][..],
             &["observer", "--timers.hook", "raw-tracepoint"],
+            &["observer", "--timers.latency"],
+            &["observer", "--timers.counts-only"],
         ] {
             let matches = crate::cli::command().try_get_matches_from(flags).unwrap();
             let context = Context {
@@ -273,18 +277,25 @@ mod tests {
                     .iter()
                     .flat_map(|h| h.options.iter().flatten().map(|a| a.program))
                     .collect();
-                assert_eq!(
-                    set(&programs),
-                    set(registration.names.programs),
-                    "{}",
+                assert!(
+                    set(&programs).is_subset(&set(registration.names.programs)),
+                    "{} {flags:?}",
                     registration.name
                 );
+                used.entry(registration.name)
+                    .or_default()
+                    .extend(set(&programs));
                 let mut settings = LoadSettings::default();
                 family.configure(&kernel, &mut settings);
                 let globals: Vec<&str> = settings.globals.iter().map(|(n, _)| *n).collect();
                 assert_eq!(
                     set(&globals),
                     set(registration.names.globals),
+                    "{}",
+                    registration.name
+                );
+                assert!(
+                    set(&settings.unused_maps).is_subset(&set(registration.names.maps)),
                     "{}",
                     registration.name
                 );
@@ -300,6 +311,14 @@ mod tests {
                     }
                 }
             }
+        }
+        for registration in registry::FAMILIES {
+            assert_eq!(
+                used[registration.name],
+                set(registration.names.programs),
+                "{}",
+                registration.name
+            );
         }
     }
 }

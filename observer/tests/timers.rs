@@ -108,19 +108,55 @@ fn created(m: &Metrics, result: &str) -> f64 {
 
 #[test]
 fn timer_syscalls_are_counted_by_result_and_process() {
-    counted_by_result_and_process("tracepoint");
+    counted_by_result_and_process("tracepoint", true);
 }
 
 #[test]
 fn timer_syscalls_are_counted_the_same_through_raw_tracepoints() {
-    counted_by_result_and_process("raw-tracepoint");
+    counted_by_result_and_process("raw-tracepoint", false);
 }
 
-fn counted_by_result_and_process(hook: &str) {
+/// The calls of [`lifecycle`] in a child named `comm`, checked against what the kernel returned.
+fn run_lifecycle(comm: &str) {
+    let (_, results, finish) = in_child(comm, false, lifecycle);
+    assert_eq!(
+        results,
+        vec![0, 0, 0, 0, 0, 0, -1, 22, -1, 0, 0, 0, 3],
+        "what the kernel returned"
+    );
+    finish();
+}
+
+/// Three quick create+delete pairs, a failed create and delete (EINVAL), an armed timer deleted.
+fn lifecycle() -> Vec<i64> {
+    let mut out = Vec::new();
+    let mut id = 0;
+    for _ in 0..3 {
+        out.push(timer_create(CLOCK_MONOTONIC, &mut id));
+        out.push(timer_delete(id));
+    }
+    // An unknown clock: EINVAL.
+    out.push(timer_create(9999, &mut id));
+    out.push(i64::from(errno()));
+    // Deleting a timer that does not exist: EINVAL.
+    out.push(timer_delete(123_456));
+    out.push(timer_create(CLOCK_MONOTONIC, &mut id));
+    out.push(timer_arm(id));
+    out.push(timer_delete(id));
+    out.push(i64::from(id));
+    out
+}
+
+/// With `--timers.latency` creates are timed; without it there is no latency series at all.
+fn counted_by_result_and_process(hook: &str, latency: bool) {
     let _serial = SERIAL
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let agent = Agent::start(&["--timers.hook", hook]);
+    let mut flags = vec!["--timers.hook", hook];
+    if latency {
+        flags.push("--timers.latency");
+    }
+    let agent = Agent::start(&flags);
     let mechanism = hook.replace('-', "_");
     let attached = [
         ("probe", "timer_syscalls"),
@@ -136,30 +172,7 @@ fn counted_by_result_and_process(hook: &str) {
     } else {
         "obst-raw"
     });
-    let (_, results, finish) = in_child(&comm, false, || {
-        let mut out = Vec::new();
-        let mut id = 0;
-        for _ in 0..3 {
-            out.push(timer_create(CLOCK_MONOTONIC, &mut id));
-            out.push(timer_delete(id));
-        }
-        // An unknown clock: EINVAL.
-        out.push(timer_create(9999, &mut id));
-        out.push(i64::from(errno()));
-        // Deleting a timer that does not exist: EINVAL.
-        out.push(timer_delete(123_456));
-        out.push(timer_create(CLOCK_MONOTONIC, &mut id));
-        out.push(timer_arm(id));
-        out.push(timer_delete(id));
-        out.push(i64::from(id));
-        out
-    });
-    assert_eq!(
-        results,
-        vec![0, 0, 0, 0, 0, 0, -1, 22, -1, 0, 0, 0, 3],
-        "what the kernel returned"
-    );
-    finish();
+    run_lifecycle(&comm);
 
     let comm_labels = [("comm", comm.as_str())];
     let after = agent.metrics_until("the child's creates", |m| {
@@ -191,8 +204,17 @@ fn counted_by_result_and_process(hook: &str) {
         ) >= 1.0
     );
     assert!(delta(syscalls, &[("syscall", "timer_settime"), ("result", "ok")]) >= 1.0);
-    // Every create, failed or not, is timed.
-    assert!(delta("observer_posix_timer_create_duration_seconds_count", &[]) >= 5.0);
+    let timed = "observer_posix_timer_create_duration_seconds_count";
+    if latency {
+        // Every create, failed or not, is timed.
+        assert!(delta(timed, &[]) >= 5.0);
+    } else {
+        assert_eq!(
+            after.get(timed, &[]),
+            None,
+            "creates timed without --timers.latency"
+        );
+    }
     // The three quick deletes are churn; the armed timer is not (exact under SERIAL unless
     // another process churns timers at the same moment).
     assert!(delta("observer_posix_timer_short_lived_total", &[]) >= 3.0);
@@ -203,6 +225,45 @@ fn counted_by_result_and_process(hook: &str) {
         after.value("observer_events_lost_total", &[("kind", "timer_created")]),
         0.0
     );
+    assert_eq!(agent.stop(), 0, "SIGTERM exits 0");
+}
+
+/// `--timers.counts-only`: calls by result and the ID high-water mark, from per-CPU arrays
+/// alone; no record is sent and nothing per timer or process is exported.
+#[test]
+fn counts_only_counts_calls_and_the_highest_id() {
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let agent = Agent::start(&["--timers.hook", "tracepoint", "--timers.counts-only"]);
+    let before = agent.metrics();
+    run_lifecycle(&unique_comm("obst-cnt"));
+    let after = agent.metrics_until("the child's creates", |m| {
+        created(m, "ok") - created(&before, "ok") >= 4.0
+    });
+    let delta = |labels: &[(&str, &str)]| {
+        let name = "observer_posix_timer_syscalls_total";
+        after.value(name, labels) - before.value(name, labels)
+    };
+    assert!(delta(&[("syscall", "timer_create"), ("result", "einval")]) >= 1.0);
+    assert!(delta(&[("syscall", "timer_delete"), ("result", "ok")]) >= 4.0);
+    assert!(delta(&[("syscall", "timer_delete"), ("result", "einval")]) >= 1.0);
+    assert!(after.value("observer_posix_timer_id_max", &[]) >= 3.0);
+    let families: Vec<String> = after.families().into_iter().map(|f| f.name).collect();
+    for absent in [
+        "observer_posix_timers_live",
+        "observer_posix_timer_short_lived_total",
+        "observer_posix_timer_creates_by_process_total",
+        "observer_posix_timer_create_duration_seconds",
+    ] {
+        assert!(!families.iter().any(|f| f == absent), "{absent} exported");
+    }
+    assert_eq!(
+        after.sum("observer_events_total", &[("kind", "timer_created")]),
+        0.0
+    );
+    // Only the syscalls hook: owners' ends matter to live timers alone.
+    assert!(!after.0.contains("probe=\"timer_owner_exit\""));
     assert_eq!(agent.stop(), 0, "SIGTERM exits 0");
 }
 
@@ -248,6 +309,10 @@ fn restore_mode_creates_with_requested_ids() {
         m.value(restore, &[("result", "ebusy")]) - before.value(restore, &[("result", "ebusy")])
             >= 1.0
             && m.value("observer_posix_timer_id_max", &[]) >= 424_242.0
+            && m.value(
+                "observer_posix_timer_creates_by_process_total",
+                &[("comm", comm.as_str())],
+            ) >= 1.0
     });
     assert!(
         after.value(restore, &[("result", "ok")]) - before.value(restore, &[("result", "ok")])

@@ -74,6 +74,21 @@ start_agent() {
     return 1
 }
 
+# Stops the running observer. /init started the first one, so a scenario's subshell cannot
+# `wait` for it: it watches for it to end (a zombie until its parent reaps it).
+stop_agent() {
+    kill -INT "$agent_pid"
+    while [ -e "/proc/$agent_pid/status" ] && ! grep -q '^State:.*Z' "/proc/$agent_pid/status"; do
+        usleep 100000
+    done
+}
+
+# Stops the running observer and starts it with the arguments given.
+restart_agent() {
+    stop_agent
+    start_agent "$@"
+}
+
 # Prints `observer probes` between markers for the host to read.
 probes() {
     echo "PROBES-BEGIN"

@@ -1,5 +1,14 @@
-//! POSIX timers: syscall counts and create latency from kernel maps; live timers, the ID
-//! high-water mark, short-lived churn and per-process creates from ring buffer records.
+//! POSIX timers: syscall counts, the ID high-water mark and (with `--timers.latency`) create
+//! latency from kernel maps; live timers, short-lived churn and per-process creates from ring
+//! buffer records (not with `--timers.counts-only`).
+//!
+//! Why latency is opt-in and the counts-only mode exists (the kernel's BPF statistics on this
+//! project's benchmark host, per create+delete pair, see BENCHMARKS.md): timing timer_create
+//! takes an entry program and a hash-map entry per call, about 30% of the programs' cost, for a
+//! syscall that takes microseconds; the per-timer records take about half of it and carry what
+//! only this family reports (live timers, churn, creates per process), so they stay on by
+//! default. Without both, the programs do what a minimal bpftrace script for the same counts
+//! does, in per-CPU arrays only.
 
 mod state;
 
@@ -9,8 +18,8 @@ use aya::maps::{MapData, PerCpuArray};
 use observer_common::{
     ERRNO_SLOTS, EventKind, LOG2_SLOTS,
     timers::{
-        COUNTED_SYSCALLS, CREATE_LATENCY_MAP, NAMES, RESTORE_CREATES_MAP, SYSCALL_COUNTER_SLOTS,
-        SYSCALLS_MAP, TimerEvent,
+        COUNTED_SYSCALLS, CREATE_LATENCY_MAP, ID_MAX_MAP, NAMES, RESTORE_CREATES_MAP,
+        SYSCALL_COUNTER_SLOTS, SYSCALLS_MAP, TimerEvent,
     },
 };
 
@@ -44,6 +53,13 @@ pub struct Flags {
     /// How many process names get their own series in the per-process timer metric.
     #[arg(long = "timers.top-processes", default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..=1000))]
     pub top_processes: u16,
+    /// Also time timer_create (a histogram): one more program per create, on its entry.
+    #[arg(long = "timers.latency")]
+    pub latency: bool,
+    /// Count calls by result and keep the ID high-water mark only: no live timers, churn or
+    /// per-process creates, and no ring buffer record per call.
+    #[arg(long = "timers.counts-only")]
+    pub counts_only: bool,
 }
 
 const RECORDS: &[RecordKind] = &[
@@ -55,6 +71,8 @@ const RECORDS: &[RecordKind] = &[
 
 pub struct TimerFamily {
     hook: SyscallHook,
+    latency: bool,
+    per_timer: bool,
     state: TimerState,
     maps: Option<TimerMaps>,
 }
@@ -68,6 +86,8 @@ impl TimerFamily {
     pub fn with_flags(flags: &Flags) -> Self {
         Self {
             hook: flags.hook,
+            latency: flags.latency,
+            per_timer: !flags.counts_only,
             state: TimerState::new(TimerSettings {
                 short_lived_ns: u64::try_from(flags.short_lived.as_nanos()).unwrap_or(u64::MAX),
                 top_processes: usize::from(flags.top_processes),
@@ -79,7 +99,7 @@ impl TimerFamily {
 
 impl HookFamily for TimerFamily {
     fn hooks(&self) -> Vec<Hook> {
-        hooks(self.hook)
+        hooks(self.hook, self.latency, self.per_timer)
     }
 
     fn configure(&self, kernel: &KernelView, load: &mut LoadSettings) {
@@ -92,6 +112,15 @@ impl HookFamily for TimerFamily {
             );
         }
         load.global("TIMER_USER_READS", &u32::from(!confidential));
+        load.global("TIMER_LATENCY", &u32::from(self.latency));
+        load.global("TIMER_PER_TIMER", &u32::from(self.per_timer));
+        if !self.latency {
+            load.unused_maps
+                .extend(["TIMER_IN_FLIGHT", CREATE_LATENCY_MAP]);
+        }
+        if !self.per_timer {
+            load.unused_maps.push("TIMER_OWNERS");
+        }
         let btf = kernel.btf.as_ref().ok();
         let offset = |s: &str, m: &str| btf.and_then(|b| b.member_offset(s, m)).unwrap_or(0);
         let (signal, live) = (
@@ -140,9 +169,13 @@ impl HookFamily for TimerFamily {
 
     fn collect(&self, out: &mut Vec<Family>) {
         if let Some(maps) = &self.maps {
-            maps.gather(out);
+            maps.gather(out, self.latency);
         }
-        self.state.gather(out);
+        // Without records there is nothing to say about live timers or churn: no series
+        // rather than zeros.
+        if self.per_timer {
+            self.state.gather(out);
+        }
     }
 
     fn as_any_mut(&mut self) -> &mut dyn Any {
@@ -179,10 +212,10 @@ const SYSCALL_FUNCTIONS: Option<[&str; 4]> = if cfg!(target_arch = "x86_64") {
     None
 };
 
-fn hooks(preferred: SyscallHook) -> Vec<Hook> {
-    // Every syscall is handled at its exit alone; only timer_create's entry is hooked, for its
-    // latency. The programs name their x86_64 functions; other architectures skip this option
-    // (the attach fails by name and the plan moves on).
+fn hooks(preferred: SyscallHook, latency: bool, per_timer: bool) -> Vec<Hook> {
+    // Every syscall is handled at its exit alone; only timer_create's entry is hooked, and only
+    // for its latency. The programs name their x86_64 functions; other architectures skip this
+    // option (the attach fails by name and the plan moves on).
     let [create, delete, settime, prctl] = SYSCALL_FUNCTIONS.unwrap_or([
         "sys_timer_create",
         "sys_timer_delete",
@@ -190,24 +223,43 @@ fn hooks(preferred: SyscallHook) -> Vec<Hook> {
         "sys_prctl",
     ]);
     let trampolines = vec![
-        fentry("timers_create_fentry", create),
-        fexit("timers_create_fexit", create),
-        fexit("timers_delete_fexit", delete),
-        fexit("timers_settime_fexit", settime),
-        fexit("timers_prctl_fexit", prctl),
+        latency.then(|| fentry("timers_create_fentry", create)),
+        Some(fexit("timers_create_fexit", create)),
+        Some(fexit("timers_delete_fexit", delete)),
+        Some(fexit("timers_settime_fexit", settime)),
+        Some(fexit("timers_prctl_fexit", prctl)),
     ];
     let per_syscall = vec![
-        tracepoint("timers_create_enter", "syscalls", "sys_enter_timer_create"),
-        tracepoint("timers_create_exit", "syscalls", "sys_exit_timer_create"),
-        tracepoint("timers_delete_exit", "syscalls", "sys_exit_timer_delete"),
-        tracepoint("timers_settime_exit", "syscalls", "sys_exit_timer_settime"),
+        latency.then(|| tracepoint("timers_create_enter", "syscalls", "sys_enter_timer_create")),
+        Some(tracepoint(
+            "timers_create_exit",
+            "syscalls",
+            "sys_exit_timer_create",
+        )),
+        Some(tracepoint(
+            "timers_delete_exit",
+            "syscalls",
+            "sys_exit_timer_delete",
+        )),
+        Some(tracepoint(
+            "timers_settime_exit",
+            "syscalls",
+            "sys_exit_timer_settime",
+        )),
         // prctl: restore mode (PR_TIMER_CREATE_RESTORE_IDS) switched on and off.
-        tracepoint("timers_prctl_exit", "syscalls", "sys_exit_prctl"),
+        Some(tracepoint(
+            "timers_prctl_exit",
+            "syscalls",
+            "sys_exit_prctl",
+        )),
     ];
     let raw = vec![
-        raw_tracepoint("timers_raw_enter", "sys_enter"),
-        raw_tracepoint("timers_raw_exit", "sys_exit"),
+        // On every syscall of the system: only when timing creates.
+        latency.then(|| raw_tracepoint("timers_raw_enter", "sys_enter")),
+        Some(raw_tracepoint("timers_raw_exit", "sys_exit")),
     ];
+    let [trampolines, per_syscall, raw] = [trampolines, per_syscall, raw]
+        .map(|option| option.into_iter().flatten().collect::<Vec<_>>());
     let options = match preferred {
         SyscallHook::Fentry => vec![trampolines, per_syscall, raw],
         SyscallHook::Tracepoint => vec![per_syscall, raw, trampolines],
@@ -223,13 +275,18 @@ fn hooks(preferred: SyscallHook) -> Vec<Hook> {
         ],
         requires: None,
     };
-    vec![
+    let syscalls = Hook {
         // timer_create, timer_delete, timer_settime, and prctl for restore mode.
-        Hook {
-            name: "timer_syscalls",
-            options,
-            requires: None,
-        },
+        name: "timer_syscalls",
+        options,
+        requires: None,
+    };
+    // Owners' ends only end live timers, which need the records.
+    if !per_timer {
+        return vec![syscalls];
+    }
+    vec![
+        syscalls,
         owner(
             "timer_owner_exit",
             "timers_itimers_exit",
@@ -250,6 +307,7 @@ struct TimerMaps {
     syscalls: PerCpuArray<MapData, u64>,
     restore_creates: PerCpuArray<MapData, u64>,
     create_latency: PerCpuArray<MapData, u64>,
+    id_max: PerCpuArray<MapData, u64>,
 }
 
 impl TimerMaps {
@@ -258,6 +316,7 @@ impl TimerMaps {
             syscalls: maps.per_cpu_array(SYSCALLS_MAP)?,
             restore_creates: maps.per_cpu_array(RESTORE_CREATES_MAP)?,
             create_latency: maps.per_cpu_array(CREATE_LATENCY_MAP)?,
+            id_max: maps.per_cpu_array(ID_MAX_MAP)?,
         })
     }
 }
@@ -279,7 +338,7 @@ pub fn result_label(slot: u32) -> String {
 }
 
 impl TimerMaps {
-    fn gather(&self, families: &mut Vec<Family>) {
+    fn gather(&self, families: &mut Vec<Family>, latency: bool) {
         let mut calls = Family::counter(
             "posix_timer_syscalls_total",
             "POSIX timer syscalls by syscall and result (ok, or the errno).",
@@ -307,13 +366,25 @@ impl TimerMaps {
         }
         families.push(restore);
 
-        let mut latency = Family::histogram(
-            "posix_timer_create_duration_seconds",
-            "timer_create syscall latency.",
+        let mut id_max = Family::gauge(
+            "posix_timer_id_max",
+            "The highest POSIX timer ID handed out that the observer has seen.",
         );
-        let slots = maps::sum_per_cpu(&self.create_latency, LOG2_SLOTS);
-        latency.add_histogram(&[], &Log2Histogram::from_slots(&slots));
-        families.push(latency);
+        // The programs keep the ID plus one: 0 means no ID seen yet (no series).
+        if let Some(max) = maps::max_per_cpu(&self.id_max, 0).checked_sub(1) {
+            id_max.add(&[], max as f64);
+        }
+        families.push(id_max);
+
+        if latency {
+            let mut histogram = Family::histogram(
+                "posix_timer_create_duration_seconds",
+                "timer_create syscall latency (--timers.latency).",
+            );
+            let slots = maps::sum_per_cpu(&self.create_latency, LOG2_SLOTS);
+            histogram.add_histogram(&[], &Log2Histogram::from_slots(&slots));
+            families.push(histogram);
+        }
     }
 }
 

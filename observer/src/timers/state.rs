@@ -1,5 +1,5 @@
-//! What the timer records tell, kept between scrapes: live timers, the ID high-water mark,
-//! short-lived churn and creates per process.
+//! What the timer records tell, kept between scrapes: live timers, short-lived churn and
+//! creates per process. (The ID high-water mark is kept in the kernel.)
 
 use std::collections::HashMap;
 
@@ -36,7 +36,6 @@ pub struct TimerState {
     live: HashMap<u32, HashMap<i32, LiveTimer>>,
     live_count: usize,
     untracked: u64,
-    id_max: Option<i32>,
     short_lived: u64,
     creates_by_comm: HashMap<String, u64>,
     creates_untracked_comms: u64,
@@ -49,7 +48,6 @@ impl TimerState {
             live: HashMap::new(),
             live_count: 0,
             untracked: 0,
-            id_max: None,
             short_lived: 0,
             creates_by_comm: HashMap::new(),
             creates_untracked_comms: 0,
@@ -70,7 +68,6 @@ impl TimerState {
         if id < 0 {
             return;
         }
-        self.id_max = Some(self.id_max.map_or(id, |max| max.max(id)));
         if self.live_count >= MAX_TRACKED_TIMERS {
             self.untracked += 1;
             return;
@@ -183,15 +180,6 @@ impl TimerState {
             "POSIX timers created while the observer watched and not yet deleted or destroyed by exit/exec.",
         ).single(self.live_count as f64));
 
-        let mut id_max = Family::gauge(
-            "posix_timer_id_max",
-            "The highest POSIX timer ID handed out that the observer has seen.",
-        );
-        if let Some(max) = self.id_max {
-            id_max.add(&[], f64::from(max));
-        }
-        families.push(id_max);
-
         families.push(Family::counter(
             "posix_timer_short_lived_total",
             "POSIX timers deleted within --timers.short-lived of creation without ever being armed (timer-ID churn).",
@@ -265,7 +253,6 @@ mod tests {
         feed(&mut s, EventKind::TimerDeleted, 1, 7, 20_000_000, "a");
         assert_eq!(s.short_lived, 1);
         assert_eq!(s.live_count, 0);
-        assert_eq!(s.id_max, Some(7));
     }
 
     #[test]
@@ -273,7 +260,7 @@ mod tests {
         let mut s = state(10);
         feed(&mut s, EventKind::TimerCreated, 1, -1, 0, "a");
         feed(&mut s, EventKind::TimerCreated, 1, -1, 5, "a");
-        assert_eq!((s.live_count, s.id_max), (0, None));
+        assert_eq!(s.live_count, 0);
         assert_eq!(s.creates_by_comm.get("a"), Some(&2));
     }
 

@@ -23,11 +23,15 @@ pub enum Tracer {
     Bare,
     /// Empty programs on the bpftrace peer's three tracepoints.
     EmptyPeer,
-    /// Empty programs on the four tracepoints the observer uses for a pair.
+    /// Empty programs on the two tracepoints the observer uses for a pair by default.
     EmptyPair,
     Bpftrace,
     /// The observer as installed: every collector, syscall tracepoints for timers.
     Observer,
+    /// The observer with `--timers.counts-only`: the same outputs as the bpftrace program.
+    ObserverCountsOnly,
+    /// The observer with `--timers.latency`: also timing every create.
+    ObserverLatency,
     /// The observer with `--timers.hook raw-tracepoint`.
     ObserverRaw,
     /// The observer with `--no-collector.timers`.
@@ -39,9 +43,11 @@ impl Tracer {
         match self {
             Self::Bare => "bare",
             Self::EmptyPeer => "empty programs, bpftrace's 3 tracepoints",
-            Self::EmptyPair => "empty programs, the observer's 4 tracepoints",
+            Self::EmptyPair => "empty programs, the observer's 2 tracepoints",
             Self::Bpftrace => "bpftrace (minimal program)",
             Self::Observer => "observer (default)",
+            Self::ObserverCountsOnly => "observer (--timers.counts-only)",
+            Self::ObserverLatency => "observer (--timers.latency)",
             Self::ObserverRaw => "observer (--timers.hook raw-tracepoint)",
             Self::ObserverTimersOff => "observer (--no-collector.timers)",
         }
@@ -61,6 +67,8 @@ impl Tracer {
     const fn observer_args(self) -> Option<&'static [&'static str]> {
         match self {
             Self::Observer => Some(&[]),
+            Self::ObserverCountsOnly => Some(&["--timers.counts-only"]),
+            Self::ObserverLatency => Some(&["--timers.latency"]),
             Self::ObserverRaw => Some(&["--timers.hook", "raw-tracepoint"]),
             Self::ObserverTimersOff => Some(&["--no-collector.timers"]),
             _ => None,

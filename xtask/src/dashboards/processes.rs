@@ -113,8 +113,12 @@ pub fn start_agent(root: &Path, scratch: &Scratch) -> anyhow::Result<(SocketAddr
     let addr = free_port()?;
     let mut agent = Process::start(
         "the agent",
-        Command::new(target_dir.join("release/observer"))
-            .args(["--web.listen-address", &addr.to_string()]),
+        // Timing creates is opt-in; the latency panels need it.
+        Command::new(target_dir.join("release/observer")).args([
+            "--web.listen-address",
+            &addr.to_string(),
+            "--timers.latency",
+        ]),
         scratch.0.join("observer.log"),
     )?;
     wait_until("the agent's /healthz", Duration::from_secs(60), || {

@@ -112,6 +112,7 @@ pub const SCENARIOS: &[&Scenario] = &[
     &modules::HASH_PATH,
     &agent::PROFILE,
     &timers::TIMERS,
+    &timers::TIMERS_COUNTS_ONLY,
     &agent::DASHBOARDS,
     &events::EVENTS,
     &names::NAMES_INTEGRITY,

@@ -148,6 +148,7 @@ pub const LOCKDOWN_INTEGRITY: Scenario = Scenario {
         LOCKDOWN_REFUSES_UNSIGNED,
         timers::LIFE,
         timers::LIFE_TOTALS,
+        timers::UNTIMED,
     ],
     kernel_checks: &[],
 };

@@ -70,11 +70,15 @@ pub const LIFE_TOTALS: &[Check] = &[
     Check::Metric(SYSCALLS, CREATE_EINVAL, Want::Eq(1.0)),
     Check::MetricSum(SYSCALLS, CREATE_EBUSY, Want::ZeroOrAbsent),
     Check::Metric(EVENTS, CREATED, Want::Eq(29.0)),
-    // Every create is timed, failed or not.
-    Check::Metric(CREATE_COUNT, &[], Want::Eq(30.0)),
     Check::Metric(ID_MAX, &[], Want::Eq(19.0)),
     Check::Metric(EVENTS, OWNER_GONE, Want::Eq(3.0)),
 ];
+
+/// With `--timers.latency`: every create of `LIFE_TOTALS` is timed, failed or not.
+const TIMED: &[Check] = &[Check::Metric(CREATE_COUNT, &[], Want::Eq(30.0))];
+
+/// By default creates are not timed: no latency series.
+pub const UNTIMED: &[Check] = &[Check::MetricSum(CREATE_COUNT, &[], Want::ZeroOrAbsent)];
 
 /// `timer-life` under lockdown=confidentiality, where the agent reads no user memory (see the
 /// timer programs): every call counted and timed, every create counted for its process and
@@ -95,7 +99,7 @@ pub const LIFE_WITHOUT_USER_READS: &[Check] = &[
         &[("syscall", "timer_settime"), ("result", "ok")],
         Want::Eq(2.0),
     ),
-    Check::Metric(CREATE_COUNT, &[], Want::Eq(30.0)),
+    Check::MetricSum(CREATE_COUNT, &[], Want::ZeroOrAbsent),
     Check::Metric(EVENTS, CREATED, Want::Eq(29.0)),
     Check::Metric(BY_PROCESS, &[("comm", "tm-churn")], Want::Eq(20.0)),
     Check::Metric(BY_PROCESS, &[("comm", "tm-keep")], Want::Eq(4.0)),
@@ -103,9 +107,10 @@ pub const LIFE_WITHOUT_USER_READS: &[Check] = &[
     Check::Metric(LIVE, &[], Want::Eq(0.0)),
     Check::MetricSum(ID_MAX, &[], Want::ZeroOrAbsent),
     Check::MetricSum(EVENTS, &[("kind", "timer_armed")], Want::ZeroOrAbsent),
+    // Without --timers.latency, exits only.
     Check::Metric(
         ATTACHED,
-        &[("probe", "timer_syscalls"), ("mechanism", "fentry+fexit")],
+        &[("probe", "timer_syscalls"), ("mechanism", "fexit")],
         Want::Eq(1.0),
     ),
     Check::MetricSum(LOST, &[], Want::ZeroOrAbsent),
@@ -114,7 +119,7 @@ pub const LIFE_WITHOUT_USER_READS: &[Check] = &[
 /// `timer-restore` in `tm-restore` on a kernel with restore mode: ID 424242 granted, asked
 /// again (EBUSY), -5 (EINVAL), then an ordinary create after the counter the kernel moved
 /// past the restored ID; the child exits with two timers.
-const RESTORED: &[Check] = &[
+const RESTORE_COUNTS: &[Check] = &[
     Check::Console(
         "timer-restore on rc=0 get rc=1 first rc=0 id=424242 again errno=EBUSY \
          negative errno=EINVAL off rc=0 next rc=0 id=424243",
@@ -125,9 +130,13 @@ const RESTORED: &[Check] = &[
     Check::Metric(SYSCALLS, CREATE_OK, Want::Eq(31.0)),
     Check::Metric(SYSCALLS, CREATE_EINVAL, Want::Eq(2.0)),
     Check::Metric(SYSCALLS, CREATE_EBUSY, Want::Eq(1.0)),
+    Check::Metric(ID_MAX, &[], Want::Eq(424_243.0)),
+];
+
+/// What the records add to [`RESTORE_COUNTS`], and the latency of all 34 creates.
+const RESTORED: &[Check] = &[
     Check::Metric(EVENTS, CREATED, Want::Eq(31.0)),
     Check::Metric(CREATE_COUNT, &[], Want::Eq(34.0)),
-    Check::Metric(ID_MAX, &[], Want::Eq(424_243.0)),
     Check::Metric(BY_PROCESS, &[("comm", "tm-restore")], Want::Eq(2.0)),
     Check::Metric(EVENTS, OWNER_GONE, Want::Eq(4.0)),
 ];
@@ -165,21 +174,84 @@ pub const TIMERS: Scenario = Scenario {
             per-process creates, owners gone at exit and exec; restore-mode IDs on 6.15+",
     cmdline: "",
     kernels: EVERY_KERNEL,
-    // The agent again with a churn threshold that an emulated guest cannot miss by stalling.
-    // /init started it, so this script cannot `wait` for it: it watches for it to end (a zombie
-    // until /init reaps it).
-    guest: "kill -INT $agent_pid\n\
-            while [ -e /proc/$agent_pid/status ] && ! grep -q '^State:.*Z' /proc/$agent_pid/status; do\n\
-            usleep 100000; done\n\
-            /observer --web.listen-address 0.0.0.0:9745 --timers.short-lived 10s &\n\
-            agent_pid=$!; i=0\n\
-            until wget -q -O /dev/null http://127.0.0.1:9745/metrics 2>/dev/null || [ $i -ge 600 ]; do\n\
-            usleep 100000; i=$((i + 1)); done\n\
+    // The agent again, timing creates, with a churn threshold that an emulated guest cannot
+    // miss by stalling.
+    guest: "restart_agent --timers.short-lived 10s --timers.latency\n\
             /vm/guest-tool timer-life\n/vm/guest-tool timer-restore\n",
     checks: &[LIFE, CHURN, THROUGH_TRAMPOLINES],
     kernel_checks: &[
+        (RESTORE_MODE, RESTORE_COUNTS),
         (RESTORE_MODE, RESTORED),
         (NO_RESTORE_MODE, NOT_RESTORED),
         (NO_RESTORE_MODE, LIFE_TOTALS),
+        (NO_RESTORE_MODE, TIMED),
+    ],
+};
+
+/// `--timers.counts-only`: the same calls counted exactly by syscall and result, the ID
+/// high-water mark and restore-mode creates, from per-CPU arrays alone; no record, and none of
+/// what records tell (live timers, churn, per-process creates, owners gone).
+const COUNTS_ONLY: &[Check] = &[
+    Check::Console("timer-life churn created=20 deleted=20 max_id=19"),
+    Check::Console("timer-life keep created=4"),
+    Check::Metric(
+        SYSCALLS,
+        &[("syscall", "timer_delete"), ("result", "ok")],
+        Want::Eq(21.0),
+    ),
+    Check::Metric(
+        SYSCALLS,
+        &[("syscall", "timer_delete"), ("result", "einval")],
+        Want::Eq(1.0),
+    ),
+    Check::Metric(
+        SYSCALLS,
+        &[("syscall", "timer_settime"), ("result", "ok")],
+        Want::Eq(2.0),
+    ),
+    Check::MetricSum(EVENTS, CREATED, Want::ZeroOrAbsent),
+    Check::MetricSum(EVENTS, &[("kind", "timer_deleted")], Want::ZeroOrAbsent),
+    Check::MetricSum(EVENTS, &[("kind", "timer_armed")], Want::ZeroOrAbsent),
+    Check::MetricSum(EVENTS, OWNER_GONE, Want::ZeroOrAbsent),
+    Check::MetricSum(LIVE, &[], Want::ZeroOrAbsent),
+    Check::MetricSum(SHORT_LIVED, &[], Want::ZeroOrAbsent),
+    Check::MetricSum(BY_PROCESS, &[], Want::ZeroOrAbsent),
+    Check::MetricSum(CREATE_COUNT, &[], Want::ZeroOrAbsent),
+    Check::Metric(
+        ATTACHED,
+        &[("probe", "timer_syscalls"), ("mechanism", "fexit")],
+        Want::Eq(1.0),
+    ),
+    // Owners' ends only matter to live timers: not hooked.
+    Check::MetricSum(
+        ATTACHED,
+        &[("probe", "timer_owner_exit")],
+        Want::ZeroOrAbsent,
+    ),
+    Check::MetricSum(LOST, &[], Want::ZeroOrAbsent),
+];
+
+/// Before 6.15: `timer-life`'s 29 creates and one failure, tm-churn's 19 the highest ID.
+const COUNTS_ONLY_LIFE: &[Check] = &[
+    Check::Metric(SYSCALLS, CREATE_OK, Want::Eq(29.0)),
+    Check::Metric(SYSCALLS, CREATE_EINVAL, Want::Eq(1.0)),
+    Check::Metric(ID_MAX, &[], Want::Eq(19.0)),
+];
+
+pub const TIMERS_COUNTS_ONLY: Scenario = Scenario {
+    host: None,
+    host_agent: false,
+    name: "timers-counts-only",
+    about: "--timers.counts-only: timer calls by result, the ID high-water mark and restore-mode \
+            creates exactly, without records",
+    cmdline: "",
+    kernels: EVERY_KERNEL,
+    guest: "restart_agent --timers.counts-only\n\
+            /vm/guest-tool timer-life\n/vm/guest-tool timer-restore\n",
+    checks: &[COUNTS_ONLY],
+    kernel_checks: &[
+        (RESTORE_MODE, RESTORE_COUNTS),
+        (NO_RESTORE_MODE, NOT_RESTORED),
+        (NO_RESTORE_MODE, COUNTS_ONLY_LIFE),
     ],
 };
