@@ -2,20 +2,27 @@
 //! ftrace's `function_graph` on `mod_verify_sig` and the phase functions, both attached at once
 //! for the same loads. Per-load means are compared phase by phase, `other` (the check minus its
 //! four timed phases) included; the table goes to `target/bench/vm-phases-<release>.md`.
-use std::{
-    collections::BTreeMap,
-    fmt::Write as _,
-    net::SocketAddr,
-    time::{Duration, Instant},
-};
+//!
+//! Both attached, ftrace's window on `mod_verify_sig` also holds the observer's own programs on
+//! that function (its entry, exit and gap programs, outside the observer's window): their run
+//! time, from the kernel's BPF statistics over the same loads, is taken out of ftrace's
+//! remainder before `other` is compared (the table shows both). What remains of the
+//! difference: the trampoline's glue around those programs, and ftrace's own records at each
+//! phase's boundaries, which fall inside the observer's window.
+//!
+//! Each tool alone on separate loads does not compare: under emulation two runs of the same nine
+//! loads differ by up to 30% when another guest shares the host. And the first load through
+//! newly enabled ftrace is slow (new translated code), which inflates ftrace's remainder:
+//! a warm-up load follows the tracer's start and the trace is cleared after it.
+use std::{collections::BTreeMap, fmt::Write as _, net::SocketAddr};
 
 use anyhow::{Context as _, bail};
 use testkit::prom;
 
 use super::{Check, Scenario};
 
-/// Measured rounds; each loads the kernel's three scenario modules once.
-const ROUNDS: usize = 3;
+/// Measured rounds (the guest script's loop); each loads the kernel's three scenario modules once.
+const ROUNDS: usize = 5;
 const LOADS: f64 = (ROUNDS * 3) as f64;
 
 /// The traced functions: the check, then each phase with its `phase` label.
@@ -28,15 +35,16 @@ const PHASE_FUNCTIONS: [(&str, &str); 4] = [
 ];
 
 /// How close the observer's mean must be to ftrace's, per phase: (share, or at least µs).
-/// ftrace's time of a function includes the observer's trampolines on it, which the observer's
-/// own window (from its entry program's last step to its exit program's first) leaves out: a
-/// timed phase reads lower by up to one trampoline pair (10-25 µs per call under emulation in
-/// these guests), hence the 25 µs floor. `other` must not contain the observer's probes:
-/// within 15% or 10 µs of ftrace's remainder.
+/// ftrace's time of a function includes its own records inside its timestamps and the
+/// observer's trampolines on it, which the observer's own window (from its entry program's last
+/// step to its exit program's first) leaves out: a timed phase reads lower by
+/// up to one trampoline pair (10-25 µs per call under emulation in these guests), hence the
+/// 25 µs floor. `other` must not contain the observer's probes: within 15% or 10 µs of
+/// ftrace's remainder.
 fn tolerance(phase: &str) -> (f64, f64) {
     match phase {
         "parse" | "key_lookup" => (0.35, 25.0),
-        "other" => (0.15, 10.0),
+        p if p.starts_with("other") => (0.15, 10.0),
         _ => (0.10, 25.0),
     }
 }
@@ -51,26 +59,32 @@ pub const PHASES_VS_FTRACE: Scenario = Scenario {
     host: Some(compare_with_ftrace),
     host_agent: false,
     name: "phases-vs-ftrace",
-    about: "signature-check phases (other included) against ftrace's function_graph on the same loads",
+    about: "signature-check phases (other included) against ftrace's function_graph on the same \
+            loads, both attached",
     cmdline: "",
-    // A measurement run by name (`cargo xtask vm --kernel K phases-vs-ftrace`): on 6.18 and 7.3
-    // `other` is outside its tolerance of the ftrace remainder (see README, "Phase times").
+    // A measurement run by name (`cargo xtask vm phases-vs-ftrace`): `other` lands at 0.87-1.00
+    // of the corrected ftrace remainder on 6.18 and 7.3 in most runs, below 0.85 in some (see
+    // README, "Phase times"), too close to its tolerance for CI.
     kernels: &[],
-    // One warm-up load first: under emulation the first call through new trampolines is slow.
+    // A warm-up load with the observer, and another after ftrace starts: under emulation the
+    // first call through new trampolines or a newly enabled tracer is slow. The agent drains its
+    // records within a second; the scrapes wait 3 s.
     guest: "T=/sys/kernel/tracing\n\
+            echo 1 >/proc/sys/kernel/bpf_stats_enabled\n\
             unload() { for m in \"$@\"; do rmmod $(echo $m | tr - _); done; }\n\
-            load /vm/mods/$M1.ko; unload $M1; sleep 2\n\
+            scrape() { sleep 3; echo \"$1-BEGIN\"; wget -q -O - http://127.0.0.1:9745/metrics | \
+            grep -E '^observer_module_integrity_(phase|check)_duration_seconds_(sum|count)'; echo \"$1-END\"; }\n\
+            load /vm/mods/$M1.ko; unload $M1\n\
             for f in mod_verify_sig pkcs7_parse_message pkcs7_digest find_asymmetric_key \
             public_key_verify_signature; do echo $f >>$T/set_ftrace_filter || echo \"ftrace: no $f\"; done\n\
             echo 0 >$T/options/funcgraph-irqs; echo 1 >$T/options/funcgraph-tail\n\
             echo function_graph >$T/current_tracer && echo \"ftrace: function_graph on\"\n\
-            echo PHASES-BEFORE-BEGIN\n\
-            wget -q -O - http://127.0.0.1:9745/metrics | grep -E '^observer_module_integrity_(phase|check)_duration_seconds_(sum|count)'\n\
-            echo PHASES-BEFORE-END\n\
-            for round in 1 2 3; do load /vm/mods/$M1.ko /vm/mods/$M2.ko /vm/mods/$M3.ko; \
+            load /vm/mods/$M1.ko; unload $M1; echo >$T/trace\n\
+            scrape PHASES-BEFORE; /vm/guest-tool bpf-stats modules_verify_ | sed 's/^/OUTER-BEFORE /'\n\
+            for round in 1 2 3 4 5; do load /vm/mods/$M1.ko /vm/mods/$M2.ko /vm/mods/$M3.ko; \
             unload $M1 $M2 $M3; done\n\
-            echo 0 >$T/tracing_on\n\
-            echo FTRACE-BEGIN; grep -E ' us +\\|' $T/trace; echo FTRACE-END\n",
+            /vm/guest-tool bpf-stats modules_verify_ | sed 's/^/OUTER-AFTER /'; scrape PHASES-AFTER\n\
+            echo 0 >$T/tracing_on; echo FTRACE-BEGIN; grep -E ' us +\\|' $T/trace; echo FTRACE-END\n",
     checks: &[&[
         Check::Console("ftrace: function_graph on"),
         Check::Console("FTRACE-END"),
@@ -115,7 +129,7 @@ fn section<'a>(console: &'a str, begin: &str, end: &str) -> anyhow::Result<&'a s
         .with_context(|| format!("no {begin} ... {end} section on the console"))
 }
 
-/// Mean µs per load of a phase (or of the whole check) between two scrapes.
+/// Mean µs per load of a phase (or of the whole check) between two scrapes, if it ran.
 fn observer_mean_us(
     before: &str,
     after: &str,
@@ -128,27 +142,59 @@ fn observer_mean_us(
     (calls > 0.0).then(|| (get(after, sum) - get(before, sum)) * 1e6 / calls)
 }
 
-fn compare_with_ftrace(guest: SocketAddr, console: &str) -> anyhow::Result<()> {
-    let before = section(console, "PHASES-BEFORE-BEGIN", "PHASES-BEFORE-END")?;
-    let trace = section(console, "FTRACE-BEGIN", "FTRACE-END")?;
-    let release = console
-        .lines()
-        .find_map(|l| l.split("vm: kernel ").nth(1))
-        .and_then(|r| r.split(',').next())
-        .unwrap_or("unknown")
-        .to_owned();
-    let want = prom::value(before, CHECK_COUNT, SIGNATURE_OK).unwrap_or(0.0) + LOADS;
-    // The last loads' records reach the agent within its drain interval.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let after = loop {
-        let (_, text) = testkit::http::get(guest, "/metrics", Duration::from_secs(10))?;
-        if prom::value(&text, CHECK_COUNT, SIGNATURE_OK).unwrap_or(0.0) >= want
-            || Instant::now() > deadline
-        {
-            break text;
+/// The observer's programs on `mod_verify_sig` (the kernel keeps 15 bytes of a name: its entry,
+/// exit and gap programs all show as this).
+const OUTER_PROGRAMS: &str = "modules_verify_";
+
+/// µs per load the observer's programs on `mod_verify_sig` ran, from `PREFIX bpf-stats ID NAME
+/// run_cnt=C run_time_ns=T` console lines before and after the loads; each of the three must
+/// have run once per load.
+fn outer_programs_us(console: &str) -> anyhow::Result<f64> {
+    let totals = |prefix: &str| {
+        let mut runs = 0u64;
+        let mut ns = 0u64;
+        for line in console.lines().map(str::trim) {
+            let Some(rest) = line.strip_prefix(prefix) else {
+                continue;
+            };
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            if let ["bpf-stats", _id, name, cnt, time] = fields.as_slice()
+                && *name == OUTER_PROGRAMS
+            {
+                let value = |field: &str, key: &str| {
+                    field
+                        .strip_prefix(key)
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .unwrap_or(0)
+                };
+                runs += value(cnt, "run_cnt=");
+                ns += value(time, "run_time_ns=");
+            }
         }
-        std::thread::sleep(Duration::from_millis(300));
+        (runs, ns)
     };
+    let (before, after) = (totals("OUTER-BEFORE "), totals("OUTER-AFTER "));
+    let runs = after.0.saturating_sub(before.0);
+    if runs != 3 * LOADS as u64 {
+        bail!(
+            "the observer's programs on {CHECK_FUNCTION} ran {runs} times, want {} (three per load)",
+            3 * LOADS as u64
+        );
+    }
+    Ok(after.1.saturating_sub(before.1) as f64 / 1e3 / LOADS)
+}
+
+/// One comparison's rows: (phase, ftrace µs per load, observer µs per load).
+type Rows = Vec<(&'static str, f64, Option<f64>)>;
+
+/// The rows for the ftrace trace and the observer's scrapes; `outer_us` is what the observer's
+/// programs on `mod_verify_sig` added to ftrace's window per load.
+fn rows(trace: &str, before: &str, after: &str, outer_us: f64) -> anyhow::Result<Rows> {
+    let checks = prom::value(after, CHECK_COUNT, SIGNATURE_OK).unwrap_or(0.0)
+        - prom::value(before, CHECK_COUNT, SIGNATURE_OK).unwrap_or(0.0);
+    if checks != LOADS {
+        bail!("the observer counted {checks} signature checks, want {LOADS}");
+    }
     let totals = ftrace_totals(trace);
     let check = totals
         .get(CHECK_FUNCTION)
@@ -160,73 +206,92 @@ fn compare_with_ftrace(guest: SocketAddr, console: &str) -> anyhow::Result<()> {
         );
     }
     let per_load = |function: &str| totals.get(function).map_or(0.0, |(us, _)| us / LOADS);
-    let mut rows: Vec<(&str, f64, Option<f64>)> = Vec::new();
-    let observer_check = observer_mean_us(before, &after, CHECK_SUM, CHECK_COUNT, SIGNATURE_OK);
-    rows.push((
-        "mod_verify_sig (whole check)",
+    let mut rows = vec![(
+        CHECK_FUNCTION,
         per_load(CHECK_FUNCTION),
-        observer_check,
-    ));
+        observer_mean_us(before, after, CHECK_SUM, CHECK_COUNT, SIGNATURE_OK),
+    )];
     let mut phases_us = 0.0;
     for (phase, function) in PHASE_FUNCTIONS {
-        let ftrace_us = per_load(function);
-        phases_us += ftrace_us;
+        phases_us += per_load(function);
         let labels = [("phase", phase)];
         rows.push((
             phase,
-            ftrace_us,
-            observer_mean_us(before, &after, PHASE_SUM, PHASE_COUNT, &labels),
+            per_load(function),
+            observer_mean_us(before, after, PHASE_SUM, PHASE_COUNT, &labels),
         ));
     }
     let labels = [("phase", "other")];
-    rows.push((
-        "other",
-        per_load(CHECK_FUNCTION) - phases_us,
-        observer_mean_us(before, &after, PHASE_SUM, PHASE_COUNT, &labels),
-    ));
-    let mut table = format!(
-        "Kernel {release}, {LOADS} signed loads after one warm-up, ftrace function_graph and the observer \
-         attached together (emulated µs per load)\n\n\
+    let other = observer_mean_us(before, after, PHASE_SUM, PHASE_COUNT, &labels);
+    let remainder = per_load(CHECK_FUNCTION) - phases_us;
+    rows.push(("other (ftrace remainder as recorded)", remainder, other));
+    rows.push(("other", remainder - outer_us, other));
+    Ok(rows)
+}
+
+/// Appends `rows` as a table to `table`; phases out of tolerance go to `failures`.
+fn tabulate(title: &str, rows: &Rows, table: &mut String, failures: &mut Vec<String>) {
+    let _ = write!(
+        table,
+        "{title}\n\n\
          | phase | ftrace µs | observer µs | observer / ftrace | tolerance | within |\n\
          | --- | ---: | ---: | ---: | --- | --- |\n"
     );
-    let mut failures = Vec::new();
-    for (phase, ftrace_us, observer_us) in &rows {
-        let key = phase.split(' ').next().unwrap_or(phase);
-        let (share, floor) = if key == CHECK_FUNCTION {
-            (0.10, 25.0)
-        } else {
-            tolerance(key)
-        };
+    for (phase, ftrace_us, observer_us) in rows {
+        let (share, floor) = tolerance(phase);
         let allowed = (ftrace_us.abs() * share).max(floor);
         let within = observer_us.is_some_and(|o| (o - ftrace_us).abs() <= allowed);
         let shown = observer_us.map_or("none".to_owned(), |o| format!("{o:.1}"));
         let ratio = observer_us.map_or("-".to_owned(), |o| format!("{:.3}", o / ftrace_us));
+        let asserted = !phase.contains('(');
+        let verdict = match (asserted, within) {
+            (false, _) => "not asserted",
+            (true, true) => "yes",
+            (true, false) => "no",
+        };
         let _ = writeln!(
             table,
-            "| {phase} | {ftrace_us:.1} | {shown} | {ratio} | ±{:.0}% or ±{floor:.0} µs | {} |",
+            "| {phase} | {ftrace_us:.1} | {shown} | {ratio} | ±{:.0}% or ±{floor:.0} µs | {verdict} |",
             share * 100.0,
-            if within { "yes" } else { "no" }
         );
-        if !within {
+        if asserted && !within {
             failures.push(format!(
-                "{phase}: observer {shown} µs, ftrace {ftrace_us:.1} µs (allowed ±{allowed:.1})"
+                "{title}: {phase}: observer {shown} µs, ftrace {ftrace_us:.1} µs (allowed ±{allowed:.1})"
             ));
         }
     }
-    // The ftrace remainder also holds what lies around the observer's own window on
-    // mod_verify_sig (ftrace's entry and exit records, the observer's outer trampoline): the
-    // same remainder inside the observer's window, for reading the table (not asserted).
-    if let Some(observer_check) = observer_check {
-        let inner = observer_check - phases_us;
-        let observer_other = rows.last().and_then(|r| r.2);
-        let _ = writeln!(
-            table,
-            "| other in the observer's window (its check − ftrace's phases) | {inner:.1} | {} | {} | not asserted | - |",
-            observer_other.map_or("none".to_owned(), |o| format!("{o:.1}")),
-            observer_other.map_or("-".to_owned(), |o| format!("{:.3}", o / inner)),
-        );
-    }
+    table.push('\n');
+}
+
+fn compare_with_ftrace(_guest: SocketAddr, console: &str) -> anyhow::Result<()> {
+    let release = console
+        .lines()
+        .find_map(|l| l.split("vm: kernel ").nth(1))
+        .and_then(|r| r.split(',').next())
+        .unwrap_or("unknown")
+        .to_owned();
+    let part = |name: &str| section(console, &format!("{name}-BEGIN"), &format!("{name}-END"));
+    let outer_us = outer_programs_us(console)?;
+    let rows = rows(
+        part("FTRACE")?,
+        part("PHASES-BEFORE")?,
+        part("PHASES-AFTER")?,
+        outer_us,
+    )?;
+    let mut table = String::new();
+    let mut failures = Vec::new();
+    tabulate(
+        &format!(
+            "Kernel {release}, {LOADS} signed loads after warm-ups, ftrace function_graph and the \
+             observer attached together (emulated µs per load). The observer's programs on \
+             {CHECK_FUNCTION} ran {outer_us:.1} µs per load inside ftrace's window (BPF \
+             statistics): `other` is compared with ftrace's remainder less that; the row above \
+             it, as recorded, is not asserted"
+        ),
+        &rows,
+        &mut table,
+        &mut failures,
+    );
     println!("{table}");
     let path = crate::workspace_root().join(format!("target/bench/vm-phases-{release}.md"));
     if let Some(dir) = path.parent() {
