@@ -43,8 +43,9 @@ fn families(scrape: &Metrics) -> BTreeSet<String> {
 }
 
 /// A scrape after the host's hooks have each seen something: a timer pair, a lockdown denial.
+/// With `--timers.latency`, so that every family the agent can export is in it.
 fn scrape_with_data() -> (Metrics, bool) {
-    let agent = Agent::start(&[]);
+    let agent = Agent::start(&["--timers.latency"]);
     timer_pair();
     let denied = features::kernel_has(
         "lockdown",

@@ -62,6 +62,7 @@ pub const CONFIDENTIALITY: Scenario = Scenario {
             Check::MetricSum(ATTACHED, &[("mechanism", "fexit")], Want::AtLeast(1.0)),
         ],
         LOCKDOWN_REFUSES_UNSIGNED,
+        timers::LIFE_CALLS,
         timers::LIFE_WITHOUT_USER_READS,
     ],
     kernel_checks: &[],

@@ -146,6 +146,7 @@ pub const LOCKDOWN_INTEGRITY: Scenario = Scenario {
             Check::Console("Lockdown: guest-tool: unsigned module loading is restricted"),
         ],
         LOCKDOWN_REFUSES_UNSIGNED,
+        timers::LIFE_CALLS,
         timers::LIFE,
         timers::LIFE_TOTALS,
         timers::UNTIMED,
