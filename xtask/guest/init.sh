@@ -83,11 +83,6 @@ stop_agent() {
     done
 }
 
-# Stops the running observer and starts it with the arguments given.
-restart_agent() {
-    stop_agent
-    start_agent "$@"
-}
 
 # Prints `observer probes` between markers for the host to read.
 probes() {
@@ -120,7 +115,9 @@ kernel_log() {
 
 # The scenario's actions run even when the observer did not start: what the kernel returns is
 # checked on its own.
-start_agent
+# The scenario's arguments for the observer, if any (split into words on purpose).
+# shellcheck disable=SC2046
+start_agent $(cat "/vm/scenarios/$scenario.agent" 2>/dev/null)
 rc=$?
 if [ -f "/vm/scenarios/$scenario.sh" ]; then
     (. "/vm/scenarios/$scenario.sh") || rc=$?

@@ -197,7 +197,16 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         agent_log: options.agent_log.clone(),
         guests: options.guests,
     };
-    let results = guest::run_guests(&guests, &settings, &logs);
+    let (alone, shared): (Vec<_>, Vec<_>) = guests.into_iter().partition(|(_, _, s)| s.alone);
+    let mut results = guest::run_guests(&shared, &settings, &logs);
+    results.extend(guest::run_guests(
+        &alone,
+        &guest::Settings {
+            guests: 1,
+            ..settings
+        },
+        &logs,
+    ));
     let wall = started.elapsed();
     // Best effort: a leftover folder only takes space.
     let _ = fs::remove_dir_all(&run_work);

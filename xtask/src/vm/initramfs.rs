@@ -117,6 +117,12 @@ pub fn build(inputs: &Inputs) -> anyhow::Result<PathBuf> {
                 .join(format!("{}.sh", scenario.name)),
             format!(". /vm/mods/names\n{}", scenario.guest),
         )?;
+        fs::write(
+            stage
+                .join("vm/scenarios")
+                .join(format!("{}.agent", scenario.name)),
+            scenario.agent_args,
+        )?;
     }
 
     let archive = inputs.work.join("initramfs.cpio.gz");

@@ -79,6 +79,14 @@ pub struct Scenario {
     /// The host step runs the host's own agent: it is built before any guest starts, so the
     /// build never eats into a waiting guest's time.
     pub host_agent: bool,
+    /// Timing-sensitive (a comparison of emulated times): runs after the others, with no other
+    /// guest beside it. Two guests at once on this two-core machine move the emulated timings
+    /// of a load by up to 30%.
+    pub alone: bool,
+    /// The observer's arguments (beyond its listen address) when /init starts it. Given here
+    /// rather than by restarting it in the script: detaching trampolines while other CPUs run
+    /// through the patched functions has crashed a TCG guest (an int3 oops in the text poke).
+    pub agent_args: &'static str,
 }
 
 impl Scenario {

@@ -14,6 +14,8 @@ const TIMERS: &str = "observer_posix_timer_syscalls_total";
 pub const FENTRY_PATH: Scenario = Scenario {
     host: None,
     host_agent: false,
+    alone: false,
+    agent_args: "",
     name: "fentry-path",
     about: "the primary mechanisms attach; timer syscalls are counted exactly",
     cmdline: "",
@@ -46,6 +48,8 @@ pub const FENTRY_PATH: Scenario = Scenario {
 pub const CONFIDENTIALITY: Scenario = Scenario {
     host: None,
     host_agent: false,
+    alone: false,
+    agent_args: "",
     name: "confidentiality",
     about: "lockdown=confidentiality: tracefs, kprobes and kernel reads are refused; loads, \
             lockdown decisions and timer life cycles are seen as under integrity",
@@ -71,6 +75,8 @@ pub const CONFIDENTIALITY: Scenario = Scenario {
 pub const PROFILE: Scenario = Scenario {
     host: None,
     host_agent: false,
+    alone: false,
+    agent_args: "",
     name: "profile",
     about: "observer profile times integrity checks per module and estimates a hash-based check",
     cmdline: "",
@@ -95,6 +101,8 @@ pub const PROFILE: Scenario = Scenario {
 pub const DASHBOARDS: Scenario = Scenario {
     host: Some(dashboards_against_guest),
     host_agent: true,
+    alone: false,
+    agent_args: "",
     name: "dashboards",
     about: "every dashboard panel and alert rule, through a real Prometheus scraping this guest",
     cmdline: "",
@@ -126,6 +134,8 @@ pub const DASHBOARDS: Scenario = Scenario {
 pub const BENCH_MODULES: Scenario = Scenario {
     host: Some(crate::vm::bench_modules::module_path_report),
     host_agent: false,
+    alone: false,
+    agent_args: "",
     name: "bench-modules",
     about: "benchmark (not a test): signed module load time without and with the observer, interleaved",
     cmdline: "",
@@ -146,6 +156,8 @@ pub const BENCH_MODULES: Scenario = Scenario {
 pub const BENCH_TIMERS: Scenario = Scenario {
     host: Some(crate::vm::bench_timers::timer_path_report),
     host_agent: false,
+    alone: false,
+    agent_args: "",
     name: "bench-timers",
     about: "benchmark (not a test): timer pairs and unwatched getppid with the observer on fentry/fexit, \
             without it, on the syscall tracepoints and with --timers.counts-only, interleaved, with \

@@ -14,16 +14,13 @@ use super::{
 pub const EVENTS: Scenario = Scenario {
     host: Some(check_events),
     host_agent: false,
+    alone: false,
+    agent_args: "--events json --events.output /tmp/events.json",
     name: "events",
     about: "--events json to a file: a load from a child cgroup names it, every event follows the schema",
     cmdline: "",
     kernels: CURRENT,
-    // The agent again, with the event stream on (its detach keeps TCG busy for seconds first).
-    guest: "kill -INT $agent_pid; wait $agent_pid\n\
-            /observer --web.listen-address 0.0.0.0:9745 --events json --events.output /tmp/events.json &\n\
-            agent_pid=$!\n\
-            until wget -q -O /dev/null http://127.0.0.1:9745/metrics 2>/dev/null; do usleep 100000; done\n\
-            mount -t cgroup2 none /sys/fs/cgroup\n\
+    guest: "mount -t cgroup2 none /sys/fs/cgroup\n\
             mkdir /sys/fs/cgroup/observer-loader\n\
             echo \"cgroup-load $M1\"\n\
             (echo 0 > /sys/fs/cgroup/observer-loader/cgroup.procs && load /vm/mods/$M1.ko)\n\

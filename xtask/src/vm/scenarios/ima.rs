@@ -48,6 +48,8 @@ macro_rules! counts {
 pub const IMA: Scenario = Scenario {
     host: None,
     host_agent: false,
+    alone: false,
+    agent_args: "",
     name: "ima",
     about: "IMA appraisal: a module with the right digest in security.ima loads (IMA hash check, \
             then its signature check); a wrong digest and a missing one are refused (rejected_ima)",

@@ -33,6 +33,8 @@ const PHASES_WITHIN_CHECK: Check = Check::SumAtMost(
 pub const SIGNED: Scenario = Scenario {
     host: None,
     host_agent: false,
+    alone: false,
+    agent_args: "",
     name: "signed",
     about: "two signed modules load; each signature is verified; nothing taints",
     cmdline: "",
@@ -73,6 +75,8 @@ pub const SIGNED: Scenario = Scenario {
 pub const UNSIGNED: Scenario = Scenario {
     host: None,
     host_agent: false,
+    alone: false,
+    agent_args: "",
     name: "unsigned",
     about: "default boot: an unsigned module loads and taints the kernel with E",
     cmdline: "",
@@ -131,6 +135,8 @@ pub const LOCKDOWN_REFUSES_UNSIGNED: &[Check] = &[
 pub const LOCKDOWN_INTEGRITY: Scenario = Scenario {
     host: None,
     host_agent: false,
+    alone: false,
+    agent_args: "",
     name: "lockdown-integrity",
     about: "lockdown=integrity: the unsigned module is refused by lockdown, a signed one loads; \
             timer life cycles",
@@ -157,6 +163,8 @@ pub const LOCKDOWN_INTEGRITY: Scenario = Scenario {
 pub const SIG_ENFORCE: Scenario = Scenario {
     host: None,
     host_agent: false,
+    alone: false,
+    agent_args: "",
     name: "sig-enforce",
     about: "module.sig_enforce=1: the unsigned module is refused by the signature check",
     cmdline: "module.sig_enforce=1",
@@ -183,6 +191,8 @@ pub const SIG_ENFORCE: Scenario = Scenario {
 pub const COMPRESSED: Scenario = Scenario {
     host: None,
     host_agent: false,
+    alone: false,
+    agent_args: "",
     name: "compressed",
     about: "finit_module(MODULE_INIT_COMPRESSED_FILE) on a .ko.xz; without the flag it is not ELF",
     cmdline: "",
@@ -234,6 +244,8 @@ pub const COMPRESSED: Scenario = Scenario {
 pub const HASH_PATH: Scenario = Scenario {
     host: None,
     host_agent: false,
+    alone: false,
+    agent_args: "",
     name: "hash-path",
     about: "Debian's kernels have no hash-based module integrity: reported absent, never timed",
     cmdline: "",

@@ -26,6 +26,8 @@ const SAME_NAMES: &[Check] = &[
 pub const NAMES_INTEGRITY: Scenario = Scenario {
     host: None,
     host_agent: false,
+    alone: false,
+    agent_args: "",
     name: "names-integrity",
     about: "lockdown=integrity: refused and loaded modules are named (the reference for confidentiality)",
     cmdline: "lockdown=integrity",
@@ -38,6 +40,8 @@ pub const NAMES_INTEGRITY: Scenario = Scenario {
 pub const NAMES_CONFIDENTIALITY: Scenario = Scenario {
     host: None,
     host_agent: false,
+    alone: false,
+    agent_args: "",
     name: "names-confidentiality",
     about: "lockdown=confidentiality: the same names, outcomes and signature phases as under integrity",
     cmdline: "lockdown=confidentiality",

@@ -58,14 +58,13 @@ const SIGNATURE_OK: &[(&str, &str)] = &[("method", "signature"), ("result", "ok"
 pub const PHASES_VS_FTRACE: Scenario = Scenario {
     host: Some(compare_with_ftrace),
     host_agent: false,
+    alone: true,
+    agent_args: "",
     name: "phases-vs-ftrace",
     about: "signature-check phases (other included) against ftrace's function_graph on the same \
             loads, both attached",
     cmdline: "",
-    // A measurement run by name (`cargo xtask vm phases-vs-ftrace`): `other` lands at 0.87-1.00
-    // of the corrected ftrace remainder on 6.18 and 7.3 in most runs, below 0.85 in some (see
-    // README, "Phase times"), too close to its tolerance for CI.
-    kernels: &[],
+    kernels: super::CURRENT,
     // A warm-up load with the observer, and another after ftrace starts: under emulation the
     // first call through new trampolines or a newly enabled tracer is slow. The agent drains its
     // records within a second; the scrapes wait 3 s.

@@ -161,15 +161,15 @@ const NOT_RESTORED: &[Check] = &[
 pub const TIMERS: Scenario = Scenario {
     host: None,
     host_agent: false,
+    alone: false,
+    // Timing creates, with a churn threshold that an emulated guest cannot miss by stalling.
+    agent_args: "--timers.short-lived 10s --timers.latency",
     name: "timers",
     about: "timer creates by result, deletes, arming, live timers, ID high-water mark, churn, \
             per-process creates, owners gone at exit and exec; restore-mode IDs on 6.15+",
     cmdline: "",
     kernels: EVERY_KERNEL,
-    // The agent again, timing creates, with a churn threshold that an emulated guest cannot
-    // miss by stalling.
-    guest: "restart_agent --timers.short-lived 10s --timers.latency\n\
-            /vm/guest-tool timer-life\n/vm/guest-tool timer-restore\n",
+    guest: "/vm/guest-tool timer-life\n/vm/guest-tool timer-restore\n",
     checks: &[LIFE_CALLS, LIFE, CHURN, THROUGH_TRAMPOLINES],
     kernel_checks: &[
         (RESTORE_MODE, RESTORE_COUNTS),
@@ -216,13 +216,14 @@ const COUNTS_ONLY_LIFE: &[Check] = &[
 pub const TIMERS_COUNTS_ONLY: Scenario = Scenario {
     host: None,
     host_agent: false,
+    alone: false,
+    agent_args: "--timers.counts-only",
     name: "timers-counts-only",
     about: "--timers.counts-only: timer calls by result, the ID high-water mark and restore-mode \
             creates exactly, without records",
     cmdline: "",
     kernels: EVERY_KERNEL,
-    guest: "restart_agent --timers.counts-only\n\
-            /vm/guest-tool timer-life\n/vm/guest-tool timer-restore\n",
+    guest: "/vm/guest-tool timer-life\n/vm/guest-tool timer-restore\n",
     checks: &[LIFE_CALLS, COUNTS_ONLY],
     kernel_checks: &[
         (RESTORE_MODE, RESTORE_COUNTS),
