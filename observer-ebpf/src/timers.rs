@@ -105,6 +105,14 @@ fn create_started() {
     let _ = TIMER_IN_FLIGHT.insert(tid, call, 0);
 }
 
+/// A thread that exits mid-call leaves no in-flight entry behind (only kept when timing).
+#[inline(always)]
+fn thread_gone(tid: u32) {
+    if TIMER_LATENCY.load() != 0 {
+        let _ = TIMER_IN_FLIGHT.remove(tid);
+    }
+}
+
 /// True when the calling process is in restore mode (one array lookup until any process
 /// has turned it on).
 #[inline(always)]

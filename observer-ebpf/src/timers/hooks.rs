@@ -11,8 +11,8 @@ use aya_ebpf::{
 use observer_common::timers::{GONE_EXEC, GONE_EXIT};
 
 use super::{
-    PT_REGS_ARG_OFFSETS, TIMER_IN_FLIGHT, create_done, create_started, current_ids, delete_done,
-    owner_gone, prctl_done, settime_done, typed_regs_args,
+    PT_REGS_ARG_OFFSETS, create_done, create_started, current_ids, delete_done, owner_gone,
+    prctl_done, settime_done, thread_gone, typed_regs_args,
 };
 
 // --- fentry/fexit on the x86_64 syscall functions (`long __x64_sys_NAME(const struct pt_regs *)`):
@@ -225,8 +225,7 @@ fn process_dies(tgid: u32, tid: u32) -> bool {
 #[tracepoint]
 pub fn timers_process_exit(_ctx: TracePointContext) -> u32 {
     let (tgid, tid) = current_ids();
-    // A thread that dies mid-syscall leaves no entry behind.
-    let _ = TIMER_IN_FLIGHT.remove(tid);
+    thread_gone(tid);
     if process_dies(tgid, tid) {
         owner_gone(tgid, GONE_EXIT);
     }
