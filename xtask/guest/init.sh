@@ -83,7 +83,6 @@ stop_agent() {
     done
 }
 
-
 # Prints `observer probes` between markers for the host to read.
 probes() {
     echo "PROBES-BEGIN"

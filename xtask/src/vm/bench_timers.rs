@@ -1,8 +1,9 @@
 //! The host side of the `bench-timers` scenario: in one guest, rounds of timer pairs and
 //! getppid calls with the observer on fentry/fexit, without it, on the syscall tracepoints and
-//! on fentry/fexit with `--timers.counts-only`, with the programs' own time from the kernel's BPF statistics (read in the guest
-//! by the guest tool: there is no bpftool there). Written to [`super::bench_output`] for
-//! `cargo xtask bench`. Times are emulated (TCG): only ratios carry over.
+//! on fentry/fexit with `--timers.counts-only`, with the programs' own time from the kernel's
+//! BPF statistics (read in the guest by the guest tool: there is no bpftool there). Written to
+//! [`super::bench_output`] for `cargo xtask bench`. Times are emulated (TCG): only ratios carry
+//! over.
 use std::{collections::BTreeMap, fmt::Write as _, net::SocketAddr};
 
 use anyhow::bail;
@@ -78,14 +79,17 @@ fn rounds(console: &str) -> BTreeMap<&'static str, Vec<Round>> {
         };
         let round = open.entry(config).or_default();
         match fields.as_slice() {
-            [side @ ("before" | "after"), "bpf-stats", id, name, cnt, ns] => {
-                if let (Some(cnt), Some(ns)) = (value(cnt, "run_cnt"), value(ns, "run_time_ns")) {
+            [side @ ("before" | "after"), stats @ ..] => {
+                if let Some(program) = super::ProgramStats::parse(stats) {
                     let map = if *side == "before" {
                         &mut round.before
                     } else {
                         &mut round.after
                     };
-                    map.insert(format!("{id} {name}"), (cnt as u64, ns as u64));
+                    map.insert(
+                        format!("{} {}", program.id, program.name),
+                        (program.runs, program.run_ns),
+                    );
                 }
             }
             ["timer-pairs", n, ns] => {

@@ -21,18 +21,44 @@ use anyhow::{Context as _, bail};
 use testkit::prom;
 
 use super::{Check, Scenario};
+use crate::vm::ProgramStats;
 
 /// Measured rounds (the guest script's loop); each loads the kernel's three scenario modules once.
 const ROUNDS: usize = 5;
 const LOADS: f64 = (ROUNDS * 3) as f64;
 
-/// The traced functions: the check, then each phase with its `phase` label.
-const CHECK_FUNCTION: &str = "mod_verify_sig";
-const PHASE_FUNCTIONS: [(&str, &str); 4] = [
-    ("parse", "pkcs7_parse_message"),
-    ("digest", "pkcs7_digest"),
-    ("key_lookup", "find_asymmetric_key"),
-    ("public_key_verify", "public_key_verify_signature"),
+/// A traced function and the observer's programs on it.
+struct Traced {
+    function: &'static str,
+    /// The name the kernel shows for those programs (15 bytes: an entry and an exit program
+    /// share it).
+    programs: &'static str,
+    /// How many of them run per call.
+    per_call: u64,
+}
+
+const fn traced(function: &'static str, programs: &'static str, per_call: u64) -> Traced {
+    Traced {
+        function,
+        programs,
+        per_call,
+    }
+}
+
+/// The check (entry, exit and gap programs), then each phase (entry and exit) with its `phase`
+/// label.
+const CHECK: Traced = traced("mod_verify_sig", "modules_verify_", 3);
+const PHASES: [(&str, Traced); 4] = [
+    ("parse", traced("pkcs7_parse_message", "modules_parse_e", 2)),
+    ("digest", traced("pkcs7_digest", "modules_digest_", 2)),
+    (
+        "key_lookup",
+        traced("find_asymmetric_key", "modules_key_loo", 2),
+    ),
+    (
+        "public_key_verify",
+        traced("public_key_verify_signature", "modules_public_", 2),
+    ),
 ];
 
 /// How close the observer's mean must be to ftrace's (less the observer's programs), per phase:
@@ -140,56 +166,44 @@ fn observer_mean_us(
     (calls > 0.0).then(|| (get(after, sum) - get(before, sum)) * 1e6 / calls)
 }
 
-/// The traced functions' observer programs as the kernel names them (15 bytes: an entry and an
-/// exit program share a name), and how many of them run per call.
-const PROGRAMS: [(&str, &str, u64); 5] = [
-    // Entry, exit and the gap program.
-    (CHECK_FUNCTION, "modules_verify_", 3),
-    ("pkcs7_parse_message", "modules_parse_e", 2),
-    ("pkcs7_digest", "modules_digest_", 2),
-    ("find_asymmetric_key", "modules_key_loo", 2),
-    ("public_key_verify_signature", "modules_public_", 2),
-];
-
 /// Per traced function: µs per load its observer programs ran (inside ftrace's window on it),
-/// from `PROGRAMS-BEFORE|AFTER bpf-stats ID NAME run_cnt=C run_time_ns=T` console lines around
-/// the loads. Each must have run its programs once per call ftrace saw.
+/// from `PROGRAMS-BEFORE|AFTER bpf-stats ...` console lines around the loads. Each must have run
+/// its programs once per call ftrace saw.
 fn programs_us(
     console: &str,
     calls: &BTreeMap<String, (f64, u32)>,
 ) -> anyhow::Result<BTreeMap<&'static str, f64>> {
     let totals = |prefix: &str| {
-        let mut by_name: BTreeMap<String, (u64, u64)> = BTreeMap::new();
-        for line in console.lines().map(str::trim) {
-            let Some(rest) = line.strip_prefix(prefix) else {
-                continue;
-            };
+        let mut by_name: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
+        for rest in console
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix(prefix))
+        {
             let fields: Vec<&str> = rest.split_whitespace().collect();
-            if let ["bpf-stats", _id, name, cnt, time] = fields.as_slice() {
-                let value = |field: &str, key: &str| {
-                    field
-                        .strip_prefix(key)
-                        .and_then(|v| v.parse::<u64>().ok())
-                        .unwrap_or(0)
-                };
-                let entry = by_name.entry((*name).to_owned()).or_default();
-                entry.0 += value(cnt, "run_cnt=");
-                entry.1 += value(time, "run_time_ns=");
+            if let Some(program) = ProgramStats::parse(&fields) {
+                let entry = by_name.entry(program.name).or_default();
+                entry.0 += program.runs;
+                entry.1 += program.run_ns;
             }
         }
         by_name
     };
     let (before, after) = (totals("PROGRAMS-BEFORE "), totals("PROGRAMS-AFTER "));
     let mut out = BTreeMap::new();
-    for (function, name, per_call) in PROGRAMS {
-        let (runs0, ns0) = before.get(name).copied().unwrap_or_default();
-        let (runs1, ns1) = after.get(name).copied().unwrap_or_default();
-        let want = u64::from(calls.get(function).map_or(0, |c| c.1)) * per_call;
+    for Traced {
+        function,
+        programs,
+        per_call,
+    } in std::iter::once(&CHECK).chain(PHASES.iter().map(|(_, t)| t))
+    {
+        let (runs0, ns0) = before.get(programs).copied().unwrap_or_default();
+        let (runs1, ns1) = after.get(programs).copied().unwrap_or_default();
+        let want = u64::from(calls.get(*function).map_or(0, |c| c.1)) * per_call;
         let runs = runs1.saturating_sub(runs0);
         if runs != want {
             bail!("the observer's programs on {function} ran {runs} times, want {want}");
         }
-        out.insert(function, ns1.saturating_sub(ns0) as f64 / 1e3 / LOADS);
+        out.insert(*function, ns1.saturating_sub(ns0) as f64 / 1e3 / LOADS);
     }
     Ok(out)
 }
@@ -210,12 +224,13 @@ fn rows(console: &str, trace: &str, before: &str, after: &str) -> anyhow::Result
     }
     let totals = ftrace_totals(trace);
     let check = totals
-        .get(CHECK_FUNCTION)
-        .with_context(|| format!("ftrace recorded no {CHECK_FUNCTION}"))?;
+        .get(CHECK.function)
+        .with_context(|| format!("ftrace recorded no {}", CHECK.function))?;
     if f64::from(check.1) != LOADS {
         bail!(
-            "ftrace saw {} calls of {CHECK_FUNCTION}, want {LOADS}",
-            check.1
+            "ftrace saw {} calls of {}, want {LOADS}",
+            check.1,
+            CHECK.function
         );
     }
     let programs = programs_us(console, &totals)?;
@@ -224,13 +239,13 @@ fn rows(console: &str, trace: &str, before: &str, after: &str) -> anyhow::Result
     // The observer's check window holds its phase programs too: only those on mod_verify_sig
     // itself lie outside it.
     let mut rows = vec![(
-        CHECK_FUNCTION,
-        per_load(CHECK_FUNCTION),
-        inside(CHECK_FUNCTION),
+        CHECK.function,
+        per_load(CHECK.function),
+        inside(CHECK.function),
         observer_mean_us(before, after, CHECK_SUM, CHECK_COUNT, SIGNATURE_OK),
     )];
     let mut phases_us = 0.0;
-    for (phase, function) in PHASE_FUNCTIONS {
+    for &(phase, Traced { function, .. }) in &PHASES {
         phases_us += per_load(function);
         let labels = [("phase", phase)];
         rows.push((
@@ -243,8 +258,8 @@ fn rows(console: &str, trace: &str, before: &str, after: &str) -> anyhow::Result
     let labels = [("phase", "other")];
     rows.push((
         "other",
-        per_load(CHECK_FUNCTION) - phases_us,
-        inside(CHECK_FUNCTION),
+        per_load(CHECK.function) - phases_us,
+        inside(CHECK.function),
         observer_mean_us(before, after, PHASE_SUM, PHASE_COUNT, &labels),
     ));
     Ok(rows)
