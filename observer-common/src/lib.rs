@@ -20,10 +20,15 @@ pub struct Names {
     pub globals: &'static [&'static str],
 }
 
-/// The ring buffer every family's records go through.
+/// The ring buffer of the timer family's records: any unprivileged process can fill it.
 pub const EVENTS_MAP: &str = "EVENTS";
-/// Records the ring buffer had no room for, by kind.
+/// The ring buffer of the security families' records (modules, taint, lockdown): no volume of
+/// timer activity can take its room.
+pub const SECURITY_EVENTS_MAP: &str = "SECURITY_EVENTS";
+/// Records a ring buffer had no room for, by kind.
 pub const EVENTS_LOST_MAP: &str = "EVENTS_LOST";
+/// Inserts a full kernel table refused, by [`TrackedMap`].
+pub const MAP_FULL_MAP: &str = "MAP_FULL";
 
 /// Unread bytes past which a record wakes the agent.
 pub const WAKEUP_BYTES_GLOBAL: &str = "WAKEUP_BYTES";
@@ -31,7 +36,7 @@ pub const WAKEUP_BYTES_GLOBAL: &str = "WAKEUP_BYTES";
 /// The ring buffer, its lost-record counters and its wakeup threshold, used by every family.
 pub const SHARED_NAMES: Names = Names {
     programs: &[],
-    maps: &[EVENTS_MAP, EVENTS_LOST_MAP],
+    maps: &[EVENTS_MAP, SECURITY_EVENTS_MAP, EVENTS_LOST_MAP, MAP_FULL_MAP],
     globals: &[WAKEUP_BYTES_GLOBAL, EVENT_DETAIL_GLOBAL],
 };
 
@@ -93,6 +98,53 @@ impl EventKind {
         }
     }
 }
+
+impl EventKind {
+    /// Whether its records go through [`SECURITY_EVENTS_MAP`] (else [`EVENTS_MAP`]).
+    pub const fn is_security(self) -> bool {
+        !matches!(
+            self,
+            Self::TimerCreated | Self::TimerDeleted | Self::TimerArmed | Self::TimerOwnerGone
+        )
+    }
+}
+
+/// A kernel table whose inserts can be refused because it is full: each has a slot in
+/// [`MAP_FULL_MAP`], exported as `observer_kernel_map_full_total{map}` (a full table is not
+/// ring-buffer loss, and says something else to an operator).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TrackedMap {
+    ModuleLoads = 0,
+    ModulePending = 1,
+    TimerOwners = 2,
+    TimerInFlight = 3,
+    TaintEvents = 4,
+}
+
+impl TrackedMap {
+    pub const ALL: [Self; 5] = [
+        Self::ModuleLoads,
+        Self::ModulePending,
+        Self::TimerOwners,
+        Self::TimerInFlight,
+        Self::TaintEvents,
+    ];
+
+    /// The `map` label: the map's name in the object, in lower case.
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::ModuleLoads => "module_loads",
+            Self::ModulePending => "module_pending",
+            Self::TimerOwners => "timer_owners",
+            Self::TimerInFlight => "timer_in_flight",
+            Self::TaintEvents => "taint_events",
+        }
+    }
+}
+
+/// Size of the `MAP_FULL` per-CPU array.
+pub const MAP_FULL_SLOTS: u32 = 8;
 
 /// Size of the `EVENTS_LOST` per-CPU array: one slot per [`EventKind`] number, slot 0 unused.
 pub const EVENT_KIND_SLOTS: u32 = 16;
@@ -196,6 +248,24 @@ mod tests {
             assert!((kind as u32) < EVENT_KIND_SLOTS);
         }
         assert_eq!(EventKind::from_u32(0), None);
+    }
+
+    #[test]
+    fn tracked_maps_fit_and_kinds_split_by_ring() {
+        for map in TrackedMap::ALL {
+            assert!((map as u32) < MAP_FULL_SLOTS);
+            assert_eq!(map.label(), map.label().to_ascii_lowercase());
+        }
+        let security: Vec<_> = EventKind::ALL.into_iter().filter(|k| k.is_security()).collect();
+        assert_eq!(
+            security,
+            [
+                EventKind::LockdownDecision,
+                EventKind::LockdownConsole,
+                EventKind::ModuleLoad,
+                EventKind::Taint
+            ]
+        );
     }
 
     #[test]

@@ -4,10 +4,13 @@ use crate::{EventHeader, Names};
 
 /// The map the agent reads: checks by reason and verdict.
 pub const DECISIONS_MAP: &str = "LOCKDOWN_DECISIONS";
+/// Console lines of denials (the fallback) whose record was lost, counted in the kernel: the
+/// agent's `reason="unknown"`, so that the denials' total holds.
+pub const CONSOLE_UNRECORDED_MAP: &str = "LOCKDOWN_CONSOLE_UNRECORDED";
 
 pub const NAMES: Names = Names {
     programs: &["lockdown_security_locked_down", "lockdown_console"],
-    maps: &[DECISIONS_MAP],
+    maps: &[DECISIONS_MAP, CONSOLE_UNRECORDED_MAP],
     globals: &[],
 };
 

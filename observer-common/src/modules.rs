@@ -3,8 +3,12 @@
 
 use crate::{EventHeader, Names};
 
-/// The map the agent reads: autoload requests.
+/// The maps the agent reads: autoload requests, verdicts (outcome × method), syscall results.
 pub const AUTOLOADS_MAP: &str = "MODULE_AUTOLOADS";
+pub const VERDICTS_MAP: &str = "MODULE_VERDICTS";
+pub const SYSCALLS_MAP: &str = "MODULE_SYSCALLS";
+/// `enum kernel_load_data_id`'s LOADING_MODULE, from BTF.
+pub const LOADING_MODULE_GLOBAL: &str = "LOADING_MODULE";
 
 pub const NAMES: Names = Names {
     programs: &[
@@ -40,8 +44,17 @@ pub const NAMES: Names = Names {
         "modules_request_fentry",
         "modules_request_tracepoint",
         "modules_finit_exit",
+        "modules_init_exit",
+        "modules_read_file_exit",
+        "modules_load_data_exit",
     ],
-    maps: &["MODULE_LOADS", "MODULE_PENDING", AUTOLOADS_MAP],
+    maps: &[
+        "MODULE_LOADS",
+        "MODULE_PENDING",
+        AUTOLOADS_MAP,
+        VERDICTS_MAP,
+        SYSCALLS_MAP,
+    ],
     globals: &[
         "FILE_DENTRY_OFFSET",
         "DENTRY_NAME_LEN_OFFSET",
@@ -52,6 +65,7 @@ pub const NAMES: Names = Names {
         "READING_MODULE",
         "READING_MODULE_COMPRESSED",
         "LOAD_INFO_LEN_OFFSET",
+        LOADING_MODULE_GLOBAL,
     ],
 };
 
@@ -86,6 +100,137 @@ pub const SEEN_READ_REFUSED: u32 = 1 << 11;
 /// `finit_module` failed after reading the file and before `load_module` (decompression, the
 /// read itself): the record was sent at its exit.
 pub const SEEN_NO_LOAD: u32 = 1 << 12;
+
+/// Marks a thread's pending record once `load_module` ran and counted its verdict: the
+/// syscall's exit then has nothing left to count.
+pub const SEEN_LOAD_MODULE: u32 = 1 << 13;
+/// A security hook (`security_kernel_read_file` or `security_kernel_load_data`) refused the
+/// module's data before `load_module`.
+pub const SEEN_LSM_REFUSED: u32 = 1 << 14;
+/// The attempt came through `init_module(2)` (the module's bytes from user memory).
+pub const SEEN_INIT_MODULE: u32 = 1 << 15;
+/// `security_kernel_read_file` ran for a module file: the caller passed `may_init_module`.
+pub const SEEN_READ: u32 = 1 << 16;
+/// `security_kernel_load_data` ran for a module: the caller passed `may_init_module`.
+pub const SEEN_LOAD_DATA: u32 = 1 << 17;
+
+/// What became of a load attempt ([`ModuleLoad::outcome`], the `outcome` label), decided in the
+/// kernel by [`load_outcome`] or [`early_outcome`] and counted there.
+pub const OUTCOME_LOADED: u32 = 0;
+pub const OUTCOME_REJECTED_SIGNATURE: u32 = 1;
+pub const OUTCOME_REJECTED_LOCKDOWN: u32 = 2;
+pub const OUTCOME_REJECTED_IMA: u32 = 3;
+pub const OUTCOME_REJECTED_LSM: u32 = 4;
+pub const OUTCOME_REJECTED_PERMISSION: u32 = 5;
+pub const OUTCOME_DUPLICATE: u32 = 6;
+pub const OUTCOME_FAILED: u32 = 7;
+/// The `outcome` label of each outcome, by number.
+pub const OUTCOMES: [&str; 8] = [
+    "loaded",
+    "rejected_signature",
+    "rejected_lockdown",
+    "rejected_ima",
+    "rejected_lsm",
+    "rejected_permission",
+    "duplicate",
+    "failed",
+];
+
+/// Which integrity check proved the module (the `method` label), by [`method`].
+pub const METHOD_SIGNATURE: u32 = 0;
+pub const METHOD_HASH: u32 = 1;
+pub const METHOD_NONE: u32 = 2;
+pub const METHODS: [&str; 3] = ["signature", "hash", "none"];
+
+/// Size of the `MODULE_VERDICTS` per-CPU array: one slot per outcome and method.
+pub const VERDICT_SLOTS: u32 = (OUTCOMES.len() * METHODS.len()) as u32;
+
+/// The `MODULE_VERDICTS` slot of an outcome and a method.
+#[inline(always)]
+pub const fn verdict_slot(outcome: u32, method: u32) -> u32 {
+    outcome * METHODS.len() as u32 + method
+}
+
+/// The outcome and method of a `MODULE_VERDICTS` slot.
+pub const fn verdict_of_slot(slot: u32) -> (u32, u32) {
+    (slot / METHODS.len() as u32, slot % METHODS.len() as u32)
+}
+
+/// The syscalls a load attempt comes by (`MODULE_SYSCALLS`: `syscall * ERRNO_SLOTS + errno`).
+pub const SYSCALL_INIT_MODULE: u32 = 0;
+pub const SYSCALL_FINIT_MODULE: u32 = 1;
+pub const SYSCALL_NAMES: [&str; 2] = ["init_module", "finit_module"];
+pub const SYSCALL_SLOTS: u32 = SYSCALL_NAMES.len() as u32 * crate::ERRNO_SLOTS;
+
+const EPERM: i32 = 1;
+const EEXIST: i32 = 17;
+const ENOPKG: i32 = 65;
+const EBADMSG: i32 = 74;
+const ENOKEY: i32 = 126;
+const EKEYREJECTED: i32 = 129;
+
+/// The integrity method of a load: which check ran in it.
+#[inline(always)]
+pub const fn method(seen: u32) -> u32 {
+    if seen & SEEN_HASH_CHECK != 0 {
+        METHOD_HASH
+    } else if seen & SEEN_VERIFY_SIG != 0 {
+        METHOD_SIGNATURE
+    } else {
+        METHOD_NONE
+    }
+}
+
+/// The outcome of a load that reached `load_module`, from its result and (where the policy
+/// step is traceable) the policy step's.
+#[inline(always)]
+pub const fn load_outcome(seen: u32, load_ret: i32, sig_check_ret: i32) -> u32 {
+    if load_ret == 0 {
+        return OUTCOME_LOADED;
+    }
+    // A module of that name is loaded already (or was being loaded, and the wait ended).
+    if load_ret == -EEXIST {
+        return OUTCOME_DUPLICATE;
+    }
+    // module_sig_check returns the lockdown verdict for an unsigned module, or the signature
+    // error when signatures are enforced; without that hook (inlined before 5.19),
+    // load_module's error says the same.
+    let sig_checked = seen & SEEN_SIG_CHECK != 0;
+    let policy_ret = if sig_checked { sig_check_ret } else { load_ret };
+    match -policy_ret {
+        0 => OUTCOME_FAILED,
+        EPERM => OUTCOME_REJECTED_LOCKDOWN,
+        EKEYREJECTED | ENOKEY | ENOPKG | EBADMSG => OUTCOME_REJECTED_SIGNATURE,
+        _ if sig_checked => OUTCOME_REJECTED_SIGNATURE,
+        _ => OUTCOME_FAILED,
+    }
+}
+
+/// The outcome of an attempt that ended before `load_module`, at its syscall's exit with `ret`.
+#[inline(always)]
+pub const fn early_outcome(seen: u32, ret: i32) -> u32 {
+    if seen & SEEN_READ_REFUSED != 0 {
+        // IMA's appraisal of the read refused it.
+        OUTCOME_REJECTED_IMA
+    } else if seen & SEEN_LSM_REFUSED != 0 {
+        OUTCOME_REJECTED_LSM
+    } else if seen & (SEEN_READ | SEEN_LOAD_DATA) == 0 {
+        // No hook on the module's data ran: the syscall ended in `may_init_module` (no
+        // CAP_SYS_MODULE, or kernel.modules_disabled=1), or it waited on an identical
+        // finit_module already in progress (6.6+: the kernel hands the waiter that load's
+        // result without loading again).
+        if ret == 0 {
+            OUTCOME_DUPLICATE
+        } else if ret == -EPERM {
+            OUTCOME_REJECTED_PERMISSION
+        } else {
+            OUTCOME_FAILED
+        }
+    } else {
+        // Decompression, the read or the copy failed.
+        OUTCOME_FAILED
+    }
+}
 
 /// Phases of a signature check timed inside a load (index into [`ModuleLoad::phase_ns`]).
 pub const PHASE_PARSE: usize = 0;
@@ -168,11 +313,63 @@ pub struct ModuleLoad {
     pub verify_ret: i32,
     pub hash_ret: i32,
     pub seen: u32,
-    pub _pad: u32,
+    /// The verdict, as the kernel counted it (`OUTCOME_*`).
+    pub outcome: u32,
     /// From `module:module_load` when the load got that far.
     pub name: [u8; NAME_LEN],
     /// The file `finit_module` read (its last path component).
     pub file: [u8; NAME_LEN],
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verdict_slots_round_trip() {
+        for outcome in 0..OUTCOMES.len() as u32 {
+            for method in 0..METHODS.len() as u32 {
+                let slot = verdict_slot(outcome, method);
+                assert!(slot < VERDICT_SLOTS);
+                assert_eq!(verdict_of_slot(slot), (outcome, method));
+            }
+        }
+    }
+
+    #[test]
+    fn outcomes_follow_the_signature_policy() {
+        let signed = SEEN_SIG_CHECK | SEEN_VERIFY_SIG;
+        assert_eq!(load_outcome(signed, 0, 0), OUTCOME_LOADED);
+        assert_eq!(load_outcome(SEEN_SIG_CHECK, -1, -1), OUTCOME_REJECTED_LOCKDOWN);
+        assert_eq!(
+            load_outcome(SEEN_SIG_CHECK, -EKEYREJECTED, -EKEYREJECTED),
+            OUTCOME_REJECTED_SIGNATURE
+        );
+        assert_eq!(load_outcome(SEEN_SIG_CHECK, -EEXIST, 0), OUTCOME_DUPLICATE);
+        assert_eq!(load_outcome(SEEN_SIG_CHECK, -8, 0), OUTCOME_FAILED);
+        // Without module_sig_check (inlined before 5.19), load_module's error decides.
+        assert_eq!(load_outcome(0, -1, 0), OUTCOME_REJECTED_LOCKDOWN);
+        assert_eq!(load_outcome(0, -EKEYREJECTED, 0), OUTCOME_REJECTED_SIGNATURE);
+        assert_eq!(load_outcome(0, -8, 0), OUTCOME_FAILED);
+        assert_eq!(method(signed), METHOD_SIGNATURE);
+        assert_eq!(method(signed | SEEN_HASH_CHECK), METHOD_HASH);
+        assert_eq!(method(SEEN_SIG_CHECK), METHOD_NONE);
+    }
+
+    #[test]
+    fn attempts_that_never_reach_load_module() {
+        let read = SEEN_READ | SEEN_FILE;
+        assert_eq!(early_outcome(read | SEEN_READ_REFUSED, -13), OUTCOME_REJECTED_IMA);
+        assert_eq!(early_outcome(read | SEEN_LSM_REFUSED, -1), OUTCOME_REJECTED_LSM);
+        assert_eq!(
+            early_outcome(SEEN_LOAD_DATA | SEEN_LSM_REFUSED, -13),
+            OUTCOME_REJECTED_LSM
+        );
+        assert_eq!(early_outcome(0, -EPERM), OUTCOME_REJECTED_PERMISSION);
+        assert_eq!(early_outcome(0, 0), OUTCOME_DUPLICATE);
+        assert_eq!(early_outcome(0, -9), OUTCOME_FAILED);
+        assert_eq!(early_outcome(read | SEEN_DECOMPRESS, -95), OUTCOME_FAILED);
+    }
 }
 
 #[cfg(feature = "user")]

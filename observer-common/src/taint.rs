@@ -2,11 +2,30 @@
 
 use crate::{EventHeader, Names, modules::NAME_LEN};
 
+/// Taints by flag and module ([`TaintKey`]), counted in the kernel.
+pub const EVENTS_MAP: &str = "TAINT_EVENTS";
+/// Taints [`EVENTS_MAP`] had no room for, by flag: the agent's `module="other"`.
+pub const UNATTRIBUTED_MAP: &str = "TAINT_UNATTRIBUTED";
+/// Bits counted in [`UNATTRIBUTED_MAP`].
+pub const FLAG_SLOTS: u32 = 64;
+/// Entries of [`EVENTS_MAP`]: the agent gives 512 module names their own series.
+pub const EVENT_KEYS: u32 = 1024;
+
 pub const NAMES: Names = Names {
     programs: &["taint_add_taint"],
-    maps: &[],
+    maps: &[EVENTS_MAP, UNATTRIBUTED_MAP],
     globals: &[],
 };
+
+/// The key of a taint counted by module: the flag and the module's name where a load added it
+/// (zeros and [`MODULE_NONE`] outside a load).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TaintKey {
+    pub flag: u32,
+    pub module_source: u32,
+    pub module: [u8; NAME_LEN],
+}
 
 /// Where [`TaintEvent::module`] comes from.
 pub const MODULE_NONE: u32 = 0;
@@ -29,5 +48,8 @@ pub struct TaintEvent {
 }
 
 #[cfg(feature = "user")]
-// SAFETY: plain `#[repr(C)]` integers and arrays; any bit pattern is valid.
-unsafe impl aya::Pod for TaintEvent {}
+mod pod {
+    // SAFETY: plain `#[repr(C)]` integers and arrays; any bit pattern is valid.
+    unsafe impl aya::Pod for super::TaintEvent {}
+    unsafe impl aya::Pod for super::TaintKey {}
+}

@@ -15,11 +15,16 @@ use observer_common::{
     lockdown::{CONSOLE_TEXT_LEN, DECISION_SLOTS, LockdownConsole, LockdownDecision, REASON_SLOTS},
 };
 
-use crate::{EVENTS, EVENTS_LOST, emit, header, increment};
+use crate::{EVENTS_LOST, SECURITY_EVENTS, emit, header, increment};
 
 /// Checks per reason and verdict: `reason * 2 + denied`.
 #[map]
 static LOCKDOWN_DECISIONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DECISION_SLOTS, 0);
+
+/// Denials seen on the console (the fallback) whose record the ring buffer had no room for:
+/// still counted, as reason `unknown` (only the record names the reason).
+#[map]
+static LOCKDOWN_CONSOLE_UNRECORDED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 #[fexit(function = "security_locked_down")]
 pub fn lockdown_security_locked_down(ctx: FExitContext) -> u32 {
@@ -64,8 +69,9 @@ pub fn lockdown_console(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let kind = EventKind::LockdownConsole;
-    let Some(mut entry) = EVENTS.reserve::<LockdownConsole>(0) else {
+    let Some(mut entry) = SECURITY_EVENTS.reserve::<LockdownConsole>(0) else {
         increment(&EVENTS_LOST, kind as u32);
+        increment(&LOCKDOWN_CONSOLE_UNRECORDED, 0);
         return 0;
     };
     let record = entry.as_mut_ptr();
@@ -84,6 +90,6 @@ pub fn lockdown_console(ctx: TracePointContext) -> u32 {
             (*record).len = 0;
         }
     }
-    entry.submit(crate::wakeup_flags());
+    entry.submit(crate::security_wakeup());
     0
 }

@@ -1,5 +1,5 @@
-//! The observer's eBPF programs: one module per hook family, sharing the ring buffer and the
-//! lost-event counters defined here.
+//! The observer's eBPF programs: one module per hook family, sharing the two ring buffers (timer
+//! records; security records) and the lost-record and full-table counters defined here.
 #![no_std]
 #![no_main]
 
@@ -18,17 +18,47 @@ use aya_ebpf::{
     macros::map,
     maps::{PerCpuArray, RingBuf},
 };
-use observer_common::{EVENT_KIND_SLOTS, EventHeader, EventKind, LOG2_SUM_SLOT, log2_bucket};
+use observer_common::{
+    EVENT_KIND_SLOTS, EventHeader, EventKind, LOG2_SUM_SLOT, MAP_FULL_SLOTS, TrackedMap,
+    log2_bucket,
+};
 
-/// Records for userspace. 1 MiB holds about 16,000 timer records: tens of milliseconds of a
+/// The timer family's records. 1 MiB holds about 16,000 of them: tens of milliseconds of a
 /// timer storm, while the agent drains it continuously. Sized at load time
 /// (`--events.buffer-size`).
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 
-/// Records the ring buffer had no room for, per [`EventKind`]: nothing is lost silently.
+/// The security families' records (module loads, taints, lockdown denials): a ring of their
+/// own, so that a timer storm, which any local user can start, cannot take their room. 256 KiB
+/// holds about 500 module load records. Their verdicts are counted in maps besides: a record
+/// lost here costs detail (names, phases, the event stream), never a count.
+#[map]
+static SECURITY_EVENTS: RingBuf = RingBuf::with_byte_size(256 << 10, 0);
+
+/// Records a ring buffer had no room for, per [`EventKind`]: nothing is lost silently.
 #[map]
 static EVENTS_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(EVENT_KIND_SLOTS, 0);
+
+/// Inserts refused because a kernel table was full, per [`TrackedMap`].
+#[map]
+static MAP_FULL: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAP_FULL_SLOTS, 0);
+
+/// Counts an insert that `map`, being full, refused.
+#[inline(always)]
+fn map_full(map: TrackedMap) {
+    increment(&MAP_FULL, map as u32);
+}
+
+/// The ring buffer records of `kind` go through.
+#[inline(always)]
+fn ring(kind: EventKind) -> &'static RingBuf {
+    if kind.is_security() {
+        &SECURITY_EVENTS
+    } else {
+        &EVENTS
+    }
+}
 
 /// Adds one to slot `index` of a per-CPU counter array. Per-CPU slots need no atomics.
 #[inline(always)]
@@ -42,6 +72,18 @@ fn add(counters: &PerCpuArray<u64>, index: u32, value: u64) {
         // SAFETY: the pointer comes from the map and is this CPU's own slot.
         unsafe { *slot += value };
     }
+}
+
+/// Nanoseconds since `start` (a `bpf_ktime_get_ns` reading), or 0 when there is no start: an
+/// entry program that never ran for this call (attached mid-call) leaves 0, which must not
+/// become an uptime-long duration.
+#[inline(always)]
+fn since(start: u64) -> u64 {
+    if start == 0 {
+        return 0;
+    }
+    // SAFETY: a helper without preconditions.
+    unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() }.saturating_sub(start)
 }
 
 /// Records a duration in a log2 histogram array (buckets, then the running sum).
@@ -104,23 +146,39 @@ const WAKEUP_SAMPLE: u32 = 16;
 /// a cache line the agent writes from another CPU, which cost about 120 ns a record when asked
 /// every time. The wakeup then comes a few records later, far below the buffer's size.
 #[inline(always)]
-fn wakeup_flags() -> u64 {
+fn wakeup_flags(ring: &RingBuf) -> u64 {
     // SAFETY: a helper without preconditions.
     let sample = unsafe { bpf_get_prandom_u32() } % WAKEUP_SAMPLE == 0;
-    if sample && EVENTS.query(u64::from(BPF_RB_AVAIL_DATA)) >= WAKEUP_BYTES.load() {
+    if sample && ring.query(u64::from(BPF_RB_AVAIL_DATA)) >= WAKEUP_BYTES.load() {
         u64::from(BPF_RB_FORCE_WAKEUP)
     } else {
         u64::from(BPF_RB_NO_WAKEUP)
     }
 }
 
-/// Sends `record` through the ring buffer, or counts it as lost.
+/// Security records wake the agent at once: they are rare, and an alert waits on them.
+#[inline(always)]
+fn security_wakeup() -> u64 {
+    u64::from(BPF_RB_FORCE_WAKEUP)
+}
+
+/// The submission flags for a record of `kind`.
+#[inline(always)]
+fn submit_flags(kind: EventKind) -> u64 {
+    if kind.is_security() {
+        security_wakeup()
+    } else {
+        wakeup_flags(&EVENTS)
+    }
+}
+
+/// Sends `record` through its kind's ring buffer, or counts it as lost.
 #[inline(always)]
 fn emit<T: 'static>(kind: EventKind, record: T) {
-    match EVENTS.reserve::<T>(0) {
+    match ring(kind).reserve::<T>(0) {
         Some(mut entry) => {
             entry.write(record);
-            entry.submit(wakeup_flags());
+            entry.submit(submit_flags(kind));
         }
         None => increment(&EVENTS_LOST, kind as u32),
     }

@@ -17,17 +17,20 @@ use aya_ebpf::{
     programs::{FEntryContext, FExitContext, TracePointContext},
 };
 use observer_common::{
-    EventKind,
+    ERRNO_SLOTS, EventKind, TrackedMap, errno_slot,
     modules::{
         ModuleLoad, NAME_LEN, PHASE_DIGEST, PHASE_KEY_LOOKUP, PHASE_PARSE, PHASE_PUBLIC_KEY_VERIFY,
         PHASES, PendingLoad, SEEN_DECOMPRESS, SEEN_FILE, SEEN_FILE_NOT_INLINE, SEEN_HASH_CHECK,
-        SEEN_NAME, SEEN_NO_LOAD, SEEN_SIG_CHECK, SEEN_VERIFY_SIG,
+        SEEN_INIT_MODULE, SEEN_LOAD_DATA, SEEN_LOAD_MODULE, SEEN_LSM_REFUSED, SEEN_NAME,
+        SEEN_NO_LOAD, SEEN_READ, SEEN_SIG_CHECK, SEEN_VERIFY_SIG, SYSCALL_FINIT_MODULE,
+        SYSCALL_INIT_MODULE, SYSCALL_SLOTS, VERDICT_SLOTS, early_outcome, load_outcome, method,
+        verdict_slot,
     },
 };
 
 use observer_common::taint::{MODULE_FROM_FILE, MODULE_FROM_NAME, MODULE_NONE};
 
-use crate::{header, increment};
+use crate::{header, increment, map_full, since};
 
 mod ima;
 
@@ -54,6 +57,9 @@ static READING_MODULE_COMPRESSED: Global<u32> = Global::new(u32::MAX);
 /// `load_info.len` offset, from BTF.
 #[unsafe(no_mangle)]
 static LOAD_INFO_LEN_OFFSET: Global<u32> = Global::new(0);
+/// `enum kernel_load_data_id`'s LOADING_MODULE (init_module's data), from BTF.
+#[unsafe(no_mangle)]
+static LOADING_MODULE: Global<u32> = Global::new(u32::MAX);
 
 /// The starting value of a load attempt: all zero. A static, because the record is too large
 /// for the 512-byte BPF stack together with everything else.
@@ -71,6 +77,15 @@ static MODULE_PENDING: LruHashMap<u32, PendingLoad> = LruHashMap::with_max_entri
 /// Autoload requests (`request_module`).
 #[map]
 static MODULE_AUTOLOADS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Every load attempt's verdict, by outcome and method ([`verdict_slot`]): counted by the
+/// program that decides it, so no lost record can hide one.
+#[map]
+static MODULE_VERDICTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(VERDICT_SLOTS, 0);
+
+/// init_module and finit_module calls by result: `syscall * ERRNO_SLOTS + errno`.
+#[map]
+static MODULE_SYSCALLS: PerCpuArray<u64> = PerCpuArray::with_max_entries(SYSCALL_SLOTS, 0);
 
 #[inline(always)]
 fn tid() -> u32 {
@@ -92,7 +107,9 @@ fn pending() -> Option<&'static mut PendingLoad> {
             clippy::needless_borrows_for_generic_args,
             reason = "copy from the static, not the stack"
         )]
-        let _ = MODULE_PENDING.insert(tid, &ZERO_PENDING, 0);
+        if MODULE_PENDING.insert(tid, &ZERO_PENDING, 0).is_err() {
+            map_full(TrackedMap::ModulePending);
+        }
     }
     // SAFETY: the map's value for this thread, only touched by this thread.
     MODULE_PENDING.get_ptr_mut(tid).map(|p| unsafe { &mut *p })
@@ -143,6 +160,7 @@ pub fn modules_read_file(ctx: FEntryContext) -> u32 {
     // A new read of a module: IMA's check of it starts afresh (it may take two calls of its
     // hook, which add up: see `ima`).
     ima::start_read(pending);
+    pending.seen |= SEEN_READ;
     let (dentry_offset, inline_size) = (FILE_DENTRY_OFFSET.load(), DENTRY_INLINE_NAME_SIZE.load());
     if dentry_offset == 0 || inline_size == 0 {
         return 0;
@@ -175,6 +193,42 @@ pub fn modules_read_file(ctx: FEntryContext) -> u32 {
     0
 }
 
+/// A security module refusing the read (LoadPin, SELinux, a BPF LSM program) ends the attempt
+/// before `load_module`: its syscall's exit counts it as `rejected_lsm`.
+#[fexit(function = "security_kernel_read_file")]
+pub fn modules_read_file_exit(ctx: FExitContext) -> u32 {
+    let id: u32 = ctx.arg(1);
+    // `int security_kernel_read_file(struct file *, enum kernel_read_file_id, bool)`.
+    let ret: i64 = ctx.arg(3);
+    if ret as i32 != 0
+        && (id == READING_MODULE.load() || id == READING_MODULE_COMPRESSED.load())
+        && let Some(pending) = pending()
+    {
+        pending.seen |= SEEN_LSM_REFUSED;
+    }
+    0
+}
+
+/// init_module(2)'s copy of the module from user memory asks the security modules first
+/// (`security_kernel_load_data(LOADING_MODULE)`): IMA refuses it under an appraisal policy for
+/// modules (it cannot appraise bytes without a file), LoadPin always.
+#[fexit(function = "security_kernel_load_data")]
+pub fn modules_load_data_exit(ctx: FExitContext) -> u32 {
+    let id: u32 = ctx.arg(0);
+    // `int security_kernel_load_data(enum kernel_load_data_id, bool contents)`.
+    let ret: i64 = ctx.arg(2);
+    if id != LOADING_MODULE.load() {
+        return 0;
+    }
+    if let Some(pending) = pending() {
+        pending.seen |= SEEN_LOAD_DATA;
+        if ret as i32 != 0 {
+            pending.seen |= SEEN_LSM_REFUSED;
+        }
+    }
+    0
+}
+
 /// The module's own name, as `load_module` hands the module to its init.
 #[fentry(function = "do_init_module")]
 pub fn modules_init_name(ctx: FEntryContext) -> u32 {
@@ -203,7 +257,7 @@ pub fn modules_decompress_enter(_ctx: FEntryContext) -> u32 {
 #[fexit(function = "module_decompress")]
 pub fn modules_decompress_exit(_ctx: FExitContext) -> u32 {
     if let Some(pending) = pending() {
-        pending.decompress_ns += now() - pending.decompress_start_ns;
+        pending.decompress_ns += since(pending.decompress_start_ns);
         pending.seen |= SEEN_DECOMPRESS;
     }
     0
@@ -218,7 +272,7 @@ pub fn modules_load_enter(ctx: FEntryContext) -> u32 {
     )]
     let inserted = MODULE_LOADS.insert(tid, &ZERO_LOAD, 0);
     if inserted.is_err() {
-        increment(&crate::EVENTS_LOST, EventKind::ModuleLoad as u32);
+        map_full(TrackedMap::ModuleLoads);
         aya_log_ebpf::warn!(
             &ctx,
             "module load by thread {} not followed: 1024 loads already in progress",
@@ -245,29 +299,38 @@ pub fn modules_load_exit(ctx: FExitContext) -> u32 {
     let ret = ctx.ret::<i64>().unwrap_or(0) as i32;
     let tid = tid();
     let Some(load) = current_load() else { return 0 };
-    load.total_ns = now() - load.start_ns;
+    load.total_ns = since(load.start_ns);
     load.load_ret = ret;
-    match crate::EVENTS.reserve::<ModuleLoad>(0) {
+    load.outcome = load_outcome(load.seen, ret, load.sig_check_ret);
+    // The verdict, counted before anything that could fail.
+    increment(
+        &MODULE_VERDICTS,
+        verdict_slot(load.outcome, method(load.seen)),
+    );
+    match crate::SECURITY_EVENTS.reserve::<ModuleLoad>(0) {
         Some(mut entry) => {
             // SAFETY: copies the map value into the reserved entry directly (not via the stack).
             unsafe {
                 core::ptr::copy_nonoverlapping(load as *const ModuleLoad, entry.as_mut_ptr(), 1)
             };
-            entry.submit(crate::wakeup_flags());
+            entry.submit(crate::security_wakeup());
         }
         None => increment(&crate::EVENTS_LOST, EventKind::ModuleLoad as u32),
     }
     emit_load_taints(load);
     let _ = MODULE_LOADS.remove(tid);
+    // Tells the syscall's exit that this attempt is counted.
+    if let Some(pending) = pending() {
+        pending.seen = SEEN_LOAD_MODULE;
+    }
     0
 }
 
 /// The record of an attempt that never reached `load_module`, from what its thread did before
-/// (the file, IMA's check, decompression): `ret` is the error that ended it, `why` the `seen`
-/// bit that says where.
+/// (the file, IMA's check, decompression): `ret` is the syscall's result, `seen` where it ended.
 #[inline(always)]
-fn send_without_load(pending: &PendingLoad, ret: i32, why: u32) {
-    let Some(mut entry) = crate::EVENTS.reserve::<ModuleLoad>(0) else {
+fn send_without_load(pending: &PendingLoad, ret: i32, seen: u32, outcome: u32) {
+    let Some(mut entry) = crate::SECURITY_EVENTS.reserve::<ModuleLoad>(0) else {
         increment(&crate::EVENTS_LOST, EventKind::ModuleLoad as u32);
         return;
     };
@@ -281,28 +344,53 @@ fn send_without_load(pending: &PendingLoad, ret: i32, why: u32) {
         (*load).decompress_ns = pending.decompress_ns;
         (*load).ima = pending.ima;
         (*load).load_ret = ret;
-        (*load).seen = pending.seen | why;
+        (*load).seen = seen;
+        (*load).outcome = outcome;
     }
-    entry.submit(crate::wakeup_flags());
+    entry.submit(crate::security_wakeup());
 }
 
-/// finit_module's end: a pending record still here means `load_module` never ran for the file
-/// this thread read (its decompression or the read failed): sent as a failed attempt, so that
-/// no attempt seen goes uncounted.
-#[fexit(function = "__x64_sys_finit_module")]
-pub fn modules_finit_exit(ctx: FExitContext) -> u32 {
-    // `long __x64_sys_finit_module(const struct pt_regs *)`: the return is the second slot.
-    let ret: i64 = ctx.arg(1);
+/// A load syscall's end, whatever became of it: counted by result, and an attempt that never
+/// reached `load_module` (refused by `may_init_module`, a security module or IMA; a duplicate
+/// that waited on an identical load; a failed read or decompression) gets its verdict here.
+/// `load_module`'s own exit has counted every attempt that reached it.
+#[inline(always)]
+fn attempt_end(syscall: u32, ret: i64) -> u32 {
+    increment(
+        &MODULE_SYSCALLS,
+        syscall * ERRNO_SLOTS + errno_slot(ret),
+    );
     let tid = tid();
+    // A load in flight when the programs were attached left its entry without its exit
+    // program: it ends here, so it cannot take a later taint.
+    let _ = MODULE_LOADS.remove(tid);
+    static NONE: PendingLoad = unsafe { core::mem::zeroed() };
     // SAFETY: the map's value for this thread, only touched by this thread.
-    let Some(pending) = MODULE_PENDING.get_ptr(tid).map(|p| unsafe { &*p }) else {
-        return 0;
-    };
-    if ret != 0 {
-        send_without_load(pending, ret as i32, SEEN_NO_LOAD);
+    let pending = MODULE_PENDING
+        .get_ptr(tid)
+        .map_or(&NONE, |p| unsafe { &*p });
+    if pending.seen & SEEN_LOAD_MODULE == 0 {
+        let mut seen = pending.seen;
+        if syscall == SYSCALL_INIT_MODULE {
+            seen |= SEEN_INIT_MODULE;
+        }
+        let outcome = early_outcome(seen, ret as i32);
+        increment(&MODULE_VERDICTS, verdict_slot(outcome, method(seen)));
+        send_without_load(pending, ret as i32, seen | SEEN_NO_LOAD, outcome);
     }
     let _ = MODULE_PENDING.remove(tid);
     0
+}
+
+/// `long __x64_sys_finit_module(const struct pt_regs *)`: the return is the second slot.
+#[fexit(function = "__x64_sys_finit_module")]
+pub fn modules_finit_exit(ctx: FExitContext) -> u32 {
+    attempt_end(SYSCALL_FINIT_MODULE, ctx.arg(1))
+}
+
+#[fexit(function = "__x64_sys_init_module")]
+pub fn modules_init_exit(ctx: FExitContext) -> u32 {
+    attempt_end(SYSCALL_INIT_MODULE, ctx.arg(1))
 }
 
 #[fentry(function = "module_sig_check")]
@@ -316,7 +404,7 @@ pub fn modules_sig_check_enter(_ctx: FEntryContext) -> u32 {
 #[fexit(function = "module_sig_check")]
 pub fn modules_sig_check_exit(ctx: FExitContext) -> u32 {
     if let Some(load) = current_load() {
-        load.sig_check_ns += now() - load.phase_start_ns;
+        load.sig_check_ns += since(load.phase_start_ns);
         load.sig_check_ret = ctx.ret::<i64>().unwrap_or(0) as i32;
         load.seen |= SEEN_SIG_CHECK;
     }
@@ -362,7 +450,7 @@ fn trampoline_gap(load: &mut ModuleLoad, start: u64) {
 #[fexit(function = "mod_verify_sig")]
 pub fn modules_verify_exit(ctx: FExitContext) -> u32 {
     if let Some(load) = current_load() {
-        load.verify_ns = now() - load.verify_ns;
+        load.verify_ns = since(load.verify_ns);
         load.verify_ret = ctx.ret::<i64>().unwrap_or(0) as i32;
         load.seen |= SEEN_VERIFY_SIG;
         // mod_verify_sig(mod, info) has cut the signature off info->len: the bytes hashed.
@@ -463,7 +551,7 @@ pub fn modules_hash_enter(_ctx: FEntryContext) -> u32 {
 #[fexit]
 pub fn modules_hash_exit(ctx: FExitContext) -> u32 {
     if let Some(load) = current_load() {
-        load.hash_ns = now() - load.hash_ns;
+        load.hash_ns = since(load.hash_ns);
         load.hash_ret = ctx.ret::<i64>().unwrap_or(0) as i32;
         load.seen |= SEEN_HASH_CHECK;
     }
@@ -519,7 +607,9 @@ fn emit_load_taints(load: &ModuleLoad) {
         if bits == 0 {
             break;
         }
-        crate::send_taint(bits.trailing_zeros(), source, module);
+        let flag = bits.trailing_zeros();
+        crate::taint::count_by_module(flag, source, module);
+        crate::send_taint(flag, source, module);
         bits &= bits - 1;
     }
 }

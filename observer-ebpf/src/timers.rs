@@ -102,7 +102,9 @@ fn create_started() {
         flag: 0,
     };
     // A full map only happens with 16k threads mid-syscall: that call goes untimed.
-    let _ = TIMER_IN_FLIGHT.insert(tid, call, 0);
+    if TIMER_IN_FLIGHT.insert(tid, call, 0).is_err() {
+        crate::map_full(observer_common::TrackedMap::TimerInFlight);
+    }
 }
 
 /// A thread that exits mid-call leaves no in-flight entry behind (only kept when timing).
@@ -183,7 +185,7 @@ fn create_done(ret: i64, id_ptr: u64) {
     // SAFETY: only presence is checked; a lookup is cheaper than an update.
     if unsafe { TIMER_OWNERS.get(tgid) }.is_none() && TIMER_OWNERS.insert(tgid, 1, 0).is_err() {
         // Without an owner entry its exit would go unseen: say so rather than lie later.
-        increment(&crate::EVENTS_LOST, EventKind::TimerOwnerGone as u32);
+        crate::map_full(observer_common::TrackedMap::TimerOwners);
     }
     send(EventKind::TimerCreated, id, u32::from(restore));
 }

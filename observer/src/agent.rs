@@ -1,13 +1,16 @@
 //! The running agent: the enabled families (each behind its own lock, shared by the event
 //! pipeline and the scrapes), the records' routing by kind, and the agent's own metrics.
 
-use std::sync::{
-    Mutex, MutexGuard, PoisonError,
-    atomic::{AtomicU64, Ordering},
+use std::{
+    sync::{
+        Mutex, MutexGuard, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Instant,
 };
 
 use aya::maps::{MapData, PerCpuArray};
-use observer_common::{EVENT_KIND_SLOTS, EventKind};
+use observer_common::{EVENT_KIND_SLOTS, EventKind, MAP_FULL_SLOTS, TrackedMap};
 
 use crate::{family::HookFamily, maps, metrics::Family, plan::ProbeStatus};
 
@@ -76,6 +79,8 @@ pub struct RecordCounts {
     pub decode_errors: AtomicU64,
     /// Event-stream writes that failed.
     pub output_errors: AtomicU64,
+    /// Events the stream's writer could not take in time (its queue was full).
+    pub output_dropped: AtomicU64,
 }
 
 impl Default for RecordCounts {
@@ -84,6 +89,7 @@ impl Default for RecordCounts {
             received: std::array::from_fn(|_| AtomicU64::new(0)),
             decode_errors: AtomicU64::new(0),
             output_errors: AtomicU64::new(0),
+            output_dropped: AtomicU64::new(0),
         }
     }
 }
@@ -92,6 +98,7 @@ pub struct Agent {
     pub families: Families,
     pub counts: RecordCounts,
     pub events_lost: PerCpuArray<MapData, u64>,
+    pub map_full: PerCpuArray<MapData, u64>,
     pub probes: Vec<ProbeStatus>,
     /// Every registered collector and whether it is on.
     pub collectors: Vec<(&'static str, bool)>,
@@ -99,15 +106,55 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Every metric, as Prometheus text.
+    /// Every metric, as Prometheus text. A collector whose kernel maps cannot be read leaves
+    /// its metrics out and says so (`observer_scrape_collector_success 0`, and a log line).
     pub fn scrape(&self) -> Result<Vec<u8>, prometheus::Error> {
         let mut families = Vec::new();
         self.self_metrics(&mut families);
-        for slot in self.families.slots() {
-            lock(&slot.family).collect(&mut families);
+        let mut success = Family::gauge(
+            "scrape_collector_success",
+            "1 when the collector's part of this scrape succeeded, 0 when its kernel maps could not be read.",
+        );
+        let mut duration = Family::gauge(
+            "scrape_collector_duration_seconds",
+            "How long the collector's part of this scrape took.",
+        );
+        for (name, result, seconds) in self.collect_families(&mut families) {
+            if let Err(err) = &result {
+                log::warn!("collector {name}: {err:#}");
+            }
+            success.add(&[("collector", name)], f64::from(u8::from(result.is_ok())));
+            duration.add(&[("collector", name)], seconds);
         }
-        self.record_counts(&mut families);
+        families.push(success);
+        families.push(duration);
         crate::metrics::render(families)
+    }
+
+    /// Each enabled collector's families (and the agent's own, as collector `agent`), with
+    /// each one's result and time.
+    pub fn collect_families(
+        &self,
+        families: &mut Vec<Family>,
+    ) -> Vec<(&'static str, anyhow::Result<()>, f64)> {
+        let mut results = Vec::new();
+        let timed = |collect: &dyn Fn(&mut Vec<Family>) -> anyhow::Result<()>,
+                     families: &mut Vec<Family>| {
+            let start = Instant::now();
+            let mut own = Vec::new();
+            let result = collect(&mut own);
+            if result.is_ok() {
+                families.extend(own);
+            }
+            (result, start.elapsed().as_secs_f64())
+        };
+        for slot in self.families.slots() {
+            let (result, seconds) = timed(&|out| lock(&slot.family).collect(out), families);
+            results.push((slot.name, result, seconds));
+        }
+        let (result, seconds) = timed(&|out| self.record_counts(out), families);
+        results.push(("agent", result, seconds));
+        results
     }
 
     fn self_metrics(&self, families: &mut Vec<Family>) {
@@ -146,14 +193,16 @@ impl Agent {
         families.push(attached);
     }
 
-    fn record_counts(&self, families: &mut Vec<Family>) {
+    fn record_counts(&self, families: &mut Vec<Family>) -> anyhow::Result<()> {
         let mut total =
             Family::counter("events_total", "Records received from the kernel, by kind.");
         let mut lost = Family::counter(
             "events_lost_total",
-            "Records the kernel could not hand over (ring buffer full), by kind: counted in the kernel.",
+            "Records a ring buffer had no room for, by kind, counted in the kernel: detail lost (names, phases, \
+             event lines). Timer records and security records (modules, taint, lockdown) have separate \
+             ring buffers; module, taint and lockdown verdicts are counted in kernel maps and never lost.",
         );
-        let lost_counts = maps::sum_per_cpu(&self.events_lost, EVENT_KIND_SLOTS);
+        let lost_counts = maps::sum_per_cpu(&self.events_lost, EVENT_KIND_SLOTS)?;
         // Only the kinds of enabled families: a family switched off exports nothing.
         for kind in EventKind::ALL
             .into_iter()
@@ -180,5 +229,25 @@ impl Agent {
             )
             .single(self.counts.output_errors.load(Ordering::Relaxed) as f64),
         );
+        families.push(
+            Family::counter(
+                "events_output_dropped_total",
+                "Events of the stream (--events json) dropped because its writer fell behind (a slow or \
+                 stopped reader of its output); metrics are unaffected.",
+            )
+            .single(self.counts.output_dropped.load(Ordering::Relaxed) as f64),
+        );
+        let mut full = Family::counter(
+            "kernel_map_full_total",
+            "Inserts a full kernel table refused, by table: what it would have tracked is missing detail \
+             (module_loads, module_pending: a load's phases and name; timer_owners: a process's exit; \
+             timer_in_flight: a create's latency; taint_events: a taint's module, counted as other).",
+        );
+        let counts = maps::sum_per_cpu(&self.map_full, MAP_FULL_SLOTS)?;
+        for map in TrackedMap::ALL {
+            full.add(&[("map", map.label())], counts[map as usize] as f64);
+        }
+        families.push(full);
+        Ok(())
     }
 }

@@ -1,7 +1,8 @@
 //! The event stream (`--events json`): one JSON object per record, with what every event has
 //! (time, kind, process, thread, user, comm, cgroup, container) around the family's own fields,
-//! written to stdout or appended to a file that SIGHUP reopens (for logrotate). A write that
-//! fails is counted and logged, never fatal: the metrics keep being served.
+//! written to stdout or appended to a file that SIGHUP reopens (for logrotate), by a thread of
+//! its own behind a bounded queue. A write that fails, or events the queue had no room for, are
+//! counted and logged, never fatal, and never stop the metrics.
 
 use std::{
     fs::{File, OpenOptions},
@@ -10,7 +11,9 @@ use std::{
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
+        mpsc::{Receiver, SyncSender, TrySendError, sync_channel},
     },
+    thread::JoinHandle,
 };
 
 use anyhow::Context as _;
@@ -37,18 +40,28 @@ impl std::str::FromStr for Output {
     }
 }
 
+/// Formats events into lines and hands them, a batch at a time, to the writer thread
+/// ([`Writer`]) through a bounded queue: the reader of records never waits on the output, and
+/// a batch the queue has no room for is dropped and counted, never buffered without bound.
 pub struct EventStream {
     /// Wall-clock time minus boot time, taken once at start: the records' CLOCK_BOOTTIME
     /// stamps plus this are UTC nanoseconds.
     wall_offset_ns: i128,
     cgroups: CgroupNames,
-    output: Output,
-    file: Option<File>,
-    /// Set by SIGHUP: reopen the file before the next write.
-    pub reopen: Arc<AtomicBool>,
-    lines: Vec<String>,
-    failing: bool,
+    lines: String,
+    pending: u64,
+    queue: SyncSender<Batch>,
 }
+
+/// Lines for the writer, and how many.
+struct Batch {
+    text: String,
+    lines: u64,
+}
+
+/// Batches the writer may have waiting: with a drain's batch at most a few thousand lines,
+/// a few MiB at most while an output is slow.
+const QUEUED_BATCHES: usize = 16;
 
 fn clock_ns(clock: libc::clockid_t) -> i128 {
     let mut now = libc::timespec {
@@ -60,24 +73,43 @@ fn clock_ns(clock: libc::clockid_t) -> i128 {
     i128::from(now.tv_sec) * 1_000_000_000 + i128::from(now.tv_nsec)
 }
 
+/// The output's end of the stream: the file or stdout, written on a thread of its own.
+pub struct Writer {
+    output: Output,
+    file: Option<File>,
+    /// Set by SIGHUP: reopen the file before the next write.
+    pub reopen: Arc<AtomicBool>,
+    failing: bool,
+    batches: Receiver<Batch>,
+}
+
 impl EventStream {
-    /// Opens the output (a file that cannot be opened is an error at start, not later).
-    pub fn open(output: Output) -> anyhow::Result<Self> {
+    /// Opens the output (a file that cannot be opened is an error at start, not later); the
+    /// writer runs once [`Writer::spawn`] is called.
+    pub fn open(output: Output) -> anyhow::Result<(Self, Writer)> {
         let file = match &output {
             Output::Stdout => None,
             Output::File(path) => Some(append(path)?),
         };
         let boot = clock_ns(libc::CLOCK_BOOTTIME);
         let wall = clock_ns(libc::CLOCK_REALTIME);
-        Ok(Self {
-            wall_offset_ns: wall - boot,
-            cgroups: CgroupNames::new(),
-            output,
-            file,
-            reopen: Arc::new(AtomicBool::new(false)),
-            lines: Vec::new(),
-            failing: false,
-        })
+        let (queue, batches) = sync_channel(QUEUED_BATCHES);
+        Ok((
+            Self {
+                wall_offset_ns: wall - boot,
+                cgroups: CgroupNames::new(),
+                lines: String::new(),
+                pending: 0,
+                queue,
+            },
+            Writer {
+                output,
+                file,
+                reopen: Arc::new(AtomicBool::new(false)),
+                failing: false,
+                batches,
+            },
+        ))
     }
 
     /// Adds one event: the family's `fields` come last, so a family may name the event or the
@@ -100,12 +132,44 @@ impl EventStream {
         }
         event.extend(fields);
         if let Ok(line) = serde_json::to_string(&event) {
-            self.lines.push(line);
+            self.lines.push_str(&line);
+            self.lines.push('\n');
+            self.pending += 1;
         }
     }
 
-    /// Writes what was pushed; counts a failed write in `errors`.
-    pub fn flush(&mut self, errors: &AtomicU64) {
+    /// Hands what was pushed to the writer; counts the events in `dropped` when its queue is
+    /// full (the output is slower than the events, or nobody reads it).
+    pub fn flush(&mut self, dropped: &AtomicU64) {
+        if self.pending == 0 {
+            return;
+        }
+        let batch = Batch {
+            text: std::mem::take(&mut self.lines),
+            lines: std::mem::take(&mut self.pending),
+        };
+        if let Err(TrySendError::Full(batch) | TrySendError::Disconnected(batch)) =
+            self.queue.try_send(batch)
+        {
+            dropped.fetch_add(batch.lines, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Writer {
+    /// Writes batches until the stream is dropped; counts a failed write in `errors` (each
+    /// event in it).
+    pub fn spawn(mut self, agent: Arc<crate::agent::Agent>) -> std::io::Result<JoinHandle<()>> {
+        std::thread::Builder::new()
+            .name("event-writer".into())
+            .spawn(move || {
+                while let Ok(batch) = self.batches.recv() {
+                    self.write(&batch, &agent.counts.output_errors);
+                }
+            })
+    }
+
+    fn write(&mut self, batch: &Batch, errors: &AtomicU64) {
         if self.reopen.swap(false, Ordering::Relaxed)
             && let Output::File(path) = &self.output
         {
@@ -117,17 +181,12 @@ impl EventStream {
                 Err(err) => log::warn!("{err:#}; still writing to the file open before"),
             }
         }
-        if self.lines.is_empty() {
-            return;
-        }
-        let mut text = self.lines.join("\n");
-        text.push('\n');
-        self.lines.clear();
         let result = match &mut self.file {
-            Some(file) => file.write_all(text.as_bytes()),
+            Some(file) => file.write_all(batch.text.as_bytes()),
             None => {
                 let mut out = std::io::stdout().lock();
-                out.write_all(text.as_bytes()).and_then(|()| out.flush())
+                out.write_all(batch.text.as_bytes())
+                    .and_then(|()| out.flush())
             }
         };
         match result {

@@ -80,8 +80,9 @@ pub trait HookFamily: Send {
     /// returns the event's own fields when `want_event` and the record makes an event.
     fn decode(&mut self, kind: EventKind, bytes: &[u8], want_event: bool) -> Option<EventFields>;
 
-    /// Its metric families, now (kernel maps and its state).
-    fn collect(&self, out: &mut Vec<Family>);
+    /// Its metric families, now (kernel maps and its state). An error (a kernel map that
+    /// cannot be read) fails this collector's part of the scrape, visibly.
+    fn collect(&self, out: &mut Vec<Family>) -> anyhow::Result<()>;
 
     /// For the subcommand that reads one family's state directly (`observer profile`).
     fn as_any_mut(&mut self) -> &mut dyn Any;

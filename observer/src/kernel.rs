@@ -302,6 +302,12 @@ pub fn taint_mask() -> Option<u64> {
         .ok()
 }
 
+/// `kernel.modules_disabled` (absent without module support).
+pub fn modules_disabled() -> Option<bool> {
+    let text = fs::read_to_string("/proc/sys/kernel/modules_disabled").ok()?;
+    Some(text.trim() == "1")
+}
+
 /// Letters of the taint bits (include/linux/panic.h); later bits are named `bitN`.
 pub const TAINT_FLAGS: [&str; 20] = [
     "P", "F", "S", "R", "M", "B", "U", "D", "A", "W", "C", "I", "O", "E", "L", "K", "X", "T", "N",

@@ -11,7 +11,8 @@ use aya::maps::{MapData, PerCpuArray};
 use observer_common::{
     EventKind,
     lockdown::{
-        DECISION_SLOTS, DECISIONS_MAP, LockdownConsole, LockdownDecision, NAMES, REASON_SLOTS,
+        CONSOLE_UNRECORDED_MAP, DECISION_SLOTS, DECISIONS_MAP, LockdownConsole, LockdownDecision,
+        NAMES, REASON_SLOTS,
     },
 };
 
@@ -93,13 +94,13 @@ impl HookFamily for LockdownFamily {
         want_event.then_some(fields)
     }
 
-    fn collect(&self, out: &mut Vec<Family>) {
-        let counts = self
-            .maps
-            .as_ref()
-            .map(LockdownMaps::counts)
-            .unwrap_or_default();
+    fn collect(&self, out: &mut Vec<Family>) -> anyhow::Result<()> {
+        let counts = match &self.maps {
+            Some(maps) => maps.counts()?,
+            None => KernelCounts::default(),
+        };
         self.state.gather(&counts, out);
+        Ok(())
     }
 
     fn as_any_mut(&mut self) -> &mut dyn Any {
@@ -182,20 +183,34 @@ pub fn parse_console(text: &str) -> Option<(String, String)> {
     Some(("unknown".into(), comm.to_owned()))
 }
 
-/// The kernel's counters of every check (fexit), by `reason * 2 + denied`.
+/// The kernel's counters of every check (fexit), by `reason * 2 + denied`, and of the denials
+/// seen on the console (fallback).
 struct LockdownMaps {
     decisions: PerCpuArray<MapData, u64>,
+    console_unrecorded: PerCpuArray<MapData, u64>,
+}
+
+/// What the kernel counted.
+#[derive(Debug, Default)]
+pub struct KernelCounts {
+    pub decisions: Vec<u64>,
+    /// Console denials whose record was lost.
+    pub console_unrecorded: u64,
 }
 
 impl LockdownMaps {
     fn take(maps: &mut Maps<'_>) -> anyhow::Result<Self> {
         Ok(Self {
             decisions: maps.per_cpu_array(DECISIONS_MAP)?,
+            console_unrecorded: maps.per_cpu_array(CONSOLE_UNRECORDED_MAP)?,
         })
     }
 
-    fn counts(&self) -> Vec<u64> {
-        maps::sum_per_cpu(&self.decisions, DECISION_SLOTS)
+    fn counts(&self) -> anyhow::Result<KernelCounts> {
+        Ok(KernelCounts {
+            decisions: maps::sum_per_cpu(&self.decisions, DECISION_SLOTS)?,
+            console_unrecorded: maps::sum_per_cpu(&self.console_unrecorded, 1)?[0],
+        })
     }
 }
 
@@ -241,18 +256,24 @@ impl Lockdown {
     }
 
     /// `counts`: the kernel's counters ([`LockdownMaps::counts`]).
-    pub fn gather(&self, counts: &[u64], families: &mut Vec<Family>) {
+    pub fn gather(&self, counts: &KernelCounts, families: &mut Vec<Family>) {
         let mut decisions = Family::counter(
             "lockdown_decisions_total",
             "Kernel lockdown checks by reason and verdict. With the printk:console fallback only denials are \
              seen, and only those the kernel's printk rate limit lets through.",
         );
-        for (slot, count) in counts.iter().enumerate().filter(|(_, n)| **n > 0) {
+        for (slot, count) in counts.decisions.iter().enumerate().filter(|(_, n)| **n > 0) {
             let reason = self.reason_name(slot as u32 / 2);
             let verdict = if slot % 2 == 1 { "denied" } else { "allowed" };
             decisions.add(&[("reason", &reason), ("verdict", verdict)], *count as f64);
         }
-        for (reason, count) in &self.console_denials {
+        // Console denials: a record names the reason; those the kernel counted without one
+        // (the ring buffer was full) are `unknown`, like lines of a description not known here.
+        let mut console = self.console_denials.clone();
+        if counts.console_unrecorded > 0 {
+            *console.entry("unknown".into()).or_default() += counts.console_unrecorded;
+        }
+        for (reason, count) in &console {
             decisions.add(&[("reason", reason), ("verdict", "denied")], *count as f64);
         }
         families.push(decisions);

@@ -26,7 +26,10 @@ mod taint;
 mod timers;
 mod webconfig;
 
-use std::sync::Arc;
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, Ordering},
+};
 
 use anyhow::{Context as _, anyhow};
 
@@ -88,15 +91,18 @@ fn run_agent(matches: &clap::ArgMatches, args: &RunArgs) -> anyhow::Result<()> {
         None => webconfig::WebConfig::default(),
     };
     // The events file is opened while the agent may still create it anywhere.
-    let events = args
-        .events
-        .map(|_| events::EventStream::open(args.events_output.clone()))
-        .transpose()?;
-    let reopen = events.as_ref().map(|e| e.reopen.clone());
+    let (events, writer) = match args.events {
+        Some(_) => {
+            let (stream, writer) = events::EventStream::open(args.events_output.clone())?;
+            (Some(stream), Some(writer))
+        }
+        None => (None, None),
+    };
+    let reopen = writer.as_ref().map(|w| w.reopen.clone());
     let Started {
         mut ebpf,
         agent,
-        ring,
+        rings,
     } = start::start(&Selection {
         matches,
         args,
@@ -109,25 +115,35 @@ fn run_agent(matches: &clap::ArgMatches, args: &RunArgs) -> anyhow::Result<()> {
         .ok();
     // Everything privileged is done: programs attached, port bound, files read.
     privileges::drop_all_but(privileges::needed_after_start(&agent.kernel_release))?;
+    // Every kind of map the scrapes read, read once now: a capability the drop took that
+    // reading needs is an error at start, not a scrape that fails later.
+    for (collector, result, _) in agent.collect_families(&mut Vec::new()) {
+        result.with_context(|| {
+            format!("after dropping capabilities, the {collector} collector cannot read its maps")
+        })?;
+    }
 
+    // Threads started after the drop have only what is left (capabilities are per thread).
+    let writer = writer.map(|w| w.spawn(agent.clone())).transpose()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = pipeline::Reader::new(rings, agent.clone(), events).spawn(stop.clone())?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(async {
+    let result = runtime.block_on(async {
         let listener = tokio::net::TcpListener::from_std(listener)?;
         log::info!(
             "serving metrics on http://{}{}",
             args.listen_address,
             args.telemetry_path
         );
-        let mut pipeline = pipeline::Pipeline::new(ring, agent.clone(), events)?;
         let reopen_on_hangup = async {
             let mut hangup =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
             loop {
                 hangup.recv().await;
                 if let Some(reopen) = &reopen {
-                    reopen.store(true, std::sync::atomic::Ordering::Relaxed);
+                    reopen.store(true, Ordering::Relaxed);
                 }
             }
             #[expect(unreachable_code, reason = "gives the loop's error type")]
@@ -145,8 +161,7 @@ fn run_agent(matches: &clap::ArgMatches, args: &RunArgs) -> anyhow::Result<()> {
                 None => std::future::pending().await,
             }
         };
-        let result = tokio::select! {
-            result = pipeline.run() => result.context("event pipeline"),
+        tokio::select! {
             result = kernel_logs => result.context("eBPF log lines"),
             result = reopen_on_hangup => result.context("SIGHUP"),
             () = server => Ok(()),
@@ -154,10 +169,22 @@ fn run_agent(matches: &clap::ArgMatches, args: &RunArgs) -> anyhow::Result<()> {
                 log::info!("{}: detaching and exiting", signal?);
                 Ok(())
             }
-        };
-        pipeline.drain_now();
-        result
-    })?;
+        }
+    });
+    // The reader takes in what is still waiting, hands it to the writer and ends; the writer
+    // ends once it has written everything queued (a stopped reader of stdout cannot hold the
+    // exit: the writer thread is not waited for then).
+    stop.store(true, Ordering::Relaxed);
+    if reader.join().is_err() {
+        log::warn!("the ring buffer reader panicked");
+    }
+    if let Some(writer) = writer {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while !writer.is_finished() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+    result?;
     drop(agent);
     drop(ebpf);
     Ok(())

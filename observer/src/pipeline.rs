@@ -1,8 +1,14 @@
-//! The event pipeline: drains the ring buffer, decodes each record (bytes from the kernel are
-//! checked, never trusted), hands it to its family, and optionally writes it as JSON.
+//! The event pipeline: drains the ring buffers on a thread of its own, decodes each record
+//! (bytes from the kernel are checked, never trusted), hands it to its family, and optionally
+//! passes it to the event stream.
 
 use std::{
-    sync::{Arc, MutexGuard, atomic::Ordering},
+    os::fd::AsRawFd as _,
+    sync::{
+        Arc, MutexGuard,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
     time::Duration,
 };
 
@@ -59,70 +65,114 @@ pub fn dispatch(
     })
 }
 
-/// How often the agent drains without being woken: the programs wake it only once a quarter of
-/// the ring buffer (at most 64 KiB) waits, so a trickle of records reaches /metrics within this
-/// delay. The interval doubles while drains find nothing, up to IDLE_DRAIN_INTERVAL, so an idle
-/// host costs one wakeup a second.
+/// How often the reader drains without being woken: the timer programs wake it only once a
+/// quarter of their ring buffer (at most 64 KiB) waits, so a trickle of records reaches
+/// /metrics within this delay. The interval doubles while drains find nothing, up to
+/// IDLE_DRAIN_INTERVAL, so an idle host costs one wakeup a second. Security records wake it at
+/// once.
 const DRAIN_INTERVAL: Duration = Duration::from_millis(50);
 const IDLE_DRAIN_INTERVAL: Duration = Duration::from_secs(1);
 
-/// The ring buffer reader: drains when the kernel wakes it and on a short timer.
-pub struct Pipeline {
-    ring: AsyncFd<RingBuf<MapData>>,
+/// Records taken from one ring buffer while the families are locked: a scrape waits for at most
+/// one batch, however long a storm lasts.
+const BATCH: usize = 1024;
+
+/// The reader of the ring buffers: a thread of its own, so that no storm of records can keep
+/// the HTTP server from answering. The security ring is read before each batch of the timer
+/// ring.
+pub struct Reader {
+    /// The security ring first.
+    rings: Vec<RingBuf<MapData>>,
     agent: Arc<Agent>,
     events: Option<EventStream>,
 }
 
-impl Pipeline {
-    /// Must be called inside the tokio runtime.
-    pub fn new(
-        ring: RingBuf<MapData>,
-        agent: Arc<Agent>,
-        events: Option<EventStream>,
-    ) -> anyhow::Result<Self> {
-        // SAFETY: the ring buffer owns its map fd, which stays open and the same while the
-        // AsyncFd owns the ring buffer. Readable only: the kernel never signals it writable.
-        let ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
-            .map_err(|e| e.into_parts().1)?;
-        Ok(Self {
-            ring,
+impl Reader {
+    pub fn new(rings: Vec<RingBuf<MapData>>, agent: Arc<Agent>, events: Option<EventStream>) -> Self {
+        Self {
+            rings,
             agent,
             events,
-        })
+        }
     }
 
-    /// Drains until the future is dropped.
-    pub async fn run(&mut self) -> anyhow::Result<()> {
-        let mut interval = DRAIN_INTERVAL;
-        loop {
-            let drained = tokio::select! {
-                guard = self.ring.readable_mut() => {
-                    let mut guard = guard?;
-                    let drained = drain(guard.get_inner_mut(), &self.agent, self.events.as_mut());
-                    guard.clear_ready();
-                    drained
+    /// Reads until `stop` is set, then takes in what is still waiting (at exit, nothing
+    /// already recorded is left unread).
+    pub fn spawn(mut self, stop: Arc<AtomicBool>) -> std::io::Result<JoinHandle<()>> {
+        std::thread::Builder::new()
+            .name("ring-reader".into())
+            .spawn(move || {
+                let mut interval = DRAIN_INTERVAL;
+                while !stop.load(Ordering::Relaxed) {
+                    self.wait(interval);
+                    interval = if self.drain() > 0 {
+                        DRAIN_INTERVAL
+                    } else {
+                        (interval * 2).min(IDLE_DRAIN_INTERVAL)
+                    };
                 }
-                () = tokio::time::sleep(interval) => drain(self.ring.get_mut(), &self.agent, self.events.as_mut()),
-            };
-            interval = if drained > 0 {
-                DRAIN_INTERVAL
-            } else {
-                (interval * 2).min(IDLE_DRAIN_INTERVAL)
-            };
-            self.flush_lines();
+                self.drain();
+            })
+    }
+
+    /// Sleeps until a ring buffer has records to read, or `timeout`.
+    fn wait(&self, timeout: Duration) {
+        let mut fds: Vec<libc::pollfd> = self
+            .rings
+            .iter()
+            .map(|r| libc::pollfd {
+                fd: r.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: `fds` is a valid array of pollfd for its length. An error (EINTR) only ends
+        // the wait early.
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+    }
+
+    /// Drains every ring in batches until all are empty, the security ring before each batch
+    /// of the others; returns how many records.
+    pub fn drain(&mut self) -> usize {
+        let mut total = 0;
+        loop {
+            let mut full_batches = 0;
+            for index in 0..self.rings.len() {
+                let taken = self.drain_batch(index);
+                total += taken;
+                full_batches += usize::from(taken == BATCH);
+            }
+            if let Some(events) = &mut self.events {
+                events.flush(&self.agent.counts.output_dropped);
+            }
+            if full_batches == 0 {
+                return total;
+            }
         }
     }
 
-    /// Takes in what is still waiting: at exit, nothing already recorded is left unread.
-    pub fn drain_now(&mut self) {
-        let _ = drain(self.ring.get_mut(), &self.agent, self.events.as_mut());
-        self.flush_lines();
-    }
-
-    fn flush_lines(&mut self) {
-        if let Some(events) = &mut self.events {
-            events.flush(&self.agent.counts.output_errors);
+    /// At most [`BATCH`] records of one ring, with the families locked.
+    fn drain_batch(&mut self, index: usize) -> usize {
+        let agent = &self.agent;
+        let mut locked = agent.families.lock_all();
+        let ring = &mut self.rings[index];
+        let mut taken = 0;
+        while taken < BATCH {
+            let Some(item) = ring.next() else { break };
+            taken += 1;
+            let decoded = dispatch(
+                &agent.families,
+                &mut locked,
+                &agent.counts,
+                &item,
+                self.events.is_some(),
+            );
+            if let (Some(events), Some(decoded)) = (self.events.as_mut(), decoded) {
+                events.push(&decoded.header, decoded.kind, decoded.fields);
+            }
         }
+        taken
     }
 }
 
@@ -144,31 +194,6 @@ pub async fn forward_kernel_logs(
         }
         guard.clear_ready();
     }
-}
-
-/// Drains every record waiting, handing events to the stream when there is one; returns how
-/// many.
-fn drain(
-    ring: &mut RingBuf<MapData>,
-    agent: &Agent,
-    mut events: Option<&mut EventStream>,
-) -> usize {
-    let mut locked = agent.families.lock_all();
-    let mut drained = 0;
-    while let Some(item) = ring.next() {
-        drained += 1;
-        let decoded = dispatch(
-            &agent.families,
-            &mut locked,
-            &agent.counts,
-            &item,
-            events.is_some(),
-        );
-        if let (Some(events), Some(decoded)) = (events.as_deref_mut(), decoded) {
-            events.push(&decoded.header, decoded.kind, decoded.fields);
-        }
-    }
-    drained
 }
 
 #[cfg(test)]

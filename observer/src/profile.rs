@@ -4,9 +4,15 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use std::time::Duration;
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 
 use crate::{
     cli::ProfileFormat,
@@ -350,7 +356,7 @@ pub fn run(
     leaves: Option<u64>,
 ) -> anyhow::Result<()> {
     privileges::check()?;
-    let Started { ebpf, agent, ring } = start::start(selection)?;
+    let Started { ebpf, agent, rings } = start::start(selection)?;
     if !agent
         .probes
         .iter()
@@ -363,20 +369,24 @@ pub fn run(
         duration.as_secs_f64()
     );
     let started = std::time::Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = crate::pipeline::Reader::new(rings, agent.clone(), None).spawn(stop.clone())?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(async {
-        let mut pipeline = crate::pipeline::Pipeline::new(ring, agent.clone(), None)?;
-        let result = tokio::select! {
-            result = pipeline.run() => result.context("event pipeline"),
+    let result = runtime.block_on(async {
+        tokio::select! {
             () = tokio::time::sleep(duration) => Ok(()),
             signal = crate::shutdown_signal() => signal.map(|_| ()),
-        };
-        // Loads that finished just before the end are in the ring buffer still.
-        pipeline.drain_now();
-        result
-    })?;
+        }
+    });
+    // Loads that finished just before the end are in the ring buffer still: the reader takes
+    // them in before it ends.
+    stop.store(true, Ordering::Relaxed);
+    if reader.join().is_err() {
+        bail!("the ring buffer reader panicked");
+    }
+    result?;
     let elapsed = started.elapsed().as_secs_f64();
     let samples = agent
         .families

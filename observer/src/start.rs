@@ -5,7 +5,10 @@ use std::sync::Arc;
 
 use anyhow::{Context as _, bail};
 use aya::{EbpfLoader, maps::RingBuf};
-use observer_common::{EVENT_DETAIL_GLOBAL, EVENTS_LOST_MAP, EVENTS_MAP, WAKEUP_BYTES_GLOBAL};
+use observer_common::{
+    EVENT_DETAIL_GLOBAL, EVENTS_LOST_MAP, EVENTS_MAP, EventKind, MAP_FULL_MAP, SECURITY_EVENTS_MAP,
+    WAKEUP_BYTES_GLOBAL,
+};
 
 use crate::{
     agent::{Agent, Families, RecordCounts},
@@ -102,6 +105,17 @@ pub fn load(
     for (name, bytes) in &settings.globals {
         loader.override_global(name, bytes.as_slice(), true);
     }
+    // A ring no enabled family writes to is kept at its smallest (one page).
+    let kinds: Vec<EventKind> = enabled
+        .iter()
+        .flat_map(|(_, f)| f.records().iter().map(|r| r.kind))
+        .collect();
+    if !kinds.iter().any(|k| !k.is_security()) {
+        loader.map_max_entries(EVENTS_MAP, page_size());
+    }
+    if !kinds.iter().any(|k| k.is_security()) {
+        loader.map_max_entries(SECURITY_EVENTS_MAP, page_size());
+    }
     // Maps no loaded program uses still exist in the object: keep them one entry small
     // (a switched-off family's or option's tables would otherwise take their full size in
     // kernel memory).
@@ -113,6 +127,12 @@ pub fn load(
         .context("loading the eBPF object (maps and programs)")?;
     let statuses = plan::attach(&mut ebpf, &hooks(enabled), kernel);
     Ok((ebpf, statuses))
+}
+
+fn page_size() -> u32 {
+    // SAFETY: sysconf has no preconditions.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u32::try_from(size).unwrap_or(4096)
 }
 
 pub fn missing_probes(hooks: &[Hook], statuses: &[ProbeStatus]) -> Vec<&'static str> {
@@ -127,7 +147,8 @@ pub fn missing_probes(hooks: &[Hook], statuses: &[ProbeStatus]) -> Vec<&'static 
 pub struct Started {
     pub ebpf: aya::Ebpf,
     pub agent: Arc<Agent>,
-    pub ring: RingBuf<aya::maps::MapData>,
+    /// The security ring buffer, then the timer ring buffer.
+    pub rings: Vec<RingBuf<aya::maps::MapData>>,
 }
 
 /// Loads and attaches everything this kernel allows for the selected families, and builds the
@@ -163,7 +184,10 @@ pub fn start(selection: &Selection<'_>) -> anyhow::Result<Started> {
     }
 
     let mut maps = Maps::new(&mut ebpf);
-    let ring = RingBuf::try_from(maps.take(EVENTS_MAP)?).context("the ring buffer map")?;
+    let mut rings = Vec::new();
+    for name in [SECURITY_EVENTS_MAP, EVENTS_MAP] {
+        rings.push(RingBuf::try_from(maps.take(name)?).with_context(|| format!("ring buffer {name}"))?);
+    }
     for (name, family) in &mut enabled {
         family
             .take_maps(&mut maps)
@@ -171,6 +195,7 @@ pub fn start(selection: &Selection<'_>) -> anyhow::Result<Started> {
     }
     let agent = Arc::new(Agent {
         events_lost: maps.per_cpu_array(EVENTS_LOST_MAP)?,
+        map_full: maps.per_cpu_array(MAP_FULL_MAP)?,
         families: Families::new(enabled),
         counts: RecordCounts::default(),
         probes,
@@ -182,7 +207,7 @@ pub fn start(selection: &Selection<'_>) -> anyhow::Result<Started> {
     // hand them back so the resident size reflects what the agent keeps.
     // SAFETY: malloc_trim has no preconditions.
     unsafe { libc::malloc_trim(0) };
-    Ok(Started { ebpf, agent, ring })
+    Ok(Started { ebpf, agent, rings })
 }
 
 #[cfg(test)]

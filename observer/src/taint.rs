@@ -1,19 +1,26 @@
 //! Kernel taint: the flags set now (read at scrape time) and the taints added while watched,
-//! each with the module whose load added it.
+//! each with the module whose load added it, counted in the kernel (records add the event
+//! stream's detail only).
 
 use std::{
     any::Any,
+    cell::RefCell,
     collections::{BTreeMap, HashSet},
 };
 
+use aya::maps::{MapData, PerCpuArray, PerCpuHashMap};
 use observer_common::{
     EventKind,
-    taint::{MODULE_FROM_FILE, MODULE_FROM_NAME, NAMES, TaintEvent},
+    taint::{
+        EVENTS_MAP, FLAG_SLOTS, MODULE_FROM_FILE, MODULE_FROM_NAME, NAMES, TaintEvent, TaintKey,
+        UNATTRIBUTED_MAP,
+    },
 };
 
 use crate::{
     family::{Context, EventFields, HookFamily, RecordKind, Registration, no_flags},
     kernel,
+    maps::{self, Maps},
     metrics::Family,
     plan::{Hook, fentry},
     record::{comm_str, module_name_from_file, read_record},
@@ -34,9 +41,14 @@ const MAX_MODULE_LABELS: usize = 512;
 
 #[derive(Default)]
 pub struct TaintFamily {
-    /// Taints added, by flag letter and module (empty outside a module load).
-    events: BTreeMap<(String, String), u64>,
-    module_labels: HashSet<String>,
+    maps: Option<TaintMaps>,
+    /// Module names given their own series, in the order first seen: a name keeps its series.
+    module_labels: RefCell<HashSet<String>>,
+}
+
+struct TaintMaps {
+    events: PerCpuHashMap<MapData, TaintKey, u64>,
+    unattributed: PerCpuArray<MapData, u64>,
 }
 
 impl TaintFamily {
@@ -44,21 +56,48 @@ impl TaintFamily {
         Ok(Box::new(Self::default()))
     }
 
-    fn module_label(&mut self, name: String) -> String {
-        if self.module_labels.contains(&name) || self.module_labels.len() < MAX_MODULE_LABELS {
-            self.module_labels.insert(name.clone());
+    fn module_label(&self, name: String) -> String {
+        let mut labels = self.module_labels.borrow_mut();
+        if labels.contains(&name) || labels.len() < MAX_MODULE_LABELS {
+            labels.insert(name.clone());
             name
         } else {
             "other".into()
         }
     }
+
+    /// Taints by flag letter and module label, from the kernel's counts.
+    fn counts(&self, maps: &TaintMaps) -> anyhow::Result<BTreeMap<(String, String), u64>> {
+        let mut counts = BTreeMap::new();
+        let mut entries = maps::sum_per_cpu_hash(&maps.events)?;
+        // Names get their labels in a stable order when several are new at once.
+        entries.sort_by(|a, b| a.0.module.cmp(&b.0.module));
+        for (key, count) in entries {
+            let module = module_of(key.module_source, &key.module);
+            let label = if module.is_empty() {
+                module
+            } else {
+                self.module_label(module)
+            };
+            *counts
+                .entry((kernel::taint_flag(key.flag), label))
+                .or_default() += count;
+        }
+        let unattributed = maps::sum_per_cpu(&maps.unattributed, FLAG_SLOTS)?;
+        for (flag, count) in unattributed.iter().enumerate().filter(|(_, n)| **n > 0) {
+            *counts
+                .entry((kernel::taint_flag(flag as u32), "other".into()))
+                .or_default() += count;
+        }
+        Ok(counts)
+    }
 }
 
-/// The module an event names, as the kernel spells module names.
-fn module_of(event: &TaintEvent) -> String {
-    match event.module_source {
-        MODULE_FROM_NAME => comm_str(&event.module),
-        MODULE_FROM_FILE => module_name_from_file(&event.module).unwrap_or_default(),
+/// The module a taint names, as the kernel spells module names.
+fn module_of(source: u32, module: &[u8]) -> String {
+    match source {
+        MODULE_FROM_NAME => comm_str(module),
+        MODULE_FROM_FILE => module_name_from_file(module).unwrap_or_default(),
         _ => String::new(),
     }
 }
@@ -72,29 +111,33 @@ impl HookFamily for TaintFamily {
         }]
     }
 
+    fn take_maps(&mut self, maps: &mut Maps<'_>) -> anyhow::Result<()> {
+        self.maps = Some(TaintMaps {
+            events: maps.per_cpu_hash(EVENTS_MAP)?,
+            unattributed: maps.per_cpu_array(UNATTRIBUTED_MAP)?,
+        });
+        Ok(())
+    }
+
     fn records(&self) -> &'static [RecordKind] {
         RECORDS
     }
 
     fn decode(&mut self, _kind: EventKind, bytes: &[u8], want_event: bool) -> Option<EventFields> {
+        if !want_event {
+            return None;
+        }
         let event = read_record::<TaintEvent>(bytes)?;
-        let flag = kernel::taint_flag(event.flag);
-        let module = module_of(&event);
-        let label = if module.is_empty() {
-            module.clone()
-        } else {
-            self.module_label(module.clone())
-        };
-        *self.events.entry((flag.clone(), label)).or_default() += 1;
         let mut fields = EventFields::new();
-        fields.insert("flag".into(), flag.into());
+        fields.insert("flag".into(), kernel::taint_flag(event.flag).into());
+        let module = module_of(event.module_source, &event.module);
         if !module.is_empty() {
             fields.insert("module".into(), module.into());
         }
-        want_event.then_some(fields)
+        Some(fields)
     }
 
-    fn collect(&self, out: &mut Vec<Family>) {
+    fn collect(&self, out: &mut Vec<Family>) -> anyhow::Result<()> {
         let mut tainted = Family::gauge(
             "kernel_tainted",
             "1 for each taint flag set in /proc/sys/kernel/tainted.",
@@ -112,12 +155,16 @@ impl HookFamily for TaintFamily {
 
         let mut events = Family::counter(
             "kernel_taint_events_total",
-            "Taints added while watched, by flag; module names the module whose load caused it (empty otherwise).",
+            "Taints added while watched, counted in the kernel, by flag; module names the module whose load \
+             caused it (empty otherwise; other past 512 names).",
         );
-        for ((flag, module), count) in &self.events {
-            events.add(&[("flag", flag), ("module", module)], *count as f64);
+        if let Some(maps) = &self.maps {
+            for ((flag, module), count) in self.counts(maps)? {
+                events.add(&[("flag", &flag), ("module", &module)], count as f64);
+            }
         }
         out.push(events);
+        Ok(())
     }
 
     fn as_any_mut(&mut self) -> &mut dyn Any {
@@ -149,7 +196,7 @@ mod tests {
     }
 
     #[test]
-    fn taints_name_their_module_from_its_name_or_file() {
+    fn taint_events_name_their_module_from_its_name_or_file() {
         let mut family = TaintFamily::default();
         let fields = family
             .decode(
@@ -160,29 +207,28 @@ mod tests {
             .unwrap();
         assert_eq!(fields["flag"], "E");
         assert_eq!(fields["module"], "crc7");
-        family.decode(
-            EventKind::Taint,
-            &taint(12, MODULE_FROM_FILE, b"crc-itu-t.ko.xz"),
-            false,
-        );
+        let from_file = family
+            .decode(
+                EventKind::Taint,
+                &taint(12, MODULE_FROM_FILE, b"crc-itu-t.ko.xz"),
+                true,
+            )
+            .unwrap();
+        assert_eq!(from_file["module"], "crc_itu_t");
         let outside = family
             .decode(EventKind::Taint, &taint(13, MODULE_NONE, b""), true)
             .unwrap();
         assert!(!outside.contains_key("module"), "no filler for no module");
-        let counts: Vec<_> = family.events.iter().collect();
-        assert_eq!(
-            counts,
-            [
-                (&("E".into(), String::new()), &1),
-                (&("E".into(), "crc7".into()), &1),
-                (&("O".into(), "crc_itu_t".into()), &1),
-            ]
+        assert!(
+            family
+                .decode(EventKind::Taint, &taint(13, MODULE_NONE, b""), false)
+                .is_none()
         );
     }
 
     #[test]
-    fn module_labels_are_capped() {
-        let mut family = TaintFamily::default();
+    fn module_labels_are_capped_and_kept() {
+        let family = TaintFamily::default();
         for i in 0..(MAX_MODULE_LABELS + 10) {
             assert_eq!(
                 family.module_label(format!("m{i}")),
@@ -193,5 +239,6 @@ mod tests {
                 }
             );
         }
+        assert_eq!(family.module_label("m0".into()), "m0");
     }
 }

@@ -2,7 +2,7 @@
 //! (`security_kernel_post_read_file` → `process_measurement`) hashes it and compares the digest
 //! with its `security.ima` attribute, before `load_module` runs. Its time, phases and verdict go
 //! into the thread's pending record, which `load_module` takes over; a read IMA refuses never
-//! reaches `load_module`, so its record is sent here, at the refusal.
+//! reaches `load_module`: its syscall's exit counts it and sends its record.
 //!
 //! `security_kernel_post_read_file` rather than `process_measurement`: the latter also runs for
 //! every file opened, executed or mapped, and a trampoline there would tax every `open(2)`;
@@ -17,9 +17,8 @@ use observer_common::modules::{
     SEEN_IMA_SIGNATURE, SEEN_READ_REFUSED,
 };
 
-use super::{
-    MODULE_PENDING, READING_MODULE, READING_MODULE_COMPRESSED, now, pending, send_without_load, tid,
-};
+use super::{MODULE_PENDING, READING_MODULE, READING_MODULE_COMPRESSED, now, pending, tid};
+use crate::since;
 
 /// This thread's pending record while IMA checks its module read.
 #[inline(always)]
@@ -56,13 +55,13 @@ pub(super) fn start_read(pending: &mut PendingLoad) {
 #[fexit(function = "security_kernel_post_read_file")]
 pub fn modules_ima_exit(ctx: FExitContext) -> u32 {
     let Some(pending) = checking() else { return 0 };
-    pending.ima.check_ns += now() - pending.ima_start_ns;
+    pending.ima.check_ns += since(pending.ima_start_ns);
     pending.ima_start_ns = 0;
     pending.ima.ret = ctx.ret::<i64>().unwrap_or(0) as i32;
     pending.seen |= SEEN_IMA_READ;
+    // Refused: finit_module's exit counts it (`rejected_ima`) and sends its record.
     if pending.ima.ret != 0 {
-        send_without_load(pending, pending.ima.ret, SEEN_READ_REFUSED);
-        let _ = MODULE_PENDING.remove(tid());
+        pending.seen |= SEEN_READ_REFUSED;
     }
     0
 }
@@ -73,7 +72,7 @@ fn phase_end(start: &mut u64, total: &mut u64) -> bool {
     if *start == 0 {
         return false;
     }
-    *total += now() - *start;
+    *total += since(*start);
     *start = 0;
     true
 }

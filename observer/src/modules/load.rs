@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 
 use observer_common::modules::{
-    ModuleLoad, PHASES, SEEN_DECOMPRESS, SEEN_FILE, SEEN_FILE_NOT_INLINE, SEEN_HASH_CHECK,
-    SEEN_NAME, SEEN_NO_LOAD, SEEN_READ_REFUSED, SEEN_SIG_CHECK, SEEN_VERIFY_SIG,
+    self, METHODS, ModuleLoad, OUTCOMES, PHASES, SEEN_DECOMPRESS, SEEN_FILE, SEEN_FILE_NOT_INLINE,
+    SEEN_INIT_MODULE, SEEN_NAME, SEEN_NO_LOAD, SEEN_READ_REFUSED, SEEN_SIG_CHECK,
 };
 use serde::Serialize;
 
@@ -16,66 +16,23 @@ use crate::{
     record::{comm_str, module_name_from_file},
 };
 
-pub const OUTCOMES: [&str; 5] = [
-    "loaded",
-    "rejected_signature",
-    "rejected_lockdown",
-    "rejected_ima",
-    "failed",
-];
-pub const METHODS: [&str; 3] = ["signature", "hash", "none"];
 /// The `phase` label of each signature-check phase, by index ([`observer_common::modules`]).
 pub const PHASE_NAMES: [&str; PHASES] = ["parse", "digest", "key_lookup", "public_key_verify"];
 
-const EPERM: i32 = 1;
 /// Loads kept for `observer profile`.
 const MAX_SAMPLES: usize = 100_000;
 
-/// What became of a load attempt.
+/// What became of a load attempt, as the kernel decided and counted it.
 pub fn outcome(load: &ModuleLoad) -> &'static str {
-    // Refused at the read, before load_module: by IMA's appraisal (the only LSM of mainline
-    // that hooks the end of a kernel file read).
-    if load.seen & SEEN_READ_REFUSED != 0 {
-        return "rejected_ima";
-    }
-    // finit_module failed after its read and before load_module (decompression, the read).
-    if load.seen & SEEN_NO_LOAD != 0 {
-        return "failed";
-    }
-    if load.load_ret == 0 {
-        return "loaded";
-    }
-    // module_sig_check returns the lockdown verdict for an unsigned module, or the signature
-    // error when signatures are enforced; without that hook, load_module's error says the same.
-    let policy_ret = if load.seen & SEEN_SIG_CHECK != 0 {
-        load.sig_check_ret
-    } else {
-        load.load_ret
-    };
-    match -policy_ret {
-        0 => "failed",
-        EPERM => "rejected_lockdown",
-        e if e == libc::EKEYREJECTED
-            || e == libc::ENOKEY
-            || e == libc::ENOPKG
-            || e == libc::EBADMSG =>
-        {
-            "rejected_signature"
-        }
-        _ if load.seen & SEEN_SIG_CHECK != 0 => "rejected_signature",
-        _ => "failed",
-    }
+    OUTCOMES
+        .get(load.outcome as usize)
+        .copied()
+        .unwrap_or("failed")
 }
 
 /// How its integrity was proven (or not): which check ran.
 pub fn method(load: &ModuleLoad) -> &'static str {
-    if load.seen & SEEN_HASH_CHECK != 0 {
-        "hash"
-    } else if load.seen & SEEN_VERIFY_SIG != 0 {
-        "signature"
-    } else {
-        "none"
-    }
+    METHODS[modules::method(load.seen) as usize]
 }
 
 /// The module's name: from the kernel when the load got that far, else from its file name
@@ -138,6 +95,8 @@ pub struct LoadRecord {
     pub module: String,
     pub outcome: &'static str,
     pub method: &'static str,
+    /// The syscall the attempt came by.
+    pub syscall: &'static str,
     pub result: String,
     pub total_ns: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -166,7 +125,6 @@ fn taint_letters(mask: u64) -> String {
 /// What the records tell, kept between scrapes.
 #[derive(Debug, Default)]
 pub struct ModuleState {
-    loads: BTreeMap<(&'static str, &'static str), u64>,
     integrity: BTreeMap<(&'static str, &'static str), Log2Histogram>,
     load_duration: BTreeMap<&'static str, Log2Histogram>,
     phases: BTreeMap<&'static str, Log2Histogram>,
@@ -191,7 +149,6 @@ impl ModuleState {
     pub fn load(&mut self, load: &ModuleLoad) -> LoadRecord {
         let (outcome, method) = (outcome(load), method(load));
         let module = module_name(load);
-        *self.loads.entry((outcome, method)).or_default() += 1;
         // An attempt refused at its read, or ended before load_module, never ran it.
         if load.seen & (SEEN_READ_REFUSED | SEEN_NO_LOAD) == 0 {
             self.load_duration
@@ -233,6 +190,11 @@ impl ModuleState {
             module,
             outcome,
             method,
+            syscall: if load.seen & SEEN_INIT_MODULE != 0 {
+                "init_module"
+            } else {
+                "finit_module"
+            },
             result: crate::timers::result_label(
                 load.load_ret
                     .unsigned_abs()
@@ -253,21 +215,6 @@ impl ModuleState {
     }
 
     pub fn gather(&self, families: &mut Vec<Family>) {
-        let mut loads = Family::counter(
-            "module_loads_total",
-            "Module load attempts by outcome (loaded, rejected_signature, rejected_lockdown, rejected_ima: \
-             refused by IMA appraisal at the file's read, failed) and load_module's integrity method \
-             (signature, hash, none: no signature or proof was checked).",
-        );
-        // Every combination, zeros included, so alerts and rates see a series from the start.
-        for outcome in OUTCOMES {
-            for method in METHODS {
-                let count = self.loads.get(&(outcome, method)).copied().unwrap_or(0);
-                loads.add(&[("outcome", outcome), ("method", method)], count as f64);
-            }
-        }
-        families.push(loads);
-
         let mut integrity = Family::histogram(
             "module_integrity_check_duration_seconds",
             "Time proving a module's integrity, by method and result: signature (mod_verify_sig), hash \
@@ -314,7 +261,10 @@ impl ModuleState {
 
 #[cfg(test)]
 mod tests {
-    use observer_common::EventHeader;
+    use observer_common::{
+        EventHeader,
+        modules::{SEEN_HASH_CHECK, SEEN_VERIFY_SIG},
+    };
 
     use super::*;
 
@@ -334,36 +284,15 @@ mod tests {
     }
 
     #[test]
-    fn outcomes_follow_the_signature_policy() {
-        assert_eq!(
-            outcome(&load(0, SEEN_SIG_CHECK | SEEN_VERIFY_SIG, 0)),
-            "loaded"
-        );
-        assert_eq!(outcome(&load(-1, SEEN_SIG_CHECK, -1)), "rejected_lockdown");
-        assert_eq!(
-            outcome(&load(
-                -libc::EKEYREJECTED,
-                SEEN_SIG_CHECK,
-                -libc::EKEYREJECTED
-            )),
-            "rejected_signature"
-        );
-        assert_eq!(outcome(&load(-libc::EEXIST, SEEN_SIG_CHECK, 0)), "failed");
-        // Without module_sig_check (kernels before 5.19 inline it), load_module's error decides.
-        assert_eq!(outcome(&load(-1, 0, 0)), "rejected_lockdown");
-        assert_eq!(
-            outcome(&load(-libc::EKEYREJECTED, 0, 0)),
-            "rejected_signature"
-        );
-        assert_eq!(outcome(&load(-libc::ENOEXEC, 0, 0)), "failed");
-        // Ended before load_module: by IMA at the read, or by finit_module itself.
-        assert_eq!(
-            outcome(&load(-libc::EACCES, SEEN_READ_REFUSED, 0)),
-            "rejected_ima"
-        );
-        assert_eq!(outcome(&load(-libc::EOPNOTSUPP, SEEN_NO_LOAD, 0)), "failed");
+    fn outcomes_are_the_kernels_and_early_ends_have_no_load_duration() {
+        let mut l = load(-libc::EACCES, SEEN_READ_REFUSED | SEEN_NO_LOAD, 0);
+        l.outcome = observer_common::modules::OUTCOME_REJECTED_IMA;
+        assert_eq!(outcome(&l), "rejected_ima");
+        l.outcome = 99;
+        assert_eq!(outcome(&l), "failed", "a number no outcome has");
         let mut state = ModuleState::default();
-        state.load(&load(-libc::EOPNOTSUPP, SEEN_NO_LOAD, 0));
+        let record = state.load(&load(-libc::EOPNOTSUPP, SEEN_NO_LOAD, 0));
+        assert_eq!(record.outcome, "loaded", "outcome 0");
         assert!(
             state.load_duration.is_empty(),
             "no load_module, no load duration"

@@ -9,8 +9,11 @@ use std::any::Any;
 
 use aya::maps::{MapData, PerCpuArray};
 use observer_common::{
-    EventKind,
-    modules::{AUTOLOADS_MAP, ModuleLoad, NAMES},
+    ERRNO_SLOTS, EventKind,
+    modules::{
+        AUTOLOADS_MAP, LOADING_MODULE_GLOBAL, METHODS, ModuleLoad, NAMES, OUTCOMES, SYSCALL_NAMES,
+        SYSCALL_SLOTS, SYSCALLS_MAP, VERDICT_SLOTS, VERDICTS_MAP, verdict_of_slot,
+    },
 };
 
 #[cfg(test)]
@@ -139,6 +142,14 @@ impl HookFamily for ModuleFamily {
             "LOAD_INFO_LEN_OFFSET",
             &offset("load_info", "len").unwrap_or(0),
         );
+        let load_ids = btf
+            .map(|b| b.enum_values("kernel_load_data_id"))
+            .unwrap_or_default();
+        let loading_module = load_ids
+            .iter()
+            .find(|(_, n)| *n == "LOADING_MODULE")
+            .map_or(u32::MAX, |(v, _)| *v);
+        load.global(LOADING_MODULE_GLOBAL, &loading_module);
     }
 
     fn take_maps(&mut self, maps: &mut Maps<'_>) -> anyhow::Result<()> {
@@ -160,11 +171,12 @@ impl HookFamily for ModuleFamily {
             .flatten()
     }
 
-    fn collect(&self, out: &mut Vec<Family>) {
-        self.state.gather(out);
+    fn collect(&self, out: &mut Vec<Family>) -> anyhow::Result<()> {
         if let Some(maps) = &self.maps {
-            maps.gather(out);
+            maps.gather(out)?;
         }
+        self.state.gather(out);
+        Ok(())
     }
 
     fn as_any_mut(&mut self) -> &mut dyn Any {
@@ -230,9 +242,17 @@ fn hooks(integrity: IntegrityFunctions) -> Vec<Hook> {
             "modules_hash_exit",
             integrity.hash.unwrap_or("module_hash_check"),
         ),
-        single(
+        // The file's name at the read's start; at its end, whether a security module refused it.
+        bracket(
             "module_file",
-            fentry("modules_read_file", "security_kernel_read_file"),
+            "modules_read_file",
+            "modules_read_file_exit",
+            "security_kernel_read_file",
+        ),
+        // init_module(2)'s data, which IMA or LoadPin may refuse before load_module.
+        single(
+            "module_load_data",
+            fexit("modules_load_data_exit", "security_kernel_load_data"),
         ),
         // do_init_module's argument is read with plain loads (works under
         // lockdown=confidentiality, where tracefs is refused too); the tracepoint elsewhere.
@@ -275,12 +295,16 @@ fn hooks(integrity: IntegrityFunctions) -> Vec<Hook> {
             "modules_public_key_exit",
             "public_key_verify_signature",
         ),
-        // An attempt that ends before load_module (decompression or the read failed) is sent
-        // at finit_module's exit. x86_64's syscall function: elsewhere it does not attach.
-        single(
-            "module_attempt_end",
-            fexit("modules_finit_exit", "__x64_sys_finit_module"),
-        ),
+        // Every attempt ends at its syscall's exit: counted by result there, and one that never
+        // reached load_module gets its verdict there. x86_64's syscall functions.
+        Hook {
+            name: "module_attempt_end",
+            options: vec![vec![
+                fexit("modules_finit_exit", "__x64_sys_finit_module"),
+                fexit("modules_init_exit", "__x64_sys_init_module"),
+            ]],
+            requires: Some(kernel::has_modules),
+        },
         Hook {
             name: "module_autoload",
             options: vec![
@@ -297,6 +321,12 @@ fn hooks(integrity: IntegrityFunctions) -> Vec<Hook> {
             requires: Some(kernel::has_modules),
         },
     ];
+    // The syscalls' exits attach first: every attempt that any other program starts to follow
+    // then meets its end (a load in flight at attach time leaves no entry behind).
+    if let Some(end) = hooks.iter().position(|h| h.name == "module_attempt_end") {
+        let end = hooks.remove(end);
+        hooks.insert(0, end);
+    }
     // Functions whose prototypes fit no known shape are not attached: their arguments and
     // return values would be misread.
     if integrity.shape == Shape::Unrecognised {
@@ -308,25 +338,78 @@ fn hooks(integrity: IntegrityFunctions) -> Vec<Hook> {
     hooks
 }
 
-/// The autoload counter, kept in the kernel.
+/// The counters kept in the kernel: verdicts, syscall results, autoload requests.
 struct ModuleMaps {
     autoloads: PerCpuArray<MapData, u64>,
+    verdicts: PerCpuArray<MapData, u64>,
+    syscalls: PerCpuArray<MapData, u64>,
 }
 
 impl ModuleMaps {
     fn take(maps: &mut Maps<'_>) -> anyhow::Result<Self> {
         Ok(Self {
             autoloads: maps.per_cpu_array(AUTOLOADS_MAP)?,
+            verdicts: maps.per_cpu_array(VERDICTS_MAP)?,
+            syscalls: maps.per_cpu_array(SYSCALLS_MAP)?,
         })
     }
 
-    fn gather(&self, families: &mut Vec<Family>) {
+    fn gather(&self, families: &mut Vec<Family>) -> anyhow::Result<()> {
+        let mut loads = Family::counter(
+            "module_loads_total",
+            "Module load attempts, counted in the kernel, by outcome (loaded; rejected_signature, \
+             rejected_lockdown: by the signature policy; rejected_ima: IMA's appraisal of the read; \
+             rejected_lsm: a security module refused the module's data; rejected_permission: no \
+             CAP_SYS_MODULE or kernel.modules_disabled=1; duplicate: the module was loaded or being \
+             loaded already; failed) and integrity method (signature, hash, none: no signature or \
+             proof was checked).",
+        );
+        let verdicts = maps::sum_per_cpu(&self.verdicts, VERDICT_SLOTS)?;
+        // Every combination, zeros included, so alerts and rates see a series from the start.
+        for (slot, count) in verdicts.iter().enumerate() {
+            let (outcome, method) = verdict_of_slot(slot as u32);
+            loads.add(
+                &[
+                    ("outcome", OUTCOMES[outcome as usize]),
+                    ("method", METHODS[method as usize]),
+                ],
+                *count as f64,
+            );
+        }
+        families.push(loads);
+
+        let mut calls = Family::counter(
+            "module_syscalls_total",
+            "init_module and finit_module calls by result (ok, or the errno), counted at their exit.",
+        );
+        let counts = maps::sum_per_cpu(&self.syscalls, SYSCALL_SLOTS)?;
+        for (slot, count) in counts.iter().enumerate().filter(|(_, n)| **n > 0) {
+            let (syscall, result) = (slot as u32 / ERRNO_SLOTS, slot as u32 % ERRNO_SLOTS);
+            calls.add(
+                &[
+                    ("syscall", SYSCALL_NAMES[syscall as usize]),
+                    ("result", &crate::timers::result_label(result)),
+                ],
+                *count as f64,
+            );
+        }
+        families.push(calls);
+
         families.push(
             Family::counter(
                 "module_autoload_requests_total",
                 "Requests to load a module on demand (request_module).",
             )
-            .single(maps::sum_per_cpu(&self.autoloads, 1)[0] as f64),
+            .single(maps::sum_per_cpu(&self.autoloads, 1)?[0] as f64),
         );
+        let mut disabled = Family::gauge(
+            "modules_disabled",
+            "1 when kernel.modules_disabled is set: no module can be loaded until reboot.",
+        );
+        if let Some(value) = kernel::modules_disabled() {
+            disabled.add(&[], f64::from(u8::from(value)));
+        }
+        families.push(disabled);
+        Ok(())
     }
 }

@@ -167,15 +167,16 @@ impl HookFamily for TimerFamily {
         self.state.handle(kind, &event, &comm, want_event)
     }
 
-    fn collect(&self, out: &mut Vec<Family>) {
+    fn collect(&self, out: &mut Vec<Family>) -> anyhow::Result<()> {
         if let Some(maps) = &self.maps {
-            maps.gather(out, self.latency);
+            maps.gather(out, self.latency)?;
         }
         // Without records there is nothing to say about live timers or churn: no series
         // rather than zeros.
         if self.per_timer {
             self.state.gather(out);
         }
+        Ok(())
     }
 
     fn as_any_mut(&mut self) -> &mut dyn Any {
@@ -338,12 +339,12 @@ pub fn result_label(slot: u32) -> String {
 }
 
 impl TimerMaps {
-    fn gather(&self, families: &mut Vec<Family>, latency: bool) {
+    fn gather(&self, families: &mut Vec<Family>, latency: bool) -> anyhow::Result<()> {
         let mut calls = Family::counter(
             "posix_timer_syscalls_total",
             "POSIX timer syscalls by syscall and result (ok, or the errno).",
         );
-        let counts = maps::sum_per_cpu(&self.syscalls, SYSCALL_COUNTER_SLOTS);
+        let counts = maps::sum_per_cpu(&self.syscalls, SYSCALL_COUNTER_SLOTS)?;
         for (slot, count) in counts.iter().enumerate().filter(|(_, n)| **n > 0) {
             let (syscall, result) = (slot as u32 / ERRNO_SLOTS, slot as u32 % ERRNO_SLOTS);
             calls.add(
@@ -360,7 +361,7 @@ impl TimerMaps {
             "posix_timer_restore_creates_total",
             "timer_create calls that asked for a specific ID under restore mode (PR_TIMER_CREATE_RESTORE_IDS), by result.",
         );
-        let counts = maps::sum_per_cpu(&self.restore_creates, ERRNO_SLOTS);
+        let counts = maps::sum_per_cpu(&self.restore_creates, ERRNO_SLOTS)?;
         for (slot, count) in counts.iter().enumerate().filter(|(_, n)| **n > 0) {
             restore.add(&[("result", &result_label(slot as u32))], *count as f64);
         }
@@ -371,7 +372,7 @@ impl TimerMaps {
             "The highest POSIX timer ID handed out that the observer has seen.",
         );
         // The programs keep the ID plus one: 0 means no ID seen yet (no series).
-        if let Some(max) = maps::max_per_cpu(&self.id_max, 0).checked_sub(1) {
+        if let Some(max) = maps::max_per_cpu(&self.id_max, 0)?.checked_sub(1) {
             id_max.add(&[], max as f64);
         }
         families.push(id_max);
@@ -381,10 +382,11 @@ impl TimerMaps {
                 "posix_timer_create_duration_seconds",
                 "timer_create syscall latency (--timers.latency).",
             );
-            let slots = maps::sum_per_cpu(&self.create_latency, LOG2_SLOTS);
+            let slots = maps::sum_per_cpu(&self.create_latency, LOG2_SLOTS)?;
             histogram.add_histogram(&[], &Log2Histogram::from_slots(&slots));
             families.push(histogram);
         }
+        Ok(())
     }
 }
 
