@@ -340,7 +340,10 @@ mod tests {
     fn outcomes_follow_the_signature_policy() {
         let signed = SEEN_SIG_CHECK | SEEN_VERIFY_SIG;
         assert_eq!(load_outcome(signed, 0, 0), OUTCOME_LOADED);
-        assert_eq!(load_outcome(SEEN_SIG_CHECK, -1, -1), OUTCOME_REJECTED_LOCKDOWN);
+        assert_eq!(
+            load_outcome(SEEN_SIG_CHECK, -1, -1),
+            OUTCOME_REJECTED_LOCKDOWN
+        );
         assert_eq!(
             load_outcome(SEEN_SIG_CHECK, -EKEYREJECTED, -EKEYREJECTED),
             OUTCOME_REJECTED_SIGNATURE
@@ -349,7 +352,10 @@ mod tests {
         assert_eq!(load_outcome(SEEN_SIG_CHECK, -8, 0), OUTCOME_FAILED);
         // Without module_sig_check (inlined before 5.19), load_module's error decides.
         assert_eq!(load_outcome(0, -1, 0), OUTCOME_REJECTED_LOCKDOWN);
-        assert_eq!(load_outcome(0, -EKEYREJECTED, 0), OUTCOME_REJECTED_SIGNATURE);
+        assert_eq!(
+            load_outcome(0, -EKEYREJECTED, 0),
+            OUTCOME_REJECTED_SIGNATURE
+        );
         assert_eq!(load_outcome(0, -8, 0), OUTCOME_FAILED);
         assert_eq!(method(signed), METHOD_SIGNATURE);
         assert_eq!(method(signed | SEEN_HASH_CHECK), METHOD_HASH);
@@ -359,8 +365,14 @@ mod tests {
     #[test]
     fn attempts_that_never_reach_load_module() {
         let read = SEEN_READ | SEEN_FILE;
-        assert_eq!(early_outcome(read | SEEN_READ_REFUSED, -13), OUTCOME_REJECTED_IMA);
-        assert_eq!(early_outcome(read | SEEN_LSM_REFUSED, -1), OUTCOME_REJECTED_LSM);
+        assert_eq!(
+            early_outcome(read | SEEN_READ_REFUSED, -13),
+            OUTCOME_REJECTED_IMA
+        );
+        assert_eq!(
+            early_outcome(read | SEEN_LSM_REFUSED, -1),
+            OUTCOME_REJECTED_LSM
+        );
         assert_eq!(
             early_outcome(SEEN_LOAD_DATA | SEEN_LSM_REFUSED, -13),
             OUTCOME_REJECTED_LSM

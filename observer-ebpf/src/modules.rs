@@ -356,10 +356,7 @@ fn send_without_load(pending: &PendingLoad, ret: i32, seen: u32, outcome: u32) {
 /// `load_module`'s own exit has counted every attempt that reached it.
 #[inline(always)]
 fn attempt_end(syscall: u32, ret: i64) -> u32 {
-    increment(
-        &MODULE_SYSCALLS,
-        syscall * ERRNO_SLOTS + errno_slot(ret),
-    );
+    increment(&MODULE_SYSCALLS, syscall * ERRNO_SLOTS + errno_slot(ret));
     let tid = tid();
     // A load in flight when the programs were attached left its entry without its exit
     // program: it ends here, so it cannot take a later taint.

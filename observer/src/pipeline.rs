@@ -88,7 +88,11 @@ pub struct Reader {
 }
 
 impl Reader {
-    pub fn new(rings: Vec<RingBuf<MapData>>, agent: Arc<Agent>, events: Option<EventStream>) -> Self {
+    pub fn new(
+        rings: Vec<RingBuf<MapData>>,
+        agent: Arc<Agent>,
+        events: Option<EventStream>,
+    ) -> Self {
         Self {
             rings,
             agent,

@@ -418,6 +418,7 @@ mod tests {
             module: module.into(),
             outcome: "loaded",
             method,
+            syscall: Some("finit_module"),
             result: "ok".into(),
             total_ns,
             sig_check_ns: check,

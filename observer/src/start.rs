@@ -186,7 +186,9 @@ pub fn start(selection: &Selection<'_>) -> anyhow::Result<Started> {
     let mut maps = Maps::new(&mut ebpf);
     let mut rings = Vec::new();
     for name in [SECURITY_EVENTS_MAP, EVENTS_MAP] {
-        rings.push(RingBuf::try_from(maps.take(name)?).with_context(|| format!("ring buffer {name}"))?);
+        rings.push(
+            RingBuf::try_from(maps.take(name)?).with_context(|| format!("ring buffer {name}"))?,
+        );
     }
     for (name, family) in &mut enabled {
         family

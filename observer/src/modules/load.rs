@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 
 use observer_common::modules::{
     self, METHODS, ModuleLoad, OUTCOMES, PHASES, SEEN_DECOMPRESS, SEEN_FILE, SEEN_FILE_NOT_INLINE,
-    SEEN_INIT_MODULE, SEEN_NAME, SEEN_NO_LOAD, SEEN_READ_REFUSED, SEEN_SIG_CHECK,
+    SEEN_INIT_MODULE, SEEN_LOAD_DATA, SEEN_NAME, SEEN_NO_LOAD, SEEN_READ, SEEN_READ_REFUSED,
+    SEEN_SIG_CHECK,
 };
 use serde::Serialize;
 
@@ -33,6 +34,18 @@ pub fn outcome(load: &ModuleLoad) -> &'static str {
 /// How its integrity was proven (or not): which check ran.
 pub fn method(load: &ModuleLoad) -> &'static str {
     METHODS[modules::method(load.seen) as usize]
+}
+
+/// The syscall an attempt came by: init_module's data is asked for by
+/// `security_kernel_load_data`, finit_module's file read by `security_kernel_read_file`.
+fn syscall(seen: u32) -> Option<&'static str> {
+    if seen & (SEEN_INIT_MODULE | SEEN_LOAD_DATA) != 0 {
+        Some("init_module")
+    } else if seen & SEEN_READ != 0 {
+        Some("finit_module")
+    } else {
+        None
+    }
 }
 
 /// The module's name: from the kernel when the load got that far, else from its file name
@@ -95,8 +108,9 @@ pub struct LoadRecord {
     pub module: String,
     pub outcome: &'static str,
     pub method: &'static str,
-    /// The syscall the attempt came by.
-    pub syscall: &'static str,
+    /// The syscall the attempt came by, when a hook on its path said.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub syscall: Option<&'static str>,
     pub result: String,
     pub total_ns: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -190,11 +204,7 @@ impl ModuleState {
             module,
             outcome,
             method,
-            syscall: if load.seen & SEEN_INIT_MODULE != 0 {
-                "init_module"
-            } else {
-                "finit_module"
-            },
+            syscall: syscall(load.seen),
             result: crate::timers::result_label(
                 load.load_ret
                     .unsigned_abs()
@@ -286,7 +296,7 @@ mod tests {
     #[test]
     fn outcomes_are_the_kernels_and_early_ends_have_no_load_duration() {
         let mut l = load(-libc::EACCES, SEEN_READ_REFUSED | SEEN_NO_LOAD, 0);
-        l.outcome = observer_common::modules::OUTCOME_REJECTED_IMA;
+        l.outcome = modules::OUTCOME_REJECTED_IMA;
         assert_eq!(outcome(&l), "rejected_ima");
         l.outcome = 99;
         assert_eq!(outcome(&l), "failed", "a number no outcome has");
@@ -371,8 +381,8 @@ mod tests {
         // 6400 bytes: 100 blocks of 64; digest 1000 ns: 10 ns a block, 20 ns a node.
         let mut state = ModuleState::new(false, Some(4256));
         let mut l = load(0, SEEN_SIG_CHECK | SEEN_VERIFY_SIG, 0);
-        l.phase_calls[observer_common::modules::PHASE_DIGEST] = 1;
-        l.phase_ns[observer_common::modules::PHASE_DIGEST] = 1000;
+        l.phase_calls[modules::PHASE_DIGEST] = 1;
+        l.phase_ns[modules::PHASE_DIGEST] = 1000;
         l.verify_ns = 5000;
         l.hashed_len = 6400;
         state.load(&l);

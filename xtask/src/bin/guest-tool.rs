@@ -22,10 +22,12 @@ use std::{
 /// Lets the kernel decompress the module (include/uapi/linux/module.h).
 const MODULE_INIT_COMPRESSED_FILE: libc::c_uint = 4;
 
-const USAGE: &str = "usage: guest-tool load [--compressed] FILE... | timers COUNT | \
+const USAGE: &str = "usage: guest-tool load [--compressed] [--uid N] [--threads N] FILE... | \
+                     timers COUNT | \
                      timer-life | timer-restore | await-host PORT SECONDS | \
                      loadtime LABEL FILE... | ima-digest [--wrong] FILE... | \
-                     timer-pairs N | getppid N | bpf-stats PREFIX";
+                     timer-pairs N | timer-storm SECONDS THREADS | getppid N | \
+                     bpf-stats PREFIX";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -35,6 +37,13 @@ fn main() -> ExitCode {
         Some("ima-digest") => ima_digest(&args[1..]),
         Some("timer-pairs") => count_arg(&args).and_then(bench::timer_pairs),
         Some("getppid") => count_arg(&args).and_then(bench::getppid),
+        Some("timer-storm") => match (
+            args.get(1).and_then(|s| s.parse().ok()),
+            args.get(2).and_then(|t| t.parse().ok()),
+        ) {
+            (Some(seconds), Some(threads)) => bench::timer_storm(seconds, threads),
+            _ => Err(USAGE.to_owned()),
+        },
         Some("bpf-stats") => args
             .get(1)
             .ok_or_else(|| USAGE.to_owned())
@@ -71,28 +80,49 @@ fn count_arg(args: &[String]) -> Result<u64, String> {
         .ok_or_else(|| USAGE.to_owned())
 }
 
-/// `finit_module(fd, "", flags)` for each file; prints `finit_module NAME rc=0` or
-/// `finit_module NAME errno=NAME`. A refused load is a result, not a failure of this tool.
+/// `load [--compressed] [--uid N] [--threads N] FILE...`: `finit_module(fd, "", flags)` for
+/// each file; prints `finit_module NAME rc=0` or `finit_module NAME errno=NAME` per call. A
+/// refused load is a result, not a failure of this tool. `--uid N`: as user N, without
+/// capabilities (an unprivileged caller). `--threads N`: N threads call it on the same file at
+/// once (as udev's workers do at boot), released together.
 fn load(args: &[String]) -> Result<(), String> {
-    let (flags, files) = match args.first().map(String::as_str) {
-        Some("--compressed") => (MODULE_INIT_COMPRESSED_FILE, &args[1..]),
-        _ => (0, args),
-    };
-    if files.is_empty() {
+    let mut flags = 0;
+    let mut uid = None;
+    let mut threads = 1usize;
+    let mut rest = args;
+    loop {
+        match rest {
+            [flag, tail @ ..] if flag == "--compressed" => {
+                flags = MODULE_INIT_COMPRESSED_FILE;
+                rest = tail;
+            }
+            [flag, value, tail @ ..] if flag == "--uid" => {
+                uid = Some(value.parse::<u32>().map_err(|_| USAGE.to_owned())?);
+                rest = tail;
+            }
+            [flag, value, tail @ ..] if flag == "--threads" => {
+                threads = value.parse().map_err(|_| USAGE.to_owned())?;
+                rest = tail;
+            }
+            _ => break,
+        }
+    }
+    let files = rest;
+    if files.is_empty() || threads == 0 {
         return Err(USAGE.to_owned());
     }
-    let params = CString::default();
+    if let Some(uid) = uid {
+        // SAFETY: plain syscalls; leaving root drops every capability (no keep-caps).
+        if unsafe { libc::setresgid(uid, uid, uid) } != 0
+            || unsafe { libc::setresuid(uid, uid, uid) } != 0
+        {
+            return Err(format!(
+                "becoming uid {uid}: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
     for file in files {
-        let module = std::fs::File::open(file).map_err(|e| format!("opening {file}: {e}"))?;
-        // SAFETY: a valid open fd and a NUL-terminated parameter string that outlive the call.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_finit_module,
-                module.as_raw_fd(),
-                params.as_ptr(),
-                flags,
-            )
-        };
         let name = Path::new(file)
             .file_name()
             .map_or(file.as_str().into(), |n| n.to_string_lossy());
@@ -101,9 +131,42 @@ fn load(args: &[String]) -> Result<(), String> {
         } else {
             name.into_owned()
         };
-        println!("finit_module {shown} {}", outcome(rc));
+        let start = std::sync::Arc::new(std::sync::Barrier::new(threads));
+        let calls: Vec<_> = (0..threads)
+            .map(|_| {
+                let (file, start) = (file.clone(), start.clone());
+                std::thread::spawn(move || finit_module(&file, flags, &start))
+            })
+            .collect();
+        for call in calls {
+            let result = call
+                .join()
+                .map_err(|_| "a load thread panicked".to_owned())?;
+            println!("finit_module {shown} {}", result?);
+        }
     }
     Ok(())
+}
+
+/// One `finit_module` call on its own descriptor, once every thread is ready.
+fn finit_module(
+    file: &str,
+    flags: libc::c_uint,
+    start: &std::sync::Barrier,
+) -> Result<String, String> {
+    let params = CString::default();
+    let module = std::fs::File::open(file).map_err(|e| format!("opening {file}: {e}"))?;
+    start.wait();
+    // SAFETY: a valid open fd and a NUL-terminated parameter string that outlive the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_finit_module,
+            module.as_raw_fd(),
+            params.as_ptr(),
+            flags,
+        )
+    };
+    Ok(outcome(rc))
 }
 
 /// `security.ima` type 0x04 (IMA_XATTR_DIGEST_NG: a digest with its algorithm), and the

@@ -65,6 +65,11 @@ pub fn build(inputs: &Inputs) -> anyhow::Result<PathBuf> {
         }
     }
 
+    // Debian's own kmod (the host's: bookworm's kmod 30, as Debian 12 ships it), for the
+    // scenarios that load as a distribution does: its modprobe and insmod decompress a
+    // `.ko.xz` themselves and call init_module(2). Under /usr/sbin, apart from busybox's applets.
+    add_kmod(&stage)?;
+
     let mut order = String::new();
     for module in kernel.modules_with_deps(NETWORK_MODULES)? {
         let name = plain_name(&module)?;
@@ -139,6 +144,33 @@ pub fn build(inputs: &Inputs) -> anyhow::Result<PathBuf> {
     )
     .context("packing the initramfs (packages cpio, gzip)")?;
     Ok(archive)
+}
+
+/// The host's kmod and the shared libraries it needs (as `ldd` finds them), with its
+/// modprobe, insmod and depmod names.
+fn add_kmod(stage: &Path) -> anyhow::Result<()> {
+    let kmod = Path::new("/usr/bin/kmod");
+    let listed = Command::new("ldd")
+        .arg(kmod)
+        .output()
+        .context("ldd /usr/bin/kmod (package kmod)")?;
+    ensure!(listed.status.success(), "ldd /usr/bin/kmod failed");
+    let text = String::from_utf8_lossy(&listed.stdout);
+    // `libzstd.so.1 => /lib/x86_64-linux-gnu/libzstd.so.1 (0x...)` and the loader's own line.
+    for path in text.split_whitespace().filter(|word| word.starts_with('/')) {
+        let target = stage.join(path.trim_start_matches('/'));
+        if let Some(dir) = target.parent() {
+            fs::create_dir_all(dir)?;
+        }
+        fs::copy(path, &target).with_context(|| format!("copying {path}"))?;
+    }
+    let sbin = stage.join("usr/sbin");
+    fs::create_dir_all(&sbin)?;
+    fs::copy(kmod, sbin.join("kmod"))?;
+    for name in ["modprobe", "insmod", "depmod", "rmmod"] {
+        std::os::unix::fs::symlink("kmod", sbin.join(name))?;
+    }
+    Ok(())
 }
 
 /// `crc7.ko` for both `.../crc7.ko` and `.../crc7.ko.xz`.

@@ -18,6 +18,7 @@ mod modules;
 mod names;
 mod phases;
 mod timers;
+mod verdicts;
 
 use std::{borrow::Cow, net::SocketAddr};
 
@@ -126,6 +127,9 @@ pub const SCENARIOS: &[&Scenario] = &[
     &names::NAMES_INTEGRITY,
     &names::NAMES_CONFIDENTIALITY,
     &ima::IMA,
+    &verdicts::STORM,
+    &verdicts::STORM_LOCKDOWN,
+    &verdicts::LOAD_PATHS,
     &phases::PHASES_VS_FTRACE,
     &agent::BENCH_MODULES,
     &agent::BENCH_TIMERS,

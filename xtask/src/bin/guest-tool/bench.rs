@@ -31,6 +31,39 @@ pub fn timer_pairs(count: u64) -> Result<(), String> {
     Ok(())
 }
 
+/// `timer-storm SECONDS THREADS`: THREADS threads make timer_create+timer_delete pairs as fast
+/// as they can for SECONDS (the flood any local user can make); prints the pairs made in all.
+pub fn timer_storm(seconds: u64, threads: u64) -> Result<(), String> {
+    let until = Instant::now() + std::time::Duration::from_secs(seconds);
+    let workers: Vec<_> = (0..threads)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut pairs = 0u64;
+                while Instant::now() < until {
+                    for _ in 0..256 {
+                        let mut id = 0;
+                        if timer_create(libc::CLOCK_MONOTONIC.into(), &mut id) != 0
+                            || timer_delete(id) != 0
+                        {
+                            return Err(format!("timer pair: {}", std::io::Error::last_os_error()));
+                        }
+                    }
+                    pairs += 256;
+                }
+                Ok(pairs)
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for worker in workers {
+        total += worker
+            .join()
+            .map_err(|_| "a storm thread panicked".to_owned())??;
+    }
+    println!("timer-storm pairs={total}");
+    Ok(())
+}
+
 pub fn getppid(count: u64) -> Result<(), String> {
     let started = Instant::now();
     for _ in 0..count {

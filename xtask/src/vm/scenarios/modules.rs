@@ -14,9 +14,10 @@ pub const PHASE_SUM: &str = "observer_module_integrity_phase_duration_seconds_su
 pub const INTEGRITY_SUM: &str = "observer_module_integrity_check_duration_seconds_sum";
 
 pub const LOADED_SIGNED: Labels = &[("outcome", "loaded"), ("method", "signature")];
-const LOADED_UNSIGNED: Labels = &[("outcome", "loaded"), ("method", "none")];
+pub const LOADED_UNSIGNED: Labels = &[("outcome", "loaded"), ("method", "none")];
 pub const SIGNATURE_OK: Labels = &[("method", "signature"), ("result", "ok")];
-const MODULE_SIGNATURE_DENIED: Labels = &[("reason", "module_signature"), ("verdict", "denied")];
+pub const MODULE_SIGNATURE_DENIED: Labels =
+    &[("reason", "module_signature"), ("verdict", "denied")];
 pub const ALL: Labels = &[];
 
 /// The timed phases of a signature check lie within the whole check.
