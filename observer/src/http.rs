@@ -67,8 +67,8 @@ where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let service = service_fn(move |request| {
-        let response = respond(&request, &agent, &path, &web);
-        async move { Ok::<_, Infallible>(response) }
+        let (agent, path, web) = (agent.clone(), path.clone(), web.clone());
+        async move { Ok::<_, Infallible>(respond(request, &agent, &path, &web).await) }
     });
     let connection = http1::Builder::new()
         .timer(TokioTimer::new())
@@ -81,8 +81,9 @@ where
     }
 }
 
-fn respond(
-    request: &Request<Incoming>,
+// The request by value: a reference kept across the bcrypt wait would need it to be Sync.
+async fn respond(
+    request: Request<Incoming>,
     agent: &Agent,
     telemetry_path: &str,
     web: &WebConfig,
@@ -99,16 +100,15 @@ fn respond(
             .insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
         return response;
     }
-    // /healthz says only "ok", so liveness probes need no credentials.
+    // /healthz says only "ok", so liveness probes need no credentials (nor wait for bcrypt).
     if path == "/healthz" {
         return plain(StatusCode::OK, "ok\n");
     }
-    if !web.authorized(
-        request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .map(header::HeaderValue::as_bytes),
-    ) {
+    let credentials = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(header::HeaderValue::as_bytes);
+    if !web.authorized(credentials).await {
         let mut response = plain(StatusCode::UNAUTHORIZED, "unauthorized\n");
         response.headers_mut().insert(
             header::WWW_AUTHENTICATE,
