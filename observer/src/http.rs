@@ -1,7 +1,12 @@
 //! The metrics endpoint: GET on the telemetry path (gzip-compressed when the scraper accepts
 //! it), /healthz, and a landing page at / that links to both; nothing else.
 
-use std::{convert::Infallible, io::Write as _, sync::Arc, time::Duration};
+use std::{
+    convert::Infallible,
+    io::Write as _,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use bytes::Bytes;
 use flate2::{Compression, write::GzEncoder};
@@ -11,13 +16,23 @@ use hyper::{
     service::service_fn,
 };
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, sync::Semaphore};
 
 use tokio_rustls::TlsAcceptor;
 
 use crate::{agent::Agent, webconfig::WebConfig};
 
 const TEXT_FORMAT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Connections served at once. A connection past the cap waits in the kernel's accept backlog
+/// until one ends (each ends at the latest READ_TIMEOUT after its client goes quiet) rather
+/// than being closed at once: a refused connection is a failed scrape, a queued one a late one,
+/// and a burst of scrapers gets through. The cap bounds the agent's file descriptors, memory
+/// and requests waiting for bcrypt, whatever the number of clients.
+const MAX_CONNECTIONS: usize = 64;
+
+/// How often at most the cap is reported (a flood would otherwise log on every accept).
+const CAP_WARNING_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Accepts connections until the future is dropped.
 pub async fn serve(
@@ -27,7 +42,26 @@ pub async fn serve(
     web: Arc<WebConfig>,
 ) {
     let acceptor = web.tls.clone().map(TlsAcceptor::from);
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut warned: Option<Instant> = None;
     loop {
+        // A slot before accept: over the cap, new clients wait in the backlog, not in memory.
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                if warned.is_none_or(|at| at.elapsed() >= CAP_WARNING_INTERVAL) {
+                    log::warn!(
+                        "{MAX_CONNECTIONS} connections open: new ones wait in the listen backlog"
+                    );
+                    warned = Some(Instant::now());
+                }
+                match slots.clone().acquire_owned().await {
+                    Ok(slot) => slot,
+                    // Never closed: nothing to serve without it.
+                    Err(_) => return,
+                }
+            }
+        };
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(err) => {
@@ -44,6 +78,8 @@ pub async fn serve(
             acceptor.clone(),
         );
         tokio::spawn(async move {
+            // Freed when the connection ends, however it ends.
+            let _slot = slot;
             match acceptor {
                 None => connection(TokioIo::new(stream), agent, path, web).await,
                 // A client that never finishes its handshake cannot hold a connection open.
@@ -67,12 +103,13 @@ where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let service = service_fn(move |request| {
-        let response = respond(&request, &agent, &path, &web);
-        async move { Ok::<_, Infallible>(response) }
+        let (agent, path, web) = (agent.clone(), path.clone(), web.clone());
+        async move { Ok::<_, Infallible>(respond(request, &agent, &path, &web).await) }
     });
     let connection = http1::Builder::new()
         .timer(TokioTimer::new())
-        // A client that never finishes its headers cannot hold a connection open.
+        // A client that never finishes its headers cannot hold a connection open (nor can an
+        // idle keep-alive one: the timer runs while hyper waits for the next request).
         .header_read_timeout(READ_TIMEOUT)
         .max_buf_size(16 * 1024)
         .serve_connection(io, service);
@@ -81,8 +118,9 @@ where
     }
 }
 
-fn respond(
-    request: &Request<Incoming>,
+// The request by value: a reference kept across the bcrypt wait would need it to be Sync.
+async fn respond(
+    request: Request<Incoming>,
     agent: &Agent,
     telemetry_path: &str,
     web: &WebConfig,
@@ -99,16 +137,15 @@ fn respond(
             .insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
         return response;
     }
-    // /healthz says only "ok", so liveness probes need no credentials.
+    // /healthz says only "ok", so liveness probes need no credentials (nor wait for bcrypt).
     if path == "/healthz" {
         return plain(StatusCode::OK, "ok\n");
     }
-    if !web.authorized(
-        request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .map(header::HeaderValue::as_bytes),
-    ) {
+    let credentials = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(header::HeaderValue::as_bytes);
+    if !web.authorized(credentials).await {
         let mut response = plain(StatusCode::UNAUTHORIZED, "unauthorized\n");
         response.headers_mut().insert(
             header::WWW_AUTHENTICATE,

@@ -161,3 +161,43 @@ fn metrics_gzip_when_asked_plain_otherwise() {
     assert_eq!(browser.header("content-encoding"), Some("gzip"));
     assert_eq!(agent.stop(), 0);
 }
+
+/// The agent's open sockets (its listener among them).
+fn sockets(agent: &Agent) -> usize {
+    std::fs::read_dir(format!("/proc/{}/fd", agent.child.id()))
+        .unwrap()
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter(|target| target.to_string_lossy().starts_with("socket:"))
+        .count()
+}
+
+/// Past 64 connections the agent accepts no more until one ends: the rest wait in the listen
+/// backlog, and a scrape among them is answered late rather than refused.
+#[test]
+fn connections_over_the_cap_wait_their_turn() {
+    let agent = Agent::start(&[]);
+    let idle = sockets(&agent);
+    // Clients that never finish their headers hold their connections until the header read
+    // timeout (10 s).
+    let slow: Vec<TcpStream> = (0..100)
+        .map(|_| {
+            let mut s = TcpStream::connect(agent.addr).unwrap();
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+                .unwrap();
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(2));
+    let held = sockets(&agent) - idle;
+    assert!(held <= 64, "{held} connections accepted at once");
+    assert!(held >= 60, "only {held} of 100 connections accepted");
+    let start = std::time::Instant::now();
+    let (status, body) = testkit::http::get(agent.addr, "/metrics", Duration::from_secs(40))
+        .expect("a scrape behind the cap is answered, not refused");
+    assert_eq!(status, 200, "{body:.200}");
+    // Served once the slow clients' header read timeout frees their slots.
+    let waited = start.elapsed();
+    assert!(waited < Duration::from_secs(30), "waited {waited:?}");
+    drop(slow);
+    assert_eq!(agent.stop(), 0);
+}

@@ -342,6 +342,84 @@ fn restore_mode_creates_with_requested_ids() {
     wait_for_event(&agent, "the restore-mode create", |e| own(e) == wanted);
 }
 
+/// `N` timers created (and left to die with the process).
+fn create_timers<const N: usize>() -> Vec<i64> {
+    (0..N)
+        .map(|_| {
+            let mut id = 0;
+            timer_create(CLOCK_MONOTONIC, &mut id)
+        })
+        .collect()
+}
+
+/// Runs `body` in a child named `comm`, lets it exit, and checks every create succeeded.
+fn creates_in_child(comm: &str, body: fn() -> Vec<i64>) {
+    let (_, results, finish) = in_child(comm, false, body);
+    finish();
+    assert!(results.iter().all(|&r| r == 0), "{comm}: {results:?}");
+}
+
+/// The per-process series are not re-ranked: with one series, the first name seen keeps it
+/// (and it grows), and a later name with more creates counts as `other`.
+#[test]
+fn the_first_process_names_keep_their_series() {
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    const BY_PROCESS: &str = "observer_posix_timer_creates_by_process_total";
+    let (first, second) = (unique_comm("obst-1st"), unique_comm("obst-2nd"));
+    let series = |m: &Metrics, comm: &str| m.get(BY_PROCESS, &[("comm", comm)]);
+    let other = |m: &Metrics| m.value(BY_PROCESS, &[("comm", "other")]);
+    // Another process on the host may create a timer first and take the one series: then the
+    // test starts over with a fresh agent.
+    let taken_by = |m: &Metrics| {
+        testkit::prom::parse(&m.0)
+            .into_iter()
+            .filter(|s| s.name == BY_PROCESS)
+            .flat_map(|s| s.labels)
+            .find(|(_, comm)| *comm != first && comm != "other")
+            .map(|(_, comm)| comm)
+    };
+    for attempt in 1..=3 {
+        let agent = Agent::start(&["--timers.top-processes", "1"]);
+        creates_in_child(&first, create_timers::<3>);
+        let m = agent.metrics_until("the first name's creates", |m| {
+            series(m, &first).unwrap_or(0.0) >= 3.0 || taken_by(m).is_some()
+        });
+        if let Some(comm) = taken_by(&m) {
+            eprintln!("attempt {attempt}: {comm:?} created a timer first; again");
+            continue;
+        }
+        assert_eq!(series(&m, &first), Some(3.0));
+        let other_before = other(&m);
+
+        // More creates than the first name: they count as other, and the first series stays.
+        creates_in_child(&second, create_timers::<5>);
+        let m = agent.metrics_until("the second name's creates", |m| {
+            other(m) - other_before >= 5.0
+        });
+        assert_eq!(series(&m, &first), Some(3.0), "{}", m.0);
+        assert_eq!(series(&m, &second), None, "{}", m.0);
+
+        // The first name again: its own series grows by exactly its creates.
+        creates_in_child(&first, create_timers::<2>);
+        let m = agent.metrics_until("the first name's further creates", |m| {
+            series(m, &first).unwrap_or(0.0) >= 5.0
+        });
+        assert_eq!(series(&m, &first), Some(5.0), "{}", m.0);
+        assert_eq!(series(&m, &second), None, "{}", m.0);
+        assert!(other(&m) - other_before >= 5.0);
+        let names = testkit::prom::parse(&m.0)
+            .into_iter()
+            .filter(|s| s.name == BY_PROCESS)
+            .count();
+        assert_eq!(names, 2, "one name and other: {}", m.0);
+        assert_eq!(agent.stop(), 0);
+        return;
+    }
+    panic!("other processes created timers first on three agents in a row");
+}
+
 #[test]
 fn timers_die_with_their_process_at_exit_and_exec() {
     let _serial = SERIAL

@@ -19,12 +19,34 @@ pub fn request(
     path: &str,
     timeout: Duration,
 ) -> io::Result<(u16, String)> {
+    request_with(addr, method, path, &[], timeout)
+}
+
+/// Like [`request`], with more header lines (`Authorization` and the like). A name or value
+/// with a line break is refused: it would end the header early or add one of its own.
+pub fn request_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    timeout: Duration,
+) -> io::Result<(u16, String)> {
+    let mut extra = String::new();
+    for (name, value) in headers {
+        if [name, value].iter().any(|s| s.contains(['\r', '\n'])) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("header {name:?}: a line break in it"),
+            ));
+        }
+        extra += &format!("{name}: {value}\r\n");
+    }
     let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
     write!(
         stream,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/plain\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/plain\r\n{extra}Connection: close\r\n\r\n"
     )?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw)?;
@@ -107,22 +129,21 @@ mod tests {
         assert!(dechunk(b"zz\r\n").is_err());
     }
 
-    /// Serves one connection with `answer`, returning the request line it read.
-    fn serve_once(answer: &'static [u8]) -> (SocketAddr, thread::JoinHandle<String>) {
+    /// Serves one connection with `answer`, returning the request head's lines it read.
+    fn serve_once(answer: &'static [u8]) -> (SocketAddr, thread::JoinHandle<Vec<String>>) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let server = thread::spawn(move || {
             let (mut stream, _) = listener.accept().unwrap();
             let mut reader = io::BufReader::new(stream.try_clone().unwrap());
-            let mut first = String::new();
-            reader.read_line(&mut first).unwrap();
-            // The rest of the request head.
+            let mut head = Vec::new();
             let mut line = String::new();
             while reader.read_line(&mut line).unwrap() > 2 {
+                head.push(line.trim_end().to_owned());
                 line.clear();
             }
             stream.write_all(answer).unwrap();
-            first.trim_end().to_owned()
+            head
         });
         (addr, server)
     }
@@ -134,7 +155,7 @@ mod tests {
         );
         let got = get(addr, "/metrics", Duration::from_secs(5)).unwrap();
         assert_eq!(got, (200, "ab\ncd".to_owned()));
-        assert_eq!(server.join().unwrap(), "GET /metrics HTTP/1.1");
+        assert_eq!(server.join().unwrap()[0], "GET /metrics HTTP/1.1");
     }
 
     #[test]
@@ -142,7 +163,7 @@ mod tests {
         let (addr, server) = serve_once(b"HTTP/1.1 405 Method Not Allowed\r\n\r\nno");
         let got = request(addr, "POST", "/x", Duration::from_secs(5)).unwrap();
         assert_eq!(got, (405, "no".to_owned()));
-        assert_eq!(server.join().unwrap(), "POST /x HTTP/1.1");
+        assert_eq!(server.join().unwrap()[0], "POST /x HTTP/1.1");
 
         let (addr, server) = serve_once(
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 9\r\n\r\n",
@@ -150,6 +171,22 @@ mod tests {
         let got = request(addr, "HEAD", "/", Duration::from_secs(5)).unwrap();
         assert_eq!(got, (200, String::new()));
         server.join().unwrap();
+    }
+
+    #[test]
+    fn extra_headers_are_sent_and_line_breaks_refused() {
+        let (addr, server) = serve_once(b"HTTP/1.1 401 Unauthorized\r\n\r\n");
+        let auth = [("Authorization", "Basic dTpw")];
+        let got = request_with(addr, "GET", "/m", &auth, Duration::from_secs(5)).unwrap();
+        assert_eq!(got.0, 401);
+        let head = server.join().unwrap();
+        assert!(
+            head.iter().any(|l| l == "Authorization: Basic dTpw"),
+            "{head:?}"
+        );
+        let injected = [("X", "a\r\nAuthorization: Basic x")];
+        let err = request_with(addr, "GET", "/", &injected, Duration::from_secs(5)).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
     }
 
     #[test]

@@ -50,7 +50,8 @@ pub struct Flags {
     /// A timer deleted this soon after creation, never armed, counts as short-lived churn.
     #[arg(long = "timers.short-lived", default_value = "10ms", value_parser = crate::parse::parse_duration)]
     pub short_lived: Duration,
-    /// How many process names get their own series in the per-process timer metric.
+    /// How many process names get their own series in the per-process timer metric: the first
+    /// this many names seen keep theirs for the agent's life; later names count as "other".
     #[arg(long = "timers.top-processes", default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..=1000))]
     pub top_processes: u16,
     /// Also time timer_create (a histogram): one more program per create, on its entry.

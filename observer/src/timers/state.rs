@@ -1,5 +1,10 @@
 //! What the timer records tell, kept between scrapes: live timers, short-lived churn and
 //! creates per process. (The ID high-water mark is kept in the kernel.)
+//!
+//! Creates per process: the first `--timers.top-processes` names seen keep their own series
+//! for the agent's life, and every name after them counts as `comm="other"`. Re-ranking at each
+//! scrape would make a name that drops out lose its series (its rate reads as a reset) and one
+//! that climbs in appear with its whole history at once; these counters only ever grow.
 
 use std::collections::HashMap;
 
@@ -23,9 +28,9 @@ pub struct TimerSettings {
     pub top_processes: usize,
 }
 
-/// Process names kept with their own create count; more go to `other` at once. Top-N is taken
-/// from these at scrape time, so memory stays bounded whatever the churn of names.
-const MAX_TRACKED_COMMS: usize = 4096;
+/// The label of the series that counts every name without a series of its own. A process
+/// that is itself named `other` counts there: two series with one label set would be invalid.
+const OTHER: &str = "other";
 /// Live timers tracked; beyond this, creates are counted but not followed to their deletion.
 const MAX_TRACKED_TIMERS: usize = 262_144;
 
@@ -37,8 +42,9 @@ pub struct TimerState {
     live_count: usize,
     untracked: u64,
     short_lived: u64,
+    /// At most `top_processes` names, kept once they are in: memory bounded by the flag.
     creates_by_comm: HashMap<String, u64>,
-    creates_untracked_comms: u64,
+    creates_other: u64,
 }
 
 impl TimerState {
@@ -50,7 +56,7 @@ impl TimerState {
             untracked: 0,
             short_lived: 0,
             creates_by_comm: HashMap::new(),
-            creates_untracked_comms: 0,
+            creates_other: 0,
         }
     }
 
@@ -60,10 +66,10 @@ impl TimerState {
         let (pid, id) = (event.header.pid, event.timer_id);
         if let Some(count) = self.creates_by_comm.get_mut(comm) {
             *count += 1;
-        } else if self.creates_by_comm.len() < MAX_TRACKED_COMMS {
+        } else if self.creates_by_comm.len() < self.settings.top_processes && comm != OTHER {
             self.creates_by_comm.insert(comm.to_owned(), 1);
         } else {
-            self.creates_untracked_comms += 1;
+            self.creates_other += 1;
         }
         if id < 0 {
             return;
@@ -161,17 +167,16 @@ impl TimerState {
         want_event.then_some(fields)
     }
 
-    /// The `top_processes` names with the most creates, and the sum of all others.
-    fn top_creators(&self) -> (Vec<(&str, u64)>, u64) {
-        let mut all: Vec<(&str, u64)> = self
+    /// The names with their own series, by name (a stable order between scrapes), and the
+    /// count of all others.
+    fn creators(&self) -> (Vec<(&str, u64)>, u64) {
+        let mut named: Vec<(&str, u64)> = self
             .creates_by_comm
             .iter()
             .map(|(c, n)| (c.as_str(), *n))
             .collect();
-        all.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
-        let rest = all.split_off(all.len().min(self.settings.top_processes));
-        let other = rest.iter().map(|(_, n)| n).sum::<u64>() + self.creates_untracked_comms;
-        (all, other)
+        named.sort_unstable();
+        (named, self.creates_other)
     }
 
     pub fn gather(&self, families: &mut Vec<Family>) {
@@ -192,15 +197,15 @@ impl TimerState {
 
         let mut by_comm = Family::counter(
             "posix_timer_creates_by_process_total",
-            "Successful timer_create calls for the top --timers.top-processes process names; the rest as comm=\"other\" \
-             (which can move down when a name enters the top).",
+            "Successful timer_create calls by process name: the first --timers.top-processes names seen keep \
+             their own series for the agent's life; every later name counts as comm=\"other\".",
         );
-        let (top, other) = self.top_creators();
-        for (comm, count) in top {
+        let (named, other) = self.creators();
+        for (comm, count) in named {
             by_comm.add(&[("comm", comm)], count as f64);
         }
         if other > 0 {
-            by_comm.add(&[("comm", "other")], other as f64);
+            by_comm.add(&[("comm", OTHER)], other as f64);
         }
         families.push(by_comm);
     }
@@ -278,28 +283,59 @@ mod tests {
         assert_eq!(s.live_count, 1);
     }
 
-    #[test]
-    fn top_creators_sum_the_rest_as_other() {
-        let mut s = state(2);
-        for (comm, n) in [("a", 5), ("b", 3), ("c", 2), ("d", 1)] {
-            for i in 0..n {
-                feed(&mut s, EventKind::TimerCreated, 1, i, 0, comm);
-            }
+    /// `n` creates by `comm`.
+    fn creates(s: &mut TimerState, comm: &str, n: i32) {
+        for i in 0..n {
+            feed(s, EventKind::TimerCreated, 1, i, 0, comm);
         }
-        let (top, other) = s.top_creators();
-        assert_eq!(top, vec![("a", 5), ("b", 3)]);
-        assert_eq!(other, 3);
+    }
+
+    #[test]
+    fn the_first_names_keep_their_series_and_later_ones_are_other() {
+        let mut s = state(2);
+        creates(&mut s, "a", 1);
+        creates(&mut s, "b", 2);
+        // Later names with more creates do not push the first ones out.
+        creates(&mut s, "c", 50);
+        creates(&mut s, "d", 7);
+        assert_eq!(s.creators(), (vec![("a", 1), ("b", 2)], 57));
+        // The first names' series go on growing; the later ones' go on counting as other.
+        creates(&mut s, "a", 3);
+        creates(&mut s, "c", 1);
+        assert_eq!(s.creators(), (vec![("a", 4), ("b", 2)], 58));
+    }
+
+    #[test]
+    fn a_process_named_other_counts_as_other() {
+        let mut s = state(3);
+        creates(&mut s, "other", 2);
+        creates(&mut s, "a", 1);
+        assert_eq!(s.creators(), (vec![("a", 1)], 2));
+        let mut families = Vec::new();
+        s.gather(&mut families);
+        let text = String::from_utf8(crate::metrics::render(families).unwrap()).unwrap();
+        let by_process = text
+            .lines()
+            .filter(|l| l.starts_with("observer_posix_timer_creates_by_process_total{"))
+            .collect::<Vec<_>>();
+        assert_eq!(
+            by_process,
+            [
+                "observer_posix_timer_creates_by_process_total{comm=\"a\"} 1",
+                "observer_posix_timer_creates_by_process_total{comm=\"other\"} 2",
+            ]
+        );
     }
 
     #[test]
     fn comm_table_is_bounded() {
         let mut s = state(3);
-        for i in 0..(MAX_TRACKED_COMMS + 100) {
+        for i in 0..10_000 {
             feed(&mut s, EventKind::TimerCreated, 1, 1, 0, &format!("p{i}"));
         }
-        assert_eq!(s.creates_by_comm.len(), MAX_TRACKED_COMMS);
-        let (top, other) = s.top_creators();
-        assert_eq!(top.len(), 3);
-        assert_eq!(other as usize, MAX_TRACKED_COMMS + 100 - 3);
+        assert_eq!(s.creates_by_comm.len(), 3);
+        let (named, other) = s.creators();
+        assert_eq!(named, vec![("p0", 1), ("p1", 1), ("p2", 1)]);
+        assert_eq!(other, 10_000 - 3);
     }
 }
