@@ -1,7 +1,8 @@
 //! The event stream against this machine's kernel: a process in a child cgroup of its own,
 //! under another user, makes a timer and meets a lockdown denial; its events name the time,
 //! the user, the exact cgroup path, and validate against schemas/events.schema.json. The file
-//! route: appended, reopened on SIGHUP, and write errors counted without stopping the agent.
+//! route: appended, reopened on SIGHUP, and write errors counted without stopping the agent; a
+//! stdout nobody reads drops events (counted) and never stops the metrics.
 
 #[path = "support/features.rs"]
 mod features;
@@ -15,7 +16,7 @@ use std::{
 };
 
 use serde_json::Value;
-use support::{Agent, timer_create, timer_delete, timer_pair};
+use support::{Agent, http_get, timer_create, timer_delete, timer_pair, timer_storm};
 
 const SCHEMA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../schemas/events.schema.json");
 const NOBODY: u32 = 65_534;
@@ -254,4 +255,42 @@ fn write_errors_are_counted_and_the_metrics_go_on() {
         m.value("observer_events_output_errors_total", &[]) >= 2.0
     });
     assert_eq!(agent.stop(), 0);
+}
+
+#[test]
+fn a_stdout_nobody_reads_drops_events_and_the_metrics_go_on() {
+    let (agent, _unread) = Agent::start_with_stdout_unread(&["--events", "json"]);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let storm = timer_storm(1, stop.clone());
+    // The pipe (64 KiB) fills within a few hundred events; then the writer blocks, its queue
+    // fills, and further events are dropped and counted while scrapes keep answering.
+    let full = agent.metrics_until("events dropped behind the unread stdout", |m| {
+        m.value("observer_events_output_dropped_total", &[]) >= 1.0
+    });
+    let received =
+        |m: &support::Metrics| m.value("observer_events_total", &[("kind", "timer_created")]);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut last = full;
+    while Instant::now() < deadline {
+        let started = Instant::now();
+        assert_eq!(http_get(agent.addr, "/healthz").unwrap().0, 200);
+        let now = agent.metrics();
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "a scrape took {:?} behind a blocked stdout",
+            started.elapsed()
+        );
+        assert!(received(&now) >= received(&last), "records still counted");
+        last = now;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    storm.into_iter().for_each(|t| {
+        t.join().unwrap();
+    });
+    timer_pair();
+    let end = agent.metrics_until("a record after the storm", |m| {
+        received(m) > received(&last)
+    });
+    assert!(end.value("observer_events_output_dropped_total", &[]) >= 1.0);
 }

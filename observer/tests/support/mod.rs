@@ -43,8 +43,21 @@ impl Agent {
         agent
     }
 
+    /// Starts the agent with its stdout a pipe that nobody reads (the pipe stays open, so
+    /// writes block once it is full, as with a stalled log collector).
+    pub fn start_with_stdout_unread(extra: &[&str]) -> (Self, std::process::ChildStdout) {
+        let mut agent = Self::spawn_with(extra, false);
+        let stdout = agent.child.stdout.take().unwrap();
+        agent.wait_ready();
+        (agent, stdout)
+    }
+
     /// Starts the agent without waiting for it (for endpoints plain HTTP cannot reach).
     pub fn spawn(extra: &[&str]) -> Self {
+        Self::spawn_with(extra, true)
+    }
+
+    fn spawn_with(extra: &[&str], read_stdout: bool) -> Self {
         require_root();
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let mut child = Command::new(OBSERVER)
@@ -55,7 +68,11 @@ impl Agent {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let stdout = collect_lines(child.stdout.take().unwrap());
+        let stdout = if read_stdout {
+            collect_lines(child.stdout.take().unwrap())
+        } else {
+            Arc::default()
+        };
         let stderr = collect_lines(child.stderr.take().unwrap());
         Self {
             child,
