@@ -39,6 +39,7 @@ pub const NAMES: Names = Names {
         "modules_ima_appraise_enter",
         "modules_ima_appraise_exit",
         "modules_ima_signature",
+        "modules_ima_load_data",
         "modules_init_name",
         "modules_loaded_name",
         "modules_request_fentry",
@@ -47,6 +48,8 @@ pub const NAMES: Names = Names {
         "modules_init_exit",
         "modules_read_file_exit",
         "modules_load_data_exit",
+        "modules_idempotent",
+        "modules_from_file",
     ],
     maps: &[
         "MODULE_LOADS",
@@ -113,6 +116,16 @@ pub const SEEN_INIT_MODULE: u32 = 1 << 15;
 pub const SEEN_READ: u32 = 1 << 16;
 /// `security_kernel_load_data` ran for a module: the caller passed `may_init_module`.
 pub const SEEN_LOAD_DATA: u32 = 1 << 17;
+
+/// `idempotent_init_module` ran (6.6+): finit_module passed `may_init_module`, and a call that
+/// then does not reach `init_module_from_file` waited on an identical load in progress.
+pub const SEEN_IDEMPOTENT: u32 = 1 << 18;
+/// `init_module_from_file` ran: this finit_module call does the load itself.
+pub const SEEN_FROM_FILE: u32 = 1 << 19;
+
+/// IMA refused init_module(2)'s bytes (`ima_load_data`): under an appraisal policy for
+/// modules it refuses every module without a file to appraise.
+pub const SEEN_IMA_DATA_REFUSED: u32 = 1 << 20;
 
 /// What became of a load attempt ([`ModuleLoad::outcome`], the `outcome` label), decided in the
 /// kernel by [`load_outcome`] or [`early_outcome`] and counted there.
@@ -209,16 +222,20 @@ pub const fn load_outcome(seen: u32, load_ret: i32, sig_check_ret: i32) -> u32 {
 /// The outcome of an attempt that ended before `load_module`, at its syscall's exit with `ret`.
 #[inline(always)]
 pub const fn early_outcome(seen: u32, ret: i32) -> u32 {
-    if seen & SEEN_READ_REFUSED != 0 {
-        // IMA's appraisal of the read refused it.
+    if seen & (SEEN_READ_REFUSED | SEEN_IMA_DATA_REFUSED) != 0 {
+        // IMA refused it: its appraisal of the read, or init_module's bytes.
         OUTCOME_REJECTED_IMA
     } else if seen & SEEN_LSM_REFUSED != 0 {
         OUTCOME_REJECTED_LSM
-    } else if seen & (SEEN_READ | SEEN_LOAD_DATA) == 0 {
-        // No hook on the module's data ran: the syscall ended in `may_init_module` (no
-        // CAP_SYS_MODULE, or kernel.modules_disabled=1), or it waited on an identical
-        // finit_module already in progress (6.6+: the kernel hands the waiter that load's
-        // result without loading again).
+    } else if seen & (SEEN_IDEMPOTENT | SEEN_FROM_FILE) == SEEN_IDEMPOTENT {
+        // It waited for an identical finit_module and returns that one's result, whatever it
+        // was (an EPERM there is the other call's lockdown refusal, not a permission).
+        OUTCOME_DUPLICATE
+    } else if seen & (SEEN_READ | SEEN_LOAD_DATA | SEEN_IDEMPOTENT) == 0 {
+        // No hook past `may_init_module` ran: the syscall ended there (no CAP_SYS_MODULE, or
+        // kernel.modules_disabled=1), or, where `idempotent_init_module` cannot be traced, it
+        // waited on an identical finit_module in progress (the kernel hands the waiter that
+        // load's result without loading again).
         if ret == 0 {
             OUTCOME_DUPLICATE
         } else if ret == -EPERM {
@@ -378,6 +395,12 @@ mod tests {
             OUTCOME_REJECTED_LSM
         );
         assert_eq!(early_outcome(0, -EPERM), OUTCOME_REJECTED_PERMISSION);
+        assert_eq!(early_outcome(SEEN_IDEMPOTENT, -EPERM), OUTCOME_DUPLICATE);
+        assert_eq!(early_outcome(SEEN_IDEMPOTENT, 0), OUTCOME_DUPLICATE);
+        assert_eq!(
+            early_outcome(SEEN_IDEMPOTENT | SEEN_FROM_FILE, -26),
+            OUTCOME_FAILED
+        );
         assert_eq!(early_outcome(0, 0), OUTCOME_DUPLICATE);
         assert_eq!(early_outcome(0, -9), OUTCOME_FAILED);
         assert_eq!(early_outcome(read | SEEN_DECOMPRESS, -95), OUTCOME_FAILED);

@@ -20,11 +20,11 @@ use observer_common::{
     ERRNO_SLOTS, EventKind, TrackedMap, errno_slot,
     modules::{
         ModuleLoad, NAME_LEN, PHASE_DIGEST, PHASE_KEY_LOOKUP, PHASE_PARSE, PHASE_PUBLIC_KEY_VERIFY,
-        PHASES, PendingLoad, SEEN_DECOMPRESS, SEEN_FILE, SEEN_FILE_NOT_INLINE, SEEN_HASH_CHECK,
-        SEEN_INIT_MODULE, SEEN_LOAD_DATA, SEEN_LOAD_MODULE, SEEN_LSM_REFUSED, SEEN_NAME,
-        SEEN_NO_LOAD, SEEN_READ, SEEN_SIG_CHECK, SEEN_VERIFY_SIG, SYSCALL_FINIT_MODULE,
-        SYSCALL_INIT_MODULE, SYSCALL_SLOTS, VERDICT_SLOTS, early_outcome, load_outcome, method,
-        verdict_slot,
+        PHASES, PendingLoad, SEEN_DECOMPRESS, SEEN_FILE, SEEN_FILE_NOT_INLINE, SEEN_FROM_FILE,
+        SEEN_HASH_CHECK, SEEN_IDEMPOTENT, SEEN_INIT_MODULE, SEEN_LOAD_DATA, SEEN_LOAD_MODULE,
+        SEEN_LSM_REFUSED, SEEN_NAME, SEEN_NO_LOAD, SEEN_READ, SEEN_SIG_CHECK, SEEN_VERIFY_SIG,
+        SYSCALL_FINIT_MODULE, SYSCALL_INIT_MODULE, SYSCALL_SLOTS, VERDICT_SLOTS, early_outcome,
+        load_outcome, method, verdict_slot,
     },
 };
 
@@ -225,6 +225,24 @@ pub fn modules_load_data_exit(ctx: FExitContext) -> u32 {
         if ret as i32 != 0 {
             pending.seen |= SEEN_LSM_REFUSED;
         }
+    }
+    0
+}
+
+/// finit_module past `may_init_module` (6.6+): the call either loads the file itself
+/// (`init_module_from_file`) or waits for an identical load already in progress.
+#[fentry(function = "idempotent_init_module")]
+pub fn modules_idempotent(_ctx: FEntryContext) -> u32 {
+    if let Some(pending) = pending() {
+        pending.seen |= SEEN_IDEMPOTENT;
+    }
+    0
+}
+
+#[fentry(function = "init_module_from_file")]
+pub fn modules_from_file(_ctx: FEntryContext) -> u32 {
+    if let Some(pending) = pending() {
+        pending.seen |= SEEN_FROM_FILE;
     }
     0
 }

@@ -13,11 +13,13 @@ use aya_ebpf::{
     programs::{FEntryContext, FExitContext},
 };
 use observer_common::modules::{
-    IMA_READ_ID_ARG, ImaCheck, PendingLoad, SEEN_IMA_APPRAISE, SEEN_IMA_DIGEST, SEEN_IMA_READ,
-    SEEN_IMA_SIGNATURE, SEEN_READ_REFUSED,
+    IMA_READ_ID_ARG, ImaCheck, PendingLoad, SEEN_IMA_APPRAISE, SEEN_IMA_DATA_REFUSED,
+    SEEN_IMA_DIGEST, SEEN_IMA_READ, SEEN_IMA_SIGNATURE, SEEN_READ_REFUSED,
 };
 
-use super::{MODULE_PENDING, READING_MODULE, READING_MODULE_COMPRESSED, now, pending, tid};
+use super::{
+    LOADING_MODULE, MODULE_PENDING, READING_MODULE, READING_MODULE_COMPRESSED, now, pending, tid,
+};
 use crate::since;
 
 /// This thread's pending record while IMA checks its module read.
@@ -125,6 +127,21 @@ pub fn modules_ima_appraise_exit(ctx: FExitContext) -> u32 {
 pub fn modules_ima_signature(_ctx: FEntryContext) -> u32 {
     if let Some(pending) = checking() {
         pending.seen |= SEEN_IMA_SIGNATURE;
+    }
+    0
+}
+
+/// `int ima_load_data(enum kernel_load_data_id id, bool contents)`: IMA's word on
+/// init_module(2)'s bytes, which it refuses under an appraisal policy for modules.
+#[fexit(function = "ima_load_data")]
+pub fn modules_ima_load_data(ctx: FExitContext) -> u32 {
+    let id: u32 = ctx.arg(0);
+    let ret: i64 = ctx.arg(2);
+    if id == LOADING_MODULE.load()
+        && ret as i32 != 0
+        && let Some(pending) = pending()
+    {
+        pending.seen |= SEEN_IMA_DATA_REFUSED;
     }
     0
 }

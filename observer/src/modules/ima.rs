@@ -15,7 +15,7 @@ use serde::Serialize;
 use super::{bracket, single};
 use crate::{
     kernel::KernelBtf,
-    plan::{Hook, fentry},
+    plan::{Hook, fentry, fexit},
 };
 
 /// The `method` label of an IMA check: a digest in `security.ima` (compared, no key) or an
@@ -108,6 +108,12 @@ pub fn hooks(btf: Option<&KernelBtf>) -> Vec<Hook> {
         single(
             "module_ima_signature",
             fentry("modules_ima_signature", "integrity_digsig_verify"),
+        ),
+        // IMA refusing init_module(2)'s bytes (it cannot appraise a module without a file):
+        // `rejected_ima` rather than a security module's `rejected_lsm`.
+        single(
+            "module_ima_load_data",
+            fexit("modules_ima_load_data", "ima_load_data"),
         ),
     ]
 }

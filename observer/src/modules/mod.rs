@@ -249,6 +249,16 @@ fn hooks(integrity: IntegrityFunctions) -> Vec<Hook> {
             "modules_read_file_exit",
             "security_kernel_read_file",
         ),
+        // Tells a finit_module call that waited on an identical one in progress (6.6+) from
+        // one refused in may_init_module: both return without reading the file.
+        Hook {
+            name: "module_duplicate_wait",
+            options: vec![vec![
+                fentry("modules_idempotent", "idempotent_init_module"),
+                fentry("modules_from_file", "init_module_from_file"),
+            ]],
+            requires: Some(kernel::has_modules),
+        },
         // init_module(2)'s data, which IMA or LoadPin may refuse before load_module.
         single(
             "module_load_data",

@@ -4,7 +4,8 @@
 //! own), one a wrong digest, one no attribute, and a compressed one with its compressed file's
 //! digest (IMA appraises the file as read, before the kernel decompresses it). The files sit on
 //! /tmp (a tmpfs: the guest's ramfs root keeps no extended attributes); `finit_module` reads
-//! them (`init_module`, a buffer without a file, is refused outright under such a policy).
+//! them; kmod's insmod of a `.ko.xz` (init_module(2), a buffer without a file) is refused
+//! outright under such a policy, and counted `rejected_ima` too.
 //! `observer profile` watches the same loads.
 //! On every kernel; 6.1 cannot time the appraisal step on its own (see its checks).
 use super::{
@@ -23,7 +24,8 @@ const IMA_DIGEST: Labels = &[("phase", "ima_digest")];
 
 /// The exact counts, given the loads that went through (five copies of one module, and where
 /// the kernel decompresses modules, the compressed one) and those IMA passed that failed before
-/// `load_module` (6.1's compressed one); two more refused by IMA.
+/// `load_module` (6.1's compressed one); three more refused by IMA (two reads, one
+/// init_module).
 macro_rules! counts {
     (loaded: $loaded:literal, failed: $failed:literal) => {
         [
@@ -33,7 +35,7 @@ macro_rules! counts {
                 Want::Eq($loaded),
             ),
             Check::MetricSum(LOADS, &[("outcome", "failed")], Want::Eq($failed)),
-            Check::MetricSum(LOADS, ALL, Want::Eq($loaded + $failed + 2.0)),
+            Check::MetricSum(LOADS, ALL, Want::Eq($loaded + $failed + 3.0)),
             // load_module ran for those that went through only.
             Check::MetricSum(LOAD_COUNT, ALL, Want::Eq($loaded)),
             Check::Metric(INTEGRITY_COUNT, IMA_OK, Want::Eq($loaded + $failed)),
@@ -67,6 +69,7 @@ pub const IMA: Scenario = Scenario {
             for i in 1 2 3 4 5; do load /tmp/$M1-$i.ko; rmmod $m1 || echo \"rmmod $m1 failed\"; done\n\
             load /tmp/$M2.ko /tmp/$M3.ko\n\
             load --compressed /tmp/$M2.ko.xz\n\
+            /usr/sbin/insmod /vm/mods/$M3.ko.xz || echo \"insmod $M3.ko.xz refused\"\n\
             stop_profile\n\
             row=$(sed -n '/IMA_HASH_US/,$p' /tmp/profile.out | grep \"^$m1 \")\n\
             case \"$row\" in *' - '*|'') echo \"ima-row incomplete: $row\";; \
@@ -88,10 +91,19 @@ pub const IMA: Scenario = Scenario {
             &[("probe", "module_ima_check"), ("mechanism", "fentry+fexit")],
             Want::Eq(1.0),
         ),
+        // Two reads IMA's appraisal refused, and kmod's init_module(2), which IMA refuses
+        // outright under this policy (it has no file to appraise).
+        Check::Console("insmod {M3}.ko.xz refused"),
+        Check::Console("impossible to appraise a module without a file descriptor"),
         Check::Metric(
             LOADS,
             &[("outcome", "rejected_ima"), ("method", "none")],
-            Want::Eq(2.0),
+            Want::Eq(3.0),
+        ),
+        Check::Metric(
+            "observer_module_syscalls_total",
+            &[("syscall", "init_module"), ("result", "eacces")],
+            Want::Eq(1.0),
         ),
         Check::Metric(INTEGRITY_COUNT, IMA_FAIL, Want::Eq(2.0)),
         Check::MetricSum(
