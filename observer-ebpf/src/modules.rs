@@ -17,14 +17,12 @@ use aya_ebpf::{
     programs::{FEntryContext, FExitContext, TracePointContext},
 };
 use observer_common::{
-    ERRNO_SLOTS, EventKind, TrackedMap, errno_slot,
+    EventKind, TrackedMap,
     modules::{
         ModuleLoad, NAME_LEN, PHASE_DIGEST, PHASE_KEY_LOOKUP, PHASE_PARSE, PHASE_PUBLIC_KEY_VERIFY,
-        PHASES, PendingLoad, SEEN_DECOMPRESS, SEEN_FILE, SEEN_FILE_NOT_INLINE, SEEN_FROM_FILE,
-        SEEN_HASH_CHECK, SEEN_IDEMPOTENT, SEEN_INIT_MODULE, SEEN_LOAD_DATA, SEEN_LOAD_MODULE,
-        SEEN_LSM_REFUSED, SEEN_NAME, SEEN_NO_LOAD, SEEN_READ, SEEN_SIG_CHECK, SEEN_VERIFY_SIG,
-        SYSCALL_FINIT_MODULE, SYSCALL_INIT_MODULE, SYSCALL_SLOTS, VERDICT_SLOTS, early_outcome,
-        load_outcome, method, verdict_slot,
+        PHASES, PendingLoad, SEEN_DECOMPRESS, SEEN_FILE, SEEN_FILE_NOT_INLINE, SEEN_HASH_CHECK,
+        SEEN_LOAD_MODULE, SEEN_NAME, SEEN_READ, SEEN_SIG_CHECK, SEEN_VERIFY_SIG, SYSCALL_SLOTS,
+        VERDICT_SLOTS, load_outcome, method, verdict_slot,
     },
 };
 
@@ -32,6 +30,7 @@ use observer_common::taint::{MODULE_FROM_FILE, MODULE_FROM_NAME, MODULE_NONE};
 
 use crate::{header, increment, map_full, since};
 
+mod attempts;
 mod ima;
 
 /// `file.f_path.dentry`, `dentry.d_name.len` and the dentry's inline name (`d_iname`, or
@@ -193,60 +192,6 @@ pub fn modules_read_file(ctx: FEntryContext) -> u32 {
     0
 }
 
-/// A security module refusing the read (LoadPin, SELinux, a BPF LSM program) ends the attempt
-/// before `load_module`: its syscall's exit counts it as `rejected_lsm`.
-#[fexit(function = "security_kernel_read_file")]
-pub fn modules_read_file_exit(ctx: FExitContext) -> u32 {
-    let id: u32 = ctx.arg(1);
-    // `int security_kernel_read_file(struct file *, enum kernel_read_file_id, bool)`.
-    let ret: i64 = ctx.arg(3);
-    if ret as i32 != 0
-        && (id == READING_MODULE.load() || id == READING_MODULE_COMPRESSED.load())
-        && let Some(pending) = pending()
-    {
-        pending.seen |= SEEN_LSM_REFUSED;
-    }
-    0
-}
-
-/// init_module(2)'s copy of the module from user memory asks the security modules first
-/// (`security_kernel_load_data(LOADING_MODULE)`): IMA refuses it under an appraisal policy for
-/// modules (it cannot appraise bytes without a file), LoadPin always.
-#[fexit(function = "security_kernel_load_data")]
-pub fn modules_load_data_exit(ctx: FExitContext) -> u32 {
-    let id: u32 = ctx.arg(0);
-    // `int security_kernel_load_data(enum kernel_load_data_id, bool contents)`.
-    let ret: i64 = ctx.arg(2);
-    if id != LOADING_MODULE.load() {
-        return 0;
-    }
-    if let Some(pending) = pending() {
-        pending.seen |= SEEN_LOAD_DATA;
-        if ret as i32 != 0 {
-            pending.seen |= SEEN_LSM_REFUSED;
-        }
-    }
-    0
-}
-
-/// finit_module past `may_init_module` (6.6+): the call either loads the file itself
-/// (`init_module_from_file`) or waits for an identical load already in progress.
-#[fentry(function = "idempotent_init_module")]
-pub fn modules_idempotent(_ctx: FEntryContext) -> u32 {
-    if let Some(pending) = pending() {
-        pending.seen |= SEEN_IDEMPOTENT;
-    }
-    0
-}
-
-#[fentry(function = "init_module_from_file")]
-pub fn modules_from_file(_ctx: FEntryContext) -> u32 {
-    if let Some(pending) = pending() {
-        pending.seen |= SEEN_FROM_FILE;
-    }
-    0
-}
-
 /// The module's own name, as `load_module` hands the module to its init.
 #[fentry(function = "do_init_module")]
 pub fn modules_init_name(ctx: FEntryContext) -> u32 {
@@ -342,70 +287,6 @@ pub fn modules_load_exit(ctx: FExitContext) -> u32 {
         pending.seen = SEEN_LOAD_MODULE;
     }
     0
-}
-
-/// The record of an attempt that never reached `load_module`, from what its thread did before
-/// (the file, IMA's check, decompression): `ret` is the syscall's result, `seen` where it ended.
-#[inline(always)]
-fn send_without_load(pending: &PendingLoad, ret: i32, seen: u32, outcome: u32) {
-    let Some(mut entry) = crate::SECURITY_EVENTS.reserve::<ModuleLoad>(0) else {
-        increment(&crate::EVENTS_LOST, EventKind::ModuleLoad as u32);
-        return;
-    };
-    let load = entry.as_mut_ptr();
-    // SAFETY: `load` is the reserved entry, written field by field after being zeroed from
-    // the static (not via the stack: the record is larger than the BPF stack allows).
-    unsafe {
-        core::ptr::copy_nonoverlapping(&raw const ZERO_LOAD, load, 1);
-        (*load).header = header(EventKind::ModuleLoad);
-        (*load).file = pending.file;
-        (*load).decompress_ns = pending.decompress_ns;
-        (*load).ima = pending.ima;
-        (*load).load_ret = ret;
-        (*load).seen = seen;
-        (*load).outcome = outcome;
-    }
-    entry.submit(crate::security_wakeup());
-}
-
-/// A load syscall's end, whatever became of it: counted by result, and an attempt that never
-/// reached `load_module` (refused by `may_init_module`, a security module or IMA; a duplicate
-/// that waited on an identical load; a failed read or decompression) gets its verdict here.
-/// `load_module`'s own exit has counted every attempt that reached it.
-#[inline(always)]
-fn attempt_end(syscall: u32, ret: i64) -> u32 {
-    increment(&MODULE_SYSCALLS, syscall * ERRNO_SLOTS + errno_slot(ret));
-    let tid = tid();
-    // A load in flight when the programs were attached left its entry without its exit
-    // program: it ends here, so it cannot take a later taint.
-    let _ = MODULE_LOADS.remove(tid);
-    static NONE: PendingLoad = unsafe { core::mem::zeroed() };
-    // SAFETY: the map's value for this thread, only touched by this thread.
-    let pending = MODULE_PENDING
-        .get_ptr(tid)
-        .map_or(&NONE, |p| unsafe { &*p });
-    if pending.seen & SEEN_LOAD_MODULE == 0 {
-        let mut seen = pending.seen;
-        if syscall == SYSCALL_INIT_MODULE {
-            seen |= SEEN_INIT_MODULE;
-        }
-        let outcome = early_outcome(seen, ret as i32);
-        increment(&MODULE_VERDICTS, verdict_slot(outcome, method(seen)));
-        send_without_load(pending, ret as i32, seen | SEEN_NO_LOAD, outcome);
-    }
-    let _ = MODULE_PENDING.remove(tid);
-    0
-}
-
-/// `long __x64_sys_finit_module(const struct pt_regs *)`: the return is the second slot.
-#[fexit(function = "__x64_sys_finit_module")]
-pub fn modules_finit_exit(ctx: FExitContext) -> u32 {
-    attempt_end(SYSCALL_FINIT_MODULE, ctx.arg(1))
-}
-
-#[fexit(function = "__x64_sys_init_module")]
-pub fn modules_init_exit(ctx: FExitContext) -> u32 {
-    attempt_end(SYSCALL_INIT_MODULE, ctx.arg(1))
 }
 
 #[fentry(function = "module_sig_check")]

@@ -150,11 +150,10 @@ fn create_done(ret: i64, id_ptr: u64) {
         && let Some(call) = unsafe { TIMER_IN_FLIGHT.get(tid) }.copied()
     {
         let _ = TIMER_IN_FLIGHT.remove(tid);
-        // SAFETY: a helper without preconditions.
-        observe_ns(
-            &TIMER_CREATE_LATENCY,
-            unsafe { bpf_ktime_get_ns() }.wrapping_sub(call.start_ns),
-        );
+        // An entry left by a create in flight when the programs attached is overwritten by
+        // that thread's next create's entry; `since` keeps a bad start from becoming a huge
+        // duration.
+        observe_ns(&TIMER_CREATE_LATENCY, crate::since(call.start_ns));
     }
     let restore = in_restore_mode(tgid);
     if restore {
