@@ -16,11 +16,14 @@ use aya_ebpf::{
         bpf_get_current_uid_gid, bpf_get_prandom_u32, bpf_ktime_get_boot_ns,
     },
     macros::map,
+    maps::PerCpuHashMap,
     maps::{PerCpuArray, RingBuf},
 };
 use observer_common::{
     EVENT_KIND_SLOTS, EventHeader, EventKind, LOG2_SUM_SLOT, MAP_FULL_SLOTS, TrackedMap,
     log2_bucket,
+    modules::NAME_LEN,
+    taint::{EVENT_KEYS, FLAG_SLOTS, TaintKey},
 };
 
 /// The timer family's records. 1 MiB holds about 16,000 of them: tens of milliseconds of a
@@ -184,10 +187,54 @@ fn emit<T: 'static>(kind: EventKind, record: T) {
     }
 }
 
+// Taints are counted here, beside `send_taint`, because both the taint family (outside a load)
+// and the module family (at a load's end, with the module's name) count them.
+
+/// Taints the full [`TAINT_EVENTS`] table could not take, by bit: counted still, as
+/// `module="other"`.
+#[map]
+static TAINT_UNATTRIBUTED: PerCpuArray<u64> = PerCpuArray::with_max_entries(FLAG_SLOTS, 0);
+
+/// Taints by flag and module. Per-CPU values: no atomics; a new key is inserted for all CPUs
+/// at once (the others' values start at 0).
+#[map]
+static TAINT_EVENTS: PerCpuHashMap<TaintKey, u64> = PerCpuHashMap::with_max_entries(EVENT_KEYS, 0);
+
+const BPF_NOEXIST: u64 = 1;
+const EEXIST: i32 = 17;
+
+/// Counts a taint by flag and module; a full table is counted (the flag's own count still
+/// holds the taint: the agent reports the difference as `module="other"`).
+#[inline(always)]
+fn count_taint(flag: u32, module_source: u32, module: &[u8; NAME_LEN]) {
+    let key = TaintKey {
+        flag,
+        module_source,
+        module: *module,
+    };
+    for _ in 0..2 {
+        if let Some(count) = TAINT_EVENTS.get_ptr_mut(key) {
+            // SAFETY: this CPU's value of the entry.
+            unsafe { *count += 1 };
+            return;
+        }
+        match TAINT_EVENTS.insert(key, 1, BPF_NOEXIST) {
+            Ok(()) => return,
+            // Another CPU inserted it first: add to it.
+            Err(err) if err == -EEXIST => continue,
+            Err(_) => {
+                map_full(TrackedMap::TaintEvents);
+                increment(&TAINT_UNATTRIBUTED, flag & (FLAG_SLOTS - 1));
+                return;
+            }
+        }
+    }
+}
+
 /// Sends one taint record (`taint.rs` for taints outside a load, `modules.rs` for those a load
 /// added, at its end).
 #[inline(always)]
-fn send_taint(flag: u32, module_source: u32, module: &[u8; observer_common::modules::NAME_LEN]) {
+fn send_taint(flag: u32, module_source: u32, module: &[u8; NAME_LEN]) {
     emit(
         EventKind::Taint,
         observer_common::taint::TaintEvent {

@@ -514,7 +514,7 @@ fn emit_load_taints(load: &ModuleLoad) {
             break;
         }
         let flag = bits.trailing_zeros();
-        crate::taint::count_by_module(flag, source, module);
+        crate::count_taint(flag, source, module);
         crate::send_taint(flag, source, module);
         bits &= bits - 1;
     }

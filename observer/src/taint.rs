@@ -71,7 +71,7 @@ impl TaintFamily {
         let mut counts = BTreeMap::new();
         let mut entries = maps::sum_per_cpu_hash(&maps.events)?;
         // Names get their labels in a stable order when several are new at once.
-        entries.sort_by(|a, b| a.0.module.cmp(&b.0.module));
+        entries.sort_by_key(|(key, _)| key.module);
         for (key, count) in entries {
             let module = module_of(key.module_source, &key.module);
             let label = if module.is_empty() {

@@ -105,7 +105,8 @@ pub const STORM_LOCKDOWN: Scenario = Scenario {
 /// lost: the storm's loss is all accounted for. (Scraped after the storm has ended; the guest
 /// makes no other timer syscalls.)
 fn storm_records_add_up(addr: SocketAddr, _console: &str) -> anyhow::Result<()> {
-    let text = crate::vm::metrics::scrape(addr)?;
+    let (status, text) = testkit::http::get(addr, "/metrics", std::time::Duration::from_secs(10))?;
+    ensure!(status == 200, "scraping the guest: HTTP {status}");
     let value = |name: &str, labels: &[(&str, &str)]| {
         testkit::prom::value(&text, name, labels).unwrap_or(0.0)
     };
