@@ -65,7 +65,8 @@ const PHASES: [(&str, Traced); 4] = [
 /// (share, or at least µs). What is left of ftrace's window beyond the observer's is the
 /// trampoline's glue around the programs and ftrace's own records: a short timed phase reads
 /// lower by up to 25 µs under emulation in these guests, hence the floor. `other` must not
-/// contain the observer's probes: within 15% or 10 µs of ftrace's remainder.
+/// contain the observer's probes: within 15% or 10 µs of ftrace's remainder, or
+/// [`OTHER_SHARE_OF_CHECK`] of the whole check.
 fn tolerance(phase: &str) -> (f64, f64) {
     match phase {
         "parse" | "key_lookup" => (0.35, 25.0),
@@ -73,6 +74,14 @@ fn tolerance(phase: &str) -> (f64, f64) {
         _ => (0.10, 25.0),
     }
 }
+
+/// `other` is the whole check less phases that are 99% of it (public_key_verify alone is about
+/// 18 ms under emulation), so the two tools' differences on those phases land in it: the whole
+/// check itself agrees within about 0.2% (up to 41 µs of 18.6 ms seen on 7.3), and four runs of
+/// 7.3 alone put `other` at 0.83 to 1.29 of ftrace's remainder with the check within 0.998. Its
+/// tolerance is at least this share of the whole check (about 46 µs there): a probe's own time
+/// or a phase left in `other` (50 µs and more) still fails.
+const OTHER_SHARE_OF_CHECK: f64 = 0.0025;
 
 const PHASE_SUM: &str = "observer_module_integrity_phase_duration_seconds_sum";
 const PHASE_COUNT: &str = "observer_module_integrity_phase_duration_seconds_count";
@@ -275,9 +284,16 @@ fn tabulate(title: &str, rows: &Rows, table: &mut String, failures: &mut Vec<Str
          observer / (ftrace less them) | tolerance | within |\n\
          | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |\n"
     );
+    // The whole check, ftrace's less the observer's programs (the first row).
+    let check_us = rows
+        .first()
+        .map_or(0.0, |(_, recorded, inside, _)| recorded - inside);
     for (phase, recorded_us, inside_us, observer_us) in rows {
         let ftrace_us = recorded_us - inside_us;
-        let (share, floor) = tolerance(phase);
+        let (share, mut floor) = tolerance(phase);
+        if *phase == "other" {
+            floor = floor.max(check_us * OTHER_SHARE_OF_CHECK);
+        }
         let allowed = (ftrace_us.abs() * share).max(floor);
         let within = observer_us.is_some_and(|o| (o - ftrace_us).abs() <= allowed);
         let shown = observer_us.map_or("none".to_owned(), |o| format!("{o:.1}"));
