@@ -217,6 +217,19 @@ pub const fn errno_slot(ret: i64) -> u32 {
     }
 }
 
+/// The slot of a syscall's result in a counter array of `syscall * ERRNO_SLOTS + errno` (the
+/// timer and module syscall counters): the programs count with this, the agent reads with
+/// [`syscall_of_slot`].
+#[inline(always)]
+pub const fn syscall_slot(syscall: u32, ret: i64) -> u32 {
+    syscall * ERRNO_SLOTS + errno_slot(ret)
+}
+
+/// The syscall index and errno slot of a [`syscall_slot`].
+pub const fn syscall_of_slot(slot: u32) -> (u32, u32) {
+    (slot / ERRNO_SLOTS, slot % ERRNO_SLOTS)
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: plain `#[repr(C)]` integers and arrays with explicit padding; any bit pattern is valid.
@@ -244,6 +257,18 @@ mod tests {
         assert_eq!(errno_slot(7), 0);
         assert_eq!(errno_slot(-22), 22);
         assert_eq!(errno_slot(-4095), ERRNO_SLOTS - 1);
+    }
+
+    #[test]
+    fn syscall_slots_round_trip() {
+        for syscall in 0..4 {
+            for ret in [0, 5, -1, -22, -4095] {
+                assert_eq!(
+                    syscall_of_slot(syscall_slot(syscall, ret)),
+                    (syscall, errno_slot(ret))
+                );
+            }
+        }
     }
 
     #[test]

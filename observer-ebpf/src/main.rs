@@ -203,8 +203,8 @@ static TAINT_EVENTS: PerCpuHashMap<TaintKey, u64> = PerCpuHashMap::with_max_entr
 const BPF_NOEXIST: u64 = 1;
 const EEXIST: i32 = 17;
 
-/// Counts a taint by flag and module; a full table is counted (the flag's own count still
-/// holds the taint: the agent reports the difference as `module="other"`).
+/// Counts a taint by flag and module; one the full table cannot take is counted by flag in
+/// [`TAINT_UNATTRIBUTED`] (the agent's `module="other"`), and the full table in `MAP_FULL`.
 #[inline(always)]
 fn count_taint(flag: u32, module_source: u32, module: &[u8; NAME_LEN]) {
     let key = TaintKey {

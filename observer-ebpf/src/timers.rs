@@ -19,7 +19,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use observer_common::{
-    ERRNO_SLOTS, EventKind, LOG2_SLOTS, errno_slot,
+    ERRNO_SLOTS, EventKind, LOG2_SLOTS, errno_slot, syscall_slot,
     timers::{
         GONE_EXEC, GONE_EXIT, InFlight, PR_TIMER_CREATE_RESTORE_IDS,
         PR_TIMER_CREATE_RESTORE_IDS_OFF, PR_TIMER_CREATE_RESTORE_IDS_ON, SYSCALL_COUNTER_SLOTS,
@@ -75,7 +75,7 @@ fn current_ids() -> (u32, u32) {
 
 #[inline(always)]
 fn count(syscall: u32, ret: i64) {
-    increment(&TIMER_SYSCALLS, syscall * ERRNO_SLOTS + errno_slot(ret));
+    increment(&TIMER_SYSCALLS, syscall_slot(syscall, ret));
 }
 
 #[inline(always)]

@@ -6,7 +6,7 @@ use prometheus::{
     proto::{Bucket, Counter, Gauge, Histogram, LabelPair, Metric, MetricFamily, MetricType},
 };
 
-use observer_common::{LOG2_BUCKETS, LOG2_SUM_SLOT};
+use observer_common::{ERRNO_SLOTS, LOG2_BUCKETS, LOG2_SUM_SLOT, syscall_of_slot};
 
 /// Every metric's prefix.
 pub const PREFIX: &str = "observer_";
@@ -150,6 +150,38 @@ impl Log2Histogram {
     }
 }
 
+/// The `result` label of an errno slot (see [`observer_common::errno_slot`]): `ok`, the errno's
+/// name in lowercase, or `other` for the last, shared slot.
+pub fn result_label(slot: u32) -> String {
+    match slot {
+        0 => "ok".into(),
+        s if s == ERRNO_SLOTS - 1 => "other".into(),
+        s => {
+            let name = format!("{:?}", nix::errno::Errno::from_raw(s as i32));
+            if name == "UnknownErrno" {
+                format!("errno{s}")
+            } else {
+                name.to_lowercase()
+            }
+        }
+    }
+}
+
+/// Adds a syscall counter array's nonzero slots ([`observer_common::syscall_slot`]) to
+/// `family`, labelled `syscall` (by `names`, the syscalls' order) and `result`.
+pub fn add_syscall_results(family: &mut Family, counts: &[u64], names: &[&str]) {
+    for (slot, count) in counts.iter().enumerate().filter(|(_, n)| **n > 0) {
+        let (syscall, result) = syscall_of_slot(slot as u32);
+        family.add(
+            &[
+                ("syscall", names[syscall as usize]),
+                ("result", &result_label(result)),
+            ],
+            *count as f64,
+        );
+    }
+}
+
 /// Renders families as Prometheus text (version 0.0.4), dropping empty ones.
 pub fn render(families: Vec<Family>) -> Result<Vec<u8>, prometheus::Error> {
     let families: Vec<MetricFamily> = families
@@ -195,6 +227,33 @@ mod tests {
             text.contains("observer_test_seconds_sum{a=\"b\"} 3.0000016\n"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn result_labels() {
+        assert_eq!(result_label(0), "ok");
+        assert_eq!(result_label(22), "einval");
+        assert_eq!(result_label(16), "ebusy");
+        assert_eq!(result_label(ERRNO_SLOTS - 1), "other");
+    }
+
+    #[test]
+    fn syscall_results_are_labelled_by_syscall_and_errno() {
+        let mut counts = vec![0; 2 * ERRNO_SLOTS as usize];
+        counts[observer_common::syscall_slot(0, 0) as usize] = 3;
+        counts[observer_common::syscall_slot(1, -1) as usize] = 2;
+        let mut family = Family::counter("calls_total", "c");
+        add_syscall_results(&mut family, &counts, &["a", "b"]);
+        let text = String::from_utf8(render(vec![family]).unwrap()).unwrap();
+        assert!(
+            text.contains("observer_calls_total{syscall=\"a\",result=\"ok\"} 3\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("observer_calls_total{syscall=\"b\",result=\"eperm\"} 2\n"),
+            "{text}"
+        );
+        assert_eq!(text.matches("observer_calls_total{").count(), 2, "{text}");
     }
 
     #[test]

@@ -106,9 +106,10 @@ impl Reader {
         std::thread::Builder::new()
             .name("ring-reader".into())
             .spawn(move || {
+                let mut fds = self.pollfds();
                 let mut interval = DRAIN_INTERVAL;
                 while !stop.load(Ordering::Relaxed) {
-                    self.wait(interval);
+                    wait(&mut fds, interval);
                     interval = if self.drain() > 0 {
                         DRAIN_INTERVAL
                     } else {
@@ -119,21 +120,16 @@ impl Reader {
             })
     }
 
-    /// Sleeps until a ring buffer has records to read, or `timeout`.
-    fn wait(&self, timeout: Duration) {
-        let mut fds: Vec<libc::pollfd> = self
-            .rings
+    /// What [`wait`] polls: the rings' descriptors, which stay the same while they live.
+    fn pollfds(&self) -> Vec<libc::pollfd> {
+        self.rings
             .iter()
             .map(|r| libc::pollfd {
                 fd: r.as_raw_fd(),
                 events: libc::POLLIN,
                 revents: 0,
             })
-            .collect();
-        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-        // SAFETY: `fds` is a valid array of pollfd for its length. An error (EINTR) only ends
-        // the wait early.
-        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+            .collect()
     }
 
     /// Drains every ring in batches until all are empty, the security ring before each batch
@@ -178,6 +174,14 @@ impl Reader {
         }
         taken
     }
+}
+
+/// Sleeps until a ring buffer in `fds` has records to read, or `timeout`.
+fn wait(fds: &mut [libc::pollfd], timeout: Duration) {
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: `fds` is a valid array of pollfd for its length. An error (EINTR) only ends the
+    // wait early.
+    unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
 }
 
 /// Forwards the programs' log lines (aya-log) into the agent's log until the future is dropped.

@@ -271,6 +271,15 @@ mod tests {
         .into_bytes()
     }
 
+    /// Every bcrypt slot, taken: until it is dropped only what needs no bcrypt can finish.
+    async fn every_slot(auth: &BasicAuth) -> tokio::sync::OwnedSemaphorePermit {
+        auth.slots
+            .clone()
+            .acquire_many_owned(BCRYPT_SLOTS as u32)
+            .await
+            .unwrap()
+    }
+
     /// Whether `check` finishes within a second (false: it waits for a bcrypt slot).
     async fn finishes(check: impl Future<Output = bool>) -> Option<bool> {
         tokio::time::timeout(Duration::from_secs(1), check)
@@ -299,12 +308,7 @@ mod tests {
         let a = auth(&[("prometheus", "s3cret", 4)]);
         assert!(a.check("prometheus", "s3cret".into()).await);
         // Every bcrypt slot taken: only what needs no bcrypt can finish.
-        let held = a
-            .slots
-            .clone()
-            .acquire_many_owned(BCRYPT_SLOTS as u32)
-            .await
-            .unwrap();
+        let held = every_slot(&a).await;
         assert_eq!(
             finishes(a.check("prometheus", "s3cret".into())).await,
             Some(true),
@@ -333,12 +337,7 @@ mod tests {
         assert!(!a.check("heavy", "a".into()).await);
         assert!(a.cache.lock().unwrap().is_empty());
         // An unknown name waits for a bcrypt slot like a known name's wrong password.
-        let held = a
-            .slots
-            .clone()
-            .acquire_many_owned(BCRYPT_SLOTS as u32)
-            .await
-            .unwrap();
+        let held = every_slot(&a).await;
         assert_eq!(finishes(a.check("nobody", "a".into())).await, None);
         drop(held);
     }

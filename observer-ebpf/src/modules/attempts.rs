@@ -8,17 +8,18 @@ use aya_ebpf::{
     programs::{FEntryContext, FExitContext},
 };
 use observer_common::{
-    ERRNO_SLOTS, EventKind, errno_slot,
+    EventKind,
     modules::{
         ModuleLoad, PendingLoad, SEEN_FROM_FILE, SEEN_IDEMPOTENT, SEEN_INIT_MODULE, SEEN_LOAD_DATA,
         SEEN_LOAD_MODULE, SEEN_LSM_REFUSED, SEEN_NO_LOAD, SYSCALL_FINIT_MODULE,
         SYSCALL_INIT_MODULE, early_outcome, method, verdict_slot,
     },
+    syscall_slot,
 };
 
 use super::{
     LOADING_MODULE, MODULE_LOADS, MODULE_PENDING, MODULE_SYSCALLS, MODULE_VERDICTS, READING_MODULE,
-    READING_MODULE_COMPRESSED, ZERO_LOAD, pending, tid,
+    READING_MODULE_COMPRESSED, ZERO_LOAD, ZERO_PENDING, pending, tid,
 };
 use crate::{header, increment};
 
@@ -106,16 +107,15 @@ fn send_without_load(pending: &PendingLoad, ret: i32, seen: u32, outcome: u32) {
 /// `load_module`'s own exit has counted every attempt that reached it.
 #[inline(always)]
 fn attempt_end(syscall: u32, ret: i64) -> u32 {
-    increment(&MODULE_SYSCALLS, syscall * ERRNO_SLOTS + errno_slot(ret));
+    increment(&MODULE_SYSCALLS, syscall_slot(syscall, ret));
     let tid = tid();
     // A load in flight when the programs were attached left its entry without its exit
     // program: it ends here, so it cannot take a later taint.
     let _ = MODULE_LOADS.remove(tid);
-    static NONE: PendingLoad = unsafe { core::mem::zeroed() };
     // SAFETY: the map's value for this thread, only touched by this thread.
     let pending = MODULE_PENDING
         .get_ptr(tid)
-        .map_or(&NONE, |p| unsafe { &*p });
+        .map_or(&ZERO_PENDING, |p| unsafe { &*p });
     if pending.seen & SEEN_LOAD_MODULE == 0 {
         let mut seen = pending.seen;
         if syscall == SYSCALL_INIT_MODULE {

@@ -205,7 +205,7 @@ impl ModuleState {
             outcome,
             method,
             syscall: syscall(load.seen),
-            result: crate::timers::result_label(
+            result: crate::metrics::result_label(
                 load.load_ret
                     .unsigned_abs()
                     .min(observer_common::ERRNO_SLOTS - 1),

@@ -5,11 +5,11 @@ mod ima;
 mod load;
 mod shape;
 
-use std::any::Any;
+use std::{any::Any, collections::BTreeMap};
 
 use aya::maps::{MapData, PerCpuArray};
 use observer_common::{
-    ERRNO_SLOTS, EventKind,
+    EventKind,
     modules::{
         AUTOLOADS_MAP, LOADING_MODULE_GLOBAL, METHODS, ModuleLoad, NAMES, OUTCOMES, SYSCALL_NAMES,
         SYSCALL_SLOTS, SYSCALLS_MAP, VERDICT_SLOTS, VERDICTS_MAP, verdict_of_slot,
@@ -27,7 +27,7 @@ use crate::{
     family::{Context, EventFields, HookFamily, LoadSettings, RecordKind, Registration, no_flags},
     kernel,
     maps::{self, Maps},
-    metrics::Family,
+    metrics::{Family, add_syscall_results},
     plan::{Attachment, Hook, KernelView, fentry, fexit, tracepoint},
     record::read_record,
 };
@@ -124,15 +124,16 @@ impl HookFamily for ModuleFamily {
             "MODULE_NAME_SIZE",
             &module_name_size.min(observer_common::modules::NAME_LEN as u32),
         );
-        let read_ids = btf
-            .map(|b| b.enum_values("kernel_read_file_id"))
-            .unwrap_or_default();
-        let read_id = |name: &str| {
-            read_ids
+        // An enumerator's value from BTF (u32::MAX, which no id has, where it is missing).
+        let enumerators = |name: &str| btf.map(|b| b.enum_values(name)).unwrap_or_default();
+        let value_of = |values: &BTreeMap<u32, String>, name: &str| {
+            values
                 .iter()
                 .find(|(_, n)| *n == name)
                 .map_or(u32::MAX, |(v, _)| *v)
         };
+        let read_ids = enumerators("kernel_read_file_id");
+        let read_id = |name: &str| value_of(&read_ids, name);
         load.global("READING_MODULE", &read_id("READING_MODULE"));
         load.global(
             "READING_MODULE_COMPRESSED",
@@ -142,13 +143,7 @@ impl HookFamily for ModuleFamily {
             "LOAD_INFO_LEN_OFFSET",
             &offset("load_info", "len").unwrap_or(0),
         );
-        let load_ids = btf
-            .map(|b| b.enum_values("kernel_load_data_id"))
-            .unwrap_or_default();
-        let loading_module = load_ids
-            .iter()
-            .find(|(_, n)| *n == "LOADING_MODULE")
-            .map_or(u32::MAX, |(v, _)| *v);
+        let loading_module = value_of(&enumerators("kernel_load_data_id"), "LOADING_MODULE");
         load.global(LOADING_MODULE_GLOBAL, &loading_module);
     }
 
@@ -393,16 +388,7 @@ impl ModuleMaps {
             "init_module and finit_module calls by result (ok, or the errno), counted at their exit.",
         );
         let counts = maps::sum_per_cpu(&self.syscalls, SYSCALL_SLOTS)?;
-        for (slot, count) in counts.iter().enumerate().filter(|(_, n)| **n > 0) {
-            let (syscall, result) = (slot as u32 / ERRNO_SLOTS, slot as u32 % ERRNO_SLOTS);
-            calls.add(
-                &[
-                    ("syscall", SYSCALL_NAMES[syscall as usize]),
-                    ("result", &crate::timers::result_label(result)),
-                ],
-                *count as f64,
-            );
-        }
+        add_syscall_results(&mut calls, &counts, &SYSCALL_NAMES);
         families.push(calls);
 
         families.push(

@@ -27,7 +27,7 @@ use self::state::{TimerSettings, TimerState};
 use crate::{
     family::{Context, EventFields, HookFamily, LoadSettings, RecordKind, Registration},
     maps::{self, Maps},
-    metrics::{Family, Log2Histogram},
+    metrics::{Family, Log2Histogram, add_syscall_results, result_label},
     plan::{Hook, KernelView, fentry, fexit, raw_tracepoint, tracepoint},
     record::{comm_str, read_record},
 };
@@ -323,22 +323,6 @@ impl TimerMaps {
     }
 }
 
-/// The `result` label of a counter slot: ok, or the errno's name in lowercase.
-pub fn result_label(slot: u32) -> String {
-    match slot {
-        0 => "ok".into(),
-        s if s == ERRNO_SLOTS - 1 => "other".into(),
-        s => {
-            let name = format!("{:?}", nix::errno::Errno::from_raw(s as i32));
-            if name == "UnknownErrno" {
-                format!("errno{s}")
-            } else {
-                name.to_lowercase()
-            }
-        }
-    }
-}
-
 impl TimerMaps {
     fn gather(&self, families: &mut Vec<Family>, latency: bool) -> anyhow::Result<()> {
         let mut calls = Family::counter(
@@ -346,16 +330,7 @@ impl TimerMaps {
             "POSIX timer syscalls by syscall and result (ok, or the errno).",
         );
         let counts = maps::sum_per_cpu(&self.syscalls, SYSCALL_COUNTER_SLOTS)?;
-        for (slot, count) in counts.iter().enumerate().filter(|(_, n)| **n > 0) {
-            let (syscall, result) = (slot as u32 / ERRNO_SLOTS, slot as u32 % ERRNO_SLOTS);
-            calls.add(
-                &[
-                    ("syscall", SYSCALL_NAMES[syscall as usize]),
-                    ("result", &result_label(result)),
-                ],
-                *count as f64,
-            );
-        }
+        add_syscall_results(&mut calls, &counts, &SYSCALL_NAMES);
         families.push(calls);
 
         let mut restore = Family::counter(
@@ -388,18 +363,5 @@ impl TimerMaps {
             families.push(histogram);
         }
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn result_labels() {
-        assert_eq!(result_label(0), "ok");
-        assert_eq!(result_label(22), "einval");
-        assert_eq!(result_label(16), "ebusy");
-        assert_eq!(result_label(ERRNO_SLOTS - 1), "other");
     }
 }
