@@ -225,6 +225,10 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
             r.name,
             r.timings()
         );
+        // The reasons again where a log's tail is all that is read.
+        for failure in &r.failures {
+            eprintln!("        {}", failure.lines().next().unwrap_or_default());
+        }
     }
     eprintln!(
         "{} passed, {failed} failed; {} guest(s) in {:.0} s, {} at a time",
