@@ -125,15 +125,17 @@ pub enum TrackedMap {
     TimerOwners = 2,
     TimerInFlight = 3,
     TaintEvents = 4,
+    ModuleSigners = 5,
 }
 
 impl TrackedMap {
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 6] = [
         Self::ModuleLoads,
         Self::ModulePending,
         Self::TimerOwners,
         Self::TimerInFlight,
         Self::TaintEvents,
+        Self::ModuleSigners,
     ];
 
     /// The `map` label: the map's name in the object, in lower case.
@@ -144,6 +146,7 @@ impl TrackedMap {
             Self::TimerOwners => "timer_owners",
             Self::TimerInFlight => "timer_in_flight",
             Self::TaintEvents => "taint_events",
+            Self::ModuleSigners => "module_signers",
         }
     }
 }

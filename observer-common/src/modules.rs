@@ -3,10 +3,18 @@
 
 use crate::{EventHeader, Names};
 
+mod verdicts;
+pub use verdicts::*;
+
 /// The maps the agent reads: autoload requests, verdicts (outcome × method), syscall results.
 pub const AUTOLOADS_MAP: &str = "MODULE_AUTOLOADS";
 pub const VERDICTS_MAP: &str = "MODULE_VERDICTS";
 pub const SYSCALLS_MAP: &str = "MODULE_SYSCALLS";
+/// Verified loads by the serial of the key that verified them, and those past its room.
+pub const SIGNERS_MAP: &str = "MODULE_SIGNERS";
+pub const SIGNERS_OTHER_MAP: &str = "MODULE_SIGNERS_OTHER";
+/// Keys that keep their own count (and `signer` label); later ones count as `other`.
+pub const SIGNER_KEYS: u32 = 16;
 /// `enum kernel_load_data_id`'s LOADING_MODULE, from BTF.
 pub const LOADING_MODULE_GLOBAL: &str = "LOADING_MODULE";
 
@@ -50,6 +58,8 @@ pub const NAMES: Names = Names {
         "modules_load_data_exit",
         "modules_idempotent",
         "modules_from_file",
+        "modules_key_lookup_id",
+        "modules_digest_value",
     ],
     maps: &[
         "MODULE_LOADS",
@@ -57,6 +67,8 @@ pub const NAMES: Names = Names {
         AUTOLOADS_MAP,
         VERDICTS_MAP,
         SYSCALLS_MAP,
+        SIGNERS_MAP,
+        SIGNERS_OTHER_MAP,
     ],
     globals: &[
         "FILE_DENTRY_OFFSET",
@@ -69,6 +81,12 @@ pub const NAMES: Names = Names {
         "READING_MODULE_COMPRESSED",
         "LOAD_INFO_LEN_OFFSET",
         LOADING_MODULE_GLOBAL,
+        "KEY_SERIAL_OFFSET",
+        "SINFO_SIG_OFFSET",
+        "SIG_DIGEST_OFFSET",
+        "SIG_DIGEST_SIZE_OFFSET",
+        "SIG_HASH_ALGO_OFFSET",
+        "KEY_ID_DATA_OFFSET",
     ],
 };
 
@@ -78,6 +96,13 @@ pub const IMA_READ_ID_ARG: usize = 3;
 
 /// `MODULE_NAME_LEN` is 56; a file name gets the same room.
 pub const NAME_LEN: usize = 64;
+/// A signature's key identifier kept: a serial number and its issuer's DER name fit (a subject
+/// key id is 20 bytes).
+pub const KEY_ID_LEN: usize = 128;
+/// The longest digest (SHA-512, SHA3-512).
+pub const DIGEST_LEN: usize = 64;
+/// A hash algorithm's name as the kernel's crypto API has it (`sha256`, `sha3-512`).
+pub const HASH_ALGO_LEN: usize = 16;
 
 /// [`ModuleLoad::seen`] bits: which hooks fired inside this load.
 pub const SEEN_SIG_CHECK: u32 = 1 << 0;
@@ -127,127 +152,12 @@ pub const SEEN_FROM_FILE: u32 = 1 << 19;
 /// modules it refuses every module without a file to appraise.
 pub const SEEN_IMA_DATA_REFUSED: u32 = 1 << 20;
 
-/// What became of a load attempt ([`ModuleLoad::outcome`], the `outcome` label), decided in the
-/// kernel by [`load_outcome`] or [`early_outcome`] and counted there.
-pub const OUTCOME_LOADED: u32 = 0;
-pub const OUTCOME_REJECTED_SIGNATURE: u32 = 1;
-pub const OUTCOME_REJECTED_LOCKDOWN: u32 = 2;
-pub const OUTCOME_REJECTED_IMA: u32 = 3;
-pub const OUTCOME_REJECTED_LSM: u32 = 4;
-pub const OUTCOME_REJECTED_PERMISSION: u32 = 5;
-pub const OUTCOME_DUPLICATE: u32 = 6;
-pub const OUTCOME_FAILED: u32 = 7;
-/// The `outcome` label of each outcome, by number.
-pub const OUTCOMES: [&str; 8] = [
-    "loaded",
-    "rejected_signature",
-    "rejected_lockdown",
-    "rejected_ima",
-    "rejected_lsm",
-    "rejected_permission",
-    "duplicate",
-    "failed",
-];
-
-/// Which integrity check proved the module (the `method` label), by [`method`].
-pub const METHOD_SIGNATURE: u32 = 0;
-pub const METHOD_HASH: u32 = 1;
-pub const METHOD_NONE: u32 = 2;
-pub const METHODS: [&str; 3] = ["signature", "hash", "none"];
-
-/// Size of the `MODULE_VERDICTS` per-CPU array: one slot per outcome and method.
-pub const VERDICT_SLOTS: u32 = (OUTCOMES.len() * METHODS.len()) as u32;
-
-/// The `MODULE_VERDICTS` slot of an outcome and a method.
-#[inline(always)]
-pub const fn verdict_slot(outcome: u32, method: u32) -> u32 {
-    outcome * METHODS.len() as u32 + method
-}
-
-/// The outcome and method of a `MODULE_VERDICTS` slot.
-pub const fn verdict_of_slot(slot: u32) -> (u32, u32) {
-    (slot / METHODS.len() as u32, slot % METHODS.len() as u32)
-}
-
-/// The syscalls a load attempt comes by (`MODULE_SYSCALLS`: `syscall * ERRNO_SLOTS + errno`).
-pub const SYSCALL_INIT_MODULE: u32 = 0;
-pub const SYSCALL_FINIT_MODULE: u32 = 1;
-pub const SYSCALL_NAMES: [&str; 2] = ["init_module", "finit_module"];
-pub const SYSCALL_SLOTS: u32 = SYSCALL_NAMES.len() as u32 * crate::ERRNO_SLOTS;
-
-const EPERM: i32 = 1;
-const EEXIST: i32 = 17;
-const ENOPKG: i32 = 65;
-const EBADMSG: i32 = 74;
-const ENOKEY: i32 = 126;
-const EKEYREJECTED: i32 = 129;
-
-/// The integrity method of a load: which check ran in it.
-#[inline(always)]
-pub const fn method(seen: u32) -> u32 {
-    if seen & SEEN_HASH_CHECK != 0 {
-        METHOD_HASH
-    } else if seen & SEEN_VERIFY_SIG != 0 {
-        METHOD_SIGNATURE
-    } else {
-        METHOD_NONE
-    }
-}
-
-/// The outcome of a load that reached `load_module`, from its result and (where the policy
-/// step is traceable) the policy step's.
-#[inline(always)]
-pub const fn load_outcome(seen: u32, load_ret: i32, sig_check_ret: i32) -> u32 {
-    if load_ret == 0 {
-        return OUTCOME_LOADED;
-    }
-    // A module of that name is loaded already (or was being loaded, and the wait ended).
-    if load_ret == -EEXIST {
-        return OUTCOME_DUPLICATE;
-    }
-    // module_sig_check returns the lockdown verdict for an unsigned module, or the signature
-    // error when signatures are enforced; without that hook (inlined before 5.19),
-    // load_module's error says the same.
-    let sig_checked = seen & SEEN_SIG_CHECK != 0;
-    let policy_ret = if sig_checked { sig_check_ret } else { load_ret };
-    match -policy_ret {
-        0 => OUTCOME_FAILED,
-        EPERM => OUTCOME_REJECTED_LOCKDOWN,
-        EKEYREJECTED | ENOKEY | ENOPKG | EBADMSG => OUTCOME_REJECTED_SIGNATURE,
-        _ if sig_checked => OUTCOME_REJECTED_SIGNATURE,
-        _ => OUTCOME_FAILED,
-    }
-}
-
-/// The outcome of an attempt that ended before `load_module`, at its syscall's exit with `ret`.
-#[inline(always)]
-pub const fn early_outcome(seen: u32, ret: i32) -> u32 {
-    if seen & (SEEN_READ_REFUSED | SEEN_IMA_DATA_REFUSED) != 0 {
-        // IMA refused it: its appraisal of the read, or init_module's bytes.
-        OUTCOME_REJECTED_IMA
-    } else if seen & SEEN_LSM_REFUSED != 0 {
-        OUTCOME_REJECTED_LSM
-    } else if seen & (SEEN_IDEMPOTENT | SEEN_FROM_FILE) == SEEN_IDEMPOTENT {
-        // It waited for an identical finit_module and returns that one's result, whatever it
-        // was (an EPERM there is the other call's lockdown refusal, not a permission).
-        OUTCOME_DUPLICATE
-    } else if seen & (SEEN_READ | SEEN_LOAD_DATA | SEEN_IDEMPOTENT) == 0 {
-        // No hook past `may_init_module` ran: the syscall ended there (no CAP_SYS_MODULE, or
-        // kernel.modules_disabled=1), or, where `idempotent_init_module` cannot be traced, it
-        // waited on an identical finit_module in progress (the kernel hands the waiter that
-        // load's result without loading again).
-        if ret == 0 {
-            OUTCOME_DUPLICATE
-        } else if ret == -EPERM {
-            OUTCOME_REJECTED_PERMISSION
-        } else {
-            OUTCOME_FAILED
-        }
-    } else {
-        // Decompression, the read or the copy failed.
-        OUTCOME_FAILED
-    }
-}
+/// The signature's key lookup found a trusted key: `signer_serial` is its serial.
+pub const SEEN_KEY_FOUND: u32 = 1 << 21;
+/// `key_id` holds the identifier the signature names its key by.
+pub const SEEN_KEY_ID: u32 = 1 << 22;
+/// `digest` and `hash_algo` hold what the signature check hashed the module to.
+pub const SEEN_DIGEST: u32 = 1 << 23;
 
 /// Phases of a signature check timed inside a load (index into [`ModuleLoad::phase_ns`]).
 pub const PHASE_PARSE: usize = 0;
@@ -332,79 +242,24 @@ pub struct ModuleLoad {
     pub seen: u32,
     /// The verdict, as the kernel counted it (`OUTCOME_*`).
     pub outcome: u32,
+    /// Why it was refused, or what its check found (`REASON_*`), as the kernel counted it.
+    pub reason: u32,
+    /// The serial of the trusted key the signature's lookup found ([`SEEN_KEY_FOUND`]).
+    pub signer_serial: i32,
+    /// The length of the signature's key identifier (of which `key_id` keeps the first bytes).
+    pub key_id_len: u32,
+    /// Bytes of `digest` that hold it.
+    pub digest_len: u32,
     /// From `module:module_load` when the load got that far.
     pub name: [u8; NAME_LEN],
     /// The file `finit_module` read (its last path component).
     pub file: [u8; NAME_LEN],
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn verdict_slots_round_trip() {
-        for outcome in 0..OUTCOMES.len() as u32 {
-            for method in 0..METHODS.len() as u32 {
-                let slot = verdict_slot(outcome, method);
-                assert!(slot < VERDICT_SLOTS);
-                assert_eq!(verdict_of_slot(slot), (outcome, method));
-            }
-        }
-    }
-
-    #[test]
-    fn outcomes_follow_the_signature_policy() {
-        let signed = SEEN_SIG_CHECK | SEEN_VERIFY_SIG;
-        assert_eq!(load_outcome(signed, 0, 0), OUTCOME_LOADED);
-        assert_eq!(
-            load_outcome(SEEN_SIG_CHECK, -1, -1),
-            OUTCOME_REJECTED_LOCKDOWN
-        );
-        assert_eq!(
-            load_outcome(SEEN_SIG_CHECK, -EKEYREJECTED, -EKEYREJECTED),
-            OUTCOME_REJECTED_SIGNATURE
-        );
-        assert_eq!(load_outcome(SEEN_SIG_CHECK, -EEXIST, 0), OUTCOME_DUPLICATE);
-        assert_eq!(load_outcome(SEEN_SIG_CHECK, -8, 0), OUTCOME_FAILED);
-        // Without module_sig_check (inlined before 5.19), load_module's error decides.
-        assert_eq!(load_outcome(0, -1, 0), OUTCOME_REJECTED_LOCKDOWN);
-        assert_eq!(
-            load_outcome(0, -EKEYREJECTED, 0),
-            OUTCOME_REJECTED_SIGNATURE
-        );
-        assert_eq!(load_outcome(0, -8, 0), OUTCOME_FAILED);
-        assert_eq!(method(signed), METHOD_SIGNATURE);
-        assert_eq!(method(signed | SEEN_HASH_CHECK), METHOD_HASH);
-        assert_eq!(method(SEEN_SIG_CHECK), METHOD_NONE);
-    }
-
-    #[test]
-    fn attempts_that_never_reach_load_module() {
-        let read = SEEN_READ | SEEN_FILE;
-        assert_eq!(
-            early_outcome(read | SEEN_READ_REFUSED, -13),
-            OUTCOME_REJECTED_IMA
-        );
-        assert_eq!(
-            early_outcome(read | SEEN_LSM_REFUSED, -1),
-            OUTCOME_REJECTED_LSM
-        );
-        assert_eq!(
-            early_outcome(SEEN_LOAD_DATA | SEEN_LSM_REFUSED, -13),
-            OUTCOME_REJECTED_LSM
-        );
-        assert_eq!(early_outcome(0, -EPERM), OUTCOME_REJECTED_PERMISSION);
-        assert_eq!(early_outcome(SEEN_IDEMPOTENT, -EPERM), OUTCOME_DUPLICATE);
-        assert_eq!(early_outcome(SEEN_IDEMPOTENT, 0), OUTCOME_DUPLICATE);
-        assert_eq!(
-            early_outcome(SEEN_IDEMPOTENT | SEEN_FROM_FILE, -26),
-            OUTCOME_FAILED
-        );
-        assert_eq!(early_outcome(0, 0), OUTCOME_DUPLICATE);
-        assert_eq!(early_outcome(0, -9), OUTCOME_FAILED);
-        assert_eq!(early_outcome(read | SEEN_DECOMPRESS, -95), OUTCOME_FAILED);
-    }
+    /// The identifier the signature names its key by (`struct asymmetric_key_id`'s data: a
+    /// serial number then its issuer's name, or a subject key id), [`SEEN_KEY_ID`].
+    pub key_id: [u8; KEY_ID_LEN],
+    /// What `pkcs7_digest` hashed the signed content to, and the algorithm ([`SEEN_DIGEST`]).
+    pub digest: [u8; DIGEST_LEN],
+    pub hash_algo: [u8; HASH_ALGO_LEN],
 }
 
 #[cfg(feature = "user")]

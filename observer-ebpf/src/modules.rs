@@ -22,7 +22,7 @@ use observer_common::{
         ModuleLoad, NAME_LEN, PHASE_DIGEST, PHASE_KEY_LOOKUP, PHASE_PARSE, PHASE_PUBLIC_KEY_VERIFY,
         PHASES, PendingLoad, SEEN_DECOMPRESS, SEEN_FILE, SEEN_FILE_NOT_INLINE, SEEN_HASH_CHECK,
         SEEN_LOAD_MODULE, SEEN_NAME, SEEN_READ, SEEN_SIG_CHECK, SEEN_VERIFY_SIG, SYSCALL_SLOTS,
-        VERDICT_SLOTS, load_outcome, method, verdict_slot,
+        VERDICT_SLOTS, load_outcome, load_reason, method, verdict_slot,
     },
 };
 
@@ -32,6 +32,7 @@ use crate::{header, increment, map_full, since};
 
 mod attempts;
 mod ima;
+mod signature;
 
 /// `file.f_path.dentry`, `dentry.d_name.len` and the dentry's inline name (`d_iname`, or
 /// `d_shortname` from 6.14) with its size, from the running kernel's BTF (0: unknown).
@@ -273,11 +274,13 @@ pub fn modules_load_exit(ctx: FExitContext) -> u32 {
     load.total_ns = since(load.start_ns);
     load.load_ret = ret;
     load.outcome = load_outcome(load.seen, ret, load.sig_check_ret);
+    load.reason = load_reason(load);
     // The verdict, counted before anything that could fail.
     increment(
         &MODULE_VERDICTS,
-        verdict_slot(load.outcome, method(load.seen)),
+        verdict_slot(load.outcome, method(load.seen), load.reason),
     );
+    signature::count_signer(load);
     match crate::SECURITY_EVENTS.reserve::<ModuleLoad>(0) {
         Some(mut entry) => {
             // SAFETY: copies the map value into the reserved entry directly (not via the stack).
@@ -430,9 +433,16 @@ pub fn modules_key_lookup_enter(_ctx: FEntryContext) -> u32 {
     phase_enter(PHASE_KEY_LOOKUP)
 }
 
+/// The phase ends first; then the key found, if any (see `signature`).
 #[fexit(function = "find_asymmetric_key")]
-pub fn modules_key_lookup_exit(_ctx: FExitContext) -> u32 {
-    phase_exit(PHASE_KEY_LOOKUP)
+pub fn modules_key_lookup_exit(ctx: FExitContext) -> u32 {
+    phase_exit(PHASE_KEY_LOOKUP);
+    if let Some(load) = current_load() {
+        // The return slot after the five arguments, read from the context (not through
+        // bpf_get_func_ret) so that the verifier types it as the `struct key *` it is.
+        signature::note_signer(load, ctx.arg(5));
+    }
+    0
 }
 
 #[fentry(function = "public_key_verify_signature")]

@@ -333,7 +333,8 @@ fn explain(err: &ProgramError) -> String {
             } else {
                 format!(
                     "the kernel refused to load it ({io_error}); verifier: {}",
-                    last_lines(&log, 3)
+                    // The refused instruction and the reason, then the three lines of totals.
+                    last_lines(&log, 5)
                 )
             }
         }

@@ -1,6 +1,6 @@
 //! `observer profile`: integrity-check cost per module and in total, from live loads.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
@@ -78,6 +78,12 @@ pub struct ModuleReport {
     pub phases_mean_ns: BTreeMap<&'static str, f64>,
     /// What a hash-based check would cost instead of the signature check, from the measured parts.
     pub hash_estimate: Option<HashEstimate>,
+    /// Loads by reason (`verified`, `unknown_key`, ...), the signers and key ids named, and the
+    /// digests the checks computed (`algorithm:hex`).
+    pub reasons: BTreeMap<&'static str, usize>,
+    pub signers: BTreeSet<String>,
+    pub key_ids: BTreeSet<String>,
+    pub digests: BTreeSet<String>,
 }
 
 /// A Merkle-tree check still hashes the whole module (the measured `digest` phase) and then
@@ -184,7 +190,23 @@ fn summarize(module: &str, loads: &[&LoadRecord], leaves: Option<u64>) -> Module
             phase_values.entry(phase).or_default().push(*ns as f64);
         }
     }
+    let mut reasons: BTreeMap<&'static str, usize> = BTreeMap::new();
+    let (mut signers, mut key_ids, mut digests) =
+        (BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
+    for load in loads {
+        *reasons.entry(load.reason).or_default() += 1;
+        signers.extend(load.signer.clone());
+        key_ids.extend(load.key.as_ref().map(|k| k.key_id.clone()));
+        if let Some(digest) = &load.digest {
+            let algo = load.hash_algo.as_deref().unwrap_or("unknown");
+            digests.insert(format!("{algo}:{digest}"));
+        }
+    }
     ModuleReport {
+        reasons,
+        signers,
+        key_ids,
+        digests,
         phases_mean_ns: phase_values
             .iter()
             .filter_map(|(p, v)| Some((*p, mean(v)?)))
@@ -217,6 +239,28 @@ pub fn report(samples: &[LoadRecord], duration_seconds: f64, leaves: Option<u64>
         modules,
         total: summarize("(total)", &all, leaves),
     }
+}
+
+/// A module's reasons, signers, key ids and digests, on one indented line (none for the total).
+fn verdict_line(m: &ModuleReport) -> String {
+    if m.module == "(total)" {
+        return String::new();
+    }
+    let reasons: Vec<String> = m.reasons.iter().map(|(r, n)| format!("{r} x{n}")).collect();
+    let list = |set: &BTreeSet<String>| {
+        if set.is_empty() {
+            "-".to_owned()
+        } else {
+            set.iter().cloned().collect::<Vec<_>>().join(", ")
+        }
+    };
+    format!(
+        "    reasons: {}; signer: {}; key id: {}; digest: {}\n",
+        reasons.join(", "),
+        list(&m.signers),
+        list(&m.key_ids),
+        list(&m.digests)
+    )
 }
 
 fn us(ns: u64) -> String {
@@ -260,6 +304,7 @@ pub fn text(report: &Report) -> String {
                 share
             ));
         }
+        out.push_str(&verdict_line(m));
     }
     match report.total.hash_to_signature_ratio {
         Some(ratio) => out.push_str(&format!(
@@ -418,6 +463,13 @@ mod tests {
             module: module.into(),
             outcome: "loaded",
             method,
+            reason: "verified",
+            signer: None,
+            key: None,
+            hash_algo: None,
+            digest: None,
+            digest_of: None,
+            out_of_tree: false,
             syscall: Some("finit_module"),
             result: "ok".into(),
             total_ns,

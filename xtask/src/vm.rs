@@ -7,6 +7,7 @@
 //! Consoles and scrapes are kept in `.cache/vm/logs/`.
 pub mod bench_modules;
 pub mod bench_timers;
+mod fixtures;
 mod guest;
 mod initramfs;
 pub(crate) mod kernel;

@@ -12,7 +12,7 @@ use observer_common::{
     modules::{
         ModuleLoad, PendingLoad, SEEN_FROM_FILE, SEEN_IDEMPOTENT, SEEN_INIT_MODULE, SEEN_LOAD_DATA,
         SEEN_LOAD_MODULE, SEEN_LSM_REFUSED, SEEN_NO_LOAD, SYSCALL_FINIT_MODULE,
-        SYSCALL_INIT_MODULE, early_outcome, method, verdict_slot,
+        SYSCALL_INIT_MODULE, early_outcome, early_reason, method, verdict_slot,
     },
     syscall_slot,
 };
@@ -80,7 +80,7 @@ pub fn modules_from_file(_ctx: FEntryContext) -> u32 {
 /// The record of an attempt that never reached `load_module`, from what its thread did before
 /// (the file, IMA's check, decompression): `ret` is the syscall's result, `seen` where it ended.
 #[inline(always)]
-fn send_without_load(pending: &PendingLoad, ret: i32, seen: u32, outcome: u32) {
+fn send_without_load(pending: &PendingLoad, ret: i32, seen: u32, outcome: u32, reason: u32) {
     let Some(mut entry) = crate::SECURITY_EVENTS.reserve::<ModuleLoad>(0) else {
         increment(&crate::EVENTS_LOST, EventKind::ModuleLoad as u32);
         return;
@@ -97,6 +97,7 @@ fn send_without_load(pending: &PendingLoad, ret: i32, seen: u32, outcome: u32) {
         (*load).load_ret = ret;
         (*load).seen = seen;
         (*load).outcome = outcome;
+        (*load).reason = reason;
     }
     entry.submit(crate::security_wakeup());
 }
@@ -122,8 +123,12 @@ fn attempt_end(syscall: u32, ret: i64) -> u32 {
             seen |= SEEN_INIT_MODULE;
         }
         let outcome = early_outcome(seen, ret as i32);
-        increment(&MODULE_VERDICTS, verdict_slot(outcome, method(seen)));
-        send_without_load(pending, ret as i32, seen | SEEN_NO_LOAD, outcome);
+        let reason = early_reason(seen, outcome);
+        increment(
+            &MODULE_VERDICTS,
+            verdict_slot(outcome, method(seen), reason),
+        );
+        send_without_load(pending, ret as i32, seen | SEEN_NO_LOAD, outcome, reason);
     }
     let _ = MODULE_PENDING.remove(tid);
     0

@@ -4,13 +4,16 @@
 use std::collections::BTreeMap;
 
 use observer_common::modules::{
-    self, METHODS, ModuleLoad, OUTCOMES, PHASES, SEEN_DECOMPRESS, SEEN_FILE, SEEN_FILE_NOT_INLINE,
-    SEEN_INIT_MODULE, SEEN_LOAD_DATA, SEEN_NAME, SEEN_NO_LOAD, SEEN_READ, SEEN_READ_REFUSED,
-    SEEN_SIG_CHECK,
+    self, METHODS, ModuleLoad, OUTCOMES, PHASES, REASONS, SEEN_DECOMPRESS, SEEN_FILE,
+    SEEN_FILE_NOT_INLINE, SEEN_INIT_MODULE, SEEN_LOAD_DATA, SEEN_NAME, SEEN_NO_LOAD, SEEN_READ,
+    SEEN_READ_REFUSED, SEEN_SIG_CHECK,
 };
 use serde::Serialize;
 
-use super::ima::{self, ImaVerdict};
+use super::{
+    ima::{self, ImaVerdict},
+    signers::{self, KeyId, KeyNames},
+};
 use crate::{
     kernel, merkle,
     metrics::{Family, Log2Histogram},
@@ -30,6 +33,14 @@ pub fn outcome(load: &ModuleLoad) -> &'static str {
         .copied()
         .unwrap_or("failed")
 }
+
+/// Why it was refused, or what its integrity check found, as the kernel decided and counted it.
+pub fn reason(load: &ModuleLoad) -> &'static str {
+    REASONS.get(load.reason as usize).copied().unwrap_or("none")
+}
+
+/// `TAINT_OOT_MODULE`: the module has no `intree` tag.
+const TAINT_OUT_OF_TREE: u64 = 1 << 12;
 
 /// How its integrity was proven (or not): which check ran.
 pub fn method(load: &ModuleLoad) -> &'static str {
@@ -108,6 +119,26 @@ pub struct LoadRecord {
     pub module: String,
     pub outcome: &'static str,
     pub method: &'static str,
+    /// Why it was refused, or what its check found (`unknown_key`, `bad_signature`, ...).
+    pub reason: &'static str,
+    /// The trusted key that the signature named (its description in /proc/keys).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signer: Option<String>,
+    /// The key's id (also when no trusted key matched), and its issuer when the signature
+    /// names issuer and serial.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub key: Option<KeyId>,
+    /// What the signature check hashed the module's bytes (before the signature) to, and
+    /// with which algorithm: absent where the kernel computed no digest.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hash_algo: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    /// What `digest` covers: `module` (the module without its signature).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub digest_of: Option<&'static str>,
+    /// The module has no `intree` tag (taint O): built outside the kernel's tree (DKMS).
+    pub out_of_tree: bool,
     /// The syscall the attempt came by, when a hook on its path said.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub syscall: Option<&'static str>,
@@ -146,6 +177,8 @@ pub struct ModuleState {
     hash_estimate: Log2Histogram,
     /// Levels of a Merkle tree over this kernel's modules, when their number is known.
     merkle_levels: Option<u32>,
+    /// Key descriptions by serial, for the signer.
+    pub keys: KeyNames,
     /// Every load seen, for `observer profile` (bounded).
     pub samples: Vec<LoadRecord>,
     pub keep_samples: bool,
@@ -191,6 +224,8 @@ impl ModuleState {
             ns
         });
         let phases_ns = phases(load);
+        let (signer, key) = signers::key_of(load, &self.keys);
+        let digest = signers::digest_hex(load);
         for (phase, ns) in &phases_ns {
             self.phases.entry(phase).or_default().observe(*ns);
         }
@@ -204,6 +239,16 @@ impl ModuleState {
             module,
             outcome,
             method,
+            reason: reason(load),
+            signer,
+            key,
+            hash_algo: digest
+                .as_ref()
+                .map(|_| comm_str(&load.hash_algo))
+                .filter(|a| !a.is_empty()),
+            digest_of: digest.as_ref().map(|_| "module"),
+            digest,
+            out_of_tree: load.taints & TAINT_OUT_OF_TREE != 0,
             syscall: syscall(load.seen),
             result: crate::metrics::result_label(
                 load.load_ret

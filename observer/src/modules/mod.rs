@@ -4,15 +4,17 @@
 mod ima;
 mod load;
 mod shape;
+mod signers;
 
 use std::{any::Any, collections::BTreeMap};
 
-use aya::maps::{MapData, PerCpuArray};
+use aya::maps::{MapData, PerCpuArray, PerCpuHashMap};
 use observer_common::{
     EventKind,
     modules::{
-        AUTOLOADS_MAP, LOADING_MODULE_GLOBAL, METHODS, ModuleLoad, NAMES, OUTCOMES, SYSCALL_NAMES,
-        SYSCALL_SLOTS, SYSCALLS_MAP, VERDICT_SLOTS, VERDICTS_MAP, verdict_of_slot,
+        AUTOLOADS_MAP, LOADING_MODULE_GLOBAL, METHODS, ModuleLoad, NAMES, OUTCOMES, REASONS,
+        SIGNERS_MAP, SIGNERS_OTHER_MAP, SYSCALL_NAMES, SYSCALL_SLOTS, SYSCALLS_MAP, VERDICT_SLOTS,
+        VERDICTS_MAP, usual_reason, usual_verdict, verdict_of_slot, verdict_slot,
     },
 };
 
@@ -145,6 +147,21 @@ impl HookFamily for ModuleFamily {
         );
         let loading_module = value_of(&enumerators("kernel_load_data_id"), "LOADING_MODULE");
         load.global(LOADING_MODULE_GLOBAL, &loading_module);
+        // The signer and the digest (see observer-ebpf's modules/signature.rs).
+        let offset_or_0 = |s: &str, m: &str| offset(s, m).unwrap_or(0);
+        load.global("KEY_SERIAL_OFFSET", &offset_or_0("key", "serial"));
+        load.global("SINFO_SIG_OFFSET", &offset_or_0("pkcs7_signed_info", "sig"));
+        for (global, member) in [
+            ("SIG_DIGEST_OFFSET", "digest"),
+            ("SIG_DIGEST_SIZE_OFFSET", "digest_size"),
+            ("SIG_HASH_ALGO_OFFSET", "hash_algo"),
+        ] {
+            load.global(global, &offset_or_0("public_key_signature", member));
+        }
+        load.global(
+            "KEY_ID_DATA_OFFSET",
+            &offset_or_0("asymmetric_key_id", "data"),
+        );
     }
 
     fn take_maps(&mut self, maps: &mut Maps<'_>) -> anyhow::Result<()> {
@@ -168,7 +185,7 @@ impl HookFamily for ModuleFamily {
 
     fn collect(&self, out: &mut Vec<Family>) -> anyhow::Result<()> {
         if let Some(maps) = &self.maps {
-            maps.gather(out)?;
+            maps.gather(out, &self.state.keys)?;
         }
         self.state.gather(out);
         Ok(())
@@ -294,6 +311,17 @@ fn hooks(integrity: IntegrityFunctions) -> Vec<Hook> {
             "modules_key_lookup_exit",
             "find_asymmetric_key",
         ),
+        // The key id a signature names, and the digest its check computed: byte arrays only
+        // bpf_probe_read_kernel reads, refused under lockdown=confidentiality. Attached after
+        // the timing programs, so that they run outside the phases they time.
+        single(
+            "module_sig_key_id",
+            fexit("modules_key_lookup_id", "find_asymmetric_key"),
+        ),
+        single(
+            "module_sig_digest_value",
+            fexit("modules_digest_value", "pkcs7_digest"),
+        ),
         bracket(
             "module_sig_public_key",
             "modules_public_key_enter",
@@ -343,10 +371,12 @@ fn hooks(integrity: IntegrityFunctions) -> Vec<Hook> {
     hooks
 }
 
-/// The counters kept in the kernel: verdicts, syscall results, autoload requests.
+/// The counters kept in the kernel: verdicts, signers, syscall results, autoload requests.
 struct ModuleMaps {
     autoloads: PerCpuArray<MapData, u64>,
     verdicts: PerCpuArray<MapData, u64>,
+    signers: PerCpuHashMap<MapData, i32, u64>,
+    signers_other: PerCpuArray<MapData, u64>,
     syscalls: PerCpuArray<MapData, u64>,
 }
 
@@ -355,33 +385,71 @@ impl ModuleMaps {
         Ok(Self {
             autoloads: maps.per_cpu_array(AUTOLOADS_MAP)?,
             verdicts: maps.per_cpu_array(VERDICTS_MAP)?,
+            signers: maps.per_cpu_hash(SIGNERS_MAP)?,
+            signers_other: maps.per_cpu_array(SIGNERS_OTHER_MAP)?,
             syscalls: maps.per_cpu_array(SYSCALLS_MAP)?,
         })
     }
 
-    fn gather(&self, families: &mut Vec<Family>) -> anyhow::Result<()> {
+    fn gather(&self, families: &mut Vec<Family>, keys: &signers::KeyNames) -> anyhow::Result<()> {
         let mut loads = Family::counter(
             "module_loads_total",
             "Module load attempts, counted in the kernel, by outcome (loaded; rejected_signature, \
              rejected_lockdown: by the signature policy; rejected_ima: IMA's appraisal of the read; \
              rejected_lsm: a security module refused the module's data; rejected_permission: no \
              CAP_SYS_MODULE or kernel.modules_disabled=1; duplicate: the module was loaded or being \
-             loaded already; failed) and integrity method (signature, hash, none: no signature or \
-             proof was checked).",
+             loaded already; failed), integrity method (signature, hash, none: no signature or \
+             proof was checked) and reason (what the check found: verified, unsigned, unknown_key, \
+             unsupported_crypto, bad_signature, malformed, error; or what refused it: enforced, \
+             lockdown, ima_appraisal, ima_init_module, lsm, permission; none: no check ran).",
         );
         let verdicts = maps::sum_per_cpu(&self.verdicts, VERDICT_SLOTS)?;
-        // Every combination, zeros included, so alerts and rates see a series from the start.
+        // Every verdict seen, and from the start (zeros included, so that rates and alerts see
+        // the first increment) each outcome and method with its usual reason and each reason
+        // with its usual outcome and method: 36 series, not all 336 combinations.
+        let mut usual = std::collections::BTreeSet::new();
+        for outcome in 0..OUTCOMES.len() as u32 {
+            for method in 0..METHODS.len() as u32 {
+                usual.insert(verdict_slot(outcome, method, usual_reason(outcome, method)));
+            }
+        }
+        for reason in 0..REASONS.len() as u32 {
+            let (outcome, method) = usual_verdict(reason);
+            usual.insert(verdict_slot(outcome, method, reason));
+        }
         for (slot, count) in verdicts.iter().enumerate() {
-            let (outcome, method) = verdict_of_slot(slot as u32);
+            if *count == 0 && !usual.contains(&(slot as u32)) {
+                continue;
+            }
+            let (outcome, method, reason) = verdict_of_slot(slot as u32);
             loads.add(
                 &[
                     ("outcome", OUTCOMES[outcome as usize]),
                     ("method", METHODS[method as usize]),
+                    ("reason", REASONS[reason as usize]),
                 ],
                 *count as f64,
             );
         }
         families.push(loads);
+
+        let mut by_signer = Family::counter(
+            "module_loads_by_signer_total",
+            "Loads whose signature verified, counted in the kernel by the trusted key that \
+             verified it (its description in /proc/keys); keys past the first 16 count as other.",
+        );
+        let mut named: BTreeMap<String, u64> = BTreeMap::new();
+        for (serial, count) in maps::sum_per_cpu_hash(&self.signers)? {
+            *named.entry(keys.name(serial)).or_default() += count;
+        }
+        named.insert(
+            "other".into(),
+            maps::sum_per_cpu(&self.signers_other, 1)?[0],
+        );
+        for (signer, count) in &named {
+            by_signer.add(&[("signer", signer)], *count as f64);
+        }
+        families.push(by_signer);
 
         let mut calls = Family::counter(
             "module_syscalls_total",

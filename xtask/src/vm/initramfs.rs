@@ -7,9 +7,10 @@ use std::{
     process::Command,
 };
 
-use anyhow::{Context as _, bail, ensure};
+use anyhow::{Context as _, ensure};
 
 use super::{
+    fixtures,
     kernel::{Kernel, pipe_through},
     scenarios::Scenario,
 };
@@ -86,21 +87,26 @@ pub fn build(inputs: &Inputs) -> anyhow::Result<PathBuf> {
         stage.join(&modules_dir).join("modules.dep"),
     )?;
 
-    // The kernel's scenario modules (see `Series::scenario_modules`), each as `NAME.ko`
-    // (signed), `NAME.ko.xz` (signed, compressed) and `NAME-unsigned.ko`; the scripts know
-    // them as $M1 $M2 $M3 from /vm/mods/names.
+    // The kernel's scenario modules (see `Series::scenario_modules`), each as `NAME.ko.xz`
+    // (signed, compressed) and the uncompressed variants of `fixtures` (signed, unsigned, signed
+    // by a foreign key, with a corrupt or a malformed signature), with their manifest; the
+    // scripts know them as $M1 $M2 $M3 from /vm/mods/names.
     let names = kernel.series.scenario_modules();
     let mut variables = String::new();
     for (i, name) in names.iter().enumerate() {
         variables.push_str(&format!("M{}={name}\n", i + 1));
     }
-    fs::write(stage.join("vm/mods/names"), variables)?;
+    let mods = stage.join("vm/mods");
+    fs::write(mods.join("names"), variables)?;
+    // One key per build, kept with the build's other files and never reused.
+    let key = fixtures::SigningKey::generate(&inputs.work.join("signing"))?;
+    fs::write(mods.join("foreign-cert.der"), &key.cert_der)?;
+    let mut manifest = String::new();
     for name in names {
         let path = kernel.standalone_module(name)?;
         let file = plain_name(&path)?;
         let stem = file.trim_end_matches(".ko");
         let plain = read_module(&path)?;
-        let mods = stage.join("vm/mods");
         let compressed = if path.extension().is_some_and(|e| e == "xz") {
             fs::read(&path)?
         } else {
@@ -108,12 +114,12 @@ pub fn build(inputs: &Inputs) -> anyhow::Result<PathBuf> {
             pipe_through(&["xz", "-cq", "--check=crc32"], &plain)?
         };
         fs::write(mods.join(format!("{file}.xz")), compressed)?;
-        fs::write(
-            mods.join(format!("{stem}-unsigned.ko")),
-            strip_signature(&plain)?,
-        )?;
-        fs::write(mods.join(&file), plain)?;
+        manifest.push_str(
+            &fixtures::write_variants(&mods, stem, &plain, &key)
+                .with_context(|| format!("the variants of {}", path.display()))?,
+        );
     }
+    fs::write(mods.join("manifest"), manifest)?;
 
     for scenario in inputs.scenarios {
         fs::write(
@@ -197,42 +203,4 @@ fn write_executable(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     fs::write(path, bytes)?;
     fs::set_permissions(path, fs::Permissions::from_mode(0o755))?;
     Ok(())
-}
-
-const SIGNATURE_MARKER: &[u8] = b"~Module signature appended~\n";
-
-/// The module without its appended signature, which the kernel then sees as unsigned. The tail is
-/// `signature | struct module_signature (12 bytes, big-endian sig_len last) | marker (28 bytes)`.
-pub fn strip_signature(module: &[u8]) -> anyhow::Result<Vec<u8>> {
-    let Some(body) = module.strip_suffix(SIGNATURE_MARKER) else {
-        bail!("the module has no appended signature");
-    };
-    ensure!(body.len() >= 12, "the module is too short for a signature");
-    let info = &body[body.len() - 12..];
-    let sig_len = u32::from_be_bytes(info[8..12].try_into()?) as usize;
-    let keep = body
-        .len()
-        .checked_sub(12 + sig_len)
-        .context("the signature length is larger than the module")?;
-    ensure!(
-        module[..keep].starts_with(b"\x7fELF"),
-        "what remains without the signature is not an ELF module"
-    );
-    Ok(module[..keep].to_vec())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn strips_exactly_the_signature() {
-        let elf = b"\x7fELF rest of the module".to_vec();
-        let signature = vec![0xaa; 300];
-        let mut info = vec![0, 0, 2, 0, 0, 0, 0, 0];
-        info.extend_from_slice(&300u32.to_be_bytes());
-        let signed = [elf.clone(), signature, info, SIGNATURE_MARKER.to_vec()].concat();
-        assert_eq!(strip_signature(&signed).unwrap(), elf);
-        assert!(strip_signature(&elf).is_err());
-    }
 }

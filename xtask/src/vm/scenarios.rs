@@ -17,6 +17,7 @@ mod ima;
 mod modules;
 mod names;
 mod phases;
+mod signers;
 mod timers;
 mod verdicts;
 
@@ -130,6 +131,8 @@ pub const SCENARIOS: &[&Scenario] = &[
     &verdicts::STORM,
     &verdicts::STORM_LOCKDOWN,
     &verdicts::LOAD_PATHS,
+    &signers::SIGNERS,
+    &signers::SIGNERS_ENFORCED,
     &phases::PHASES_VS_FTRACE,
     &agent::BENCH_MODULES,
     &agent::BENCH_TIMERS,

@@ -44,30 +44,10 @@ pub const EVENTS: Scenario = Scenario {
 
 const SCHEMA: &str = include_str!("../../../../schemas/events.schema.json");
 
-/// The events between the markers, each validated against the schema; then the load from the
-/// child cgroup and the unsigned module's taint, exactly.
+/// The load from the child cgroup and the unsigned module's taint, exactly, among the events
+/// the guest printed (each valid against the schema).
 fn check_events(_guest: SocketAddr, console: &str) -> anyhow::Result<()> {
-    let lines: Vec<&str> = console
-        .lines()
-        .map(str::trim)
-        .skip_while(|l| *l != "EVENTS-BEGIN")
-        .skip(1)
-        .take_while(|l| *l != "EVENTS-END")
-        .filter(|l| l.starts_with('{'))
-        .collect();
-    let schema: Value = serde_json::from_str(SCHEMA).context("the events schema")?;
-    let validator = jsonschema::draft202012::new(&schema).context("compiling the schema")?;
-    let mut events = Vec::new();
-    for line in lines {
-        let event: Value =
-            serde_json::from_str(line).with_context(|| format!("not JSON: {line}"))?;
-        let errors: Vec<String> = validator
-            .iter_errors(&event)
-            .map(|e| e.to_string())
-            .collect();
-        ensure!(errors.is_empty(), "{line}: {errors:?}");
-        events.push(event);
-    }
+    let events = validated_events(console)?;
     let module = console_module(console, "cgroup-load ")?;
     let from_cgroup: Vec<&Value> = events
         .iter()
@@ -100,9 +80,36 @@ fn check_events(_guest: SocketAddr, console: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The events the guest printed between `EVENTS-BEGIN` and `EVENTS-END`, each validated
+/// against schemas/events.schema.json.
+pub(super) fn validated_events(console: &str) -> anyhow::Result<Vec<Value>> {
+    let lines: Vec<&str> = console
+        .lines()
+        .map(str::trim)
+        .skip_while(|l| *l != "EVENTS-BEGIN")
+        .skip(1)
+        .take_while(|l| *l != "EVENTS-END")
+        .filter(|l| l.starts_with('{'))
+        .collect();
+    let schema: Value = serde_json::from_str(SCHEMA).context("the events schema")?;
+    let validator = jsonschema::draft202012::new(&schema).context("compiling the schema")?;
+    let mut events = Vec::new();
+    for line in lines {
+        let event: Value =
+            serde_json::from_str(line).with_context(|| format!("not JSON: {line}"))?;
+        let errors: Vec<String> = validator
+            .iter_errors(&event)
+            .map(|e| e.to_string())
+            .collect();
+        ensure!(errors.is_empty(), "{line}: {errors:?}");
+        events.push(event);
+    }
+    Ok(events)
+}
+
 /// The module named first after `prefix` on a console line (`cgroup-load crc-itu-t`,
 /// `ima-digest crc8.ko set`): the file stem as the kernel names the module (`crc_itu_t`).
-fn console_module(console: &str, prefix: &str) -> anyhow::Result<String> {
+pub(super) fn console_module(console: &str, prefix: &str) -> anyhow::Result<String> {
     console
         .lines()
         .find_map(|l| l.trim().strip_prefix(prefix))

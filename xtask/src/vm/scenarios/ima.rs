@@ -31,7 +31,11 @@ macro_rules! counts {
         [
             Check::Metric(
                 LOADS,
-                &[("outcome", "loaded"), ("method", "signature")],
+                &[
+                    ("outcome", "loaded"),
+                    ("method", "signature"),
+                    ("reason", "verified"),
+                ],
                 Want::Eq($loaded),
             ),
             Check::MetricSum(LOADS, &[("outcome", "failed")], Want::Eq($failed)),
@@ -95,10 +99,28 @@ pub const IMA: Scenario = Scenario {
         // outright under this policy (it has no file to appraise).
         Check::Console("insmod {M3}.ko.xz refused"),
         Check::Console("impossible to appraise a module without a file descriptor"),
-        Check::Metric(
+        Check::MetricSum(
             LOADS,
             &[("outcome", "rejected_ima"), ("method", "none")],
             Want::Eq(3.0),
+        ),
+        Check::Metric(
+            LOADS,
+            &[
+                ("outcome", "rejected_ima"),
+                ("method", "none"),
+                ("reason", "ima_appraisal"),
+            ],
+            Want::Eq(2.0),
+        ),
+        Check::Metric(
+            LOADS,
+            &[
+                ("outcome", "rejected_ima"),
+                ("method", "none"),
+                ("reason", "ima_init_module"),
+            ],
+            Want::Eq(1.0),
         ),
         Check::Metric(
             "observer_module_syscalls_total",

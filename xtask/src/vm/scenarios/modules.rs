@@ -13,8 +13,16 @@ pub const PHASE_COUNT: &str = "observer_module_integrity_phase_duration_seconds_
 pub const PHASE_SUM: &str = "observer_module_integrity_phase_duration_seconds_sum";
 pub const INTEGRITY_SUM: &str = "observer_module_integrity_check_duration_seconds_sum";
 
-pub const LOADED_SIGNED: Labels = &[("outcome", "loaded"), ("method", "signature")];
-pub const LOADED_UNSIGNED: Labels = &[("outcome", "loaded"), ("method", "none")];
+pub const LOADED_SIGNED: Labels = &[
+    ("outcome", "loaded"),
+    ("method", "signature"),
+    ("reason", "verified"),
+];
+pub const LOADED_UNSIGNED: Labels = &[
+    ("outcome", "loaded"),
+    ("method", "none"),
+    ("reason", "unsigned"),
+];
 pub const SIGNATURE_OK: Labels = &[("method", "signature"), ("result", "ok")];
 pub const MODULE_SIGNATURE_DENIED: Labels =
     &[("reason", "module_signature"), ("verdict", "denied")];
@@ -118,7 +126,11 @@ pub const LOCKDOWN_REFUSES_UNSIGNED: &[Check] = &[
     Check::Console("finit_module {M2}.ko rc=0"),
     Check::Metric(
         LOADS,
-        &[("outcome", "rejected_lockdown"), ("method", "none")],
+        &[
+            ("outcome", "rejected_lockdown"),
+            ("method", "none"),
+            ("reason", "lockdown"),
+        ],
         Want::Eq(1.0),
     ),
     Check::Metric(LOADS, LOADED_SIGNED, Want::Eq(1.0)),
@@ -177,7 +189,11 @@ pub const SIG_ENFORCE: Scenario = Scenario {
         Check::Console("Loading of unsigned module is rejected"),
         Check::Metric(
             LOADS,
-            &[("outcome", "rejected_signature"), ("method", "none")],
+            &[
+                ("outcome", "rejected_signature"),
+                ("method", "none"),
+                ("reason", "enforced"),
+            ],
             Want::Eq(1.0),
         ),
         Check::Metric(LOADS, LOADED_SIGNED, Want::Eq(1.0)),
@@ -210,7 +226,7 @@ pub const COMPRESSED: Scenario = Scenario {
             CURRENT,
             &[
                 Check::Console("finit_module {M1}.ko.xz compressed rc=0"),
-                Check::Metric(
+                Check::MetricSum(
                     LOADS,
                     &[("outcome", "failed"), ("method", "none")],
                     Want::Eq(1.0),
@@ -229,7 +245,7 @@ pub const COMPRESSED: Scenario = Scenario {
             &[Series::V6_1],
             &[
                 Check::Console("finit_module {M1}.ko.xz compressed errno=EOPNOTSUPP"),
-                Check::Metric(
+                Check::MetricSum(
                     LOADS,
                     &[("outcome", "failed"), ("method", "none")],
                     Want::Eq(2.0),

@@ -53,10 +53,10 @@ const fn traced(function: &'static str, programs: &'static str, per_call: u64) -
 const CHECK: Traced = traced("mod_verify_sig", "modules_verify_", 3);
 const PHASES: [(&str, Traced); 4] = [
     ("parse", traced("pkcs7_parse_message", "modules_parse_e", 2)),
-    ("digest", traced("pkcs7_digest", "modules_digest_", 2)),
+    ("digest", traced("pkcs7_digest", "modules_digest_", 3)),
     (
         "key_lookup",
-        traced("find_asymmetric_key", "modules_key_loo", 2),
+        traced("find_asymmetric_key", "modules_key_loo", 3),
     ),
     (
         "public_key_verify",

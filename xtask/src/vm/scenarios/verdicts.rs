@@ -90,7 +90,11 @@ pub const STORM_LOCKDOWN: Scenario = Scenario {
             Check::Console("tainted=0"),
             Check::Metric(
                 LOADS,
-                &[("outcome", "rejected_lockdown"), ("method", "none")],
+                &[
+                    ("outcome", "rejected_lockdown"),
+                    ("method", "none"),
+                    ("reason", "lockdown"),
+                ],
                 Want::Eq(1.0),
             ),
             Check::Metric(LOCKDOWN, MODULE_SIGNATURE_DENIED, Want::Eq(1.0)),
@@ -166,7 +170,11 @@ pub const LOAD_PATHS: Scenario = Scenario {
         // uid 65534, and both calls once modules are disabled: refused in may_init_module.
         Check::Metric(
             LOADS,
-            &[("outcome", "rejected_permission"), ("method", "none")],
+            &[
+                ("outcome", "rejected_permission"),
+                ("method", "none"),
+                ("reason", "permission"),
+            ],
             Want::Eq(3.0),
         ),
         Check::MetricSum(LOADS, ALL, Want::Eq(9.0)),
