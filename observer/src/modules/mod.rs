@@ -151,12 +151,19 @@ impl HookFamily for ModuleFamily {
         let offset_or_0 = |s: &str, m: &str| offset(s, m).unwrap_or(0);
         load.global("KEY_SERIAL_OFFSET", &offset_or_0("key", "serial"));
         load.global("SINFO_SIG_OFFSET", &offset_or_0("pkcs7_signed_info", "sig"));
-        for (global, member) in [
-            ("SIG_DIGEST_OFFSET", "digest"),
-            ("SIG_DIGEST_SIZE_OFFSET", "digest_size"),
-            ("SIG_HASH_ALGO_OFFSET", "hash_algo"),
+        // 7.x names the digest `m` and its size `m_size` (the message a signature algorithm
+        // takes: a digest, or for algorithms that hash themselves the data, which is longer
+        // than any digest and left out).
+        for (global, members) in [
+            ("SIG_DIGEST_OFFSET", ["digest", "m"]),
+            ("SIG_DIGEST_SIZE_OFFSET", ["digest_size", "m_size"]),
+            ("SIG_HASH_ALGO_OFFSET", ["hash_algo", "hash_algo"]),
         ] {
-            load.global(global, &offset_or_0("public_key_signature", member));
+            let found = members
+                .iter()
+                .find_map(|m| offset("public_key_signature", m))
+                .unwrap_or(0);
+            load.global(global, &found);
         }
         load.global(
             "KEY_ID_DATA_OFFSET",

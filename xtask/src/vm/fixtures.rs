@@ -18,10 +18,9 @@
 //! - `NAME-corrupt.ko`: `NAME.ko` with the last byte of the signature value (the signerInfo's
 //!   OCTET STRING, the last byte of the PKCS#7 blob) inverted: the blob still parses and names
 //!   the built-in key, but the signature does not verify, so the kernel refuses the module
-//!   whatever the enforcement. The errno depends on Debian's key type: ECDSA P-384 (6.12,
-//!   6.18, 7.3) answers EKEYREJECTED. RSA-4096 (6.1) fails the PKCS#1 padding check before any
-//!   digest is compared: EINVAL when the corrupted signature decrypts to a value without the
-//!   leading zero byte, as all of 6.1's crc modules do, else EBADMSG (crypto/rsa-pkcs1pad.c).
+//!   whatever the enforcement, with EKEYREJECTED: on 6.1 (an RSA-4096 key) the PKCS#1 padding
+//!   check fails before any digest is compared, but `pkcs7_validate_trust_one` turns every
+//!   failed verification into EKEYREJECTED (seen in the `signers` scenario on 6.1 to 7.3).
 //! - `NAME-malformed.ko`: `NAME.ko` with the PKCS#7 blob's first byte, the outer SEQUENCE tag
 //!   0x30, changed to 0x31: the blob does not parse and the kernel refuses it with EBADMSG.
 //!
