@@ -203,6 +203,26 @@ static TAINT_EVENTS: PerCpuHashMap<TaintKey, u64> = PerCpuHashMap::with_max_entr
 const BPF_NOEXIST: u64 = 1;
 const EEXIST: i32 = 17;
 
+/// Adds one to `key`'s count in a per-CPU hash of counters, inserting it when new; returns
+/// false when the full table refused a new key (the caller counts it elsewhere).
+#[inline(always)]
+fn count_by_key<K>(counts: &PerCpuHashMap<K, u64>, key: &K) -> bool {
+    for _ in 0..2 {
+        if let Some(count) = counts.get_ptr_mut(key) {
+            // SAFETY: this CPU's value of the entry.
+            unsafe { *count += 1 };
+            return true;
+        }
+        match counts.insert(key, 1, BPF_NOEXIST) {
+            Ok(()) => return true,
+            // Another CPU inserted it first: add to it.
+            Err(err) if err == -EEXIST => continue,
+            Err(_) => return false,
+        }
+    }
+    true
+}
+
 /// Counts a taint by flag and module; one the full table cannot take is counted by flag in
 /// [`TAINT_UNATTRIBUTED`] (the agent's `module="other"`), and the full table in `MAP_FULL`.
 #[inline(always)]
@@ -212,22 +232,9 @@ fn count_taint(flag: u32, module_source: u32, module: &[u8; NAME_LEN]) {
         module_source,
         module: *module,
     };
-    for _ in 0..2 {
-        if let Some(count) = TAINT_EVENTS.get_ptr_mut(key) {
-            // SAFETY: this CPU's value of the entry.
-            unsafe { *count += 1 };
-            return;
-        }
-        match TAINT_EVENTS.insert(key, 1, BPF_NOEXIST) {
-            Ok(()) => return,
-            // Another CPU inserted it first: add to it.
-            Err(err) if err == -EEXIST => continue,
-            Err(_) => {
-                map_full(TrackedMap::TaintEvents);
-                increment(&TAINT_UNATTRIBUTED, flag & (FLAG_SLOTS - 1));
-                return;
-            }
-        }
+    if !count_by_key(&TAINT_EVENTS, &key) {
+        map_full(TrackedMap::TaintEvents);
+        increment(&TAINT_UNATTRIBUTED, flag & (FLAG_SLOTS - 1));
     }
 }
 

@@ -24,7 +24,7 @@ use observer_common::{
 };
 
 use super::current_load;
-use crate::{increment, map_full};
+use crate::{count_by_key, increment, map_full};
 
 /// `key.serial`, from BTF (0: unknown).
 #[unsafe(no_mangle)]
@@ -51,8 +51,6 @@ static MODULE_SIGNERS: PerCpuHashMap<i32, u64> = PerCpuHashMap::with_max_entries
 #[map]
 static MODULE_SIGNERS_OTHER: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
-const BPF_NOEXIST: u64 = 1;
-const EEXIST: i32 = 17;
 /// Pointers at or above this are `ERR_PTR` values.
 const MAX_ERRNO: usize = 4095;
 
@@ -62,23 +60,9 @@ pub fn count_signer(load: &ModuleLoad) {
     if load.seen & SEEN_KEY_FOUND == 0 || load.reason != REASON_VERIFIED {
         return;
     }
-    let serial = load.signer_serial;
-    for _ in 0..2 {
-        if let Some(count) = MODULE_SIGNERS.get_ptr_mut(serial) {
-            // SAFETY: this CPU's value of the entry.
-            unsafe { *count += 1 };
-            return;
-        }
-        match MODULE_SIGNERS.insert(serial, 1, BPF_NOEXIST) {
-            Ok(()) => return,
-            // Another CPU inserted it first: add to it.
-            Err(err) if err == -EEXIST => continue,
-            Err(_) => {
-                map_full(TrackedMap::ModuleSigners);
-                increment(&MODULE_SIGNERS_OTHER, 0);
-                return;
-            }
-        }
+    if !count_by_key(&MODULE_SIGNERS, &load.signer_serial) {
+        map_full(TrackedMap::ModuleSigners);
+        increment(&MODULE_SIGNERS_OTHER, 0);
     }
 }
 
