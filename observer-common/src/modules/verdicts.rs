@@ -108,13 +108,8 @@ pub const fn verdict_of_slot(slot: u32) -> (u32, u32, u32) {
 /// shows from the start, zeros included, so that rates and alerts see the first increment.
 pub const fn usual_reason(outcome: u32, method: u32) -> u32 {
     match outcome {
-        OUTCOME_LOADED | OUTCOME_DUPLICATE | OUTCOME_FAILED if method == METHOD_NONE => {
-            if outcome == OUTCOME_LOADED {
-                REASON_UNSIGNED
-            } else {
-                REASON_NONE
-            }
-        }
+        OUTCOME_LOADED if method == METHOD_NONE => REASON_UNSIGNED,
+        OUTCOME_DUPLICATE | OUTCOME_FAILED if method == METHOD_NONE => REASON_NONE,
         OUTCOME_LOADED | OUTCOME_DUPLICATE | OUTCOME_FAILED => REASON_VERIFIED,
         OUTCOME_REJECTED_SIGNATURE if method == METHOD_NONE => REASON_ENFORCED,
         OUTCOME_REJECTED_SIGNATURE => REASON_BAD_SIGNATURE,
@@ -144,6 +139,14 @@ pub const fn usual_verdict(reason: u32) -> (u32, u32) {
         REASON_PERMISSION => (OUTCOME_REJECTED_PERMISSION, METHOD_NONE),
         _ => (OUTCOME_FAILED, METHOD_NONE),
     }
+}
+
+/// Whether a `MODULE_VERDICTS` slot is shown from the start, zeros included: an outcome and
+/// method with its usual reason, or a reason with its usual outcome and method (29 of the 336).
+pub const fn shown_from_start(slot: u32) -> bool {
+    let (outcome, method, reason) = verdict_of_slot(slot);
+    let (usual_outcome, usual_method) = usual_verdict(reason);
+    reason == usual_reason(outcome, method) || (outcome == usual_outcome && method == usual_method)
 }
 
 /// The syscalls a load attempt comes by (`MODULE_SYSCALLS`: `syscall * ERRNO_SLOTS + errno`).
@@ -374,6 +377,25 @@ mod tests {
             early_reason(0, OUTCOME_REJECTED_PERMISSION),
             REASON_PERMISSION
         );
+    }
+
+    #[test]
+    fn the_series_shown_from_the_start() {
+        // The usual pairings, built up one by one (no_std: no sets here).
+        let mut usual = [false; VERDICT_SLOTS as usize];
+        for outcome in 0..OUTCOMES.len() as u32 {
+            for method in 0..METHODS.len() as u32 {
+                usual[verdict_slot(outcome, method, usual_reason(outcome, method)) as usize] = true;
+            }
+        }
+        for reason in 0..REASONS.len() as u32 {
+            let (outcome, method) = usual_verdict(reason);
+            usual[verdict_slot(outcome, method, reason) as usize] = true;
+        }
+        for slot in 0..VERDICT_SLOTS {
+            assert_eq!(shown_from_start(slot), usual[slot as usize], "slot {slot}");
+        }
+        assert_eq!(usual.iter().filter(|&&u| u).count(), 29);
     }
 
     #[test]

@@ -163,8 +163,7 @@ pub fn modules_digest_value(ctx: FExitContext) -> u32 {
         if read != 0 {
             return 0;
         }
-        let kept = size;
-        load.digest_len = kept;
+        load.digest_len = size;
         load.seen |= SEEN_DIGEST;
         if algo_offset != 0 {
             let algo = core::ptr::read_volatile((sig + algo_offset) as *const usize);

@@ -14,7 +14,7 @@ use observer_common::{
     modules::{
         AUTOLOADS_MAP, LOADING_MODULE_GLOBAL, METHODS, ModuleLoad, NAMES, OUTCOMES, REASONS,
         SIGNERS_MAP, SIGNERS_OTHER_MAP, SYSCALL_NAMES, SYSCALL_SLOTS, SYSCALLS_MAP, VERDICT_SLOTS,
-        VERDICTS_MAP, usual_reason, usual_verdict, verdict_of_slot, verdict_slot,
+        VERDICTS_MAP, shown_from_start, verdict_of_slot,
     },
 };
 
@@ -155,9 +155,9 @@ impl HookFamily for ModuleFamily {
         // takes: a digest, or for algorithms that hash themselves the data, which is longer
         // than any digest and left out).
         for (global, members) in [
-            ("SIG_DIGEST_OFFSET", ["digest", "m"]),
-            ("SIG_DIGEST_SIZE_OFFSET", ["digest_size", "m_size"]),
-            ("SIG_HASH_ALGO_OFFSET", ["hash_algo", "hash_algo"]),
+            ("SIG_DIGEST_OFFSET", &["digest", "m"][..]),
+            ("SIG_DIGEST_SIZE_OFFSET", &["digest_size", "m_size"]),
+            ("SIG_HASH_ALGO_OFFSET", &["hash_algo"]),
         ] {
             let found = members
                 .iter()
@@ -412,20 +412,9 @@ impl ModuleMaps {
         );
         let verdicts = maps::sum_per_cpu(&self.verdicts, VERDICT_SLOTS)?;
         // Every verdict seen, and from the start (zeros included, so that rates and alerts see
-        // the first increment) each outcome and method with its usual reason and each reason
-        // with its usual outcome and method: 36 series, not all 336 combinations.
-        let mut usual = std::collections::BTreeSet::new();
-        for outcome in 0..OUTCOMES.len() as u32 {
-            for method in 0..METHODS.len() as u32 {
-                usual.insert(verdict_slot(outcome, method, usual_reason(outcome, method)));
-            }
-        }
-        for reason in 0..REASONS.len() as u32 {
-            let (outcome, method) = usual_verdict(reason);
-            usual.insert(verdict_slot(outcome, method, reason));
-        }
+        // the first increment) the usual ones: 29 series, not all 336 combinations.
         for (slot, count) in verdicts.iter().enumerate() {
-            if *count == 0 && !usual.contains(&(slot as u32)) {
+            if *count == 0 && !shown_from_start(slot as u32) {
                 continue;
             }
             let (outcome, method, reason) = verdict_of_slot(slot as u32);

@@ -4,7 +4,9 @@
 
 use std::{cell::RefCell, collections::BTreeMap};
 
-use observer_common::modules::{DIGEST_LEN, KEY_ID_LEN, ModuleLoad, SEEN_KEY_FOUND, SEEN_KEY_ID};
+use observer_common::modules::{
+    DIGEST_LEN, KEY_ID_LEN, ModuleLoad, SEEN_DIGEST, SEEN_KEY_FOUND, SEEN_KEY_ID,
+};
 use serde::Serialize;
 
 /// The keys' descriptions by serial, from /proc/keys: read again when a serial is not there
@@ -16,20 +18,22 @@ pub struct KeyNames {
 
 impl KeyNames {
     /// The description of the key with this serial, or `key <serial in hex>` when /proc/keys
-    /// does not show it to the agent (a key it may not view).
+    /// does not show it to the agent (a key it may not view). /proc/keys is read once per
+    /// serial not yet named: a key's serial is never reused for another key, so a name, once
+    /// given, stays (and a scrape does not read the file again for a key it cannot see).
     pub fn name(&self, serial: i32) -> String {
         if let Some(name) = self.by_serial.borrow().get(&serial) {
             return name.clone();
         }
+        let mut by_serial = self.by_serial.borrow_mut();
         match std::fs::read_to_string("/proc/keys") {
-            Ok(text) => *self.by_serial.borrow_mut() = parse_proc_keys(&text),
+            Ok(text) => by_serial.extend(parse_proc_keys(&text)),
             Err(e) => log::debug!("reading /proc/keys: {e}"),
         }
-        self.by_serial
-            .borrow()
-            .get(&serial)
-            .cloned()
-            .unwrap_or_else(|| format!("key {serial:08x}"))
+        by_serial
+            .entry(serial)
+            .or_insert_with(|| format!("key {serial:08x}"))
+            .clone()
     }
 }
 
@@ -190,8 +194,7 @@ fn common_name(rdns: &[u8]) -> Option<String> {
 /// A digest's bytes as hex, when the check computed one.
 pub fn digest_hex(load: &ModuleLoad) -> Option<String> {
     let len = (load.digest_len as usize).min(DIGEST_LEN);
-    (load.seen & observer_common::modules::SEEN_DIGEST != 0 && len > 0)
-        .then(|| hex(&load.digest[..len]))
+    (load.seen & SEEN_DIGEST != 0 && len > 0).then(|| hex(&load.digest[..len]))
 }
 
 #[cfg(test)]

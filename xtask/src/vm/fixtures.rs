@@ -392,3 +392,26 @@ fn field(value: &str) -> String {
         s
     })
 }
+
+/// A manifest value as written by [`field`], decoded (`%XX` back to its byte).
+pub fn unfield(value: &str) -> String {
+    let bytes = value.as_bytes();
+    let (mut out, mut i) = (Vec::with_capacity(bytes.len()), 0);
+    while i < bytes.len() {
+        let code = (bytes[i] == b'%')
+            .then(|| value.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        match code {
+            Some(b) => {
+                out.push(b);
+                i += 3;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}

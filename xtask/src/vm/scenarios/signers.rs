@@ -10,6 +10,7 @@ use anyhow::{Context as _, bail, ensure};
 use serde_json::Value;
 
 use super::{
+    super::fixtures::unfield,
     CURRENT, Check, EVERY_KERNEL, Labels, Scenario, Want,
     events::{console_module, validated_events},
     modules::{ALL, LOADS, TAINTS},
@@ -132,7 +133,8 @@ pub const SIGNERS_ENFORCED: Scenario = Scenario {
     kernel_checks: &[],
 };
 
-/// `file=NAME key=value...` lines the guest printed after `MANIFEST ` (`%20` for spaces).
+/// `file=NAME key=value...` lines the guest printed after `MANIFEST ` (values percent-encoded,
+/// see `vm::fixtures`).
 fn manifest(console: &str) -> anyhow::Result<BTreeMap<String, BTreeMap<String, String>>> {
     let mut files = BTreeMap::new();
     for line in console
@@ -142,7 +144,7 @@ fn manifest(console: &str) -> anyhow::Result<BTreeMap<String, BTreeMap<String, S
         let fields: BTreeMap<String, String> = line
             .split_whitespace()
             .filter_map(|f| f.split_once('='))
-            .map(|(k, v)| (k.to_owned(), v.replace("%20", " ")))
+            .map(|(k, v)| (k.to_owned(), unfield(v)))
             .collect();
         let file = fields
             .get("file")
@@ -170,13 +172,12 @@ fn trusted_keys(console: &str) -> Vec<String> {
         .collect()
 }
 
-/// The one module_load event whose file or module is `module`, in load order `nth`.
-fn load_event<'a>(events: &'a [Value], module: &str, nth: usize) -> anyhow::Result<&'a Value> {
+/// The first module_load event of `module`.
+fn load_event<'a>(events: &'a [Value], module: &str) -> anyhow::Result<&'a Value> {
     events
         .iter()
-        .filter(|e| e["event"] == "module_load" && e["module"] == module)
-        .nth(nth)
-        .with_context(|| format!("no module_load {nth} for {module} in {events:?}"))
+        .find(|e| e["event"] == "module_load" && e["module"] == module)
+        .with_context(|| format!("no module_load for {module} in {events:?}"))
 }
 
 /// The digest the manifest computed for `file` with the event's algorithm.
@@ -226,7 +227,7 @@ fn check_signers(guest: SocketAddr, console: &str) -> anyhow::Result<()> {
 
     // The Debian-signed load: its signer is one of the guest's trusted keys, its key id the
     // id in that key's description.
-    let verified = load_event(&events, &signed, 0)?;
+    let verified = load_event(&events, &signed)?;
     let signer = verified["signer"]
         .as_str()
         .with_context(|| format!("no signer: {verified}"))?;
