@@ -70,6 +70,13 @@ use std::{
 use anyhow::{Context as _, bail, ensure};
 use sha2::{Digest as _, Sha256, Sha512};
 
+mod der;
+#[cfg(test)]
+mod tests;
+
+pub use der::{Certificate, Signer, certificate, signer_info};
+use der::{SEQUENCE, SET};
+
 const SIGNATURE_MARKER: &[u8] = b"~Module signature appended~\n";
 /// `struct module_signature`: algo, hash, id_type, signer_len, key_id_len, pad[3], sig_len (be32).
 const MODULE_SIGNATURE_LEN: usize = 12;
@@ -176,13 +183,6 @@ pub fn malform_signature(module: &[u8]) -> anyhow::Result<Vec<u8>> {
     out[signed.content.len()] = SET;
     Ok(out)
 }
-
-mod der;
-#[cfg(test)]
-mod tests;
-
-pub use der::{Certificate, Signer, certificate, signer_info};
-use der::{SEQUENCE, SET};
 
 /// A key of our own, with its self-signed certificate, for the foreign signatures.
 pub struct SigningKey {
