@@ -15,6 +15,11 @@ pub const SIGNERS_MAP: &str = "MODULE_SIGNERS";
 pub const SIGNERS_OTHER_MAP: &str = "MODULE_SIGNERS_OTHER";
 /// Keys that keep their own count (and `signer` label); later ones count as `other`.
 pub const SIGNER_KEYS: u32 = 16;
+/// Autoload requests by the thread that asked, by the helper that runs modprobe for them, and
+/// by that helper's process (see observer-ebpf's `modules/requests.rs`).
+pub const REQUESTS_MAP: &str = "MODULE_REQUESTS";
+pub const REQUEST_HELPERS_MAP: &str = "MODULE_REQUEST_HELPERS";
+pub const REQUEST_TASKS_MAP: &str = "MODULE_REQUEST_TASKS";
 /// `enum kernel_load_data_id`'s LOADING_MODULE, from BTF.
 pub const LOADING_MODULE_GLOBAL: &str = "LOADING_MODULE";
 
@@ -60,6 +65,11 @@ pub const NAMES: Names = Names {
         "modules_from_file",
         "modules_key_lookup_id",
         "modules_digest_value",
+        "modules_ima_digest_value",
+        "modules_request_asked",
+        "modules_request_handoff",
+        "modules_request_adopt",
+        "modules_request_done",
     ],
     maps: &[
         "MODULE_LOADS",
@@ -69,6 +79,9 @@ pub const NAMES: Names = Names {
         SYSCALLS_MAP,
         SIGNERS_MAP,
         SIGNERS_OTHER_MAP,
+        REQUESTS_MAP,
+        REQUEST_HELPERS_MAP,
+        REQUEST_TASKS_MAP,
     ],
     globals: &[
         "FILE_DENTRY_OFFSET",
@@ -87,6 +100,9 @@ pub const NAMES: Names = Names {
         "SIG_DIGEST_SIZE_OFFSET",
         "SIG_HASH_ALGO_OFFSET",
         "KEY_ID_DATA_OFFSET",
+        "IMA_DIGEST_ALGO_OFFSET",
+        "IMA_DIGEST_LENGTH_OFFSET",
+        "IMA_DIGEST_DATA_OFFSET",
     ],
 };
 
@@ -158,6 +174,10 @@ pub const SEEN_KEY_FOUND: u32 = 1 << 21;
 pub const SEEN_KEY_ID: u32 = 1 << 22;
 /// `digest` and `hash_algo` hold what the signature check hashed the module to.
 pub const SEEN_DIGEST: u32 = 1 << 23;
+/// The load was asked for by an autoload (`request_module`): `request` names who asked.
+pub const SEEN_REQUESTED: u32 = 1 << 24;
+/// IMA hashed the module's file: `ima.digest` holds it ([`ImaCheck::digest_len`] bytes).
+pub const SEEN_IMA_FILE_DIGEST: u32 = 1 << 25;
 
 /// Phases of a signature check timed inside a load (index into [`ModuleLoad::phase_ns`]).
 pub const PHASE_PARSE: usize = 0;
@@ -168,7 +188,7 @@ pub const PHASES: usize = 4;
 
 /// IMA's appraisal of a module's read: what it took and what it decided.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ImaCheck {
     /// The whole hook on the read (`security_kernel_post_read_file`): policy, the
     /// `security.ima` attribute, hashing, appraisal.
@@ -181,6 +201,70 @@ pub struct ImaCheck {
     pub ret: i32,
     /// `ima_appraise_measurement`'s `enum integrity_status` (0 INTEGRITY_PASS).
     pub status: i32,
+    /// The digest IMA computed of the file ([`SEEN_IMA_FILE_DIGEST`]): its length and its
+    /// `enum hash_algo` (uapi `<linux/hash_info.h>`, see [`hash_algo_name`]).
+    pub digest_len: u32,
+    pub algo: u32,
+    pub digest: [u8; DIGEST_LEN],
+}
+
+impl Default for ImaCheck {
+    fn default() -> Self {
+        Self {
+            check_ns: 0,
+            digest_ns: 0,
+            appraise_ns: 0,
+            ret: 0,
+            status: 0,
+            digest_len: 0,
+            algo: 0,
+            digest: [0; DIGEST_LEN],
+        }
+    }
+}
+
+/// The kernel's name of an `enum hash_algo` value (uapi `<linux/hash_info.h>`, whose values
+/// never change; the names are the kernel's `hash_algo_name`).
+pub fn hash_algo_name(algo: u32) -> Option<&'static str> {
+    const NAMES: [&str; 23] = [
+        "md4",
+        "md5",
+        "sha1",
+        "rmd160",
+        "sha256",
+        "sha384",
+        "sha512",
+        "sha224",
+        "rmd128",
+        "rmd256",
+        "rmd320",
+        "wp256",
+        "wp384",
+        "wp512",
+        "tgr128",
+        "tgr160",
+        "tgr192",
+        "sm3",
+        "streebog256",
+        "streebog512",
+        "sha3-256",
+        "sha3-384",
+        "sha3-512",
+    ];
+    NAMES.get(algo as usize).copied()
+}
+
+/// Who asked for an autoload (`request_module`, in the asking thread: its process, uid,
+/// cgroup and command), and what it asked for (an alias such as `net-pf-29` or `fs-xfs`,
+/// which modprobe resolves to module names in user space).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ModuleRequest {
+    pub requester: EventHeader,
+    /// The process that runs modprobe for it (set when that helper starts).
+    pub helper_pid: u32,
+    pub _pad: u32,
+    pub alias: [u8; NAME_LEN],
 }
 
 /// What a thread did just before `load_module`: the file it read, IMA's appraisal of it and
@@ -260,6 +344,8 @@ pub struct ModuleLoad {
     /// What `pkcs7_digest` hashed the signed content to, and the algorithm ([`SEEN_DIGEST`]).
     pub digest: [u8; DIGEST_LEN],
     pub hash_algo: [u8; HASH_ALGO_LEN],
+    /// The autoload that asked for this load ([`SEEN_REQUESTED`]).
+    pub request: ModuleRequest,
 }
 
 #[cfg(feature = "user")]
@@ -268,4 +354,5 @@ mod pod {
     unsafe impl aya::Pod for super::ModuleLoad {}
     unsafe impl aya::Pod for super::PendingLoad {}
     unsafe impl aya::Pod for super::ImaCheck {}
+    unsafe impl aya::Pod for super::ModuleRequest {}
 }

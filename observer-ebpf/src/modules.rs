@@ -32,6 +32,7 @@ use crate::{header, increment, map_full, since};
 
 mod attempts;
 mod ima;
+mod requests;
 mod signature;
 
 /// `file.f_path.dentry`, `dentry.d_name.len` and the dentry's inline name (`d_iname`, or
@@ -263,6 +264,7 @@ pub fn modules_load_enter(ctx: FEntryContext) -> u32 {
         // No hook before load_module made one: made here, for the exit to mark.
         let _ = pending();
     }
+    requests::note_request(load);
     0
 }
 

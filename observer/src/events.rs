@@ -124,17 +124,30 @@ impl EventStream {
         event.insert("uid".into(), header.uid.into());
         event.insert("comm".into(), comm_str(&header.comm).into());
         event.insert("cgroup_id".into(), header.cgroup_id.into());
-        if let Some(path) = self.cgroups.path(header.cgroup_id) {
-            if let Some(id) = crate::cgroups::container_id(path) {
-                event.insert("container_id".into(), id.into());
-            }
-            event.insert("cgroup".into(), path.into());
-        }
+        self.name_cgroup(&mut event, header.cgroup_id);
         event.extend(fields);
+        // Another task an event names (an autoload's requester) gets its cgroup named too.
+        if let Some(serde_json::Value::Object(requester)) = event.get_mut("requested_by")
+            && let Some(id) = requester
+                .get("cgroup_id")
+                .and_then(serde_json::Value::as_u64)
+        {
+            self.name_cgroup(requester, id);
+        }
         if let Ok(line) = serde_json::to_string(&event) {
             self.lines.push_str(&line);
             self.lines.push('\n');
             self.pending += 1;
+        }
+    }
+
+    /// Adds the cgroup's path and, where its naming shows one, the container id.
+    fn name_cgroup(&mut self, fields: &mut EventFields, cgroup_id: u64) {
+        if let Some(path) = self.cgroups.path(cgroup_id) {
+            if let Some(id) = crate::cgroups::container_id(path) {
+                fields.insert("container_id".into(), id.into());
+            }
+            fields.insert("cgroup".into(), path.into());
         }
     }
 

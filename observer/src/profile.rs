@@ -167,7 +167,7 @@ fn summarize(module: &str, loads: &[&LoadRecord], leaves: Option<u64>) -> Module
             check_ns += ns;
         }
         // IMA's check runs before load_module: not part of the load's time or its share.
-        if let Some(ima) = load.ima {
+        if let Some(ima) = &load.ima {
             integrity.entry(ima.method).or_default().push(ima.check_ns);
         }
     }
@@ -469,6 +469,7 @@ mod tests {
             hash_algo: None,
             digest: None,
             digest_of: None,
+            requested_by: None,
             out_of_tree: false,
             syscall: Some("finit_module"),
             result: "ok".into(),
@@ -502,6 +503,8 @@ mod tests {
             method: "ima_hash",
             result: "ok",
             check_ns: 100,
+            hash_algo: None,
+            digest: None,
         });
         let r = report(&[load], 1.0, Some(4256));
         assert_eq!(r.modules[0].ima_hash_to_signature_ratio, Some(0.25));

@@ -98,6 +98,7 @@ fn send_without_load(pending: &PendingLoad, ret: i32, seen: u32, outcome: u32, r
         (*load).seen = seen;
         (*load).outcome = outcome;
         (*load).reason = reason;
+        super::requests::note_request(&mut *load);
     }
     entry.submit(crate::security_wakeup());
 }

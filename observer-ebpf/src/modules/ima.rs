@@ -9,18 +9,28 @@
 //! kernel reads of whole files are rare. IMA is the only LSM of mainline with this hook.
 
 use aya_ebpf::{
+    Global,
+    helpers::generated::bpf_probe_read_kernel,
     macros::{fentry, fexit},
     programs::{FEntryContext, FExitContext},
 };
 use observer_common::modules::{
     IMA_READ_ID_ARG, ImaCheck, PendingLoad, SEEN_IMA_APPRAISE, SEEN_IMA_DATA_REFUSED,
-    SEEN_IMA_DIGEST, SEEN_IMA_READ, SEEN_IMA_SIGNATURE, SEEN_READ_REFUSED,
+    SEEN_IMA_DIGEST, SEEN_IMA_FILE_DIGEST, SEEN_IMA_READ, SEEN_IMA_SIGNATURE, SEEN_READ_REFUSED,
 };
 
 use super::{
     LOADING_MODULE, MODULE_PENDING, READING_MODULE, READING_MODULE_COMPRESSED, now, pending, tid,
 };
 use crate::since;
+
+/// `struct ima_digest_data`'s `algo`, `length` and `digest` (0: unknown), from BTF.
+#[unsafe(no_mangle)]
+static IMA_DIGEST_ALGO_OFFSET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static IMA_DIGEST_LENGTH_OFFSET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static IMA_DIGEST_DATA_OFFSET: Global<u32> = Global::new(0);
 
 /// This thread's pending record while IMA checks its module read.
 #[inline(always)]
@@ -51,7 +61,11 @@ pub fn modules_ima_enter(ctx: FEntryContext) -> u32 {
 #[inline(always)]
 pub(super) fn start_read(pending: &mut PendingLoad) {
     pending.ima = ImaCheck::default();
-    pending.seen &= !(SEEN_IMA_READ | SEEN_IMA_DIGEST | SEEN_IMA_APPRAISE | SEEN_IMA_SIGNATURE);
+    pending.seen &= !(SEEN_IMA_READ
+        | SEEN_IMA_DIGEST
+        | SEEN_IMA_APPRAISE
+        | SEEN_IMA_SIGNATURE
+        | SEEN_IMA_FILE_DIGEST);
 }
 
 #[fexit(function = "security_kernel_post_read_file")]
@@ -96,6 +110,48 @@ pub fn modules_ima_digest_exit(_ctx: FExitContext) -> u32 {
     {
         pending.seen |= SEEN_IMA_DIGEST;
     }
+    0
+}
+
+/// What IMA hashed the module's file to: `ima_calc_buffer_hash(buf, len, hash)` fills
+/// `hash->digest` (`hash->length` bytes, algorithm `hash->algo`). The first hash of a read is
+/// kept: from 6.19 a compressed module's second call of the hook appraises with the hash of the
+/// file as stored. A program of its own: the digest is a flexible array, which only
+/// `bpf_probe_read_kernel` reads (refused under lockdown=confidentiality).
+#[fexit(function = "ima_calc_buffer_hash")]
+pub fn modules_ima_digest_value(ctx: FExitContext) -> u32 {
+    let Some(pending) = checking() else { return 0 };
+    let ret: i64 = ctx.arg(3);
+    let data_offset = IMA_DIGEST_DATA_OFFSET.load() as usize;
+    let length_offset = IMA_DIGEST_LENGTH_OFFSET.load() as usize;
+    let algo_offset = IMA_DIGEST_ALGO_OFFSET.load() as usize;
+    if ret as i32 != 0 || pending.seen & SEEN_IMA_FILE_DIGEST != 0 || data_offset == 0 {
+        return 0;
+    }
+    let hash: usize = ctx.arg(2);
+    // SAFETY: `hash` is the BTF-typed `struct ima_digest_data *` argument, whose `algo` and
+    // `length` are plain loads (offsets from BTF); the digest is read through the helper, with
+    // one constant length per digest size (see `signature::modules_digest_value`).
+    unsafe {
+        let length = core::ptr::read_volatile((hash + length_offset) as *const u8);
+        let algo = core::ptr::read_volatile((hash + algo_offset) as *const u8);
+        let dst = pending.ima.digest.as_mut_ptr().cast();
+        let src = (hash + data_offset) as *const _;
+        let read = match length {
+            20 => bpf_probe_read_kernel(dst, 20, src),
+            28 => bpf_probe_read_kernel(dst, 28, src),
+            32 => bpf_probe_read_kernel(dst, 32, src),
+            48 => bpf_probe_read_kernel(dst, 48, src),
+            64 => bpf_probe_read_kernel(dst, 64, src),
+            _ => return 0,
+        };
+        if read != 0 {
+            return 0;
+        }
+        pending.ima.digest_len = u32::from(length);
+        pending.ima.algo = u32::from(algo);
+    }
+    pending.seen |= SEEN_IMA_FILE_DIGEST;
     0
 }
 

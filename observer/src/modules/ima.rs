@@ -7,12 +7,12 @@
 use std::collections::BTreeMap;
 
 use observer_common::modules::{
-    IMA_READ_ID_ARG, ModuleLoad, SEEN_IMA_APPRAISE, SEEN_IMA_DIGEST, SEEN_IMA_READ,
-    SEEN_IMA_SIGNATURE,
+    DIGEST_LEN, IMA_READ_ID_ARG, ModuleLoad, SEEN_IMA_APPRAISE, SEEN_IMA_DIGEST,
+    SEEN_IMA_FILE_DIGEST, SEEN_IMA_READ, SEEN_IMA_SIGNATURE, hash_algo_name,
 };
 use serde::Serialize;
 
-use super::{bracket, single};
+use super::{bracket, signers::hex, single};
 use crate::{
     kernel::KernelBtf,
     plan::{Hook, fentry, fexit},
@@ -33,11 +33,27 @@ const READ_ID_TYPE: &str = "enum kernel_read_file_id";
 
 /// What IMA decided about one module read, when it appraised it (no policy rule for modules, or
 /// a result cached from an earlier read of the same file: no check, no verdict).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ImaVerdict {
     pub method: &'static str,
     pub result: &'static str,
     pub check_ns: u64,
+    /// What IMA hashed the whole file to, and with which algorithm: absent where it computed
+    /// no hash for this read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hash_algo: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+}
+
+/// IMA's hash of the module's file (as stored: a `.ko.xz` compressed), with its algorithm.
+pub fn file_digest(load: &ModuleLoad) -> Option<(&'static str, String)> {
+    let len = (load.ima.digest_len as usize).min(DIGEST_LEN);
+    if load.seen & SEEN_IMA_FILE_DIGEST == 0 || len == 0 {
+        return None;
+    }
+    let algo = hash_algo_name(load.ima.algo)?;
+    Some((algo, hex(&load.ima.digest[..len])))
 }
 
 pub fn verdict(load: &ModuleLoad) -> Option<ImaVerdict> {
@@ -55,10 +71,13 @@ pub fn verdict(load: &ModuleLoad) -> Option<ImaVerdict> {
     } else {
         load.ima.ret == 0
     };
+    let (hash_algo, digest) = file_digest(load).unzip();
     Some(ImaVerdict {
         method,
         result: if passed { "ok" } else { "fail" },
         check_ns: load.ima.check_ns,
+        hash_algo,
+        digest,
     })
 }
 
@@ -98,6 +117,12 @@ pub fn hooks(btf: Option<&KernelBtf>) -> Vec<Hook> {
             "modules_ima_digest_enter",
             "modules_ima_digest_exit",
             "ima_calc_buffer_hash",
+        ),
+        // What IMA hashed the file to: a byte array only bpf_probe_read_kernel reads (refused
+        // under lockdown=confidentiality), so a program of its own, after the timing ones.
+        single(
+            "module_ima_digest_value",
+            fexit("modules_ima_digest_value", "ima_calc_buffer_hash"),
         ),
         bracket(
             "module_ima_appraise",
@@ -144,9 +169,20 @@ mod tests {
             Some(ImaVerdict {
                 method: "ima_hash",
                 result: "ok",
-                check_ns: 5000
+                check_ns: 5000,
+                hash_algo: None,
+                digest: None,
             })
         );
+        // With the file's hash: uapi's HASH_ALGO_SHA256 is 4.
+        let mut digested = read(hashed | SEEN_IMA_FILE_DIGEST, 0, 0);
+        digested.ima.algo = 4;
+        digested.ima.digest_len = 32;
+        digested.ima.digest[..2].copy_from_slice(&[0xab, 0x01]);
+        let check = verdict(&digested).unwrap();
+        assert_eq!(check.hash_algo, Some("sha256"));
+        assert_eq!(check.digest.as_deref().map(str::len), Some(64));
+        assert!(check.digest.unwrap().starts_with("ab01"));
         // INTEGRITY_FAIL (2), refused with EACCES.
         let refused = read(hashed | SEEN_READ_REFUSED, -libc::EACCES, 2);
         assert_eq!(verdict(&refused).map(|v| v.result), Some("fail"));

@@ -12,6 +12,7 @@ use serde::Serialize;
 
 use super::{
     ima::{self, ImaVerdict},
+    requests::{RequestedBy, requested_by},
     signers::{self, KeyId, KeyNames},
 };
 use crate::{
@@ -128,15 +129,19 @@ pub struct LoadRecord {
     /// names issuer and serial.
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub key: Option<KeyId>,
-    /// What the signature check hashed the module's bytes (before the signature) to, and
-    /// with which algorithm: absent where the kernel computed no digest.
+    /// What the kernel hashed the module to, and with which algorithm: the signature check's
+    /// digest where it ran, else IMA's of the file; absent where the kernel computed none.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hash_algo: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub digest: Option<String>,
-    /// What `digest` covers: `module` (the module without its signature).
+    /// What `digest` covers: `module` (the module without its signature) or `file` (the
+    /// file as stored, which IMA hashed).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub digest_of: Option<&'static str>,
+    /// The autoload that asked for this load: who asked, and for what.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requested_by: Option<RequestedBy>,
     /// The module has no `intree` tag (taint O): built outside the kernel's tree (DKMS).
     pub out_of_tree: bool,
     /// The syscall the attempt came by, when a hook on its path said.
@@ -204,7 +209,7 @@ impl ModuleState {
                 .observe(load.total_ns);
         }
         let ima = ima::verdict(load);
-        if let Some(check) = ima {
+        if let Some(check) = &ima {
             self.integrity
                 .entry((check.method, check.result))
                 .or_default()
@@ -225,7 +230,9 @@ impl ModuleState {
         });
         let phases_ns = phases(load);
         let (signer, key) = signers::key_of(load, &self.keys);
-        let digest = signers::digest_hex(load);
+        let digest = signers::digest_hex(load)
+            .map(|hex| (comm_str(&load.hash_algo), hex, "module"))
+            .or_else(|| ima::file_digest(load).map(|(algo, hex)| (algo.to_owned(), hex, "file")));
         for (phase, ns) in &phases_ns {
             self.phases.entry(phase).or_default().observe(*ns);
         }
@@ -244,10 +251,11 @@ impl ModuleState {
             key,
             hash_algo: digest
                 .as_ref()
-                .map(|_| comm_str(&load.hash_algo))
+                .map(|(algo, _, _)| algo.clone())
                 .filter(|a| !a.is_empty()),
-            digest_of: digest.as_ref().map(|_| "module"),
-            digest,
+            digest_of: digest.as_ref().map(|(_, _, of)| *of),
+            digest: digest.map(|(_, hex, _)| hex),
+            requested_by: requested_by(load),
             out_of_tree: load.taints & TAINT_OUT_OF_TREE != 0,
             syscall: syscall(load.seen),
             result: crate::metrics::result_label(

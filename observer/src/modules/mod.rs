@@ -3,6 +3,7 @@
 
 mod ima;
 mod load;
+mod requests;
 mod shape;
 mod signers;
 
@@ -169,6 +170,13 @@ impl HookFamily for ModuleFamily {
             "KEY_ID_DATA_OFFSET",
             &offset_or_0("asymmetric_key_id", "data"),
         );
+        for (global, member) in [
+            ("IMA_DIGEST_ALGO_OFFSET", "algo"),
+            ("IMA_DIGEST_LENGTH_OFFSET", "length"),
+            ("IMA_DIGEST_DATA_OFFSET", "digest"),
+        ] {
+            load.global(global, &offset_or_0("ima_digest_data", member));
+        }
     }
 
     fn take_maps(&mut self, maps: &mut Maps<'_>) -> anyhow::Result<()> {
@@ -329,6 +337,18 @@ fn hooks(integrity: IntegrityFunctions) -> Vec<Hook> {
             "module_sig_digest_value",
             fexit("modules_digest_value", "pkcs7_digest"),
         ),
+        // Who asked for an autoload: followed from the request to the modprobe helper it
+        // starts (see observer-ebpf's modules/requests.rs).
+        Hook {
+            name: "module_requester",
+            options: vec![vec![
+                tracepoint("modules_request_asked", "module", "module_request"),
+                fentry("modules_request_handoff", "call_usermodehelper_exec"),
+                fexit("modules_request_done", "call_usermodehelper_exec"),
+                fentry("modules_request_adopt", "call_usermodehelper_exec_async"),
+            ]],
+            requires: Some(kernel::has_modules),
+        },
         bracket(
             "module_sig_public_key",
             "modules_public_key_enter",

@@ -27,7 +27,7 @@ const USAGE: &str = "usage: guest-tool load [--compressed] [--uid N] [--threads 
                      timer-life | timer-restore | await-host PORT SECONDS | \
                      loadtime LABEL FILE... | ima-digest [--wrong] FILE... | \
                      timer-pairs N | timer-storm SECONDS THREADS | getppid N | \
-                     bpf-stats PREFIX";
+                     bpf-stats PREFIX | socket [--uid N] FAMILY TYPE PROTOCOL";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -35,6 +35,7 @@ fn main() -> ExitCode {
         Some("load") => load(&args[1..]),
         Some("loadtime") => load_time(&args[1..]),
         Some("ima-digest") => ima_digest(&args[1..]),
+        Some("socket") => socket(&args[1..]),
         Some("timer-pairs") => count_arg(&args).and_then(bench::timer_pairs),
         Some("getppid") => count_arg(&args).and_then(bench::getppid),
         Some("timer-storm") => match (
@@ -112,15 +113,7 @@ fn load(args: &[String]) -> Result<(), String> {
         return Err(USAGE.to_owned());
     }
     if let Some(uid) = uid {
-        // SAFETY: plain syscalls; leaving root drops every capability (no keep-caps).
-        if unsafe { libc::setresgid(uid, uid, uid) } != 0
-            || unsafe { libc::setresuid(uid, uid, uid) } != 0
-        {
-            return Err(format!(
-                "becoming uid {uid}: {}",
-                std::io::Error::last_os_error()
-            ));
-        }
+        become_uid(uid)?;
     }
     for file in files {
         let name = Path::new(file)
@@ -144,6 +137,54 @@ fn load(args: &[String]) -> Result<(), String> {
                 .map_err(|_| "a load thread panicked".to_owned())?;
             println!("finit_module {shown} {}", result?);
         }
+    }
+    Ok(())
+}
+
+fn become_uid(uid: u32) -> Result<(), String> {
+    // SAFETY: plain syscalls; leaving root drops every capability (no keep-caps).
+    if unsafe { libc::setresgid(uid, uid, uid) } != 0
+        || unsafe { libc::setresuid(uid, uid, uid) } != 0
+    {
+        return Err(format!(
+            "becoming uid {uid}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+/// One socket(2) call, as any user may make: a family whose module is not loaded has the
+/// kernel ask for it (`request_module("net-pf-N")`), and so may its protocol.
+fn socket(args: &[String]) -> Result<(), String> {
+    let (uid, rest) = match args {
+        [flag, value, rest @ ..] if flag == "--uid" => (
+            Some(value.parse::<u32>().map_err(|_| USAGE.to_owned())?),
+            rest,
+        ),
+        rest => (None, rest),
+    };
+    let [family, kind, protocol] = rest else {
+        return Err(USAGE.to_owned());
+    };
+    let number = |s: &String| s.parse::<libc::c_int>().map_err(|_| USAGE.to_owned());
+    let (family, kind, protocol) = (number(family)?, number(kind)?, number(protocol)?);
+    if let Some(uid) = uid {
+        become_uid(uid)?;
+    }
+    println!("socket by pid {}", std::process::id());
+    // SAFETY: a plain syscall; the descriptor is closed at once.
+    let fd = unsafe { libc::socket(family, kind, protocol) };
+    if fd < 0 {
+        let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+        println!(
+            "socket {family} {kind} {protocol} errno={}",
+            errno_name(errno)
+        );
+    } else {
+        println!("socket {family} {kind} {protocol} rc=0");
+        // SAFETY: the descriptor just opened.
+        unsafe { libc::close(fd) };
     }
     Ok(())
 }

@@ -19,6 +19,10 @@ const INIT: &str = include_str!("../../guest/init.sh");
 
 /// Modules for the network driver (virtio_pci is built in on 6.12, a module on 6.1).
 const NETWORK_MODULES: &[&str] = &["virtio_pci", "virtio_net"];
+/// What an unprivileged socket(2) of family AF_CAN has the kernel autoload (`net-pf-29` is
+/// `can`, its raw protocol `can-proto-1` is `can_raw`), as the package stores them (signed,
+/// compressed from 6.12), for the `autoload` scenario's modprobe.
+const AUTOLOAD_MODULES: &[&str] = &["can_raw"];
 
 pub struct Inputs<'a> {
     pub kernel: &'a Kernel,
@@ -45,6 +49,7 @@ pub fn build(inputs: &Inputs) -> anyhow::Result<PathBuf> {
         "tmp",
         "vm/net",
         "vm/mods",
+        "vm/autoload",
         "vm/scenarios",
     ] {
         fs::create_dir_all(stage.join(dir))?;
@@ -79,6 +84,12 @@ pub fn build(inputs: &Inputs) -> anyhow::Result<PathBuf> {
         order.push('\n');
     }
     fs::write(stage.join("vm/net/order"), order)?;
+    for module in kernel.modules_with_deps(AUTOLOAD_MODULES)? {
+        let file = module
+            .file_name()
+            .context("module path without a file name")?;
+        fs::copy(&module, stage.join("vm/autoload").join(file))?;
+    }
     // The kernel's module list: `observer profile` counts the modules a Merkle tree would cover.
     let modules_dir = Path::new("lib/modules").join(&kernel.release);
     fs::create_dir_all(stage.join(&modules_dir))?;

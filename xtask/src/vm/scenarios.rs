@@ -12,6 +12,7 @@
 //! `... errno=NAME` per call. `start_profile ARGS...` and `stop_profile` run `observer profile`
 //! around a scenario's actions and print its report between `PROFILE-BEGIN` and `PROFILE-END`.
 mod agent;
+mod autoload;
 mod events;
 mod ima;
 mod modules;
@@ -133,6 +134,7 @@ pub const SCENARIOS: &[&Scenario] = &[
     &verdicts::LOAD_PATHS,
     &signers::SIGNERS,
     &signers::SIGNERS_ENFORCED,
+    &autoload::AUTOLOAD,
     &phases::PHASES_VS_FTRACE,
     &agent::BENCH_MODULES,
     &agent::BENCH_TIMERS,

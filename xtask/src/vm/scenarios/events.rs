@@ -7,7 +7,7 @@ use anyhow::{Context as _, bail, ensure};
 use serde_json::Value;
 
 use super::{
-    CURRENT, Check, Scenario, Want,
+    Check, EVERY_KERNEL, Scenario, Want,
     modules::{ALL, LOADS},
 };
 
@@ -19,7 +19,7 @@ pub const EVENTS: Scenario = Scenario {
     name: "events",
     about: "--events json to a file: a load from a child cgroup names it, every event follows the schema",
     cmdline: "",
-    kernels: CURRENT,
+    kernels: EVERY_KERNEL,
     guest: "mount -t cgroup2 none /sys/fs/cgroup\n\
             mkdir /sys/fs/cgroup/observer-loader\n\
             echo \"cgroup-load $M1\"\n\
@@ -27,6 +27,7 @@ pub const EVENTS: Scenario = Scenario {
             load /vm/mods/$M2-unsigned.ko\n\
             cp /vm/mods/$M3.ko /tmp/$M3.ko; /vm/guest-tool ima-digest /tmp/$M3.ko\n\
             cp /vm/mods/$M1.ko /tmp/bad.ko; /vm/guest-tool ima-digest --wrong /tmp/bad.ko\n\
+            echo \"ima-files $M3.ko $M1.ko\"; sed 's/^/MANIFEST /' /vm/mods/manifest\n\
             echo 'appraise func=MODULE_CHECK' >/sys/kernel/security/ima/policy\n\
             load /tmp/$M3.ko /tmp/bad.ko\n\
             sleep 2\n\
@@ -72,7 +73,28 @@ fn check_events(_guest: SocketAddr, console: &str) -> anyhow::Result<()> {
         taint["flag"] == "E" && taint["cgroup"] == "/" && taint["module"].is_string(),
         "{taint}"
     );
-    check_ima_events(&events, &console_module(console, "ima-digest ")?)?;
+    let files = console
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("ima-files "))
+        .map(|l| l.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+        .context("no ima-files line")?;
+    let [passed_file, bad_file] = files.as_slice() else {
+        bail!("ima-files: {files:?}");
+    };
+    let manifest = super::signers::manifest(console)?;
+    let file_sha256 = |file: &str| {
+        manifest
+            .get(file)
+            .and_then(|m| m.get("file_sha256"))
+            .cloned()
+            .with_context(|| format!("no file_sha256 for {file} in the manifest"))
+    };
+    check_ima_events(
+        &events,
+        &console_module(console, "ima-digest ")?,
+        &file_sha256(passed_file)?,
+        &file_sha256(bad_file)?,
+    )?;
     println!(
         "vm: events: {} events valid against the schema; the load from /observer-loader named",
         events.len()
@@ -120,8 +142,15 @@ pub(super) fn console_module(console: &str, prefix: &str) -> anyhow::Result<Stri
 }
 
 /// The load IMA passed carries its check (then its signature check), the one it refused is
-/// `rejected_ima` with EACCES and a failed check.
-fn check_ima_events(events: &[Value], passed: &str) -> anyhow::Result<()> {
+/// `rejected_ima` with EACCES and a failed check; each names IMA's hash of its file, which is
+/// the host's SHA-256 of the file's bytes (`passed_sha256`, `bad_sha256`). The refused one never
+/// reached a signature check: its digest is the file's.
+fn check_ima_events(
+    events: &[Value],
+    passed: &str,
+    passed_sha256: &str,
+    bad_sha256: &str,
+) -> anyhow::Result<()> {
     let load_of = |module: &str| {
         events
             .iter()
@@ -137,16 +166,25 @@ fn check_ima_events(events: &[Value], passed: &str) -> anyhow::Result<()> {
             && ok["ima"]["check_ns"].as_u64().is_some_and(|ns| ns > 0)
             && ok["phases_ns"]["ima_digest"]
                 .as_u64()
-                .is_some_and(|ns| ns > 0),
-        "{ok}"
+                .is_some_and(|ns| ns > 0)
+            && ok["ima"]["hash_algo"] == "sha256"
+            && ok["ima"]["digest"] == passed_sha256
+            && ok["digest_of"] == "module",
+        "{ok}: want IMA's digest {passed_sha256}"
     );
     let refused = load_of("bad")?;
     ensure!(
         refused["outcome"] == "rejected_ima"
             && refused["result"] == "eacces"
             && refused["ima"]["result"] == "fail"
+            && refused["ima"]["digest"] == bad_sha256
+            && refused["digest"] == bad_sha256
+            && refused["digest_of"] == "file"
+            && refused["hash_algo"] == "sha256"
             && refused["total_ns"] == 0,
-        "{refused}"
+        "{refused}: want the file's digest {bad_sha256}"
     );
+    println!("vm: events: IMA passed {ok}");
+    println!("vm: events: IMA refused {refused}");
     Ok(())
 }

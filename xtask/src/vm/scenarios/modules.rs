@@ -1,6 +1,13 @@
 //! Module loading and its integrity checks: signatures, taint, lockdown and enforcement,
 //! compressed modules, the absent hash-based path.
-use super::{CURRENT, Check, EVERY_KERNEL, Labels, Scenario, Want, timers};
+use std::net::SocketAddr;
+
+use anyhow::{bail, ensure};
+use serde_json::Value;
+
+use super::{
+    CURRENT, Check, EVERY_KERNEL, Labels, Scenario, Want, events::validated_events, timers,
+};
 use crate::vm::kernel::Series;
 
 pub const LOADS: &str = "observer_module_loads_total";
@@ -119,8 +126,12 @@ pub const UNSIGNED: Scenario = Scenario {
 /// The lockdown scenarios' guest script: the attach table, an unsigned load refused by lockdown
 /// and a signed one loaded, then the timer life cycles; the same under `lockdown=integrity` and
 /// `lockdown=confidentiality` (which includes integrity), so their checks are the same too.
-pub const LOCKDOWN_GUEST: &str =
-    "probes\nload /vm/mods/$M1-unsigned.ko /vm/mods/$M2.ko\n/vm/guest-tool timer-life\n";
+macro_rules! lockdown_guest {
+    () => {
+        "probes\nload /vm/mods/$M1-unsigned.ko /vm/mods/$M2.ko\n/vm/guest-tool timer-life\n"
+    };
+}
+pub const LOCKDOWN_GUEST: &str = lockdown_guest!();
 pub const LOCKDOWN_REFUSES_UNSIGNED: &[Check] = &[
     Check::Console("finit_module {M1}-unsigned.ko errno=EPERM"),
     Check::Console("finit_module {M2}.ko rc=0"),
@@ -146,16 +157,19 @@ pub const LOCKDOWN_REFUSES_UNSIGNED: &[Check] = &[
 ];
 
 pub const LOCKDOWN_INTEGRITY: Scenario = Scenario {
-    host: None,
+    host: Some(check_lockdown_event),
     host_agent: false,
     alone: false,
-    agent_args: "",
+    agent_args: "--events json --events.output /tmp/events.json",
     name: "lockdown-integrity",
     about: "lockdown=integrity: the unsigned module is refused by lockdown, a signed one loads; \
             timer life cycles",
     cmdline: "lockdown=integrity",
     kernels: EVERY_KERNEL,
-    guest: LOCKDOWN_GUEST,
+    guest: concat!(
+        lockdown_guest!(),
+        "sleep 2\necho EVENTS-BEGIN; cat /tmp/events.json; echo EVENTS-END\n"
+    ),
     checks: &[
         &[
             Check::Console("lockdown: none [integrity] confidentiality"),
@@ -172,6 +186,30 @@ pub const LOCKDOWN_INTEGRITY: Scenario = Scenario {
     ],
     kernel_checks: &[],
 };
+
+/// The refused load's event, as the stream prints it: refused by lockdown, before any signature
+/// check (the module carries none), named after its file.
+fn check_lockdown_event(_guest: SocketAddr, console: &str) -> anyhow::Result<()> {
+    let events = validated_events(console)?;
+    let refused: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["event"] == "module_load" && e["reason"] == "lockdown")
+        .collect();
+    let [refused] = refused.as_slice() else {
+        bail!("want one module_load refused by lockdown, got {refused:?} of {events:?}");
+    };
+    ensure!(
+        refused["outcome"] == "rejected_lockdown"
+            && refused["method"] == "none"
+            && refused["result"] == "eperm"
+            && refused["comm"] == "guest-tool"
+            && refused.get("digest").is_none()
+            && refused.get("signer").is_none(),
+        "{refused}"
+    );
+    println!("vm: lockdown-integrity: {refused}");
+    Ok(())
+}
 
 pub const SIG_ENFORCE: Scenario = Scenario {
     host: None,

@@ -135,7 +135,9 @@ pub const SIGNERS_ENFORCED: Scenario = Scenario {
 
 /// `file=NAME key=value...` lines the guest printed after `MANIFEST ` (values percent-encoded,
 /// see `vm::fixtures`).
-fn manifest(console: &str) -> anyhow::Result<BTreeMap<String, BTreeMap<String, String>>> {
+pub(super) fn manifest(
+    console: &str,
+) -> anyhow::Result<BTreeMap<String, BTreeMap<String, String>>> {
     let mut files = BTreeMap::new();
     for line in console
         .lines()
