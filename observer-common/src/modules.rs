@@ -93,6 +93,7 @@ pub const NAMES: Names = Names {
         "READING_MODULE",
         "READING_MODULE_COMPRESSED",
         "LOAD_INFO_LEN_OFFSET",
+        "VERIFY_ARGS_BUFFERS",
         LOADING_MODULE_GLOBAL,
         "KEY_SERIAL_OFFSET",
         "SINFO_SIG_OFFSET",

@@ -61,6 +61,11 @@ static LOAD_INFO_LEN_OFFSET: Global<u32> = Global::new(0);
 /// `enum kernel_load_data_id`'s LOADING_MODULE (init_module's data), from BTF.
 #[unsafe(no_mangle)]
 static LOADING_MODULE: Global<u32> = Global::new(u32::MAX);
+/// 1 where the signature check is v5's `module_sig_check(mod, mod_len, sig, sig_len)`, 0 for
+/// `mod_verify_sig(mod, info)`: a frozen global, so the verifier keeps only the branch that
+/// reads the arguments as this kernel has them.
+#[unsafe(no_mangle)]
+static VERIFY_ARGS_BUFFERS: Global<u32> = Global::new(0);
 
 /// The starting value of a load attempt: all zero. A static, because the record is too large
 /// for the 512-byte BPF stack together with everything else.
@@ -358,12 +363,19 @@ fn trampoline_gap(load: &mut ModuleLoad, start: u64) {
     }
 }
 
+/// The signature check's end: `mod_verify_sig(mod, info)`, or where the hash-based patch set's
+/// v5 made the PKCS#7 check a function of its own, `module_sig_check(const void *mod, size_t
+/// mod_len, const void *sig, size_t sig_len)` ([`VERIFY_ARGS_BUFFERS`]).
 #[fexit(function = "mod_verify_sig")]
 pub fn modules_verify_exit(ctx: FExitContext) -> u32 {
     if let Some(load) = current_load() {
         load.verify_ns = since(load.verify_ns);
         load.verify_ret = ctx.ret::<i64>().unwrap_or(0) as i32;
         load.seen |= SEEN_VERIFY_SIG;
+        if VERIFY_ARGS_BUFFERS.load() != 0 {
+            load.hashed_len = ctx.arg(1);
+            return 0;
+        }
         // mod_verify_sig(mod, info) has cut the signature off info->len: the bytes hashed.
         let info: usize = ctx.arg(1);
         let offset = LOAD_INFO_LEN_OFFSET.load() as usize;

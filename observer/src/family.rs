@@ -73,6 +73,12 @@ pub trait HookFamily: Send {
         Ok(())
     }
 
+    /// What it decided about this kernel beyond the attach table, for `observer probes` (one
+    /// line, or none).
+    fn kernel_notes(&self) -> Option<String> {
+        None
+    }
+
     /// The record kinds it decodes.
     fn records(&self) -> &'static [RecordKind];
 

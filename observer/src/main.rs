@@ -237,6 +237,9 @@ fn print_probes(matches: &clap::ArgMatches, args: &RunArgs) -> anyhow::Result<()
             hook.name, "-", "disabled"
         );
     }
+    for note in enabled.iter().filter_map(|(_, f)| f.kernel_notes()) {
+        out += &format!("{note}\n");
+    }
     let hooks: Vec<_> = enabled.iter().flat_map(|(_, f)| f.hooks()).collect();
     let missing = start::missing_probes(&hooks, &statuses);
     if !missing.is_empty() {

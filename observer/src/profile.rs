@@ -78,6 +78,9 @@ pub struct ModuleReport {
     pub phases_mean_ns: BTreeMap<&'static str, f64>,
     /// What a hash-based check would cost instead of the signature check, from the measured parts.
     pub hash_estimate: Option<HashEstimate>,
+    /// The estimate over the measured hash check, where a kernel has both (the hash-based patch
+    /// set): how far the estimate is off (1.0: exact).
+    pub estimated_to_measured_hash_ratio: Option<f64>,
     /// Loads by reason (`verified`, `unknown_key`, ...), the signers and key ids named, and the
     /// digests the checks computed (`algorithm:hex`).
     pub reasons: BTreeMap<&'static str, usize>,
@@ -190,6 +193,12 @@ fn summarize(module: &str, loads: &[&LoadRecord], leaves: Option<u64>) -> Module
             phase_values.entry(phase).or_default().push(*ns as f64);
         }
     }
+    let hash_estimate = estimate(loads, leaves);
+    let estimated_to_measured_hash_ratio = hash_estimate
+        .as_ref()
+        .zip(integrity.get("hash").and_then(Stats::mean))
+        .filter(|(_, measured)| *measured > 0.0)
+        .map(|(e, measured)| e.estimated_hash_check_ns / measured);
     let mut reasons: BTreeMap<&'static str, usize> = BTreeMap::new();
     let (mut signers, mut key_ids, mut digests) =
         (BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
@@ -211,7 +220,8 @@ fn summarize(module: &str, loads: &[&LoadRecord], leaves: Option<u64>) -> Module
             .iter()
             .filter_map(|(p, v)| Some((*p, mean(v)?)))
             .collect(),
-        hash_estimate: estimate(loads, leaves),
+        estimated_to_measured_hash_ratio,
+        hash_estimate,
         module: module.to_owned(),
         loads: loads.len(),
         load: Stats::of(loads.iter().map(|l| l.total_ns).collect()),
@@ -349,6 +359,19 @@ pub fn text(report: &Report) -> String {
             e.merkle_levels, e.merkle_leaves, e.estimated_to_signature_ratio
         )),
         None => out.push_str("estimated hash-based check: needs signed loads with a timed digest, and the module count\n"),
+    }
+    // A kernel with the hash-based patch set measures what the estimate predicts.
+    if let (Some(ratio), Some(e), Some(measured)) = (
+        report.total.estimated_to_measured_hash_ratio,
+        &report.total.hash_estimate,
+        report.total.integrity.get("hash").and_then(Stats::mean),
+    ) {
+        out.push_str(&format!(
+            "estimated hash check {:.1} us against measured {:.1} us: estimate/measured {ratio:.3} ({:+.1}%)\n",
+            e.estimated_hash_check_ns / 1000.0,
+            measured / 1000.0,
+            (ratio - 1.0) * 100.0
+        ));
     }
     out.push_str(&hash_checks_side_by_side(report));
     out
@@ -532,7 +555,14 @@ mod tests {
         assert_eq!(a.integrity_share_of_load, Some(0.5));
         assert_eq!(r.total.hash_to_signature_ratio, Some(0.2));
         assert_eq!(r.total.loads, 4);
-        assert!(text(&r).contains("hash/signature check time (measured): 0.200"));
+        let text = text(&r);
+        assert!(text.contains("hash/signature check time (measured): 0.200"));
+        // The estimate from a's digests (250 ns + 13 levels of 5 ns) against b's 100 ns.
+        assert_eq!(r.total.estimated_to_measured_hash_ratio, Some(3.15));
+        assert!(
+            text.contains("estimated hash check 0.3 us against measured 0.1 us: estimate/measured 3.150 (+215.0%)"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -379,6 +379,73 @@ mod tests {
         );
     }
 
+    /// The records a kernel with the hash-based patch set's v5 produces: the policy step is
+    /// `module_auth_check` (SEEN_SIG_CHECK), the PKCS#7 check `module_sig_check`
+    /// (SEEN_VERIFY_SIG), the Merkle check `module_hash_check` (SEEN_HASH_CHECK), whose -ENOKEY
+    /// (a proof that does not lead to the built-in root) and -ENOPKG (a proof of the wrong size)
+    /// the policy treats as it treats signatures.
+    #[test]
+    fn hash_v5_records() {
+        let verdict = |seen, load_ret, policy_ret, verify_ret, hash_ret| {
+            let mut load = finished(seen, load_ret, policy_ret, verify_ret);
+            load.hash_ret = hash_ret;
+            (
+                OUTCOMES[load.outcome as usize],
+                METHODS[method(seen) as usize],
+                REASONS[load_reason(&load) as usize],
+            )
+        };
+        let (signed, proof) = (
+            SEEN_SIG_CHECK | SEEN_VERIFY_SIG,
+            SEEN_SIG_CHECK | SEEN_HASH_CHECK,
+        );
+        let rejected = -EKEYREJECTED;
+        let cases = [
+            // A module signed with the build's key, verified by PKCS#7.
+            ((signed, 0, 0, 0, 0), ("loaded", "signature", "verified")),
+            (
+                (signed, 0, 0, -ENOKEY, 0),
+                ("loaded", "signature", "unknown_key"),
+            ),
+            // A proof that matches the root.
+            ((proof, 0, 0, 0, 0), ("loaded", "hash", "verified")),
+            // A flipped bit: loads with taint E unless enforced.
+            ((proof, 0, 0, 0, -ENOKEY), ("loaded", "hash", "unknown_key")),
+            // A proof of the wrong size.
+            (
+                (proof, 0, 0, 0, -ENOPKG),
+                ("loaded", "hash", "unsupported_crypto"),
+            ),
+            // module.sig_enforce=1: "Loading of module with unavailable key is rejected".
+            (
+                (proof, rejected, rejected, 0, -ENOKEY),
+                ("rejected_signature", "hash", "enforced"),
+            ),
+            // lockdown=integrity.
+            (
+                (proof, -EPERM, -EPERM, 0, -ENOKEY),
+                ("rejected_lockdown", "hash", "lockdown"),
+            ),
+            // A bare module reaches module_auth_check alone.
+            ((SEEN_SIG_CHECK, 0, 0, 0, 0), ("loaded", "none", "unsigned")),
+            (
+                (SEEN_SIG_CHECK, rejected, rejected, 0, 0),
+                ("rejected_signature", "none", "enforced"),
+            ),
+            (
+                (SEEN_SIG_CHECK, -EPERM, -EPERM, 0, 0),
+                ("rejected_lockdown", "none", "lockdown"),
+            ),
+        ];
+        for ((seen, load_ret, policy_ret, verify_ret, hash_ret), want) in cases {
+            assert_eq!(
+                verdict(seen, load_ret, policy_ret, verify_ret, hash_ret),
+                want,
+                "seen {seen:#x} load {load_ret} policy {policy_ret} verify {verify_ret} hash {hash_ret}"
+            );
+        }
+    }
+
     #[test]
     fn the_series_shown_from_the_start() {
         // The usual pairings, built up one by one (no_std: no sets here).

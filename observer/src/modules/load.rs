@@ -380,17 +380,34 @@ mod tests {
     }
 
     #[test]
-    fn a_hash_checked_load_has_no_signature_phases() {
-        // v5 of the hash-based patch set: mod_verify_sig dispatches to module_hash_check.
-        let mut l = load(0, SEEN_SIG_CHECK | SEEN_VERIFY_SIG | SEEN_HASH_CHECK, 0);
-        l.verify_ns = 9000;
-        l.hash_ns = 8000;
-        let record = ModuleState::default().load(&l);
+    fn hash_v5_loads_are_timed_by_the_check_that_ran() {
+        // v5 of the hash-based patch set: module_auth_check (the policy) hands a proof to
+        // module_hash_check and a PKCS#7 signature to module_sig_check, never both.
+        let mut state = ModuleState::default();
+        let mut proof = load(0, SEEN_SIG_CHECK | SEEN_HASH_CHECK, 0);
+        proof.hash_ns = 8000;
+        proof.hash_ret = -libc::ENOKEY;
+        proof.reason = modules::REASON_UNKNOWN_KEY;
+        let record = state.load(&proof);
         assert_eq!(
-            (record.method, record.integrity_check_ns),
-            ("hash", Some(8000))
+            (record.method, record.reason, record.integrity_check_ns),
+            ("hash", "unknown_key", Some(8000))
         );
         assert!(record.phases_ns.is_empty());
+        let mut signed = load(0, SEEN_SIG_CHECK | SEEN_VERIFY_SIG, 0);
+        signed.verify_ns = 20_000;
+        signed.hashed_len = 6400;
+        let record = state.load(&signed);
+        assert_eq!(
+            (
+                record.method,
+                record.integrity_check_ns,
+                record.hashed_bytes
+            ),
+            ("signature", Some(20_000), 6400)
+        );
+        assert_eq!(state.integrity[&("hash", "fail")].count(), 1);
+        assert_eq!(state.integrity[&("signature", "ok")].count(), 1);
     }
 
     #[test]

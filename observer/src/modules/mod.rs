@@ -24,7 +24,7 @@ pub use self::ima::ImaVerdict;
 pub use self::load::LoadRecord;
 use self::{
     load::ModuleState,
-    shape::{IntegrityFunctions, Shape, decide},
+    shape::{IntegrityFunctions, Shape, Verify, VerifyArgs, decide},
 };
 use crate::{
     family::{Context, EventFields, HookFamily, LoadSettings, RecordKind, Registration, no_flags},
@@ -63,12 +63,7 @@ impl ModuleFamily {
                  functions whose arguments cannot be read right are not attached"
             );
         }
-        log::info!(
-            "module integrity checking: {} (policy step {}, Merkle check {})",
-            integrity.shape.label(),
-            integrity.policy.unwrap_or("not traceable"),
-            integrity.hash.unwrap_or("absent"),
-        );
+        log::info!("{}", integrity.describe());
         Ok(Box::new(Self {
             state: ModuleState::new(context.keep_samples, kernel::module_count()),
             maps: None,
@@ -146,6 +141,11 @@ impl HookFamily for ModuleFamily {
             "LOAD_INFO_LEN_OFFSET",
             &offset("load_info", "len").unwrap_or(0),
         );
+        let buffers = self
+            .integrity
+            .verify
+            .is_some_and(|v| v.args == VerifyArgs::Buffers);
+        load.global("VERIFY_ARGS_BUFFERS", &u32::from(buffers));
         let loading_module = value_of(&enumerators("kernel_load_data_id"), "LOADING_MODULE");
         load.global(LOADING_MODULE_GLOBAL, &loading_module);
         // The signer and the digest (see observer-ebpf's modules/signature.rs).
@@ -182,6 +182,10 @@ impl HookFamily for ModuleFamily {
     fn take_maps(&mut self, maps: &mut Maps<'_>) -> anyhow::Result<()> {
         self.maps = Some(ModuleMaps::take(maps)?);
         Ok(())
+    }
+
+    fn kernel_notes(&self) -> Option<String> {
+        Some(self.integrity.describe())
     }
 
     fn records(&self) -> &'static [RecordKind] {
@@ -235,6 +239,11 @@ fn single(name: &'static str, attachment: Attachment) -> Hook {
 }
 
 fn hooks(integrity: IntegrityFunctions) -> Vec<Hook> {
+    // Where none is traceable, mod_verify_sig's absence is what `observer probes` shows.
+    let verify = integrity.verify.unwrap_or(Verify {
+        function: "mod_verify_sig",
+        args: VerifyArgs::LoadInfo,
+    });
     let mut hooks = vec![
         bracket(
             "module_load",
@@ -250,19 +259,20 @@ fn hooks(integrity: IntegrityFunctions) -> Vec<Hook> {
             "modules_sig_check_exit",
             integrity.policy.unwrap_or("module_sig_check"),
         ),
+        // The signature check: mod_verify_sig, or v5's PKCS#7 check (see `shape`).
         bracket(
             "module_verify_sig",
             "modules_verify_enter",
             "modules_verify_exit",
-            "mod_verify_sig",
+            verify.function,
         ),
-        // The Merkle-tree check of the hash-based integrity patch set (unmerged as of 2026),
-        // where this kernel has a version of it that `shape` knows.
         // Attached after module_verify_sig, so that two programs share its trampoline.
         single(
             "module_probe_gap",
-            fentry("modules_verify_gap", "mod_verify_sig"),
+            fentry("modules_verify_gap", verify.function),
         ),
+        // The Merkle-tree check of the hash-based integrity patch set (unmerged as of 2026),
+        // where this kernel has a version of it that `shape` knows.
         bracket(
             "module_hash_check",
             "modules_hash_enter",

@@ -23,14 +23,17 @@
 //!   failed verification into EKEYREJECTED (seen in the `signers` scenario on 6.1 to 7.3).
 //! - `NAME-malformed.ko`: `NAME.ko` with the PKCS#7 blob's first byte, the outer SEQUENCE tag
 //!   0x30, changed to 0x31: the blob does not parse and the kernel refuses it with EBADMSG.
+//! - `NAME-md5.ko`: `NAME-unsigned.ko` signed like `NAME-foreign.ko` but with an MD5 digest,
+//!   which the kernel's PKCS#7 parser does not support (ENOPKG, "unsupported crypto"): without
+//!   enforcement it loads with taint E, before any key is looked up or digest computed.
 //!
 //! And, once: `foreign-cert.der`, the self-signed X.509 certificate (DER) of the foreign key, for
 //! a scenario that adds it to a keyring; `manifest`, described below.
 //!
 //! `/vm/mods/manifest` has one line per module file, for each NAME in `names` order: `NAME.ko`,
-//! `NAME-unsigned.ko`, `NAME-foreign.ko`, `NAME-corrupt.ko`, `NAME-malformed.ko`. A line is
-//! space-separated `key=value` fields, always in this order, each field present only where it
-//! applies:
+//! `NAME-unsigned.ko`, `NAME-foreign.ko`, `NAME-corrupt.ko`, `NAME-malformed.ko`,
+//! `NAME-md5.ko`. A line is space-separated `key=value` fields, always in this order, each field
+//! present only where it applies:
 //!
 //! - `file=`: the file name in /vm/mods (`file=crc8-foreign.ko`), always first.
 //! - `content_sha256=`, `content_sha512=`: lowercase hex of the SHA-256 and SHA-512 of the bytes
@@ -304,7 +307,8 @@ fn openssl(command: &mut Command, input: &[u8]) -> anyhow::Result<Vec<u8>> {
     Ok(out.stdout)
 }
 
-/// Writes NAME.ko, NAME-unsigned.ko, NAME-foreign.ko, NAME-corrupt.ko and NAME-malformed.ko
+/// Writes NAME.ko, NAME-unsigned.ko, NAME-foreign.ko, NAME-corrupt.ko, NAME-malformed.ko and
+/// NAME-md5.ko
 /// into `dir` from Debian's signed module, and returns their manifest lines.
 pub fn write_variants(
     dir: &Path,
@@ -325,6 +329,10 @@ pub fn write_variants(
         ("-foreign", foreign),
         ("-corrupt", corrupt_signature(signed)?),
         ("-malformed", malform_signature(signed)?),
+        (
+            "-md5",
+            append_signature(parts.content, &key.sign(parts.content, "md5")?)?,
+        ),
     ];
     let mut manifest = String::new();
     for (suffix, bytes) in files {

@@ -1,6 +1,7 @@
 //! Who signed a module, why a check failed, what exactly was loaded: each scenario module in a
 //! variant (see `vm::fixtures`: Debian-signed, re-signed with a key of our own the kernel does
-//! not trust and marked out of tree, a corrupted signature, an unparsable one, unsigned), with
+//! not trust and marked out of tree, a corrupted signature, an unparsable one, unsigned, one
+//! with a digest the kernel does not support; and a caller without CAP_SYS_MODULE), with
 //! its reason counted exactly, and each event's signer and key id compared with the guest's
 //! /proc/keys and the fixture's own key, its digest with the hash of the right bytes computed on
 //! the host (the manifest), or absent where the kernel computed none.
@@ -43,6 +44,16 @@ const LOADED_UNSIGNED: Labels = &[
     ("method", "none"),
     ("reason", "unsigned"),
 ];
+const UNSUPPORTED_CRYPTO: Labels = &[
+    ("outcome", "loaded"),
+    ("method", "signature"),
+    ("reason", "unsupported_crypto"),
+];
+const NO_PERMISSION: Labels = &[
+    ("outcome", "rejected_permission"),
+    ("method", "none"),
+    ("reason", "permission"),
+];
 const ENFORCED_SIGNED: Labels = &[
     ("outcome", "rejected_signature"),
     ("method", "signature"),
@@ -61,6 +72,8 @@ const GUEST: &str = "grep ' asymmetri ' /proc/keys | sed 's/^/KEY /'\n\
     echo \"signed-load $M1.ko\"\n\
     load /vm/mods/$M1.ko /vm/mods/$M2-foreign.ko /vm/mods/$M3-corrupt.ko \
     /vm/mods/$M3-malformed.ko /vm/mods/$M3-unsigned.ko\n\
+    rmmod $(echo $M3 | tr - _) && load /vm/mods/$M3-md5.ko\n\
+    load --uid 65534 /vm/mods/$M3.ko\n\
     echo \"tainted=$(cat /proc/sys/kernel/tainted)\"\n\
     sleep 2\n\
     echo EVENTS-BEGIN; cat /tmp/events.json; echo EVENTS-END\n";
@@ -85,6 +98,8 @@ pub const SIGNERS: Scenario = Scenario {
         Check::Console("finit_module {M3}-corrupt.ko errno=EKEYREJECTED"),
         Check::Console("finit_module {M3}-malformed.ko errno=EBADMSG"),
         Check::Console("finit_module {M3}-unsigned.ko rc=0"),
+        Check::Console("finit_module {M3}-md5.ko rc=0"),
+        Check::Console("finit_module {M3}.ko errno=EPERM"),
         // E (unsigned or untrusted) and O (out of tree).
         Check::Console("tainted=12288"),
         Check::Console("EVENTS-END"),
@@ -93,7 +108,9 @@ pub const SIGNERS: Scenario = Scenario {
         Check::Metric(LOADS, BAD_SIGNATURE, Want::Eq(1.0)),
         Check::Metric(LOADS, MALFORMED, Want::Eq(1.0)),
         Check::Metric(LOADS, LOADED_UNSIGNED, Want::Eq(1.0)),
-        Check::MetricSum(LOADS, ALL, Want::Eq(5.0)),
+        Check::Metric(LOADS, UNSUPPORTED_CRYPTO, Want::Eq(1.0)),
+        Check::Metric(LOADS, NO_PERMISSION, Want::Eq(1.0)),
+        Check::MetricSum(LOADS, ALL, Want::Eq(7.0)),
         // Only the verified load counts for its signer.
         Check::MetricSum(BY_SIGNER, ALL, Want::Eq(1.0)),
         Check::Metric(BY_SIGNER, &[("signer", "other")], Want::Eq(0.0)),
@@ -303,7 +320,28 @@ fn check_signers(guest: SocketAddr, console: &str) -> anyhow::Result<()> {
                 .all(|f| unsigned.get(f).is_none()),
         "{unsigned}"
     );
-    for event in [verified, foreign, corrupt, malformed, unsigned] {
+    // MD5: refused by the PKCS#7 parser, before any key lookup or digest.
+    let md5 = by_reason("unsupported_crypto")?;
+    ensure!(
+        md5["outcome"] == "loaded"
+            && md5["method"] == "signature"
+            && ["digest", "signer", "key_id"]
+                .iter()
+                .all(|f| md5.get(f).is_none())
+            && md5["taints"].as_str().is_some_and(|t| t.contains('E')),
+        "{md5}"
+    );
+    // Refused before anything was read: named after its file, by the caller's uid.
+    let refused = by_reason("permission")?;
+    ensure!(
+        refused["outcome"] == "rejected_permission"
+            && refused["result"] == "eperm"
+            && refused["uid"] == 65534,
+        "{refused}"
+    );
+    for event in [
+        verified, foreign, corrupt, malformed, unsigned, md5, refused,
+    ] {
         println!("vm: signers: {event}");
     }
     Ok(())
