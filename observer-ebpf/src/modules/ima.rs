@@ -138,6 +138,7 @@ pub fn modules_ima_digest_value(ctx: FExitContext) -> u32 {
         let dst = pending.ima.digest.as_mut_ptr().cast();
         let src = (hash + data_offset) as *const _;
         let read = match length {
+            16 => bpf_probe_read_kernel(dst, 16, src),
             20 => bpf_probe_read_kernel(dst, 20, src),
             28 => bpf_probe_read_kernel(dst, 28, src),
             32 => bpf_probe_read_kernel(dst, 32, src),

@@ -147,12 +147,13 @@ pub fn modules_digest_value(ctx: FExitContext) -> u32 {
         if digest == 0 {
             return 0;
         }
-        // One constant length per digest size the kernel's hashes have (SHA-1, SHA-224,
+        // One constant length per digest size the kernel's hashes have (MD5, SHA-1, SHA-224,
         // SHA-256, SHA-384, SHA-512 and their SHA-3 and SM3 kin): a length the verifier can
         // bound, which a masked variable is not once the compiler has seen through the mask.
         let dst = load.digest.as_mut_ptr().cast();
         let src = digest as *const _;
         let read = match size {
+            16 => bpf_probe_read_kernel(dst, 16, src),
             20 => bpf_probe_read_kernel(dst, 20, src),
             28 => bpf_probe_read_kernel(dst, 28, src),
             32 => bpf_probe_read_kernel(dst, 32, src),

@@ -24,8 +24,9 @@
 //! - `NAME-malformed.ko`: `NAME.ko` with the PKCS#7 blob's first byte, the outer SEQUENCE tag
 //!   0x30, changed to 0x31: the blob does not parse and the kernel refuses it with EBADMSG.
 //! - `NAME-md5.ko`: `NAME-unsigned.ko` signed like `NAME-foreign.ko` but with an MD5 digest,
-//!   which the kernel's PKCS#7 parser does not support (ENOPKG, "unsupported crypto"): without
-//!   enforcement it loads with taint E, before any key is looked up or digest computed.
+//!   which the PKCS#7 parser of 6.12 and newer does not support (ENOPKG, "unsupported crypto"):
+//!   without enforcement it loads with taint E, before any key is looked up or digest computed.
+//!   6.1's parser still knows MD5: there it is a signature by an untrusted key (ENOKEY).
 //!
 //! And, once: `foreign-cert.der`, the self-signed X.509 certificate (DER) of the foreign key, for
 //! a scenario that adds it to a keyring; `manifest`, described below.
