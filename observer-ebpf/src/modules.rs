@@ -494,18 +494,25 @@ const MODULE_LOAD_NAME_LOC: usize = 12;
 #[tracepoint]
 pub fn modules_loaded_name(ctx: TracePointContext) -> u32 {
     let Some(load) = current_load() else { return 0 };
-    // SAFETY: the offset is inside module:module_load's record.
-    let Ok(loc) = (unsafe { ctx.read_at::<u32>(MODULE_LOAD_NAME_LOC) }) else {
-        return 0;
+    if read_data_loc(&ctx, MODULE_LOAD_NAME_LOC, &mut load.name) {
+        load.seen |= SEEN_NAME;
+    }
+    0
+}
+
+/// Copies a tracepoint record's `__data_loc char[]` field (its location word at `loc_offset`;
+/// at most [`NAME_LEN`] bytes, the NUL included) into `out`: true when read.
+#[inline(always)]
+fn read_data_loc(ctx: &TracePointContext, loc_offset: usize, out: &mut [u8; NAME_LEN]) -> bool {
+    // SAFETY: the offset is inside the tracepoint's record.
+    let Ok(loc) = (unsafe { ctx.read_at::<u32>(loc_offset) }) else {
+        return false;
     };
     let (offset, len) = ((loc & 0xffff) as usize, (loc >> 16) as usize);
     let len = if len > NAME_LEN { NAME_LEN } else { len };
     let text = (ctx.as_ptr() as usize + offset) as *const u8;
-    // SAFETY: reads the record through the fault-tolerant helper into the map value.
-    if unsafe { bpf_probe_read_kernel_buf(text, &mut load.name[..len]) }.is_ok() {
-        load.seen |= SEEN_NAME;
-    }
-    0
+    // SAFETY: reads the record through the fault-tolerant helper.
+    unsafe { bpf_probe_read_kernel_buf(text, &mut out[..len]) }.is_ok()
 }
 
 #[fentry(function = "security_kernel_module_request")]

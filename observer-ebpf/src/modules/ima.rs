@@ -10,7 +10,6 @@
 
 use aya_ebpf::{
     Global,
-    helpers::generated::bpf_probe_read_kernel,
     macros::{fentry, fexit},
     programs::{FEntryContext, FExitContext},
 };
@@ -130,23 +129,15 @@ pub fn modules_ima_digest_value(ctx: FExitContext) -> u32 {
     }
     let hash: usize = ctx.arg(2);
     // SAFETY: `hash` is the BTF-typed `struct ima_digest_data *` argument, whose `algo` and
-    // `length` are plain loads (offsets from BTF); the digest is read through the helper, with
-    // one constant length per digest size (see `signature::modules_digest_value`).
+    // `length` are plain loads (offsets from BTF); the digest is read through the helper.
     unsafe {
         let length = core::ptr::read_volatile((hash + length_offset) as *const u8);
         let algo = core::ptr::read_volatile((hash + algo_offset) as *const u8);
-        let dst = pending.ima.digest.as_mut_ptr().cast();
-        let src = (hash + data_offset) as *const _;
-        let read = match length {
-            16 => bpf_probe_read_kernel(dst, 16, src),
-            20 => bpf_probe_read_kernel(dst, 20, src),
-            28 => bpf_probe_read_kernel(dst, 28, src),
-            32 => bpf_probe_read_kernel(dst, 32, src),
-            48 => bpf_probe_read_kernel(dst, 48, src),
-            64 => bpf_probe_read_kernel(dst, 64, src),
-            _ => return 0,
-        };
-        if read != 0 {
+        if !super::signature::read_digest(
+            &mut pending.ima.digest,
+            hash + data_offset,
+            u32::from(length),
+        ) {
             return 0;
         }
         pending.ima.digest_len = u32::from(length);

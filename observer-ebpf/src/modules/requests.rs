@@ -15,8 +15,7 @@
 //! left behind (a helper that failed to start) never takes room for good.
 
 use aya_ebpf::{
-    EbpfContext as _,
-    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel_buf},
+    helpers::bpf_get_current_pid_tgid,
     macros::{fentry, fexit, map, tracepoint},
     maps::LruHashMap,
     programs::{FEntryContext, FExitContext, TracePointContext},
@@ -59,16 +58,7 @@ pub fn modules_request_asked(ctx: TracePointContext) -> u32 {
         _pad: 0,
         alias: [0; NAME_LEN],
     };
-    // SAFETY: the offset is inside module:module_request's record.
-    let Ok(loc) = (unsafe { ctx.read_at::<u32>(MODULE_REQUEST_NAME_LOC) }) else {
-        return 0;
-    };
-    let (offset, len) = ((loc & 0xffff) as usize, (loc >> 16) as usize);
-    // The name's terminating NUL is kept out.
-    let len = if len > NAME_LEN { NAME_LEN } else { len };
-    let text = (ctx.as_ptr() as usize + offset) as *const u8;
-    // SAFETY: reads the record through the fault-tolerant helper into the stack value.
-    if unsafe { bpf_probe_read_kernel_buf(text, &mut request.alias[..len]) }.is_err() {
+    if !super::read_data_loc(&ctx, MODULE_REQUEST_NAME_LOC, &mut request.alias) {
         return 0;
     }
     #[expect(

@@ -18,8 +18,8 @@ use aya_ebpf::{
 use observer_common::{
     TrackedMap,
     modules::{
-        HASH_ALGO_LEN, KEY_ID_LEN, ModuleLoad, REASON_VERIFIED, SEEN_DIGEST, SEEN_KEY_FOUND,
-        SEEN_KEY_ID, SIGNER_KEYS,
+        DIGEST_LEN, HASH_ALGO_LEN, KEY_ID_LEN, ModuleLoad, REASON_VERIFIED, SEEN_DIGEST,
+        SEEN_KEY_FOUND, SEEN_KEY_ID, SIGNER_KEYS,
     },
 };
 
@@ -119,6 +119,31 @@ pub fn modules_key_lookup_id(ctx: FExitContext) -> u32 {
     0
 }
 
+/// Reads a digest of `size` bytes from `src` into `dst`: one constant length per digest size
+/// the kernel's hashes have (MD5, SHA-1, SHA-224, SHA-256, SHA-384, SHA-512 and their SHA-3 and
+/// SM3 kin), a length the verifier can bound, which a masked variable is not once the compiler
+/// has seen through the mask. False for another size, or a read that failed.
+///
+/// # Safety
+/// `src` is a kernel address, read through the fault-tolerant helper.
+#[inline(always)]
+pub(super) unsafe fn read_digest(dst: &mut [u8; DIGEST_LEN], src: usize, size: u32) -> bool {
+    let (dst, src) = (dst.as_mut_ptr().cast(), src as *const _);
+    // SAFETY: the helper checks the source; the destination holds DIGEST_LEN (64) bytes.
+    let read = unsafe {
+        match size {
+            16 => bpf_probe_read_kernel(dst, 16, src),
+            20 => bpf_probe_read_kernel(dst, 20, src),
+            28 => bpf_probe_read_kernel(dst, 28, src),
+            32 => bpf_probe_read_kernel(dst, 32, src),
+            48 => bpf_probe_read_kernel(dst, 48, src),
+            64 => bpf_probe_read_kernel(dst, 64, src),
+            _ => return false,
+        }
+    };
+    read == 0
+}
+
 /// What `pkcs7_digest(pkcs7, sinfo)` hashed the signed content to: `sinfo->sig->digest`,
 /// `digest_size` and `hash_algo`. Without authenticated attributes (sign-file's default) that
 /// is the hash of the module's bytes before its signature.
@@ -147,21 +172,7 @@ pub fn modules_digest_value(ctx: FExitContext) -> u32 {
         if digest == 0 {
             return 0;
         }
-        // One constant length per digest size the kernel's hashes have (MD5, SHA-1, SHA-224,
-        // SHA-256, SHA-384, SHA-512 and their SHA-3 and SM3 kin): a length the verifier can
-        // bound, which a masked variable is not once the compiler has seen through the mask.
-        let dst = load.digest.as_mut_ptr().cast();
-        let src = digest as *const _;
-        let read = match size {
-            16 => bpf_probe_read_kernel(dst, 16, src),
-            20 => bpf_probe_read_kernel(dst, 20, src),
-            28 => bpf_probe_read_kernel(dst, 28, src),
-            32 => bpf_probe_read_kernel(dst, 32, src),
-            48 => bpf_probe_read_kernel(dst, 48, src),
-            64 => bpf_probe_read_kernel(dst, 64, src),
-            _ => return 0,
-        };
-        if read != 0 {
+        if !read_digest(&mut load.digest, digest, size) {
             return 0;
         }
         load.digest_len = size;
