@@ -40,6 +40,19 @@ pub enum Command {
         /// kernel's module count from modules.dep).
         #[arg(long)]
         merkle_leaves: Option<u64>,
+        /// Instead of watching: what the running agent measured since it started (its module
+        /// verdicts, integrity-check time and share of load time, modules loaded before it),
+        /// read from its metrics at --from. Started early in boot, that is the boot's cost.
+        #[arg(long, conflicts_with_all = ["duration", "merkle_leaves"])]
+        since_start: bool,
+        /// The running agent's metrics address, for --since-start.
+        #[arg(
+            long,
+            default_value = "127.0.0.1:9745",
+            value_name = "ADDR:PORT",
+            requires = "since_start"
+        )]
+        from: SocketAddr,
     },
 }
 

@@ -115,10 +115,29 @@ impl EventStream {
     /// Adds one event: the family's `fields` come last, so a family may name the event or the
     /// process more precisely (a lockdown console line names its own process).
     pub fn push(&mut self, header: &EventHeader, kind: EventKind, fields: EventFields) {
+        self.push_labelled(header, kind.label(), fields);
+    }
+
+    /// An event of the agent's own (an inventory taken at start): now, and the agent as its
+    /// process.
+    pub fn push_own(&mut self, label: &str, fields: EventFields) {
+        let mut header = EventHeader {
+            pid: std::process::id(),
+            tid: std::process::id(),
+            // SAFETY: plain getters.
+            uid: unsafe { libc::getuid() },
+            ts_ns: u64::try_from(clock_ns(libc::CLOCK_BOOTTIME)).unwrap_or(0),
+            ..EventHeader::default()
+        };
+        header.comm[..8].copy_from_slice(b"observer");
+        self.push_labelled(&header, label, fields);
+    }
+
+    fn push_labelled(&mut self, header: &EventHeader, label: &str, fields: EventFields) {
         let mut event = EventFields::new();
         let wall = i128::from(header.ts_ns) + self.wall_offset_ns;
         event.insert("time".into(), rfc3339_nanos(wall).into());
-        event.insert("event".into(), kind.label().into());
+        event.insert("event".into(), label.into());
         event.insert("pid".into(), header.pid.into());
         event.insert("tid".into(), header.tid.into());
         event.insert("uid".into(), header.uid.into());

@@ -86,6 +86,12 @@ pub trait HookFamily: Send {
     /// returns the event's own fields when `want_event` and the record makes an event.
     fn decode(&mut self, kind: EventKind, bytes: &[u8], want_event: bool) -> Option<EventFields>;
 
+    /// Events that come from no record (an inventory taken at start), as event labels and
+    /// fields: asked for after every drain of the rings.
+    fn take_events(&mut self) -> Vec<(&'static str, EventFields)> {
+        Vec::new()
+    }
+
     /// Its metric families, now (kernel maps and its state). An error (a kernel map that
     /// cannot be read) fails this collector's part of the scrape, visibly.
     fn collect(&self, out: &mut Vec<Family>) -> anyhow::Result<()>;

@@ -14,6 +14,7 @@ mod maps;
 mod merkle;
 mod metrics;
 mod modules;
+mod notify;
 mod parse;
 mod pipeline;
 mod plan;
@@ -21,6 +22,7 @@ mod privileges;
 mod profile;
 mod record;
 mod registry;
+mod since_start;
 mod start;
 mod taint;
 mod timers;
@@ -51,9 +53,16 @@ fn main() {
         Some(Command::Probes) => print_probes(&matches, &cli.run),
         Some(Command::Generate { artifact }) => generate::run(artifact),
         Some(Command::Profile {
+            since_start: true,
+            from,
+            format,
+            ..
+        }) => since_start::run(from, &cli.run.telemetry_path, format),
+        Some(Command::Profile {
             duration,
             format,
             merkle_leaves,
+            ..
         }) => profile::run(
             &Selection {
                 matches: &matches,
@@ -72,20 +81,57 @@ fn main() {
     }
 }
 
+/// Binds `address` once it is up, trying every second (any other error is logged once and
+/// retried too: the agent keeps counting either way, and says why it does not serve).
+async fn bind_when_up(address: std::net::SocketAddr) -> tokio::net::TcpListener {
+    let mut last_error = None;
+    loop {
+        match tokio::net::TcpListener::bind(address).await {
+            Ok(listener) => return listener,
+            Err(err) => {
+                if last_error != Some(err.kind())
+                    && err.kind() != std::io::ErrorKind::AddrNotAvailable
+                {
+                    log::warn!("cannot listen on {address} yet: {err}; retrying every second");
+                }
+                last_error = Some(err.kind());
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+}
+
 fn run_agent(matches: &clap::ArgMatches, args: &RunArgs) -> anyhow::Result<()> {
     privileges::check()?;
-    // Bind first: a taken port should fail before anything is loaded into the kernel.
-    let listener = std::net::TcpListener::bind(args.listen_address).map_err(|err| {
-        let hint = match err.kind() {
-            std::io::ErrorKind::AddrInUse => {
-                "; is another observer running? pick another with --web.listen-address"
-            }
-            std::io::ErrorKind::AddrNotAvailable => "; that address is not on this host",
-            _ => "",
-        };
-        anyhow!("cannot listen on {}: {err}{hint}", args.listen_address)
-    })?;
-    listener.set_nonblocking(true)?;
+    // Bind first: a taken port should fail before anything is loaded into the kernel. An
+    // address that is not up yet (early in boot, before the network) is no reason to miss the
+    // loads meanwhile: the programs start counting, and the bind is retried every second.
+    let listener = match std::net::TcpListener::bind(args.listen_address) {
+        Ok(listener) => {
+            listener.set_nonblocking(true)?;
+            Some(listener)
+        }
+        Err(err) if err.kind() == std::io::ErrorKind::AddrNotAvailable => {
+            log::warn!(
+                "cannot listen on {} yet ({err}): the address is not up on this host; the \
+                 programs count meanwhile, and listening is retried every second",
+                args.listen_address
+            );
+            None
+        }
+        Err(err) => {
+            let hint = match err.kind() {
+                std::io::ErrorKind::AddrInUse => {
+                    "; is another observer running? pick another with --web.listen-address"
+                }
+                _ => "",
+            };
+            return Err(anyhow!(
+                "cannot listen on {}: {err}{hint}",
+                args.listen_address
+            ));
+        }
+    };
     let web = match &args.web_config_file {
         Some(path) => webconfig::WebConfig::load(path)?,
         None => webconfig::WebConfig::default(),
@@ -123,6 +169,8 @@ fn run_agent(matches: &clap::ArgMatches, args: &RunArgs) -> anyhow::Result<()> {
         })?;
     }
 
+    // Watching: a unit that starts the agent early (before udev) lets the boot go on now.
+    notify::ready();
     // Threads started after the drop have only what is left (capabilities are per thread).
     let writer = writer.map(|w| w.spawn(agent.clone())).transpose()?;
     let stop = Arc::new(AtomicBool::new(false));
@@ -131,12 +179,9 @@ fn run_agent(matches: &clap::ArgMatches, args: &RunArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let result = runtime.block_on(async {
-        let listener = tokio::net::TcpListener::from_std(listener)?;
-        log::info!(
-            "serving metrics on http://{}{}",
-            args.listen_address,
-            args.telemetry_path
-        );
+        let listener = listener
+            .map(tokio::net::TcpListener::from_std)
+            .transpose()?;
         let reopen_on_hangup = async {
             let mut hangup =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
@@ -149,12 +194,24 @@ fn run_agent(matches: &clap::ArgMatches, args: &RunArgs) -> anyhow::Result<()> {
             #[expect(unreachable_code, reason = "gives the loop's error type")]
             anyhow::Ok(())
         };
-        let server = http::serve(
-            listener,
-            agent.clone(),
-            args.telemetry_path.as_str().into(),
-            Arc::new(web),
-        );
+        let server = async {
+            let listener = match listener {
+                Some(listener) => listener,
+                None => bind_when_up(args.listen_address).await,
+            };
+            log::info!(
+                "serving metrics on http://{}{}",
+                args.listen_address,
+                args.telemetry_path
+            );
+            http::serve(
+                listener,
+                agent.clone(),
+                args.telemetry_path.as_str().into(),
+                Arc::new(web),
+            )
+            .await;
+        };
         let kernel_logs = async {
             match kernel_logs {
                 Some(logger) => pipeline::forward_kernel_logs(logger).await,

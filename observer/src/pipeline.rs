@@ -143,11 +143,24 @@ impl Reader {
                 total += taken;
                 full_batches += usize::from(taken == BATCH);
             }
+            self.push_family_events();
             if let Some(events) = &mut self.events {
                 events.flush(&self.agent.counts.output_dropped);
             }
             if full_batches == 0 {
                 return total;
+            }
+        }
+    }
+
+    /// The events families make of no record (taken whether or not a stream is written: taking
+    /// them is what publishes them), as the agent's own.
+    fn push_family_events(&mut self) {
+        for mut family in self.agent.families.lock_all() {
+            for (label, fields) in family.take_events() {
+                if let Some(events) = &mut self.events {
+                    events.push_own(label, fields);
+                }
             }
         }
     }

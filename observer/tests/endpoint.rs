@@ -201,3 +201,104 @@ fn connections_over_the_cap_wait_their_turn() {
     drop(slow);
     assert_eq!(agent.stop(), 0);
 }
+
+/// Early in boot a listen address may not be up yet: the agent starts counting anyway, says
+/// so, and serves once the address is up. Here the agent runs in a network namespace of its
+/// own, whose loopback is down until the test brings it up.
+#[test]
+fn an_address_not_up_yet_is_served_once_it_is() {
+    use std::{
+        io::BufRead as _,
+        os::fd::AsRawFd as _,
+        process::{Command, Stdio},
+        sync::mpsc,
+    };
+    support::require_root();
+    // In a new network namespace the loopback device is down, and ::1 appears only once it is
+    // up (IPv6 gives an address to a device that is up).
+    let addr: SocketAddr = format!("[::1]:{}", support::free_port()).parse().unwrap();
+    let mut child = Command::new("unshare")
+        .arg("--net")
+        .arg(support::OBSERVER)
+        .arg("--web.listen-address")
+        .arg(addr.to_string())
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("unshare (util-linux)");
+    let (lines, seen) = mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = lines.send(line);
+        }
+    });
+    let waiting = |want: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let mut log = Vec::new();
+        while std::time::Instant::now() < deadline {
+            if let Ok(line) = seen.recv_timeout(Duration::from_millis(200)) {
+                let found = line.contains(want);
+                log.push(line);
+                if found {
+                    return log;
+                }
+            }
+        }
+        panic!(
+            "no {want:?} from the agent within 60 s:\n{}",
+            log.join("\n")
+        );
+    };
+    let log = waiting("listening is retried every second");
+    assert!(
+        log.iter().any(|l| l.contains("cannot listen on [::1]")),
+        "{log:?}"
+    );
+    // Its programs are attached and counting before it serves.
+    waiting("attached");
+    let pid = child.id();
+    let up = Command::new("nsenter")
+        .args([
+            "-t",
+            &pid.to_string(),
+            "-n",
+            "ip",
+            "link",
+            "set",
+            "lo",
+            "up",
+        ])
+        .status()
+        .expect("nsenter, ip");
+    assert!(up.success());
+    // Scraped from inside its namespace (setns changes the calling thread's only).
+    let scraped = std::thread::spawn(move || {
+        let netns = std::fs::File::open(format!("/proc/{pid}/ns/net")).unwrap();
+        // SAFETY: a plain syscall on an open namespace file, for this thread.
+        assert_eq!(
+            unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) },
+            0
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match support::http_get(addr, "/metrics") {
+                Ok((200, body)) => return body,
+                _ if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(100))
+                }
+                other => panic!("the agent did not serve once its address was up: {other:?}"),
+            }
+        }
+    })
+    .join()
+    .unwrap();
+    assert!(scraped.contains("observer_build_info"), "{scraped}");
+    waiting("serving metrics on http://[::1]");
+    // SAFETY: a signal to the child this test started.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}

@@ -115,6 +115,10 @@ kernel_log() {
 # The scenario's actions run even when the observer did not start: what the kernel returns is
 # checked on its own.
 # The scenario's arguments for the observer, if any (split into words on purpose).
+# What the scenario does before the observer starts (a host's boot before its agent).
+if [ -f "/vm/scenarios/$scenario.pre" ]; then
+    (. "/vm/scenarios/$scenario.pre") || echo "vm: before-agent steps failed"
+fi
 # shellcheck disable=SC2046
 start_agent $(cat "/vm/scenarios/$scenario.agent" 2>/dev/null)
 rc=$?

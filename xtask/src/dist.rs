@@ -9,6 +9,7 @@
 //! see `check`. Times are set from the last commit (SOURCE_DATE_EPOCH), archive entries sorted
 //! and owned by root, gzip without a timestamp, so that the same commit gives the same files.
 mod archive;
+mod boot;
 mod check;
 mod debian;
 mod guest;

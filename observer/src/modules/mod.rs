@@ -2,6 +2,7 @@
 //! load latency, signature-check phases, autoload requests.
 
 mod ima;
+mod inventory;
 mod load;
 mod requests;
 mod shape;
@@ -23,6 +24,7 @@ use observer_common::{
 pub use self::ima::ImaVerdict;
 pub use self::load::LoadRecord;
 use self::{
+    inventory::Inventory,
     load::ModuleState,
     shape::{IntegrityFunctions, Shape, Verify, VerifyArgs, decide},
 };
@@ -52,6 +54,8 @@ pub struct ModuleFamily {
     integrity: IntegrityFunctions,
     /// IMA's appraisal of module reads, where the kernel's prototypes allow.
     ima_hooks: Vec<Hook>,
+    /// The modules loaded before the agent started.
+    inventory: Inventory,
 }
 
 impl ModuleFamily {
@@ -69,6 +73,7 @@ impl ModuleFamily {
             maps: None,
             integrity,
             ima_hooks: ima::hooks(context.kernel.btf.as_ref().ok()),
+            inventory: Inventory::default(),
         }))
     }
 
@@ -181,7 +186,20 @@ impl HookFamily for ModuleFamily {
 
     fn take_maps(&mut self, maps: &mut Maps<'_>) -> anyhow::Result<()> {
         self.maps = Some(ModuleMaps::take(maps)?);
+        // The programs are attached: what is loaded now was loaded before them.
+        self.inventory.take();
         Ok(())
+    }
+
+    fn take_events(&mut self) -> Vec<(&'static str, EventFields)> {
+        self.inventory
+            .publish()
+            .into_iter()
+            .filter_map(|present| match serde_json::to_value(present) {
+                Ok(serde_json::Value::Object(fields)) => Some(("module_present", fields)),
+                _ => None,
+            })
+            .collect()
     }
 
     fn kernel_notes(&self) -> Option<String> {
@@ -194,6 +212,9 @@ impl HookFamily for ModuleFamily {
 
     fn decode(&mut self, _kind: EventKind, bytes: &[u8], want_event: bool) -> Option<EventFields> {
         let record = self.state.load(&read_record::<ModuleLoad>(bytes)?);
+        if record.outcome == "loaded" {
+            self.inventory.saw_load(&record.module);
+        }
         want_event
             .then(|| match serde_json::to_value(record) {
                 Ok(serde_json::Value::Object(fields)) => Some(fields),
@@ -207,6 +228,7 @@ impl HookFamily for ModuleFamily {
             maps.gather(out, &self.state.keys)?;
         }
         self.state.gather(out);
+        self.inventory.gather(out);
         Ok(())
     }
 

@@ -47,13 +47,14 @@ pub fn run(artifacts: &Artifacts) -> anyhow::Result<()> {
     image(artifacts, scratch)?;
     let bookworm = debian::bookworm_root(&root.join(".cache/dist"))?;
     debian::install_and_purge(&bookworm, &artifacts.deb, scratch)?;
-    let report = guest::boot(
+    let (report, second_boot) = guest::boot(
         &bookworm,
         &artifacts.deb,
         scratch,
         &root.join(".cache/dist/logs"),
     )?;
     under_systemd(&report)?;
+    super::boot::early_start(&second_boot)?;
     let sums = output(
         Command::new("sha256sum")
             .args(["--check", "--strict"])

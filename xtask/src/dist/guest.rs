@@ -1,7 +1,8 @@
 //! The operator's path under a real systemd: the Debian 12 root (with systemd as PID 1) booted
 //! in QEMU on Debian's 6.12 kernel, the .deb installed with dpkg, `systemctl enable --now
-//! observer` under the unit as shipped, a module loaded, the agent stopped. The guest prints
-//! what it saw between markers on the serial console; `verify` judges it on the host.
+//! observer` under the unit as shipped, a module loaded, the agent stopped; then a second boot
+//! with the agent enabled, which its unit starts before udev (see `boot`). The guest prints
+//! what it saw between markers on the serial console; `check` judges it on the host.
 
 use std::{
     fs,
@@ -28,6 +29,9 @@ section() { mark "begin $1"; shift; "$@" 2>&1; mark "end"; }
 scrape() { curl --silent --fail --max-time 10 http://127.0.0.1:9745/metrics; }
 loads() { scrape | awk '/^observer_module_loads_total[{ ]/ { sum += $NF } END { print sum + 0 }'; }
 mark "started systemd=$(readlink /proc/1/exe) kernel=$(uname -r)"
+if [ -e /var/lib/observer-check/second-boot ]; then
+__SECOND_BOOT__
+fi
 section bpf-before bpftool --json prog show
 dpkg --install /root/observer.deb >/dev/null 2>&1; mark "rc dpkg-install $?"
 systemctl enable --now observer; mark "rc enable-now $?"
@@ -45,6 +49,11 @@ systemctl stop observer; mark "rc stop $?"
 section stopped systemctl show observer --property=ActiveState,Result,ExecMainCode,ExecMainStatus
 section journal journalctl --unit=observer --no-pager --output=cat
 section bpf-after bpftool --json prog show
+# For the second boot: the agent enabled (it starts before udev), its events in the journal,
+# a module for systemd-modules-load.
+echo 'OBSERVER_ARGS="--web.listen-address=127.0.0.1:9745 --events json"' >/etc/default/observer
+echo __BOOT_MODULE__ >/etc/modules-load.d/observer-check.conf
+mkdir -p /var/lib/observer-check && touch /var/lib/observer-check/second-boot
 mark "done"
 sync
 systemctl poweroff --force --force
@@ -115,8 +124,14 @@ impl Report {
     }
 }
 
-/// Builds the disk and the initramfs, boots, and returns the console once the guest is off.
-pub fn boot(root_tar: &Path, deb: &Path, scratch: &Path, logs: &Path) -> anyhow::Result<Report> {
+/// Builds the disk and the initramfs, boots twice (the package installed and checked; then
+/// with the agent enabled, started early by its unit), and returns each boot's console.
+pub fn boot(
+    root_tar: &Path,
+    deb: &Path,
+    scratch: &Path,
+    logs: &Path,
+) -> anyhow::Result<(Report, Report)> {
     let workspace = crate::workspace_root();
     let kernel = kernel::ensure(&workspace.join(".cache/vm"), Series::V6_12)?;
     let rootfs = scratch.join("guest-root");
@@ -132,68 +147,90 @@ pub fn boot(root_tar: &Path, deb: &Path, scratch: &Path, logs: &Path) -> anyhow:
     )?;
     let initramfs = initramfs(&kernel, scratch)?;
     fs::create_dir_all(logs)?;
-    let console = logs.join("dist-systemd-guest.log");
-    let started = Instant::now();
-    let mut qemu = Command::new("qemu-system-x86_64")
-        .args(["-accel", "tcg", "-cpu", "max", "-m", "1G", "-smp", "2"])
-        .args([
-            "-bios",
-            "/usr/share/qemu/qboot.rom",
-            "-nodefaults",
-            "-no-reboot",
-        ])
-        .args(["-display", "none", "-serial"])
-        .arg(format!("file:{}", console.display()))
-        .arg("-kernel")
-        .arg(&kernel.vmlinux)
-        .arg("-initrd")
-        .arg(&initramfs)
-        .args([
-            "-append",
-            "console=ttyS0 panic=-1 quiet loglevel=3 systemd.show_status=false",
-        ])
-        .arg("-drive")
-        .arg(format!(
-            "file={},format=raw,if=virtio,cache=unsafe",
-            disk.display()
-        ))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("starting qemu-system-x86_64")?;
-    // TCG on a shared 2-CPU machine: systemd's boot, dpkg and the agent's start take minutes
-    // at worst; the guest powers itself off when done.
-    let deadline = started + Duration::from_secs(600);
-    let status = loop {
-        if let Some(status) = qemu.try_wait()? {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = qemu.kill();
-            let _ = qemu.wait();
-            bail!(
-                "the systemd guest did not finish in 600 s; console in {}",
-                console.display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(250));
+    let boots = Boot {
+        kernel: &kernel,
+        initramfs: &initramfs,
+        disk: &disk,
     };
-    // The guest's terminal ends lines with CR LF.
-    let text = fs::read(&console)
-        .map(|b| String::from_utf8_lossy(&b).replace("\r\n", "\n"))
-        .with_context(|| format!("reading {}", console.display()))?;
-    eprintln!(
-        "dist: systemd guest ran {:.0} s (console in {})",
-        started.elapsed().as_secs_f64(),
-        console.display()
-    );
-    ensure!(
-        status.success() && text.contains(&format!("{MARK} done")),
-        "the systemd guest stopped before its end ({status}); console in {}",
-        console.display()
-    );
-    Ok(Report { console: text })
+    let first = boots.run(&logs.join("dist-systemd-guest.log"), "done")?;
+    let second = boots.run(&logs.join("dist-systemd-guest-boot2.log"), "boot-done")?;
+    Ok((first, second))
+}
+
+/// What each boot of the guest starts from.
+struct Boot<'a> {
+    kernel: &'a Kernel,
+    initramfs: &'a Path,
+    disk: &'a Path,
+}
+
+impl Boot<'_> {
+    /// One boot, until the guest powers itself off having printed `@@dist <end>`. The virtio
+    /// RNG and balloon devices are there for udev's coldplug to load their drivers.
+    fn run(&self, console: &Path, end: &str) -> anyhow::Result<Report> {
+        let started = Instant::now();
+        let mut qemu = Command::new("qemu-system-x86_64")
+            .args(["-accel", "tcg", "-cpu", "max", "-m", "1G", "-smp", "2"])
+            .args([
+                "-bios",
+                "/usr/share/qemu/qboot.rom",
+                "-nodefaults",
+                "-no-reboot",
+            ])
+            .args(["-display", "none", "-serial"])
+            .arg(format!("file:{}", console.display()))
+            .args(["-device", "virtio-rng-pci", "-device", "virtio-balloon-pci"])
+            .arg("-kernel")
+            .arg(&self.kernel.vmlinux)
+            .arg("-initrd")
+            .arg(self.initramfs)
+            .args([
+                "-append",
+                "console=ttyS0 panic=-1 quiet loglevel=3 systemd.show_status=false",
+            ])
+            .arg("-drive")
+            .arg(format!(
+                "file={},format=raw,if=virtio,cache=unsafe",
+                self.disk.display()
+            ))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting qemu-system-x86_64")?;
+        // TCG on a shared 2-CPU machine: systemd's boot, dpkg and the agent's start take
+        // minutes at worst; the guest powers itself off when done.
+        let deadline = started + Duration::from_secs(600);
+        let status = loop {
+            if let Some(status) = qemu.try_wait()? {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = qemu.kill();
+                let _ = qemu.wait();
+                bail!(
+                    "the systemd guest did not finish in 600 s; console in {}",
+                    console.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        };
+        // The guest's terminal ends lines with CR LF.
+        let text = fs::read(console)
+            .map(|b| String::from_utf8_lossy(&b).replace("\r\n", "\n"))
+            .with_context(|| format!("reading {}", console.display()))?;
+        eprintln!(
+            "dist: systemd guest ran {:.0} s (console in {})",
+            started.elapsed().as_secs_f64(),
+            console.display()
+        );
+        ensure!(
+            status.success() && text.contains(&format!("{MARK} {end}\n")),
+            "the systemd guest stopped before its end ({status}); console in {}",
+            console.display()
+        );
+        Ok(Report { console: text })
+    }
 }
 
 /// The package, the check and its unit, and the kernel's small library modules (so that one
@@ -204,7 +241,9 @@ fn prepare_root(rootfs: &Path, kernel: &Kernel, deb: &Path) -> anyhow::Result<()
     fs::write(
         &script,
         GUEST_SCRIPT
+            .replace("__SECOND_BOOT__", super::boot::SECOND_BOOT)
             .replace("__MODULE__", MODULE)
+            .replace("__BOOT_MODULE__", super::boot::MODULES_LOAD)
             .replace("__ABSENT__", super::check::ABSENT_HOOK),
     )?;
     crate::run(Command::new("chmod").arg("0755").arg(&script))?;
@@ -233,6 +272,17 @@ fn prepare_root(rootfs: &Path, kernel: &Kernel, deb: &Path) -> anyhow::Result<()
         if entry.file_type()?.is_file() {
             fs::copy(entry.path(), to.join(entry.file_name()))?;
         }
+    }
+    // What udev's coldplug loads for the guest's devices (see `boot`).
+    for path in kernel.modules_with_deps(super::boot::UDEV_MODULES)? {
+        let relative = path
+            .strip_prefix(&from)
+            .with_context(|| format!("{} outside {}", path.display(), from.display()))?;
+        let target = to.join(relative);
+        if let Some(dir) = target.parent() {
+            fs::create_dir_all(dir)?;
+        }
+        fs::copy(&path, &target)?;
     }
     // modules.dep for the modules present.
     crate::run(

@@ -145,6 +145,12 @@ pub fn build(inputs: &Inputs) -> anyhow::Result<PathBuf> {
                 .join(format!("{}.agent", scenario.name)),
             scenario.agent_args,
         )?;
+        fs::write(
+            stage
+                .join("vm/scenarios")
+                .join(format!("{}.pre", scenario.name)),
+            format!(". /vm/mods/names\n{}", scenario.before_agent),
+        )?;
     }
 
     let archive = inputs.work.join("initramfs.cpio.gz");

@@ -15,6 +15,7 @@ mod agent;
 mod autoload;
 mod events;
 mod ima;
+mod inventory;
 mod modules;
 mod names;
 mod phases;
@@ -90,6 +91,9 @@ pub struct Scenario {
     /// rather than by restarting it in the script: detaching trampolines while other CPUs run
     /// through the patched functions has crashed a TCG guest (an int3 oops in the text poke).
     pub agent_args: &'static str,
+    /// Shell lines the guest runs before it starts the observer (what a host did before its
+    /// agent started).
+    pub before_agent: &'static str,
 }
 
 impl Scenario {
@@ -135,6 +139,7 @@ pub const SCENARIOS: &[&Scenario] = &[
     &signers::SIGNERS,
     &signers::SIGNERS_ENFORCED,
     &autoload::AUTOLOAD,
+    &inventory::INVENTORY,
     &phases::PHASES_VS_FTRACE,
     &agent::BENCH_MODULES,
     &agent::BENCH_TIMERS,

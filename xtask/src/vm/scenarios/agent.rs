@@ -16,6 +16,7 @@ pub const FENTRY_PATH: Scenario = Scenario {
     host_agent: false,
     alone: false,
     agent_args: "",
+    before_agent: "",
     name: "fentry-path",
     about: "the primary mechanisms attach; timer syscalls are counted exactly",
     cmdline: "",
@@ -50,6 +51,7 @@ pub const CONFIDENTIALITY: Scenario = Scenario {
     host_agent: false,
     alone: false,
     agent_args: "",
+    before_agent: "",
     name: "confidentiality",
     about: "lockdown=confidentiality: tracefs, kprobes and kernel reads are refused; loads, \
             lockdown decisions and timer life cycles are seen as under integrity",
@@ -77,6 +79,7 @@ pub const PROFILE: Scenario = Scenario {
     host_agent: false,
     alone: false,
     agent_args: "",
+    before_agent: "",
     name: "profile",
     about: "observer profile times integrity checks per module and estimates a hash-based check",
     cmdline: "",
@@ -103,6 +106,7 @@ pub const DASHBOARDS: Scenario = Scenario {
     host_agent: true,
     alone: false,
     agent_args: "",
+    before_agent: "",
     name: "dashboards",
     about: "every dashboard panel and alert rule, through a real Prometheus scraping this guest",
     cmdline: "",
@@ -136,6 +140,7 @@ pub const BENCH_MODULES: Scenario = Scenario {
     host_agent: false,
     alone: false,
     agent_args: "",
+    before_agent: "",
     name: "bench-modules",
     about: "benchmark (not a test): signed module load time without and with the observer, interleaved",
     cmdline: "",
@@ -162,6 +167,7 @@ pub const BENCH_TIMERS: Scenario = Scenario {
     host_agent: false,
     alone: false,
     agent_args: "",
+    before_agent: "",
     name: "bench-timers",
     about: "benchmark (not a test): timer pairs and unwatched getppid with the observer on fentry/fexit, \
             without it, on the syscall tracepoints and with --timers.counts-only, interleaved, with \

@@ -44,6 +44,7 @@ pub const AUTOLOAD: Scenario = Scenario {
     host_agent: false,
     alone: false,
     agent_args: "--events json --events.output /tmp/events.json",
+    before_agent: "",
     name: "autoload",
     about: "an unprivileged socket(AF_CAN) in a container's cgroup autoloads can and can_raw \
             through modprobe: each load names the asking process, uid, cgroup, container and alias",

@@ -16,6 +16,7 @@ pub const EVENTS: Scenario = Scenario {
     host_agent: false,
     alone: false,
     agent_args: "--events json --events.output /tmp/events.json",
+    before_agent: "",
     name: "events",
     about: "--events json to a file: a load from a child cgroup names it, every event follows the schema",
     cmdline: "",

@@ -8,8 +8,14 @@
 //! outright under such a policy, and counted `rejected_ima` too.
 //! `observer profile` watches the same loads.
 //! On every kernel; 6.1 cannot time the appraisal step on its own (see its checks).
+use std::net::SocketAddr;
+
+use anyhow::{bail, ensure};
+use serde_json::Value;
+
 use super::{
     CURRENT, Check, EVERY_KERNEL, Labels, Scenario, Want,
+    events::validated_events,
     modules::{
         ALL, ATTACHED, INTEGRITY_COUNT, INTEGRITY_SUM, LOAD_COUNT, LOADS, PHASE_COUNT, PHASE_SUM,
         SIGNATURE_OK,
@@ -52,10 +58,11 @@ macro_rules! counts {
 }
 
 pub const IMA: Scenario = Scenario {
-    host: None,
+    host: Some(check_init_module_event),
     host_agent: false,
     alone: false,
-    agent_args: "",
+    agent_args: "--events json --events.output /tmp/events.json",
+    before_agent: "",
     name: "ima",
     about: "IMA appraisal: a module with the right digest in security.ima loads (IMA hash check, \
             then its signature check); a wrong digest and a missing one are refused (rejected_ima)",
@@ -78,7 +85,8 @@ pub const IMA: Scenario = Scenario {
             row=$(sed -n '/IMA_HASH_US/,$p' /tmp/profile.out | grep \"^$m1 \")\n\
             case \"$row\" in *' - '*|'') echo \"ima-row incomplete: $row\";; \
             *) echo \"ima-row complete for $m1\";; esac\n\
-            dmesg | grep -oE 'cause=[a-z-]+' | sed 's/^/kmsg ima: /'\n",
+            dmesg | grep -oE 'cause=[a-z-]+' | sed 's/^/kmsg ima: /'\n\
+            echo EVENTS-BEGIN; cat /tmp/events.json; echo EVENTS-END\n",
     checks: &[&[
         Check::Console("ima-digest {M2}.ko wrong"),
         Check::Console("ima policy set"),
@@ -175,3 +183,26 @@ pub const IMA: Scenario = Scenario {
         ),
     ],
 };
+
+/// kmod's insmod of a `.ko.xz` (init_module(2): bytes without a file) as the stream prints it:
+/// refused by IMA before `load_module`.
+fn check_init_module_event(_guest: SocketAddr, console: &str) -> anyhow::Result<()> {
+    let events = validated_events(console)?;
+    let refused: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["event"] == "module_load" && e["reason"] == "ima_init_module")
+        .collect();
+    let [refused] = refused.as_slice() else {
+        bail!("want one load refused as ima_init_module, got {refused:?}");
+    };
+    ensure!(
+        refused["outcome"] == "rejected_ima"
+            && refused["method"] == "none"
+            && refused["syscall"] == "init_module"
+            && refused["result"] == "eacces"
+            && refused["comm"] == "insmod",
+        "{refused}"
+    );
+    println!("vm: ima: {refused}");
+    Ok(())
+}

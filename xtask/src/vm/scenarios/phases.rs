@@ -97,6 +97,7 @@ pub const PHASES_VS_FTRACE: Scenario = Scenario {
     host_agent: false,
     alone: true,
     agent_args: "",
+    before_agent: "",
     name: "phases-vs-ftrace",
     about: "signature-check phases (other included) against ftrace's function_graph on the same \
             loads, both attached",

@@ -84,6 +84,7 @@ pub const SIGNERS: Scenario = Scenario {
     host_agent: false,
     alone: false,
     agent_args: "--events json --events.output /tmp/events.json",
+    before_agent: "",
     name: "signers",
     about: "signed, foreign-key (out of tree), corrupted, unparsable and unsigned copies: exact \
             reasons, signer and key id as /proc/keys and the fixture key say, digests as the host \
@@ -144,6 +145,7 @@ pub const SIGNERS_ENFORCED: Scenario = Scenario {
     host_agent: false,
     alone: false,
     agent_args: "--events json --events.output /tmp/events.json",
+    before_agent: "",
     name: "signers-enforced",
     about: "module.sig_enforce=1: the foreign-key copy and the unsigned one are refused as \
             enforced, the foreign key's id still named",

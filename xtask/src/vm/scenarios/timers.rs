@@ -164,6 +164,7 @@ pub const TIMERS: Scenario = Scenario {
     alone: false,
     // Timing creates, with a churn threshold that an emulated guest cannot miss by stalling.
     agent_args: "--timers.short-lived 10s --timers.latency",
+    before_agent: "",
     name: "timers",
     about: "timer creates by result, deletes, arming, live timers, ID high-water mark, churn, \
             per-process creates, owners gone at exit and exec; restore-mode IDs on 6.15+",
@@ -218,6 +219,7 @@ pub const TIMERS_COUNTS_ONLY: Scenario = Scenario {
     host_agent: false,
     alone: false,
     agent_args: "--timers.counts-only",
+    before_agent: "",
     name: "timers-counts-only",
     about: "--timers.counts-only: timer calls by result, the ID high-water mark and restore-mode \
             creates exactly, without records",

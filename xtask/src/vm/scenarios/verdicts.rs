@@ -5,9 +5,11 @@
 use std::net::SocketAddr;
 
 use anyhow::ensure;
+use serde_json::Value;
 
 use super::{
     Check, EVERY_KERNEL, Scenario, Want,
+    events::validated_events,
     modules::{
         ALL, LOADED_SIGNED, LOADED_UNSIGNED, LOADS, LOCKDOWN, MODULE_SIGNATURE_DENIED, TAINTS,
     },
@@ -48,6 +50,7 @@ pub const STORM: Scenario = Scenario {
     host_agent: false,
     alone: false,
     agent_args: "--events.buffer-size 4096",
+    before_agent: "",
     name: "storm",
     about: "a timer storm on every vCPU overflows the timer ring while a signed and an unsigned \
             module load: both verdicts and the unsigned one's taint are exact, and every timer \
@@ -77,6 +80,7 @@ pub const STORM_LOCKDOWN: Scenario = Scenario {
     host_agent: false,
     alone: false,
     agent_args: "--events.buffer-size 4096",
+    before_agent: "",
     name: "storm-lockdown",
     about: "lockdown=integrity and a timer storm on every vCPU: the unsigned module's refusal and \
             lockdown's denial are exact, the signed load too",
@@ -140,13 +144,15 @@ const LOAD_PATHS_GUEST: &str = "m2=$(echo $M2 | tr - _)\n\
      load --threads 4 /vm/mods/$M3.ko\n\
      echo 1 >/proc/sys/kernel/modules_disabled && echo modules disabled\n\
      load /vm/mods/$M1-unsigned.ko\n\
-     /usr/sbin/insmod /vm/mods/$M2.ko.xz || echo \"insmod $M2.ko.xz refused\"\n";
+     /usr/sbin/insmod /vm/mods/$M2.ko.xz || echo \"insmod $M2.ko.xz refused\"\n\
+     sleep 2; echo EVENTS-BEGIN; cat /tmp/events.json; echo EVENTS-END\n";
 
 pub const LOAD_PATHS: Scenario = Scenario {
-    host: None,
+    host: Some(check_duplicates),
     host_agent: false,
     alone: false,
-    agent_args: "",
+    agent_args: "--events json --events.output /tmp/events.json",
+    before_agent: "",
     name: "load-paths",
     about: "kmod's insmod and modprobe (init_module), an unprivileged caller, four racing \
             finit_module calls of one file, then kernel.modules_disabled=1: every attempt counted \
@@ -199,3 +205,21 @@ pub const LOAD_PATHS: Scenario = Scenario {
     ]],
     kernel_checks: &[],
 };
+
+/// The race's three losers as the stream prints them: duplicates, no check of their own.
+fn check_duplicates(_guest: SocketAddr, console: &str) -> anyhow::Result<()> {
+    let events = validated_events(console)?;
+    let duplicates: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["event"] == "module_load" && e["outcome"] == "duplicate")
+        .collect();
+    ensure!(
+        duplicates.len() == 3
+            && duplicates
+                .iter()
+                .all(|e| e["reason"] == "none" && e["method"] == "none"),
+        "want three duplicates with reason none, got {duplicates:?}"
+    );
+    println!("vm: load-paths: {}", duplicates[0]);
+    Ok(())
+}
