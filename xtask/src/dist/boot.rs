@@ -1,8 +1,9 @@
 //! The second boot of the systemd guest: the agent enabled by the first, its unit starting it
 //! before udev's coldplug and `systemd-modules-load`. Every module loaded during that boot is
-//! either a load the agent counted with its verdict (udev's drivers for the guest's virtio RNG
-//! and balloon, the `modules-load.d` entry) or, loaded before it started (the initramfs's disk
-//! and file-system drivers), in its inventory: exactly what /proc/modules lists, each once.
+//! either a load the agent counted with its verdict (udev's driver for the guest's virtio
+//! balloon, the `modules-load.d` entry) or, loaded before it started (the initramfs's disk and
+//! file-system drivers, the virtio RNG driver PID 1 loads itself), in its inventory: exactly
+//! what /proc/modules lists, each once.
 //! `observer profile --since-start` then prints the boot's integrity cost.
 
 use std::collections::BTreeSet;
@@ -12,9 +13,12 @@ use serde_json::Value;
 
 use super::guest::Report;
 
-/// Drivers udev's coldplug loads for the guest's devices (`-device virtio-rng-pci`,
-/// `virtio-balloon-pci`).
-pub const UDEV_MODULES: &[&str] = &["virtio_rng", "virtio_balloon"];
+/// Drivers for the guest's devices (`-device virtio-rng-pci`, `virtio-balloon-pci`): udev's
+/// coldplug loads the balloon's; the RNG's PID 1 loads itself at its start, before any unit
+/// (systemd's kmod-setup loads virtio_rng early for entropy, where the device exists).
+pub const UDEV_MODULES: &[&str] = &["virtio_balloon", "virtio_rng"];
+const LOADED_BY_UDEV: &str = "virtio_balloon";
+const LOADED_BY_PID1: &str = "virtio_rng";
 /// The `/etc/modules-load.d` entry `systemd-modules-load` loads.
 pub const MODULES_LOAD: &str = "crc8";
 
@@ -104,7 +108,7 @@ pub fn early_start(report: &Report) -> anyhow::Result<()> {
         seen == listed,
         "/proc/modules lists {listed:?}; the agent saw loads of {loaded:?} and found {present:?}"
     );
-    for module in UDEV_MODULES.iter().chain([&MODULES_LOAD]) {
+    for module in [LOADED_BY_UDEV, MODULES_LOAD] {
         let load = events
             .iter()
             .find(|e| e["event"] == "module_load" && e["module"] == *module)
@@ -114,10 +118,10 @@ pub fn early_start(report: &Report) -> anyhow::Result<()> {
             "{load}"
         );
     }
-    for module in ["virtio_blk", "ext4"] {
+    for module in ["virtio_blk", "ext4", LOADED_BY_PID1] {
         ensure!(
             present.contains(module),
-            "{module} (the initramfs's) not in the inventory: {present:?}"
+            "{module} (the initramfs's, or PID 1's) not in the inventory: {present:?}"
         );
     }
     let metrics = report.section("boot-metrics")?;
