@@ -75,10 +75,13 @@ pub struct Inventory {
 }
 
 impl Inventory {
-    /// Reads `/proc/modules` (no file, as on a kernel without modules: an empty inventory).
+    /// Reads `/proc/modules`. A kernel without module support has none: an empty inventory,
+    /// at once (no load can be on its way).
     pub fn take(&mut self) {
-        let text = std::fs::read_to_string("/proc/modules").unwrap_or_default();
-        self.read = Some((Instant::now(), parse_proc_modules(&text)));
+        match std::fs::read_to_string("/proc/modules") {
+            Ok(text) => self.read = Some((Instant::now(), parse_proc_modules(&text))),
+            Err(_) => self.by_taint = Some(BTreeMap::new()),
+        }
     }
 
     /// A load the programs saw: not the inventory's.
