@@ -20,6 +20,7 @@ mod modules;
 mod names;
 mod phases;
 mod signers;
+mod stream;
 mod timers;
 mod verdicts;
 

@@ -9,8 +9,8 @@ use serde_json::Value;
 
 use super::{
     Check, EVERY_KERNEL, Scenario, Want,
-    events::validated_events,
     modules::{ALL, LOADED_SIGNED, LOADS},
+    stream::validated_events,
 };
 
 /// A container's scope as systemd names Docker's (the ID is 64 hex digits).

@@ -9,6 +9,7 @@ use serde_json::Value;
 use super::{
     Check, EVERY_KERNEL, Scenario, Want,
     modules::{ALL, LOADS},
+    stream::{console_module, validated_events},
 };
 
 pub const EVENTS: Scenario = Scenario {
@@ -43,8 +44,6 @@ pub const EVENTS: Scenario = Scenario {
     ]],
     kernel_checks: &[],
 };
-
-const SCHEMA: &str = include_str!("../../../../schemas/events.schema.json");
 
 /// The load from the child cgroup and the unsigned module's taint, exactly, among the events
 /// the guest printed (each valid against the schema).
@@ -82,7 +81,7 @@ fn check_events(_guest: SocketAddr, console: &str) -> anyhow::Result<()> {
     let [passed_file, bad_file] = files.as_slice() else {
         bail!("ima-files: {files:?}");
     };
-    let manifest = super::signers::manifest(console)?;
+    let manifest = super::stream::manifest(console)?;
     let file_sha256 = |file: &str| {
         manifest
             .get(file)
@@ -101,45 +100,6 @@ fn check_events(_guest: SocketAddr, console: &str) -> anyhow::Result<()> {
         events.len()
     );
     Ok(())
-}
-
-/// The events the guest printed between `EVENTS-BEGIN` and `EVENTS-END`, each validated
-/// against schemas/events.schema.json.
-pub(super) fn validated_events(console: &str) -> anyhow::Result<Vec<Value>> {
-    let lines: Vec<&str> = console
-        .lines()
-        .map(str::trim)
-        .skip_while(|l| *l != "EVENTS-BEGIN")
-        .skip(1)
-        .take_while(|l| *l != "EVENTS-END")
-        .filter(|l| l.starts_with('{'))
-        .collect();
-    let schema: Value = serde_json::from_str(SCHEMA).context("the events schema")?;
-    let validator = jsonschema::draft202012::new(&schema).context("compiling the schema")?;
-    let mut events = Vec::new();
-    for line in lines {
-        let event: Value =
-            serde_json::from_str(line).with_context(|| format!("not JSON: {line}"))?;
-        let errors: Vec<String> = validator
-            .iter_errors(&event)
-            .map(|e| e.to_string())
-            .collect();
-        ensure!(errors.is_empty(), "{line}: {errors:?}");
-        events.push(event);
-    }
-    Ok(events)
-}
-
-/// The module named first after `prefix` on a console line (`cgroup-load crc-itu-t`,
-/// `ima-digest crc8.ko set`): the file stem as the kernel names the module (`crc_itu_t`).
-pub(super) fn console_module(console: &str, prefix: &str) -> anyhow::Result<String> {
-    console
-        .lines()
-        .find_map(|l| l.trim().strip_prefix(prefix))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|file| file.split(".ko").next())
-        .map(|stem| stem.replace('-', "_"))
-        .with_context(|| format!("no console line starting {prefix:?}"))
 }
 
 /// The load IMA passed carries its check (then its signature check), the one it refused is

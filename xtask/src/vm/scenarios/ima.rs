@@ -15,11 +15,11 @@ use serde_json::Value;
 
 use super::{
     CURRENT, Check, EVERY_KERNEL, Labels, Scenario, Want,
-    events::validated_events,
     modules::{
         ALL, ATTACHED, INTEGRITY_COUNT, INTEGRITY_SUM, LOAD_COUNT, LOADS, PHASE_COUNT, PHASE_SUM,
         SIGNATURE_OK,
     },
+    stream::validated_events,
 };
 use crate::vm::kernel::Series;
 

@@ -9,7 +9,7 @@ use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 use anyhow::{Context as _, ensure};
 use serde_json::Value;
 
-use super::{Check, EVERY_KERNEL, Scenario, Want, events::validated_events, modules::LOADS};
+use super::{Check, EVERY_KERNEL, Scenario, Want, modules::LOADS, stream::validated_events};
 
 const PRESENT: &str = "observer_modules_present_at_start";
 
@@ -78,7 +78,7 @@ fn proc_modules(console: &str) -> BTreeMap<String, (u64, String)> {
 fn check_inventory(guest: SocketAddr, console: &str) -> anyhow::Result<()> {
     let events = validated_events(console)?;
     let mut listed = proc_modules(console);
-    let later = super::events::console_module(console, "later-load ")?;
+    let later = super::stream::console_module(console, "later-load ")?;
     ensure!(
         listed.remove(&later).is_some(),
         "{later} not in /proc/modules: {listed:?}"

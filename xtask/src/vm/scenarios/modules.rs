@@ -6,7 +6,7 @@ use anyhow::{bail, ensure};
 use serde_json::Value;
 
 use super::{
-    CURRENT, Check, EVERY_KERNEL, Labels, Scenario, Want, events::validated_events, timers,
+    CURRENT, Check, EVERY_KERNEL, Labels, Scenario, Want, stream::validated_events, timers,
 };
 use crate::vm::kernel::Series;
 

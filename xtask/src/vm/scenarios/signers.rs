@@ -11,10 +11,10 @@ use anyhow::{Context as _, bail, ensure};
 use serde_json::Value;
 
 use super::{
-    super::{fixtures::unfield, kernel::Series},
+    super::kernel::Series,
     CURRENT, Check, EVERY_KERNEL, Labels, Scenario, Want,
-    events::{console_module, validated_events},
     modules::{ALL, LOADS, TAINTS},
+    stream::{console_module, manifest, validated_events},
 };
 
 const BY_SIGNER: &str = "observer_module_loads_by_signer_total";
@@ -167,30 +167,6 @@ pub const SIGNERS_ENFORCED: Scenario = Scenario {
     ]],
     kernel_checks: &[],
 };
-
-/// `file=NAME key=value...` lines the guest printed after `MANIFEST ` (values percent-encoded,
-/// see `vm::fixtures`).
-pub(super) fn manifest(
-    console: &str,
-) -> anyhow::Result<BTreeMap<String, BTreeMap<String, String>>> {
-    let mut files = BTreeMap::new();
-    for line in console
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("MANIFEST "))
-    {
-        let fields: BTreeMap<String, String> = line
-            .split_whitespace()
-            .filter_map(|f| f.split_once('='))
-            .map(|(k, v)| (k.to_owned(), unfield(v)))
-            .collect();
-        let file = fields
-            .get("file")
-            .context("a manifest line without file=")?;
-        files.insert(file.clone(), fields);
-    }
-    ensure!(!files.is_empty(), "no MANIFEST lines on the console");
-    Ok(files)
-}
 
 /// The asymmetric keys' descriptions from the guest's /proc/keys (`KEY ` lines): the fields
 /// after the type, less the summary after the last ": ".

@@ -9,10 +9,10 @@ use serde_json::Value;
 
 use super::{
     Check, EVERY_KERNEL, Scenario, Want,
-    events::validated_events,
     modules::{
         ALL, LOADED_SIGNED, LOADED_UNSIGNED, LOADS, LOCKDOWN, MODULE_SIGNATURE_DENIED, TAINTS,
     },
+    stream::validated_events,
 };
 
 const SYSCALLS: &str = "observer_module_syscalls_total";
