@@ -73,13 +73,16 @@ pub enum ProfileFormat {
 
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
-    /// Address to serve metrics on.
+    /// Address to serve metrics on: ADDR:PORT, or :PORT for every address of the host; repeat
+    /// the flag to serve on several.
     #[arg(
         long = "web.listen-address",
         default_value = "127.0.0.1:9745",
-        value_name = "ADDR:PORT"
+        value_name = "ADDR:PORT",
+        value_parser = crate::listen::parse_listen_address,
+        action = clap::ArgAction::Append
     )]
-    pub listen_address: SocketAddr,
+    pub listen_addresses: Vec<SocketAddr>,
     /// TLS and basic-auth settings, in the Prometheus exporter-toolkit format.
     #[arg(long = "web.config.file", value_name = "FILE")]
     pub web_config_file: Option<std::path::PathBuf>,
@@ -89,8 +92,14 @@ pub struct RunArgs {
     /// Also write one JSON object per event (see the schema in schemas/events.schema.json).
     #[arg(long, value_enum)]
     pub events: Option<EventsFormat>,
-    /// Where the events go: - for stdout, or a file appended to and reopened on SIGHUP.
-    #[arg(long = "events.output", default_value = "-", value_name = "PATH")]
+    /// Where the events go: - for stdout, or a file appended to and reopened on SIGHUP (with
+    /// --events).
+    #[arg(
+        long = "events.output",
+        default_value = "-",
+        value_name = "PATH",
+        requires = "events"
+    )]
     pub events_output: crate::events::Output,
     /// Size of the ring buffer carrying records to the agent, in bytes: a power of two from
     /// 4096 to 1 GiB. Records that find it full are counted in observer_events_lost_total.
@@ -102,6 +111,9 @@ pub struct RunArgs {
     /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
     #[arg(long = "log.level", default_value = "info")]
     pub log_level: log::LevelFilter,
+    /// How log lines are written: text, logfmt, or json (one object per line).
+    #[arg(long = "log.format", value_enum, default_value = "text")]
+    pub log_format: crate::logging::LogFormat,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -115,9 +127,16 @@ pub fn command() -> clap::Command {
     registry::augment(Cli::command())
 }
 
-/// Parses the process's arguments (exits with clap's message and status 2 on bad input).
+/// Parses the process's arguments (exits with clap's message and status 2 on bad input, and on
+/// flags that would have no effect with the others given).
 pub fn parse() -> (Cli, clap::ArgMatches) {
-    let matches = command().get_matches();
+    let mut command = command();
+    let matches = command.get_matches_mut();
+    if let Err(message) = registry::check_flags(&matches) {
+        command
+            .error(clap::error::ErrorKind::ArgumentConflict, message)
+            .exit();
+    }
     match Cli::from_arg_matches(&matches) {
         Ok(cli) => (cli, matches),
         Err(err) => err.exit(),

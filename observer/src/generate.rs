@@ -55,6 +55,13 @@ mod tests {
         assert!(page.starts_with(".ie"), "{page:.200}");
         assert!(page.contains(".TH observer 8"), "{page:.400}");
         assert!(page.contains("web.listen\\-address"));
+        // The NAME line says what the command is (not a flag group's description).
+        assert!(
+            page.contains(
+                ".SH NAME\nobserver \\- eBPF observer of module integrity, lockdown decisions"
+            ),
+            "{page:.400}"
+        );
         assert!(page.contains("probes"));
         // Hidden: a packaging tool, not for operators.
         assert!(!page.contains("generate"));

@@ -9,7 +9,9 @@ mod family;
 mod generate;
 mod http;
 mod kernel;
+mod listen;
 mod lockdown;
+mod logging;
 mod maps;
 mod merkle;
 mod metrics;
@@ -33,7 +35,7 @@ use std::sync::{
     atomic::{AtomicBool, Ordering},
 };
 
-use anyhow::{Context as _, anyhow};
+use anyhow::Context as _;
 
 use crate::{
     cli::{Command, RunArgs},
@@ -43,11 +45,7 @@ use crate::{
 
 fn main() {
     let (cli, matches) = cli::parse();
-    env_logger::Builder::new()
-        .filter_level(cli.run.log_level)
-        .parse_default_env()
-        .format_target(false)
-        .init();
+    logging::init(cli.run.log_level, cli.run.log_format);
     let result = match cli.command {
         None => run_agent(&matches, &cli.run),
         Some(Command::Probes) => print_probes(&matches, &cli.run),
@@ -81,57 +79,10 @@ fn main() {
     }
 }
 
-/// Binds `address` once it is up, trying every second (any other error is logged once and
-/// retried too: the agent keeps counting either way, and says why it does not serve).
-async fn bind_when_up(address: std::net::SocketAddr) -> tokio::net::TcpListener {
-    let mut last_error = None;
-    loop {
-        match tokio::net::TcpListener::bind(address).await {
-            Ok(listener) => return listener,
-            Err(err) => {
-                if last_error != Some(err.kind())
-                    && err.kind() != std::io::ErrorKind::AddrNotAvailable
-                {
-                    log::warn!("cannot listen on {address} yet: {err}; retrying every second");
-                }
-                last_error = Some(err.kind());
-            }
-        }
-        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-    }
-}
-
 fn run_agent(matches: &clap::ArgMatches, args: &RunArgs) -> anyhow::Result<()> {
     privileges::check()?;
-    // Bind first: a taken port should fail before anything is loaded into the kernel. An
-    // address that is not up yet (early in boot, before the network) is no reason to miss the
-    // loads meanwhile: the programs start counting, and the bind is retried every second.
-    let listener = match std::net::TcpListener::bind(args.listen_address) {
-        Ok(listener) => {
-            listener.set_nonblocking(true)?;
-            Some(listener)
-        }
-        Err(err) if err.kind() == std::io::ErrorKind::AddrNotAvailable => {
-            log::warn!(
-                "cannot listen on {} yet ({err}): the address is not up on this host; the \
-                 programs count meanwhile, and listening is retried every second",
-                args.listen_address
-            );
-            None
-        }
-        Err(err) => {
-            let hint = match err.kind() {
-                std::io::ErrorKind::AddrInUse => {
-                    "; is another observer running? pick another with --web.listen-address"
-                }
-                _ => "",
-            };
-            return Err(anyhow!(
-                "cannot listen on {}: {err}{hint}",
-                args.listen_address
-            ));
-        }
-    };
+    // Bind first: a taken port should fail before anything is loaded into the kernel.
+    let listeners = listen::bind_all(&args.listen_addresses)?;
     let web = match &args.web_config_file {
         Some(path) => webconfig::WebConfig::load(path)?,
         None => webconfig::WebConfig::default(),
@@ -179,9 +130,6 @@ fn run_agent(matches: &clap::ArgMatches, args: &RunArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let result = runtime.block_on(async {
-        let listener = listener
-            .map(tokio::net::TcpListener::from_std)
-            .transpose()?;
         let reopen_on_hangup = async {
             let mut hangup =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
@@ -194,24 +142,13 @@ fn run_agent(matches: &clap::ArgMatches, args: &RunArgs) -> anyhow::Result<()> {
             #[expect(unreachable_code, reason = "gives the loop's error type")]
             anyhow::Ok(())
         };
-        let server = async {
-            let listener = match listener {
-                Some(listener) => listener,
-                None => bind_when_up(args.listen_address).await,
-            };
-            log::info!(
-                "serving metrics on http://{}{}",
-                args.listen_address,
-                args.telemetry_path
-            );
-            http::serve(
-                listener,
-                agent.clone(),
-                args.telemetry_path.as_str().into(),
-                Arc::new(web),
-            )
-            .await;
-        };
+        let server = listen::serve_all(
+            listeners,
+            &args.listen_addresses,
+            agent.clone(),
+            &args.telemetry_path,
+            web,
+        );
         let kernel_logs = async {
             match kernel_logs {
                 Some(logger) => pipeline::forward_kernel_logs(logger).await,

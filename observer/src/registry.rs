@@ -21,8 +21,24 @@ fn disable_flag(name: &str) -> String {
     format!("no-collector.{name}")
 }
 
+/// Turns every collector off unless `--collector.<name>` names it (node_exporter's flag).
+const DISABLE_DEFAULTS: &str = "collector.disable-defaults";
+
 /// Adds every family's collector switch and own flags to the command line.
 pub fn augment(mut command: clap::Command) -> clap::Command {
+    command = command.arg(
+        Arg::new(DISABLE_DEFAULTS)
+            .long(DISABLE_DEFAULTS)
+            .action(ArgAction::SetTrue)
+            .global(true)
+            .help("Turn every collector off but those named with --collector.<name>")
+            .help_heading("Collectors"),
+    );
+    // A family's flags come with a doc comment that clap would take for the command's own.
+    let (about, long_about) = (
+        command.get_about().cloned(),
+        command.get_long_about().cloned(),
+    );
     for family in FAMILIES {
         let (enable, disable) = (enable_flag(family.name), disable_flag(family.name));
         command = command
@@ -53,21 +69,75 @@ pub fn augment(mut command: clap::Command) -> clap::Command {
             );
         command = (family.flags)(command);
     }
+    if let Some(about) = about {
+        command = command.about(about);
+    }
+    if let Some(long_about) = long_about {
+        command = command.long_about(long_about);
+    }
     command
 }
 
-/// Whether each family is switched on: every one is unless `--no-collector.<name>` came last.
+/// The ids of a family's own flags (`--timers.*`), from its flag set alone.
+fn own_flags(family: &Registration) -> Vec<String> {
+    (family.flags)(clap::Command::new(family.name))
+        .get_arguments()
+        .map(|a| a.get_id().to_string())
+        .collect()
+}
+
+/// A family's own flag given while the family is off has no effect: an error, naming both.
+pub fn check_flags(matches: &ArgMatches) -> Result<(), String> {
+    for (family, on) in enabled(matches) {
+        if on {
+            continue;
+        }
+        for id in own_flags(family) {
+            if matches.value_source(&id) == Some(clap::parser::ValueSource::CommandLine) {
+                return Err(format!(
+                    "--{} has no effect with the {} collector off (--no-collector.{} or \
+                     --collector.disable-defaults without --collector.{})",
+                    family_flag_name(family, &id),
+                    family.name,
+                    family.name,
+                    family.name
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The long name of a family's flag, by its id.
+fn family_flag_name(family: &Registration, id: &str) -> String {
+    (family.flags)(clap::Command::new(family.name))
+        .get_arguments()
+        .find(|a| a.get_id() == id)
+        .and_then(|a| a.get_long().map(str::to_owned))
+        .unwrap_or_else(|| id.to_owned())
+}
+
+/// Whether each family is switched on: every one is unless `--no-collector.<name>` came last;
+/// with `--collector.disable-defaults`, only those `--collector.<name>` named last.
 pub fn enabled(matches: &ArgMatches) -> Vec<(&'static Registration, bool)> {
+    let flag = |id: &str| {
+        matches
+            .try_get_one::<bool>(id)
+            .ok()
+            .flatten()
+            .copied()
+            .unwrap_or(false)
+    };
+    let defaults_off = flag(DISABLE_DEFAULTS);
     FAMILIES
         .iter()
         .map(|family| {
-            let off = matches
-                .try_get_one::<bool>(&disable_flag(family.name))
-                .ok()
-                .flatten()
-                .copied()
-                .unwrap_or(false);
-            (family, !off)
+            let on = if defaults_off {
+                flag(&enable_flag(family.name))
+            } else {
+                !flag(&disable_flag(family.name))
+            };
+            (family, on)
         })
         .collect()
 }
@@ -95,6 +165,55 @@ mod tests {
         assert!(off.contains(&("timers", false)));
         let back = parse(&["--no-collector.timers", "--collector.timers"]);
         assert!(back.iter().all(|(_, on)| *on));
+    }
+
+    #[test]
+    fn disable_defaults_keeps_only_the_collectors_named() {
+        let only = parse(&["--collector.disable-defaults", "--collector.modules"]);
+        let on: Vec<&str> = only.iter().filter(|(_, on)| *on).map(|(n, _)| *n).collect();
+        assert_eq!(on, ["modules"]);
+        let none = parse(&["--collector.disable-defaults"]);
+        assert!(none.iter().all(|(_, on)| !on));
+        let named_then_off = parse(&[
+            "--collector.disable-defaults",
+            "--collector.taint",
+            "--no-collector.taint",
+        ]);
+        assert!(named_then_off.iter().all(|(_, on)| !on));
+    }
+
+    fn matches(args: &[&str]) -> ArgMatches {
+        augment(clap::Command::new("observer"))
+            .try_get_matches_from(std::iter::once("observer").chain(args.iter().copied()))
+            .unwrap()
+    }
+
+    #[test]
+    fn a_flag_of_a_collector_that_is_off_is_an_error() {
+        let err =
+            check_flags(&matches(&["--no-collector.timers", "--timers.latency"])).unwrap_err();
+        assert!(err.starts_with("--timers.latency has no effect with the timers collector off"));
+        assert!(
+            check_flags(&matches(&[
+                "--collector.disable-defaults",
+                "--collector.modules",
+                "--timers.short-lived",
+                "5ms"
+            ]))
+            .is_err()
+        );
+        assert!(check_flags(&matches(&["--timers.latency"])).is_ok());
+        // Defaults are not given on the command line.
+        assert!(check_flags(&matches(&["--no-collector.timers"])).is_ok());
+    }
+
+    #[test]
+    fn the_command_keeps_its_own_description() {
+        let command = augment(clap::Command::new("observer").about("the observer"));
+        assert_eq!(
+            command.get_about().map(ToString::to_string).as_deref(),
+            Some("the observer")
+        );
     }
 
     #[test]

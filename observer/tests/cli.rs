@@ -225,3 +225,96 @@ fn bad_flag_values_are_refused() {
         assert!(stderr.contains(args[0]), "{args:?}: {stderr}");
     }
 }
+
+/// Flags as exporters take them: `:PORT`, the flag repeated, Prometheus durations, the
+/// default collectors switched off, log lines as JSON.
+#[test]
+fn listen_addresses_as_exporters_take_them() {
+    let (one, two) = (free_port(), free_port());
+    let agent = Agent::start(&[
+        "--web.listen-address",
+        &format!(":{one}"),
+        "--web.listen-address",
+        &format!("127.0.0.1:{two}"),
+        "--log.format",
+        "json",
+    ]);
+    for addr in [
+        format!("127.0.0.1:{one}"),
+        format!("[::1]:{one}"),
+        format!("127.0.0.1:{two}"),
+    ] {
+        let (status, body) = http_request(addr.parse().unwrap(), "GET", "/metrics").unwrap();
+        assert_eq!(status, 200, "{addr}");
+        assert!(body.contains("observer_build_info{"), "{addr}: {body:.200}");
+    }
+    let lines = agent.stderr.lock().unwrap().clone();
+    assert!(!lines.is_empty());
+    for line in &lines {
+        let parsed: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{line:?}: {e}"));
+        assert!(
+            parsed["msg"].is_string() && parsed["level"].is_string(),
+            "{line}"
+        );
+    }
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains(&format!("serving metrics on http://[::]:{one}/metrics"))),
+        "{lines:?}"
+    );
+    assert_eq!(agent.stop(), 0);
+}
+
+#[test]
+fn only_the_collectors_named_after_disable_defaults() {
+    let agent = Agent::start(&["--collector.disable-defaults", "--collector.lockdown"]);
+    let metrics = agent.metrics();
+    let probes: std::collections::BTreeSet<String> = testkit::prom::parse(&metrics.0)
+        .into_iter()
+        .filter(|s| s.name == "observer_probe_attached")
+        .filter_map(|s| {
+            s.labels
+                .into_iter()
+                .find(|(k, _)| k == "probe")
+                .map(|(_, v)| v)
+        })
+        .collect();
+    assert_eq!(
+        probes.into_iter().collect::<Vec<_>>(),
+        ["lockdown_decision"],
+        "{}",
+        metrics.0
+    );
+    assert_eq!(agent.stop(), 0);
+}
+
+#[test]
+fn durations_in_prometheus_syntax() {
+    // 1m30s is taken (the agent starts; its own flags are checked before anything loads).
+    let agent = Agent::start(&["--timers.short-lived", "1m30s"]);
+    assert_eq!(agent.stop(), 0);
+    let (code, stderr) = run(Command::new(OBSERVER).args(["--timers.short-lived", "1.5s"]));
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("1500ms"), "{stderr}");
+}
+
+#[test]
+fn flags_without_effect_are_refused() {
+    for (args, says) in [
+        (
+            &["--no-collector.timers", "--timers.latency"][..],
+            "--timers.latency has no effect with the timers collector off",
+        ),
+        (
+            &["--timers.counts-only", "--timers.latency"],
+            "cannot be used with",
+        ),
+        (&["--events.output", "/tmp/events.json"], "--events"),
+    ] {
+        let (code, stderr) = run(Command::new(OBSERVER).args(args));
+        assert_eq!(code, 2, "{args:?}: {stderr}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+    }
+}

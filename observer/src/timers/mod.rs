@@ -40,7 +40,8 @@ pub const FAMILY: Registration = Registration {
     build: TimerFamily::build,
 };
 
-/// The timer family's own flags.
+// The timer family's own flags (a plain comment: clap would take a doc comment here for the
+// command's description).
 #[derive(clap::Args, Debug)]
 pub struct Flags {
     /// Which timer syscall hooks to prefer; the others are the fallbacks, in this order:
@@ -48,14 +49,14 @@ pub struct Flags {
     #[arg(long = "timers.hook", value_enum, default_value = "fentry")]
     pub hook: SyscallHook,
     /// A timer deleted this soon after creation, never armed, counts as short-lived churn.
-    #[arg(long = "timers.short-lived", default_value = "10ms", value_parser = crate::parse::parse_duration)]
+    #[arg(long = "timers.short-lived", default_value = "10ms", value_parser = crate::parse::parse_duration, conflicts_with = "counts_only")]
     pub short_lived: Duration,
     /// How many process names get their own series in the per-process timer metric: the first
     /// this many names seen keep theirs for the agent's life; later names count as "other".
-    #[arg(long = "timers.top-processes", default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    #[arg(long = "timers.top-processes", default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..=1000), conflicts_with = "counts_only")]
     pub top_processes: u16,
     /// Also time timer_create (a histogram): one more program per create, on its entry.
-    #[arg(long = "timers.latency")]
+    #[arg(long = "timers.latency", conflicts_with = "counts_only")]
     pub latency: bool,
     /// Count calls by result and keep the ID high-water mark only: no live timers, churn or
     /// per-process creates, and no ring buffer record per call.
