@@ -44,9 +44,13 @@ impl std::str::FromStr for Output {
 /// ([`Writer`]) through a bounded queue: the reader of records never waits on the output, and
 /// a batch the queue has no room for is dropped and counted, never buffered without bound.
 pub struct EventStream {
-    /// Wall-clock time minus boot time, taken once at start: the records' CLOCK_BOOTTIME
-    /// stamps plus this are UTC nanoseconds.
+    /// Wall-clock time minus boot time, taken again at every drain (see [`Self::resync`]):
+    /// the records' CLOCK_BOOTTIME stamps plus this are UTC nanoseconds.
     wall_offset_ns: i128,
+    /// Which host and which boot of it every event comes from, so that lines merged from a
+    /// fleet stay apart (the kernel's host name and its boot id, read at start).
+    host: String,
+    boot_id: String,
     cgroups: CgroupNames,
     lines: String,
     pending: u64,
@@ -62,6 +66,16 @@ struct Batch {
 /// Batches the writer may have waiting: with a drain's batch at most a few thousand lines,
 /// a few MiB at most while an output is slow.
 const QUEUED_BATCHES: usize = 16;
+
+/// The version of `schemas/events.schema.json` the events follow: raised when a field changes
+/// meaning or goes away (fields added to a kind leave it).
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Wall-clock time minus boot time, now.
+fn wall_offset_ns() -> i128 {
+    let boot = clock_ns(libc::CLOCK_BOOTTIME);
+    clock_ns(libc::CLOCK_REALTIME) - boot
+}
 
 fn clock_ns(clock: libc::clockid_t) -> i128 {
     let mut now = libc::timespec {
@@ -91,12 +105,16 @@ impl EventStream {
             Output::Stdout => None,
             Output::File(path) => Some(append(path)?),
         };
-        let boot = clock_ns(libc::CLOCK_BOOTTIME);
-        let wall = clock_ns(libc::CLOCK_REALTIME);
         let (queue, batches) = sync_channel(QUEUED_BATCHES);
+        let read = |path: &str| {
+            std::fs::read_to_string(path)
+                .map_or_else(|_| "unknown".to_owned(), |s| s.trim().to_owned())
+        };
         Ok((
             Self {
-                wall_offset_ns: wall - boot,
+                wall_offset_ns: wall_offset_ns(),
+                host: read("/proc/sys/kernel/hostname"),
+                boot_id: read("/proc/sys/kernel/random/boot_id"),
                 cgroups: CgroupNames::new(),
                 lines: String::new(),
                 pending: 0,
@@ -110,6 +128,13 @@ impl EventStream {
                 batches,
             },
         ))
+    }
+
+    /// Takes the wall clock's offset again (at each drain): a clock stepped after start (no
+    /// RTC at boot, a restored VM, chrony's makestep) moves only the events recorded after the
+    /// step's drain, not every later one.
+    pub fn resync(&mut self) {
+        self.wall_offset_ns = wall_offset_ns();
     }
 
     /// Adds one event: the family's `fields` come last, so a family may name the event or the
@@ -138,6 +163,9 @@ impl EventStream {
         let wall = i128::from(header.ts_ns) + self.wall_offset_ns;
         event.insert("time".into(), rfc3339_nanos(wall).into());
         event.insert("event".into(), label.into());
+        event.insert("schema_version".into(), SCHEMA_VERSION.into());
+        event.insert("host".into(), self.host.clone().into());
+        event.insert("boot_id".into(), self.boot_id.clone().into());
         event.insert("pid".into(), header.pid.into());
         event.insert("tid".into(), header.tid.into());
         event.insert("uid".into(), header.uid.into());

@@ -135,6 +135,9 @@ impl Reader {
     /// Drains every ring in batches until all are empty, the security ring before each batch
     /// of the others; returns how many records.
     pub fn drain(&mut self) -> usize {
+        if let Some(events) = &mut self.events {
+            events.resync();
+        }
         let mut total = 0;
         loop {
             let mut full_batches = 0;

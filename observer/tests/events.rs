@@ -169,6 +169,11 @@ fn events_name_the_time_the_user_and_the_cgroup_and_follow_the_schema() {
     assert_eq!(created["comm"], "obst-events");
     assert_eq!(created["cgroup"], format!("/{name}"));
     assert!(created.get("container_id").is_none());
+    // Where it comes from: this host, this boot, this schema.
+    let read = |path: &str| fs::read_to_string(path).unwrap().trim().to_owned();
+    assert_eq!(created["host"], read("/proc/sys/kernel/hostname"));
+    assert_eq!(created["boot_id"], read("/proc/sys/kernel/random/boot_id"));
+    assert_eq!(created["schema_version"], 1);
     let time = time_of(&created);
     assert!(
         before <= time && time <= after,
