@@ -18,6 +18,10 @@ const MAX_SCANNED: usize = 65_536;
 /// scans. An ID above every one seen is a cgroup made since the last scan (kernfs hands out
 /// IDs in increasing order) and is looked for at once: each new cgroup costs one scan.
 const RESCAN_INTERVAL: Duration = Duration::from_secs(1);
+/// How long an ID that a scan did not find stays unknown before it is looked for again: a
+/// cgroup the agent cannot see (another cgroup namespace, a hierarchy not mounted here) would
+/// otherwise cost a full scan per event, and short-lived scopes make that a storm.
+const UNKNOWN_FOR: Duration = Duration::from_secs(30);
 
 /// Where the cgroup v2 hierarchy is mounted: `/sys/fs/cgroup` on unified hosts,
 /// `/sys/fs/cgroup/unified` on hybrid ones; from the mount table.
@@ -60,6 +64,10 @@ pub struct CgroupNames {
     last_scan: Option<Instant>,
     /// The highest ID the last scan found.
     highest: u64,
+    /// IDs a scan did not find, and when (at most [`MAX_CACHED`]).
+    unknown: HashMap<u64, Instant>,
+    /// Scans made (for the tests).
+    scans: u64,
 }
 
 impl CgroupNames {
@@ -79,13 +87,27 @@ impl CgroupNames {
             paths: HashMap::new(),
             last_scan: None,
             highest: 0,
+            unknown: HashMap::new(),
+            scans: 0,
         }
     }
 
     /// The cgroup's path under the hierarchy's root (`/` for the root), if it can be found.
     pub fn path(&mut self, id: u64) -> Option<&str> {
-        if !self.paths.contains_key(&id) {
+        let known_unknown = self
+            .unknown
+            .get(&id)
+            .is_some_and(|since| since.elapsed() < UNKNOWN_FOR);
+        if !self.paths.contains_key(&id) && !known_unknown {
             self.rescan(id > self.highest);
+            // Remembered only after a scan of a hierarchy: without one (not mounted yet), the
+            // miss says nothing about the ID.
+            if !self.paths.contains_key(&id) && self.root.is_some() {
+                if self.unknown.len() >= MAX_CACHED {
+                    self.unknown.clear();
+                }
+                self.unknown.insert(id, Instant::now());
+            }
         }
         self.paths.get(&id).map(String::as_str)
     }
@@ -99,6 +121,7 @@ impl CgroupNames {
             return;
         }
         self.last_scan = Some(Instant::now());
+        self.scans += 1;
         if self.root.is_none() && self.discover {
             self.root = mounted();
         }
@@ -207,6 +230,25 @@ mod tests {
         assert_eq!(names.path(older_id), None);
         names.highest = newer_id - 1;
         assert_eq!(names.path(newer_id), Some("/c.scope"));
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn an_id_no_scan_finds_is_not_looked_for_at_every_event() {
+        let root = std::env::temp_dir().join(format!("observer-unseen-{}", std::process::id()));
+        fs::create_dir_all(&root).unwrap();
+        let mut names = CgroupNames::at(Some(root.clone()));
+        // An ID above every one the hierarchy has (a cgroup of another namespace).
+        let unseen = u64::MAX - 1;
+        assert_eq!(names.path(unseen), None);
+        let scans = names.scans;
+        for _ in 0..1000 {
+            assert_eq!(names.path(unseen), None);
+        }
+        assert_eq!(
+            names.scans, scans,
+            "one scan for the unseen ID, not one per event"
+        );
         fs::remove_dir_all(&root).unwrap();
     }
 }
