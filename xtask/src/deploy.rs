@@ -57,6 +57,9 @@ const EXPOSURE_CEILING_TENTHS: u32 = 25;
 
 /// Units that default dependencies name (sysinit.target, basic.target, ...), which
 /// `systemd-analyze verify --root` must find inside that root.
+#[path = "deploy/rule.rs"]
+mod rule;
+
 const SYSTEM_UNITS: &str = "/usr/lib/systemd/system";
 
 pub fn run() -> anyhow::Result<()> {
@@ -68,6 +71,8 @@ pub fn run() -> anyhow::Result<()> {
 
     crate::setup::apt_install(&["python3-venv", "systemd"])?;
     let venv = python_tools(&root.join(".cache/deploy/venv"))?;
+    // The PrometheusRule first: the manifests' checks then see it as it should be.
+    rule::check(&root, &mut checks)?;
     kubernetes(&venv, &deploy.join("kubernetes"), &scratch.0, &mut checks)?;
     systemd(&deploy.join("systemd"), &scratch.0, &mut checks)?;
 

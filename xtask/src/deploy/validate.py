@@ -47,24 +47,28 @@ def forbid_unknown_fields(node):
             forbid_unknown_fields(value)
 
 
-def servicemonitor_schema():
-    """The ServiceMonitor schema, derived from the prometheus-operator CRD through the models
+def crd_schema(kind):
+    """The schema of a prometheus-operator kind, derived from its CRD through the models
     generated from it, made strict; cached because importing the models takes seconds."""
-    if os.path.exists(CRD_CACHE):
-        with open(CRD_CACHE) as f:
+    cache = CRD_CACHE.replace("servicemonitor", kind.lower())
+    if os.path.exists(cache):
+        with open(cache) as f:
             return json.load(f)
-    from cloudcoil.models.prometheus_operator.v1 import ServiceMonitor
+    from cloudcoil.models.prometheus_operator import v1
 
-    schema = ServiceMonitor.model_json_schema(by_alias=True)
+    schema = getattr(v1, kind).model_json_schema(by_alias=True)
     forbid_unknown_fields(schema)
-    tmp = CRD_CACHE + ".tmp"
+    tmp = cache + ".tmp"
     with open(tmp, "w") as f:
         json.dump(schema, f)
-    os.replace(tmp, CRD_CACHE)
+    os.replace(tmp, cache)
     return schema
 
 
-CRD_SCHEMAS = {("monitoring.coreos.com/v1", "ServiceMonitor"): servicemonitor_schema}
+CRD_SCHEMAS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): lambda: crd_schema("ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"): lambda: crd_schema("PrometheusRule"),
+}
 
 
 def k8s_validator(doc):
