@@ -158,6 +158,7 @@ impl Agent {
     }
 
     fn self_metrics(&self, families: &mut Vec<Family>) {
+        crate::process::gather(families);
         let mut info = Family::gauge(
             "build_info",
             "The observer's version and the kernel it runs on.",

@@ -21,6 +21,7 @@ mod parse;
 mod pipeline;
 mod plan;
 mod privileges;
+mod process;
 mod profile;
 mod record;
 mod registry;

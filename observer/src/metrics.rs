@@ -33,6 +33,22 @@ impl Family {
         Self::new(name, help, MetricType::GAUGE)
     }
 
+    /// A family under its own full name, outside the `observer_` prefix: the `process_*`
+    /// metrics every Prometheus client library exports under these names.
+    pub fn standard(name: &str, help: &str, counter: bool) -> Self {
+        let mut family = Self::new(
+            name,
+            help,
+            if counter {
+                MetricType::COUNTER
+            } else {
+                MetricType::GAUGE
+            },
+        );
+        family.inner.set_name(name.to_owned());
+        family
+    }
+
     pub fn histogram(name: &str, help: &str) -> Self {
         Self::new(name, help, MetricType::HISTOGRAM)
     }
