@@ -314,6 +314,38 @@ pub const TAINT_FLAGS: [&str; 20] = [
     "J",
 ];
 
+/// What each taint bit means, as include/linux/panic.h names it (`TAINT_*`, lowercased),
+/// beside the letter: the label a dashboard can show without a table.
+pub const TAINT_NAMES: [&str; 20] = [
+    "proprietary_module",
+    "forced_module",
+    "cpu_out_of_spec",
+    "forced_rmmod",
+    "machine_check",
+    "bad_page",
+    "user",
+    "die",
+    "overridden_acpi_table",
+    "warn",
+    "crap",
+    "firmware_workaround",
+    "oot_module",
+    "unsigned_module",
+    "softlockup",
+    "livepatch",
+    "aux",
+    "randstruct",
+    "test",
+    "fwctl",
+];
+
+/// The name of taint bit `bit` (`bitN` past the known ones).
+pub fn taint_name(bit: u32) -> String {
+    TAINT_NAMES
+        .get(bit as usize)
+        .map_or_else(|| format!("bit{bit}"), |&f| f.to_owned())
+}
+
 /// The taint flag letter of bit `bit`.
 pub fn taint_flag(bit: u32) -> String {
     TAINT_FLAGS
@@ -357,5 +389,9 @@ mod tests {
         assert_eq!(taint_flag(0), "P");
         assert_eq!(taint_flag(19), "J");
         assert_eq!(taint_flag(20), "bit20");
+        assert_eq!(taint_name(13), "unsigned_module");
+        assert_eq!(taint_name(12), "oot_module");
+        assert_eq!(taint_name(20), "bit20");
+        assert_eq!(TAINT_NAMES.len(), TAINT_FLAGS.len());
     }
 }

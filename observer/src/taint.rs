@@ -140,13 +140,16 @@ impl HookFamily for TaintFamily {
     fn collect(&self, out: &mut Vec<Family>) -> anyhow::Result<()> {
         let mut tainted = Family::gauge(
             "kernel_tainted",
-            "1 for each taint flag set in /proc/sys/kernel/tainted.",
+            "1 for each taint flag set in /proc/sys/kernel/tainted, 0 for the others: flag is the kernel's letter, name its meaning (include/linux/panic.h).",
         );
         if let Some(mask) = kernel::taint_mask() {
             let bits = (kernel::TAINT_FLAGS.len() as u32).max(64 - mask.leading_zeros());
             for bit in 0..bits {
                 tainted.add(
-                    &[("flag", &kernel::taint_flag(bit))],
+                    &[
+                        ("flag", &kernel::taint_flag(bit)),
+                        ("name", &kernel::taint_name(bit)),
+                    ],
                     f64::from(u8::from(mask & (1 << bit) != 0)),
                 );
             }

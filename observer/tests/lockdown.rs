@@ -62,11 +62,15 @@ fn taint_flags_mirror_the_kernel() {
         "N", "J",
     ];
     for (bit, letter) in letters.iter().enumerate() {
+        let letter = *letter;
         let want = f64::from(u8::from(mask & (1 << bit) != 0));
-        assert_eq!(
-            m.get("observer_kernel_tainted", &[("flag", letter)]),
-            Some(want),
-            "flag {letter}"
-        );
+        // One series per flag, its meaning beside the letter (E: unsigned_module).
+        let series: Vec<_> = testkit::prom::parse(&m.0)
+            .into_iter()
+            .filter(|s| s.name == "observer_kernel_tainted" && s.has_labels(&[("flag", letter)]))
+            .collect();
+        assert_eq!(series.len(), 1, "flag {letter}: {series:?}");
+        assert_eq!(series[0].value, want, "flag {letter}");
+        assert_eq!(series[0].labels.len(), 2, "flag and name: {series:?}");
     }
 }
