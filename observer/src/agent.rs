@@ -128,6 +128,8 @@ impl Agent {
         }
         families.push(success);
         families.push(duration);
+        // The standard process_* families last, after the agent's own.
+        crate::process::gather(&mut families);
         crate::metrics::render(families)
     }
 
@@ -158,7 +160,6 @@ impl Agent {
     }
 
     fn self_metrics(&self, families: &mut Vec<Family>) {
-        crate::process::gather(families);
         let mut info = Family::gauge(
             "build_info",
             "The observer's version and the kernel it runs on.",

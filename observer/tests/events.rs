@@ -81,9 +81,12 @@ fn child_in(cgroup: &Path) -> i32 {
     pid
 }
 
+/// The events written so far: whole lines only (the agent may be appending the last one while
+/// the test reads the file).
 fn events_in(path: &Path) -> Vec<Value> {
-    fs::read_to_string(path)
-        .unwrap_or_default()
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let whole = text.rfind('\n').map_or("", |end| &text[..end]);
+    whole
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
         .collect()

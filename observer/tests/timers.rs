@@ -334,7 +334,15 @@ fn restore_mode_creates_with_requested_ids() {
     // Besides what every event has (time, uid, cgroup: see tests/events.rs).
     let own = |e: &serde_json::Value| {
         let mut e = e.clone();
-        for common in ["time", "uid", "cgroup_id", "cgroup"] {
+        for common in [
+            "time",
+            "uid",
+            "cgroup_id",
+            "cgroup",
+            "host",
+            "boot_id",
+            "schema_version",
+        ] {
             e.as_object_mut().unwrap().remove(common);
         }
         e
