@@ -23,15 +23,16 @@ pub fn parse_listen_address(text: &str) -> Result<SocketAddr, String> {
         .map_err(|_| format!("{text:?} is not ADDR:PORT (127.0.0.1:9745, [::1]:9745) or :PORT"))
 }
 
-/// One address: bound now, or to be bound once it is up.
-pub enum Listener {
-    Bound(std::net::TcpListener),
-    Waiting,
+/// One address, and its socket if it could be bound now (else it is bound once it is up).
+pub struct Listener {
+    address: SocketAddr,
+    bound: Option<std::net::TcpListener>,
 }
 
-/// Binds `address`; `[::]` falls back to `0.0.0.0` on a host without IPv6.
+/// Binds `address`, non-blocking for the runtime; `[::]` falls back to `0.0.0.0` on a host
+/// without IPv6.
 fn bind(address: SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    match std::net::TcpListener::bind(address) {
+    let listener = match std::net::TcpListener::bind(address) {
         Err(err)
             if address.ip().is_unspecified()
                 && address.is_ipv6()
@@ -40,7 +41,9 @@ fn bind(address: SocketAddr) -> std::io::Result<std::net::TcpListener> {
             std::net::TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], address.port())))
         }
         other => other,
-    }
+    }?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
 }
 
 /// Binds every address before the programs load: a port in use is an error now; an address
@@ -49,16 +52,19 @@ pub fn bind_all(addresses: &[SocketAddr]) -> anyhow::Result<Vec<Listener>> {
     addresses
         .iter()
         .map(|&address| match bind(address) {
-            Ok(listener) => {
-                listener.set_nonblocking(true)?;
-                Ok(Listener::Bound(listener))
-            }
+            Ok(listener) => Ok(Listener {
+                address,
+                bound: Some(listener),
+            }),
             Err(err) if err.kind() == ErrorKind::AddrNotAvailable => {
                 log::warn!(
                     "cannot listen on {address} yet ({err}): the address is not up on this host; \
                      the programs count meanwhile, and listening is retried every second"
                 );
-                Ok(Listener::Waiting)
+                Ok(Listener {
+                    address,
+                    bound: None,
+                })
             }
             Err(err) => {
                 let hint = match err.kind() {
@@ -78,10 +84,7 @@ pub fn bind_all(addresses: &[SocketAddr]) -> anyhow::Result<Vec<Listener>> {
 async fn bind_when_up(address: SocketAddr) -> tokio::net::TcpListener {
     let mut last_error = None;
     loop {
-        match bind(address).and_then(|l| {
-            l.set_nonblocking(true)?;
-            tokio::net::TcpListener::from_std(l)
-        }) {
+        match bind(address).and_then(tokio::net::TcpListener::from_std) {
             Ok(listener) => return listener,
             Err(err) => {
                 if last_error != Some(err.kind()) && err.kind() != ErrorKind::AddrNotAvailable {
@@ -97,25 +100,22 @@ async fn bind_when_up(address: SocketAddr) -> tokio::net::TcpListener {
 /// Serves on every address until the agent stops (inside the agent's runtime).
 pub async fn serve_all(
     listeners: Vec<Listener>,
-    addresses: &[SocketAddr],
     agent: Arc<Agent>,
     telemetry_path: &str,
     web: WebConfig,
 ) {
     let (path, web): (Arc<str>, _) = (telemetry_path.into(), Arc::new(web));
     let mut servers = tokio::task::JoinSet::new();
-    for (listener, &address) in listeners.into_iter().zip(addresses) {
+    for Listener { address, bound } in listeners {
         let (agent, path, web) = (agent.clone(), path.clone(), web.clone());
         servers.spawn(async move {
-            let listener = match listener {
-                Listener::Bound(listener) => match tokio::net::TcpListener::from_std(listener) {
-                    Ok(listener) => listener,
-                    Err(err) => {
-                        log::error!("cannot serve on {address}: {err}");
-                        return;
-                    }
-                },
-                Listener::Waiting => bind_when_up(address).await,
+            let listener = match bound.map(tokio::net::TcpListener::from_std) {
+                Some(Ok(listener)) => listener,
+                Some(Err(err)) => {
+                    log::error!("cannot serve on {address}: {err}");
+                    return;
+                }
+                None => bind_when_up(address).await,
             };
             log::info!("serving metrics on http://{address}{path}");
             http::serve(listener, agent, path, web).await;

@@ -143,13 +143,7 @@ fn run_agent(matches: &clap::ArgMatches, args: &RunArgs) -> anyhow::Result<()> {
             #[expect(unreachable_code, reason = "gives the loop's error type")]
             anyhow::Ok(())
         };
-        let server = listen::serve_all(
-            listeners,
-            &args.listen_addresses,
-            agent.clone(),
-            &args.telemetry_path,
-            web,
-        );
+        let server = listen::serve_all(listeners, agent.clone(), &args.telemetry_path, web);
         let kernel_logs = async {
             match kernel_logs {
                 Some(logger) => pipeline::forward_kernel_logs(logger).await,

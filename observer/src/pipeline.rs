@@ -138,6 +138,7 @@ impl Reader {
         if let Some(events) = &mut self.events {
             events.resync();
         }
+        self.push_family_events();
         let mut total = 0;
         loop {
             let mut full_batches = 0;
@@ -146,7 +147,6 @@ impl Reader {
                 total += taken;
                 full_batches += usize::from(taken == BATCH);
             }
-            self.push_family_events();
             if let Some(events) = &mut self.events {
                 events.flush(&self.agent.counts.output_dropped);
             }
@@ -157,7 +157,8 @@ impl Reader {
     }
 
     /// The events families make of no record (taken whether or not a stream is written: taking
-    /// them is what publishes them), as the agent's own.
+    /// them is what publishes them), as the agent's own: once per drain, flushed with its
+    /// first batch.
     fn push_family_events(&mut self) {
         for mut family in self.agent.families.lock_all() {
             for (label, fields) in family.take_events() {

@@ -78,11 +78,15 @@ pub fn augment(mut command: clap::Command) -> clap::Command {
     command
 }
 
-/// The ids of a family's own flags (`--timers.*`), from its flag set alone.
-fn own_flags(family: &Registration) -> Vec<String> {
+/// A family's own flags (`--timers.*`): each one's id and long name, from its flag set alone.
+fn own_flags(family: &Registration) -> Vec<(String, String)> {
     (family.flags)(clap::Command::new(family.name))
         .get_arguments()
-        .map(|a| a.get_id().to_string())
+        .map(|a| {
+            let id = a.get_id().to_string();
+            let long = a.get_long().map_or_else(|| id.clone(), str::to_owned);
+            (id, long)
+        })
         .collect()
 }
 
@@ -92,29 +96,17 @@ pub fn check_flags(matches: &ArgMatches) -> Result<(), String> {
         if on {
             continue;
         }
-        for id in own_flags(family) {
+        for (id, long) in own_flags(family) {
             if matches.value_source(&id) == Some(clap::parser::ValueSource::CommandLine) {
                 return Err(format!(
-                    "--{} has no effect with the {} collector off (--no-collector.{} or \
+                    "--{long} has no effect with the {} collector off (--no-collector.{} or \
                      --collector.disable-defaults without --collector.{})",
-                    family_flag_name(family, &id),
-                    family.name,
-                    family.name,
-                    family.name
+                    family.name, family.name, family.name
                 ));
             }
         }
     }
     Ok(())
-}
-
-/// The long name of a family's flag, by its id.
-fn family_flag_name(family: &Registration, id: &str) -> String {
-    (family.flags)(clap::Command::new(family.name))
-        .get_arguments()
-        .find(|a| a.get_id() == id)
-        .and_then(|a| a.get_long().map(str::to_owned))
-        .unwrap_or_else(|| id.to_owned())
 }
 
 /// Whether each family is switched on: every one is unless `--no-collector.<name>` came last;
@@ -147,11 +139,7 @@ mod tests {
     use super::*;
 
     fn parse(args: &[&str]) -> Vec<(&'static str, bool)> {
-        let command = augment(clap::Command::new("observer"));
-        let matches = command
-            .try_get_matches_from(std::iter::once("observer").chain(args.iter().copied()))
-            .unwrap();
-        enabled(&matches)
+        enabled(&matches(args))
             .into_iter()
             .map(|(f, on)| (f.name, on))
             .collect()

@@ -39,12 +39,9 @@ pub struct SinceStart {
     pub present_at_start: BTreeMap<String, u64>,
 }
 
+/// A label's value, empty where the sample has none.
 fn label<'a>(sample: &'a Sample, name: &str) -> &'a str {
-    sample
-        .labels
-        .iter()
-        .find(|(k, _)| k == name)
-        .map_or("", |(_, v)| v.as_str())
+    sample.label(name).unwrap_or("")
 }
 
 pub fn summarize(text: &str) -> SinceStart {

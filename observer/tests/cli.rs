@@ -274,12 +274,7 @@ fn only_the_collectors_named_after_disable_defaults() {
     let probes: std::collections::BTreeSet<String> = testkit::prom::parse(&metrics.0)
         .into_iter()
         .filter(|s| s.name == "observer_probe_attached")
-        .filter_map(|s| {
-            s.labels
-                .into_iter()
-                .find(|(k, _)| k == "probe")
-                .map(|(_, v)| v)
-        })
+        .filter_map(|s| s.label("probe").map(str::to_owned))
         .collect();
     assert_eq!(
         probes.into_iter().collect::<Vec<_>>(),

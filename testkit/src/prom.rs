@@ -11,6 +11,14 @@ pub struct Sample {
 }
 
 impl Sample {
+    /// The value of the label `name`, if the sample carries it.
+    pub fn label(&self, name: &str) -> Option<&str> {
+        self.labels
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
     /// Whether the sample carries every one of `wanted` (it may carry others too).
     pub fn has_labels(&self, wanted: &[(&str, &str)]) -> bool {
         wanted

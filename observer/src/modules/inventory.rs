@@ -70,7 +70,8 @@ pub struct Inventory {
     read: Option<(Instant, Vec<Present>)>,
     /// Modules present at start by their taint letters ("" untainted), once published.
     by_taint: Option<BTreeMap<String, u64>>,
-    /// Modules whose load the programs saw (a bounded set: the first [`SEEN_NAMES`]).
+    /// Modules whose load the programs saw while the inventory waited (at most
+    /// [`SEEN_NAMES`]).
     loaded: BTreeSet<String>,
 }
 
@@ -84,9 +85,9 @@ impl Inventory {
         }
     }
 
-    /// A load the programs saw: not the inventory's.
+    /// A load the programs saw: not the inventory's (kept only while the inventory waits).
     pub fn saw_load(&mut self, module: &str) {
-        if self.loaded.len() < SEEN_NAMES {
+        if self.read.is_some() && self.loaded.len() < SEEN_NAMES {
             self.loaded.insert(module.to_owned());
         }
     }
@@ -97,13 +98,11 @@ impl Inventory {
     }
 
     fn publish_at(&mut self, now: Instant) -> Vec<Present> {
-        let Some((read_at, _)) = &self.read else {
-            return Vec::new();
-        };
-        if now.duration_since(*read_at) < SETTLE {
-            return Vec::new();
-        }
-        let Some((_, modules)) = self.read.take() else {
+        let settled = self
+            .read
+            .as_ref()
+            .is_some_and(|(read_at, _)| now.duration_since(*read_at) >= SETTLE);
+        let Some((_, modules)) = self.read.take_if(|_| settled) else {
             return Vec::new();
         };
         let present: Vec<Present> = modules

@@ -195,10 +195,7 @@ impl HookFamily for ModuleFamily {
         self.inventory
             .publish()
             .into_iter()
-            .filter_map(|present| match serde_json::to_value(present) {
-                Ok(serde_json::Value::Object(fields)) => Some(("module_present", fields)),
-                _ => None,
-            })
+            .filter_map(|present| Some(("module_present", event_fields(present)?)))
             .collect()
     }
 
@@ -215,12 +212,7 @@ impl HookFamily for ModuleFamily {
         if record.outcome == "loaded" {
             self.inventory.saw_load(&record.module);
         }
-        want_event
-            .then(|| match serde_json::to_value(record) {
-                Ok(serde_json::Value::Object(fields)) => Some(fields),
-                _ => None,
-            })
-            .flatten()
+        want_event.then(|| event_fields(record)).flatten()
     }
 
     fn collect(&self, out: &mut Vec<Family>) -> anyhow::Result<()> {
@@ -234,6 +226,14 @@ impl HookFamily for ModuleFamily {
 
     fn as_any_mut(&mut self) -> &mut dyn Any {
         self
+    }
+}
+
+/// An event's own fields: a record serialized as a JSON object.
+fn event_fields(value: impl serde::Serialize) -> Option<EventFields> {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::Object(fields)) => Some(fields),
+        _ => None,
     }
 }
 

@@ -9,6 +9,8 @@ use std::{collections::BTreeSet, fs, path::Path, process::Command, time::Instant
 use anyhow::{Context as _, bail, ensure};
 use serde_json::Value;
 
+use testkit::prom::Sample;
+
 use super::{
     Artifacts, IMAGE, VERSION, archive, debian,
     guest::{self, Report},
@@ -328,14 +330,14 @@ fn under_systemd(report: &Report) -> anyhow::Result<()> {
         !attached.is_empty(),
         "no observer_probe_attached:\n{before}"
     );
-    let probes: BTreeSet<&str> = attached.iter().filter_map(|s| label(s, "probe")).collect();
+    let probes: BTreeSet<&str> = attached.iter().filter_map(|s| s.label("probe")).collect();
     let unattached: BTreeSet<&str> = probes
         .iter()
         .copied()
         .filter(|p| {
             !attached
                 .iter()
-                .any(|s| label(s, "probe") == Some(p) && s.value == 1.0)
+                .any(|s| s.label("probe") == Some(p) && s.value == 1.0)
         })
         .collect();
     // The one hook Debian's 6.12 lacks: the hash-based integrity check is in no released
@@ -351,9 +353,10 @@ fn under_systemd(report: &Report) -> anyhow::Result<()> {
         .iter()
         .filter(|s| s.value == 1.0)
         .filter(|s| {
-            label(s, "mechanism").is_some_and(|m| m.contains("fentry") || m.contains("fexit"))
+            s.label("mechanism")
+                .is_some_and(|m| m.contains("fentry") || m.contains("fexit"))
         })
-        .filter_map(|s| label(s, "probe"))
+        .filter_map(|s| s.label("probe"))
         .collect();
     for probe in TRAMPOLINE_PROBES {
         ensure!(
@@ -365,7 +368,7 @@ fn under_systemd(report: &Report) -> anyhow::Result<()> {
     let loaded = |text: &str| -> f64 {
         samples(text, "observer_module_loads_total")
             .iter()
-            .filter(|s| label(s, "outcome") == Some("loaded"))
+            .filter(|s| s.label("outcome") == Some("loaded"))
             .map(|s| s.value)
             .sum()
     };
@@ -446,40 +449,11 @@ fn tracing_programs(json: &str) -> anyhow::Result<BTreeSet<(u64, String)>> {
         .collect())
 }
 
-#[derive(Debug)]
-struct Sample {
-    labels: Vec<(String, String)>,
-    value: f64,
-}
-
-fn label<'a>(sample: &'a Sample, name: &str) -> Option<&'a str> {
-    sample
-        .labels
-        .iter()
-        .find(|(n, _)| n == name)
-        .map(|(_, v)| v.as_str())
-}
-
-/// The samples of one metric in the Prometheus text format (label values without escapes).
+/// The samples of one metric (the Prometheus text format, as testkit reads it).
 fn samples(text: &str, metric: &str) -> Vec<Sample> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|line| {
-            let rest = line.strip_prefix(metric)?;
-            let (labels, value) = match rest.strip_prefix('{') {
-                Some(inner) => inner.split_once("} ")?,
-                None => ("", rest.strip_prefix(' ')?),
-            };
-            let labels = labels
-                .split("\",")
-                .filter_map(|pair| pair.split_once("=\""))
-                .map(|(n, v)| (n.to_owned(), v.trim_end_matches('"').to_owned()))
-                .collect();
-            Some(Sample {
-                labels,
-                value: value.split_whitespace().next()?.parse().ok()?,
-            })
-        })
+    testkit::prom::parse(text)
+        .into_iter()
+        .filter(|s| s.name == metric)
         .collect()
 }
 
@@ -493,7 +467,7 @@ mod tests {
                     observer_probe_attached_other 3\nobserver_up 1\n";
         let found = samples(text, "observer_probe_attached");
         assert_eq!(found.len(), 1);
-        assert_eq!(label(&found[0], "mechanism"), Some("fentry"));
+        assert_eq!(found[0].label("mechanism"), Some("fentry"));
         assert_eq!(found[0].value, 1.0);
         assert_eq!(samples(text, "observer_up")[0].value, 1.0);
     }
