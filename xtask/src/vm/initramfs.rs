@@ -132,25 +132,23 @@ pub fn build(inputs: &Inputs) -> anyhow::Result<PathBuf> {
     }
     fs::write(mods.join("manifest"), manifest)?;
 
+    // Per scenario: its steps, the observer's arguments, the steps before the observer starts.
     for scenario in inputs.scenarios {
-        fs::write(
-            stage
-                .join("vm/scenarios")
-                .join(format!("{}.sh", scenario.name)),
-            format!(". /vm/mods/names\n{}", scenario.guest),
-        )?;
-        fs::write(
-            stage
-                .join("vm/scenarios")
-                .join(format!("{}.agent", scenario.name)),
-            scenario.agent_args,
-        )?;
-        fs::write(
-            stage
-                .join("vm/scenarios")
-                .join(format!("{}.pre", scenario.name)),
-            format!(". /vm/mods/names\n{}", scenario.before_agent),
-        )?;
+        for (suffix, text) in [
+            ("sh", format!(". /vm/mods/names\n{}", scenario.guest)),
+            ("agent", scenario.agent_args.to_owned()),
+            (
+                "pre",
+                format!(". /vm/mods/names\n{}", scenario.before_agent),
+            ),
+        ] {
+            fs::write(
+                stage
+                    .join("vm/scenarios")
+                    .join(format!("{}.{suffix}", scenario.name)),
+                text,
+            )?;
+        }
     }
 
     let archive = inputs.work.join("initramfs.cpio.gz");

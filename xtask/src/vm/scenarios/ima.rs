@@ -10,8 +10,7 @@
 //! On every kernel; 6.1 cannot time the appraisal step on its own (see its checks).
 use std::net::SocketAddr;
 
-use anyhow::{bail, ensure};
-use serde_json::Value;
+use anyhow::ensure;
 
 use super::{
     CURRENT, Check, EVERY_KERNEL, Labels, Scenario, Want,
@@ -19,7 +18,7 @@ use super::{
         ALL, ATTACHED, INTEGRITY_COUNT, INTEGRITY_SUM, LOAD_COUNT, LOADS, PHASE_COUNT, PHASE_SUM,
         SIGNATURE_OK,
     },
-    stream::validated_events,
+    stream::{the_load_with_reason, validated_events},
 };
 use crate::vm::kernel::Series;
 
@@ -188,13 +187,7 @@ pub const IMA: Scenario = Scenario {
 /// refused by IMA before `load_module`.
 fn check_init_module_event(_guest: SocketAddr, console: &str) -> anyhow::Result<()> {
     let events = validated_events(console)?;
-    let refused: Vec<&Value> = events
-        .iter()
-        .filter(|e| e["event"] == "module_load" && e["reason"] == "ima_init_module")
-        .collect();
-    let [refused] = refused.as_slice() else {
-        bail!("want one load refused as ima_init_module, got {refused:?}");
-    };
+    let refused = the_load_with_reason(&events, "ima_init_module")?;
     ensure!(
         refused["outcome"] == "rejected_ima"
             && refused["method"] == "none"

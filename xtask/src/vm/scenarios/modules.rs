@@ -2,11 +2,12 @@
 //! compressed modules, the absent hash-based path.
 use std::net::SocketAddr;
 
-use anyhow::{bail, ensure};
-use serde_json::Value;
+use anyhow::ensure;
 
 use super::{
-    CURRENT, Check, EVERY_KERNEL, Labels, Scenario, Want, stream::validated_events, timers,
+    CURRENT, Check, EVERY_KERNEL, Labels, Scenario, Want,
+    stream::{the_load_with_reason, validated_events},
+    timers,
 };
 use crate::vm::kernel::Series;
 
@@ -194,13 +195,7 @@ pub const LOCKDOWN_INTEGRITY: Scenario = Scenario {
 /// check (the module carries none), named after its file.
 fn check_lockdown_event(_guest: SocketAddr, console: &str) -> anyhow::Result<()> {
     let events = validated_events(console)?;
-    let refused: Vec<&Value> = events
-        .iter()
-        .filter(|e| e["event"] == "module_load" && e["reason"] == "lockdown")
-        .collect();
-    let [refused] = refused.as_slice() else {
-        bail!("want one module_load refused by lockdown, got {refused:?} of {events:?}");
-    };
+    let refused = the_load_with_reason(&events, "lockdown")?;
     ensure!(
         refused["outcome"] == "rejected_lockdown"
             && refused["method"] == "none"

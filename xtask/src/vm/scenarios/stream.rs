@@ -3,7 +3,7 @@
 //! manifest. Shared by the scenarios, and importing none of them.
 use std::collections::BTreeMap;
 
-use anyhow::{Context as _, ensure};
+use anyhow::{Context as _, bail, ensure};
 use serde_json::Value;
 
 use super::super::fixtures::unfield;
@@ -35,6 +35,21 @@ pub(super) fn validated_events(console: &str) -> anyhow::Result<Vec<Value>> {
         events.push(event);
     }
     Ok(events)
+}
+
+/// The one `module_load` event with this `reason` (an error naming them all otherwise).
+pub(super) fn the_load_with_reason<'a>(
+    events: &'a [Value],
+    reason: &str,
+) -> anyhow::Result<&'a Value> {
+    let found: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["event"] == "module_load" && e["reason"] == reason)
+        .collect();
+    match found.as_slice() {
+        [event] => Ok(event),
+        _ => bail!("want one module_load with reason {reason}, got {found:?} of {events:?}"),
+    }
 }
 
 /// The module named first after `prefix` on a console line (`cgroup-load crc-itu-t`,
