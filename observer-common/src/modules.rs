@@ -59,6 +59,8 @@ pub const NAMES: Names = Names {
         "modules_request_tracepoint",
         "modules_finit_exit",
         "modules_init_exit",
+        "modules_finit_exit_backup",
+        "modules_init_exit_backup",
         "modules_read_file_exit",
         "modules_load_data_exit",
         "modules_idempotent",
@@ -281,9 +283,17 @@ pub struct PendingLoad {
     pub ima_appraise_start_ns: u64,
     pub ima: ImaCheck,
     pub seen: u32,
-    pub _pad: u32,
+    /// How many of the syscall's exit programs ran for this attempt ([`EXIT_PROGRAMS`]): not
+    /// 0 only between them, so an entry found with it set is left from an earlier attempt.
+    pub exits_run: u32,
     pub file: [u8; NAME_LEN],
 }
+
+/// Programs on each load syscall's exit, each able to end the attempt alone. The kernel skips
+/// a tracing program on a CPU where that same program is already running (a task preempted
+/// inside it, counted in `bpf_prog_info.recursion_misses`): with racing loads on one CPU, one
+/// program's run can be skipped, and the other, a separate program, still ends the attempt.
+pub const EXIT_PROGRAMS: u32 = 2;
 
 /// A load attempt, kept in a map by thread id while `load_module` runs, then sent whole.
 #[repr(C)]

@@ -104,10 +104,18 @@ fn now() -> u64 {
     unsafe { bpf_ktime_get_ns() }
 }
 
-/// This thread's pending-load record, created if absent.
+/// This thread's pending-load record, created if absent, emptied if an earlier attempt left
+/// it (one of its exit programs skipped: see [`observer_common::modules::EXIT_PROGRAMS`]).
 #[inline(always)]
 fn pending() -> Option<&'static mut PendingLoad> {
     let tid = tid();
+    if let Some(stale) = MODULE_PENDING.get_ptr_mut(tid)
+        // SAFETY: the map's value for this thread, only touched by this thread.
+        && unsafe { (*stale).exits_run } != 0
+    {
+        // SAFETY: as above; zeroed from the static, not via the stack.
+        unsafe { core::ptr::copy_nonoverlapping(&raw const ZERO_PENDING, stale, 1) };
+    }
     if MODULE_PENDING.get_ptr_mut(tid).is_none() {
         #[expect(
             clippy::needless_borrows_for_generic_args,
@@ -254,7 +262,9 @@ pub fn modules_load_enter(ctx: FEntryContext) -> u32 {
     load.header = header(EventKind::ModuleLoad);
     load.start_ns = now();
     // SAFETY: the map's value for this thread, only touched by this thread.
-    if let Some(pending) = MODULE_PENDING.get_ptr_mut(tid) {
+    if let Some(pending) = MODULE_PENDING.get_ptr_mut(tid)
+        && unsafe { (*pending).exits_run } == 0
+    {
         let taken = unsafe { &*pending };
         load.file = taken.file;
         load.decompress_ns = taken.decompress_ns;
@@ -276,8 +286,18 @@ pub fn modules_load_enter(ctx: FEntryContext) -> u32 {
 #[fexit(function = "load_module")]
 pub fn modules_load_exit(ctx: FExitContext) -> u32 {
     let ret = ctx.ret::<i64>().unwrap_or(0) as i32;
+    if let Some(load) = current_load() {
+        finish_load(load, ret);
+    }
+    0
+}
+
+/// A load's end: its verdict counted, its record sent, the taints it added counted. At
+/// `load_module`'s exit, or at its syscall's exit when the kernel skipped that program (its
+/// `total_ns` then runs to the syscall's end, which returns `load_module`'s result).
+#[inline(always)]
+fn finish_load(load: &mut ModuleLoad, ret: i32) {
     let tid = tid();
-    let Some(load) = current_load() else { return 0 };
     load.total_ns = since(load.start_ns);
     load.load_ret = ret;
     load.outcome = load_outcome(load.seen, ret, load.sig_check_ret);
@@ -306,7 +326,6 @@ pub fn modules_load_exit(ctx: FExitContext) -> u32 {
     if let Some(pending) = MODULE_PENDING.get_ptr_mut(tid).map(|p| unsafe { &mut *p }) {
         pending.seen = SEEN_LOAD_MODULE;
     }
-    0
 }
 
 #[fentry(function = "module_sig_check")]

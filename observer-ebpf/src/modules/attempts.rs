@@ -10,7 +10,7 @@ use aya_ebpf::{
 use observer_common::{
     EventKind,
     modules::{
-        ModuleLoad, PendingLoad, SEEN_FROM_FILE, SEEN_IDEMPOTENT, SEEN_INIT_MODULE, SEEN_LOAD_DATA,
+        EXIT_PROGRAMS, ModuleLoad, PendingLoad, SEEN_FROM_FILE, SEEN_IDEMPOTENT, SEEN_INIT_MODULE, SEEN_LOAD_DATA,
         SEEN_LOAD_MODULE, SEEN_LSM_REFUSED, SEEN_NO_LOAD, SYSCALL_FINIT_MODULE,
         SYSCALL_INIT_MODULE, early_outcome, early_reason, method, verdict_slot,
     },
@@ -18,8 +18,8 @@ use observer_common::{
 };
 
 use super::{
-    LOADING_MODULE, MODULE_LOADS, MODULE_PENDING, MODULE_SYSCALLS, MODULE_VERDICTS, READING_MODULE,
-    READING_MODULE_COMPRESSED, ZERO_LOAD, ZERO_PENDING, pending, tid,
+    LOADING_MODULE, MODULE_PENDING, MODULE_SYSCALLS, MODULE_VERDICTS, READING_MODULE,
+    READING_MODULE_COMPRESSED, ZERO_LOAD, ZERO_PENDING, current_load, pending, tid,
 };
 use crate::{header, increment};
 
@@ -105,20 +105,44 @@ fn send_without_load(pending: &PendingLoad, ret: i32, seen: u32, outcome: u32, r
 
 /// A load syscall's end, whatever became of it: counted by result, and an attempt that never
 /// reached `load_module` (refused by `may_init_module`, a security module or IMA; a duplicate
-/// that waited on an identical load; a failed read or decompression) gets its verdict here.
-/// `load_module`'s own exit has counted every attempt that reached it.
+/// that waited on an identical load; a failed read or decompression) gets its verdict here, as
+/// does a load whose `load_module` exit program the kernel skipped.
+///
+/// Two programs run this at each exit ([`EXIT_PROGRAMS`]), in an order the kernel chooses:
+/// the first to run ends the attempt, the last removes the thread's entry. Each counts itself
+/// in the entry; the first makes one where no hook before did.
 #[inline(always)]
 fn attempt_end(syscall: u32, ret: i64) -> u32 {
-    increment(&MODULE_SYSCALLS, syscall_slot(syscall, ret));
     let tid = tid();
-    // A load in flight when the programs were attached left its entry without its exit
-    // program: it ends here, so it cannot take a later taint.
-    let _ = MODULE_LOADS.remove(tid);
-    // SAFETY: the map's value for this thread, only touched by this thread.
+    let entry = MODULE_PENDING.get_ptr_mut(tid);
+    if let Some(entry) = entry {
+        // SAFETY: the map's value for this thread, only touched by this thread.
+        let entry = unsafe { &mut *entry };
+        entry.exits_run += 1;
+        if entry.exits_run >= EXIT_PROGRAMS {
+            let _ = MODULE_PENDING.remove(tid);
+            return 0;
+        }
+        if entry.exits_run > 1 {
+            // Left by an earlier attempt whose last exit program was skipped: ended already.
+            return 0;
+        }
+    }
+    increment(&MODULE_SYSCALLS, syscall_slot(syscall, ret));
+    // A load whose `load_module` exit did not run: ended here, with the syscall's result
+    // (`load_module`'s own), so it cannot take a later taint either.
+    let finished_here = match current_load() {
+        Some(load) => {
+            super::finish_load(load, ret as i32);
+            true
+        }
+        None => false,
+    };
+    // SAFETY: as above.
     let pending = MODULE_PENDING
-        .get_ptr(tid)
+        .get_ptr_mut(tid)
         .map_or(&ZERO_PENDING, |p| unsafe { &*p });
-    if pending.seen & SEEN_LOAD_MODULE == 0 {
+    if !finished_here && pending.seen & SEEN_LOAD_MODULE == 0 {
         let mut seen = pending.seen;
         if syscall == SYSCALL_INIT_MODULE {
             seen |= SEEN_INIT_MODULE;
@@ -131,7 +155,18 @@ fn attempt_end(syscall: u32, ret: i64) -> u32 {
         );
         send_without_load(pending, ret as i32, seen | SEEN_NO_LOAD, outcome, reason);
     }
-    let _ = MODULE_PENDING.remove(tid);
+    if entry.is_none() {
+        // Marked as ended for the other exit program, which removes it.
+        #[expect(
+            clippy::needless_borrows_for_generic_args,
+            reason = "copy from the static, not the stack"
+        )]
+        let _ = MODULE_PENDING.insert(tid, &ZERO_PENDING, 0);
+        if let Some(made) = MODULE_PENDING.get_ptr_mut(tid) {
+            // SAFETY: as above.
+            unsafe { (*made).exits_run = 1 };
+        }
+    }
     0
 }
 
@@ -141,7 +176,18 @@ pub fn modules_finit_exit(ctx: FExitContext) -> u32 {
     attempt_end(SYSCALL_FINIT_MODULE, ctx.arg(1))
 }
 
+/// The same end as [`modules_finit_exit`], as a separate program (see [`attempt_end`]).
+#[fexit(function = "__x64_sys_finit_module")]
+pub fn modules_finit_exit_backup(ctx: FExitContext) -> u32 {
+    attempt_end(SYSCALL_FINIT_MODULE, ctx.arg(1))
+}
+
 #[fexit(function = "__x64_sys_init_module")]
 pub fn modules_init_exit(ctx: FExitContext) -> u32 {
+    attempt_end(SYSCALL_INIT_MODULE, ctx.arg(1))
+}
+
+#[fexit(function = "__x64_sys_init_module")]
+pub fn modules_init_exit_backup(ctx: FExitContext) -> u32 {
     attempt_end(SYSCALL_INIT_MODULE, ctx.arg(1))
 }

@@ -388,12 +388,16 @@ fn hooks(integrity: IntegrityFunctions) -> Vec<Hook> {
             "public_key_verify_signature",
         ),
         // Every attempt ends at its syscall's exit: counted by result there, and one that never
-        // reached load_module gets its verdict there. x86_64's syscall functions.
+        // reached load_module gets its verdict there. x86_64's syscall functions. Two programs
+        // on each, either of which ends the attempt: the kernel may skip one's run (see
+        // observer_common::modules::EXIT_PROGRAMS).
         Hook {
             name: "module_attempt_end",
             options: vec![vec![
                 fexit("modules_finit_exit", "__x64_sys_finit_module"),
+                fexit("modules_finit_exit_backup", "__x64_sys_finit_module"),
                 fexit("modules_init_exit", "__x64_sys_init_module"),
+                fexit("modules_init_exit_backup", "__x64_sys_init_module"),
             ]],
             requires: Some(kernel::has_modules),
         },
