@@ -10,8 +10,8 @@ use aya_ebpf::{
 use observer_common::{
     EventKind,
     modules::{
-        EXIT_PROGRAMS, ModuleLoad, PendingLoad, SEEN_FROM_FILE, SEEN_IDEMPOTENT, SEEN_INIT_MODULE, SEEN_LOAD_DATA,
-        SEEN_LOAD_MODULE, SEEN_LSM_REFUSED, SEEN_NO_LOAD, SYSCALL_FINIT_MODULE,
+        EXIT_PROGRAMS, ModuleLoad, PendingLoad, SEEN_FROM_FILE, SEEN_IDEMPOTENT, SEEN_INIT_MODULE,
+        SEEN_LOAD_DATA, SEEN_LOAD_MODULE, SEEN_LSM_REFUSED, SEEN_NO_LOAD, SYSCALL_FINIT_MODULE,
         SYSCALL_INIT_MODULE, early_outcome, early_reason, method, verdict_slot,
     },
     syscall_slot,
