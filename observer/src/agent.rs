@@ -162,16 +162,34 @@ impl Agent {
     fn self_metrics(&self, families: &mut Vec<Family>) {
         let mut info = Family::gauge(
             "build_info",
-            "The observer's version and the kernel it runs on.",
+            "The observer's version, the git commit it was built from and the rustc that built it.",
         );
         info.add(
             &[
                 ("version", env!("CARGO_PKG_VERSION")),
-                ("kernel", &self.kernel_release),
+                ("revision", env!("OBSERVER_REVISION")),
+                ("rustc", env!("OBSERVER_RUSTC")),
             ],
             1.0,
         );
         families.push(info);
+
+        // The kernel apart from the binary, as node_exporter's node_uname_info: a kernel
+        // upgrade changes this series, not build_info's.
+        let uname = crate::kernel::uname();
+        let mut kernel = Family::gauge(
+            "kernel_info",
+            "The running kernel, as uname(2) gives it: release (uname -r), version (uname -v), machine (uname -m).",
+        );
+        kernel.add(
+            &[
+                ("release", &uname.release),
+                ("version", &uname.version),
+                ("machine", &uname.machine),
+            ],
+            1.0,
+        );
+        families.push(kernel);
 
         let mut enabled = Family::gauge(
             "collector_enabled",

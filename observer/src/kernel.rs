@@ -199,6 +199,44 @@ pub fn release() -> String {
         .map_or_else(|_| "unknown".into(), |s| s.trim().to_owned())
 }
 
+/// What uname(2) says of the running kernel, for `observer_kernel_info`.
+pub struct Uname {
+    /// `uname -r`: 6.1.0-18-amd64.
+    pub release: String,
+    /// `uname -v`: the build's number and date, #1 SMP PREEMPT_DYNAMIC Debian 6.1.76-1 (...).
+    pub version: String,
+    /// `uname -m`: x86_64.
+    pub machine: String,
+}
+
+pub fn uname() -> Uname {
+    // SAFETY: a zeroed utsname for the kernel to fill; its fields are NUL-terminated then.
+    let names = unsafe {
+        let mut names: libc::utsname = std::mem::zeroed();
+        (libc::uname(&raw mut names) == 0).then_some(names)
+    };
+    let field = |chars: &[libc::c_char]| {
+        let bytes: Vec<u8> = chars
+            .iter()
+            .take_while(|&&c| c != 0)
+            .map(|&c| c as u8)
+            .collect();
+        String::from_utf8_lossy(&bytes).into_owned()
+    };
+    match names {
+        Some(n) => Uname {
+            release: field(&n.release),
+            version: field(&n.version),
+            machine: field(&n.machine),
+        },
+        None => Uname {
+            release: "unknown".into(),
+            version: "unknown".into(),
+            machine: "unknown".into(),
+        },
+    }
+}
+
 fn is_mounted(path: &Path, magic: i64) -> bool {
     let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
         return false;

@@ -115,3 +115,64 @@ fn a_real_scrape_has_exactly_the_golden_families_and_passes_promtool() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// One line of a program's output, trimmed; None when it cannot run or fails.
+fn output_of(program: &str, args: &[&str]) -> Option<String> {
+    let out = Command::new(program)
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|out| out.status.success())?;
+    Some(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+#[test]
+fn build_info_names_the_build_and_kernel_info_the_running_kernel() {
+    let scrape = Agent::start(&[]).metrics();
+
+    // The build script's values reach this test too. The revision must be a commit of this
+    // repository (HEAD itself may have moved on since the build), and the compiler the one
+    // cargo runs here.
+    let revision = env!("OBSERVER_REVISION");
+    match output_of(
+        "git",
+        &["rev-parse", "--verify", &format!("{revision}^{{commit}}")],
+    ) {
+        Some(commit) => assert_eq!(commit, revision, "a full commit id"),
+        None => assert_eq!(revision, "unknown", "not a commit of this repository"),
+    }
+    let rustc = output_of("rustc", &["--version"]).expect("rustc --version");
+    assert_eq!(
+        rustc.split_whitespace().nth(1),
+        Some(env!("OBSERVER_RUSTC"))
+    );
+    assert_eq!(
+        scrape.get(
+            "observer_build_info",
+            &[
+                ("version", env!("CARGO_PKG_VERSION")),
+                ("revision", revision),
+                ("rustc", env!("OBSERVER_RUSTC")),
+            ],
+        ),
+        Some(1.0),
+        "{}",
+        scrape.0
+    );
+
+    let uname = |flag| output_of("uname", &[flag]).expect("uname");
+    assert_eq!(
+        scrape.get(
+            "observer_kernel_info",
+            &[
+                ("release", &uname("-r")),
+                ("version", &uname("-v")),
+                ("machine", &uname("-m")),
+            ],
+        ),
+        Some(1.0),
+        "{}",
+        scrape.0
+    );
+}
