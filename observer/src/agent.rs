@@ -103,6 +103,8 @@ pub struct Agent {
     /// Every registered collector and whether it is on.
     pub collectors: Vec<(&'static str, bool)>,
     pub kernel_release: String,
+    /// The kernel's statistics of the loaded programs.
+    pub programs: crate::programs::ProgramStats,
 }
 
 impl Agent {
@@ -234,6 +236,7 @@ impl Agent {
         }
         families.push(total);
         families.push(lost);
+        self.programs.collect(families)?;
 
         families.push(
             Family::counter(

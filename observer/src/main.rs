@@ -23,6 +23,7 @@ mod plan;
 mod privileges;
 mod process;
 mod profile;
+mod programs;
 mod record;
 mod registry;
 mod since_start;

@@ -203,6 +203,7 @@ pub fn start(selection: &Selection<'_>) -> anyhow::Result<Started> {
         probes,
         collectors,
         kernel_release: kernel::release(),
+        programs: crate::programs::ProgramStats::new(&ebpf),
     });
     drop(kernel);
     // Parsing the kernel's BTF (twice: ours and aya's) takes tens of MiB that are free now;
