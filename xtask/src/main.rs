@@ -4,6 +4,7 @@ mod bench;
 mod dashboards;
 mod deploy;
 mod dist;
+mod doc_links;
 mod setup;
 mod stats;
 mod test;

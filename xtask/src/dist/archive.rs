@@ -16,6 +16,10 @@ pub fn tarball_name() -> String {
     format!("observer-{VERSION}-{TARGET}")
 }
 
+/// The documents by audience that the README links to (docs/performance-history.md is the
+/// project's record, not a user's document).
+pub const USER_DOCS: [&str; 3] = ["operators.md", "kernel-developers.md", "development.md"];
+
 /// The tarball: what an operator unpacks and installs by hand (deploy/README.md says how).
 pub fn tarball(root: &Path, stage: &Path, dist: &Path, epoch: u64) -> anyhow::Result<PathBuf> {
     let name = tarball_name();
@@ -33,6 +37,11 @@ pub fn tarball(root: &Path, stage: &Path, dist: &Path, epoch: u64) -> anyhow::Re
     copy_tree(&stage.join("completions"), &top.join("completions"))?;
     copy_tree(&root.join("dashboards"), &top.join("dashboards"))?;
     copy_tree(&root.join("deploy"), &top.join("deploy"))?;
+    // The README's links lead into docs/: the user documents go with it.
+    fs::create_dir_all(top.join("docs"))?;
+    for doc in USER_DOCS {
+        copy(&root.join("docs").join(doc), &top.join("docs").join(doc))?;
+    }
     let out = dist.join(format!("{name}.tar.gz"));
     write_tar(&tree, &[name.as_str()], epoch, &out, true)?;
     Ok(out)

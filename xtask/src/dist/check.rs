@@ -114,6 +114,9 @@ fn tarball(artifacts: &Artifacts, scratch: &Path) -> anyhow::Result<()> {
     for file in [
         "observer",
         "README.md",
+        "docs/operators.md",
+        "docs/kernel-developers.md",
+        "docs/development.md",
         "LICENSE-MIT",
         "LICENSE-APACHE",
         "man/observer.8",
