@@ -13,6 +13,7 @@ mod listen;
 mod lockdown;
 mod logging;
 mod maps;
+mod memlock;
 mod merkle;
 mod metrics;
 mod modules;
@@ -83,6 +84,7 @@ fn main() {
 
 fn run_agent(matches: &clap::ArgMatches, args: &RunArgs) -> anyhow::Result<()> {
     privileges::check()?;
+    memlock::raise_for_maps(&kernel::release());
     // Bind first: a taken port should fail before anything is loaded into the kernel.
     let listeners = listen::bind_all(&args.listen_addresses)?;
     let web = match &args.web_config_file {
@@ -192,6 +194,7 @@ pub async fn shutdown_signal() -> anyhow::Result<&'static str> {
 
 fn print_probes(matches: &clap::ArgMatches, args: &RunArgs) -> anyhow::Result<()> {
     privileges::check()?;
+    memlock::raise_for_maps(&kernel::release());
     kernel::ensure_securityfs();
     let kernel = KernelView::read();
     let selection = Selection {

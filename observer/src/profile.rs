@@ -424,6 +424,7 @@ pub fn run(
     leaves: Option<u64>,
 ) -> anyhow::Result<()> {
     privileges::check()?;
+    crate::memlock::raise_for_maps(&crate::kernel::release());
     let Started { ebpf, agent, rings } = start::start(selection)?;
     if !agent
         .probes
