@@ -23,15 +23,55 @@ const RESCAN_INTERVAL: Duration = Duration::from_secs(1);
 /// otherwise cost a full scan per event, and short-lived scopes make that a storm.
 const UNKNOWN_FOR: Duration = Duration::from_secs(30);
 
-/// Where the cgroup v2 hierarchy is mounted: `/sys/fs/cgroup` on unified hosts,
-/// `/sys/fs/cgroup/unified` on hybrid ones; from the mount table.
-pub fn find_mount(mountinfo: &str) -> Option<PathBuf> {
-    mountinfo.lines().find_map(|line| {
-        let (mount, fs) = line.split_once(" - ")?;
-        (fs.split_whitespace().next() == Some("cgroup2"))
-            .then(|| mount.split_whitespace().nth(4).map(PathBuf::from))
-            .flatten()
-    })
+/// statfs(2)'s f_type for cgroup2 (include/uapi/linux/magic.h).
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+/// The root cgroup's ID, which is its directory's inode number (kernfs numbers from 1).
+const ROOT_CGROUP_ID: u64 = 1;
+
+/// Every cgroup v2 mount point in a mount table, in its order: `/sys/fs/cgroup` on unified
+/// hosts, `/sys/fs/cgroup/unified` on hybrid ones, and any other view mounted into this
+/// namespace (a container's host hierarchy, `/host/sys/fs/cgroup`).
+pub fn cgroup2_mounts(mountinfo: &str) -> Vec<PathBuf> {
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            let (mount, fs) = line.split_once(" - ")?;
+            (fs.split_whitespace().next() == Some("cgroup2"))
+                .then(|| mount.split_whitespace().nth(4).map(PathBuf::from))
+                .flatten()
+        })
+        .collect()
+}
+
+/// The mount to name cgroups from: the first that shows the whole hierarchy, else the first.
+/// In a container with a cgroup namespace of its own, its /sys/fs/cgroup shows only its own
+/// cgroups, and every other container's would stay unnamed; the host's hierarchy mounted into
+/// it (as the DaemonSet mounts it) shows them all, wherever it is mounted.
+pub fn pick_mount(mounts: Vec<PathBuf>, whole: impl Fn(&Path) -> bool) -> Option<PathBuf> {
+    match mounts.iter().position(|m| whole(m)) {
+        Some(index) => mounts.into_iter().nth(index),
+        None => mounts.into_iter().next(),
+    }
+}
+
+/// Whether a cgroup2 directory is the hierarchy's root (not a namespace's or a bind mount's
+/// part of it).
+fn shows_whole_hierarchy(path: &Path) -> bool {
+    fs::metadata(path).is_ok_and(|meta| meta.ino() == ROOT_CGROUP_ID)
+}
+
+/// `--cgroup.root`: a directory of a cgroup2 file system.
+pub fn parse_root(text: &str) -> Result<PathBuf, String> {
+    let path = PathBuf::from(text);
+    match crate::kernel::fs_magic(&path) {
+        Ok(CGROUP2_SUPER_MAGIC) => Ok(path),
+        Ok(magic) => Err(format!(
+            "{text} is not a cgroup2 mount (its file system's magic is {magic:#x}, cgroup2's \
+             {CGROUP2_SUPER_MAGIC:#x}); give a directory a cgroup2 hierarchy is mounted on (the \
+             cgroup2 lines of /proc/self/mountinfo name them)"
+        )),
+        Err(err) => Err(format!("{text}: {err}")),
+    }
 }
 
 /// The container ID a runtime's cgroup naming shows: systemd scopes (`docker-<id>.scope`,
@@ -71,7 +111,18 @@ pub struct CgroupNames {
 }
 
 impl CgroupNames {
-    pub fn new() -> Self {
+    /// Names from `root` (`--cgroup.root`), or from the mount table's cgroup2 mounts.
+    pub fn new(root: Option<PathBuf>) -> Self {
+        if let Some(root) = root {
+            if !shows_whole_hierarchy(&root) {
+                log::warn!(
+                    "--cgroup.root {}: a cgroup below the hierarchy's root; paths are relative \
+                     to it, and tasks outside it name no cgroup",
+                    root.display()
+                );
+            }
+            return Self::at(Some(root));
+        }
         let mut names = Self::at(mounted());
         if names.root.is_none() {
             log::warn!("no cgroup2 mount yet: events name no cgroup until one appears");
@@ -156,9 +207,8 @@ impl CgroupNames {
 }
 
 fn mounted() -> Option<PathBuf> {
-    fs::read_to_string("/proc/self/mountinfo")
-        .ok()
-        .and_then(|text| find_mount(&text))
+    let text = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    pick_mount(cgroup2_mounts(&text), shows_whole_hierarchy)
 }
 
 fn relative(root: &Path, dir: &Path) -> String {
@@ -176,12 +226,50 @@ mod tests {
                       32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu\n\
                       41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n";
         assert_eq!(
-            find_mount(hybrid),
-            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+            cgroup2_mounts(hybrid),
+            [PathBuf::from("/sys/fs/cgroup/unified")]
         );
         let unified = "30 22 0:26 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw\n";
-        assert_eq!(find_mount(unified), Some(PathBuf::from("/sys/fs/cgroup")));
-        assert_eq!(find_mount("1 0 8:1 / / rw - ext4 /dev/sda1 rw\n"), None);
+        assert_eq!(cgroup2_mounts(unified), [PathBuf::from("/sys/fs/cgroup")]);
+        assert!(cgroup2_mounts("1 0 8:1 / / rw - ext4 /dev/sda1 rw\n").is_empty());
+    }
+
+    #[test]
+    fn the_mount_showing_the_whole_hierarchy_is_preferred() {
+        // A pod with its own cgroup namespace, and the host's hierarchy mounted at
+        // /host/sys/fs/cgroup: the second is the whole hierarchy.
+        let pod = "700 690 0:26 / /sys/fs/cgroup ro,nosuid - cgroup2 cgroup ro\n\
+                   710 690 0:26 /../../.. /host/sys/fs/cgroup ro,nosuid - cgroup2 cgroup2 rw\n";
+        let mounts = cgroup2_mounts(pod);
+        let host = PathBuf::from("/host/sys/fs/cgroup");
+        assert_eq!(
+            pick_mount(mounts.clone(), |m| m == host),
+            Some(host.clone())
+        );
+        // Where none shows it all, the first.
+        assert_eq!(
+            pick_mount(mounts, |_| false),
+            Some(PathBuf::from("/sys/fs/cgroup"))
+        );
+        assert_eq!(pick_mount(Vec::new(), |_| true), None);
+    }
+
+    #[test]
+    fn a_cgroup_root_must_be_a_cgroup2_directory() {
+        let err = parse_root("/proc").unwrap_err();
+        assert!(
+            err.starts_with("/proc is not a cgroup2 mount (its file system's magic is 0x9fa0,"),
+            "{err}"
+        );
+        let err = parse_root("/nonexistent/cgroup").unwrap_err();
+        assert_eq!(
+            err,
+            "/nonexistent/cgroup: No such file or directory (os error 2)"
+        );
+        let text = fs::read_to_string("/proc/self/mountinfo").unwrap();
+        for mount in cgroup2_mounts(&text) {
+            assert_eq!(parse_root(mount.to_str().unwrap()), Ok(mount));
+        }
     }
 
     #[test]

@@ -101,6 +101,17 @@ pub struct RunArgs {
         requires = "events"
     )]
     pub events_output: crate::events::Output,
+    /// The cgroup2 hierarchy the events' cgroup and container_id come from (with --events).
+    /// By default the mount table's cgroup2 mount that shows the whole hierarchy, else its
+    /// first: in a container with its own cgroup namespace, mount the host's /sys/fs/cgroup
+    /// into it (read-only) to name other containers' cgroups.
+    #[arg(
+        long = "cgroup.root",
+        value_name = "PATH",
+        value_parser = crate::cgroups::parse_root,
+        requires = "events"
+    )]
+    pub cgroup_root: Option<std::path::PathBuf>,
     /// Size of the ring buffer carrying records to the agent, in bytes: a power of two from
     /// 4096 to 1 GiB. Records that find it full are counted in observer_events_lost_total.
     #[arg(long = "events.buffer-size", default_value_t = DEFAULT_BUFFER_SIZE, value_parser = parse_buffer_size)]

@@ -100,7 +100,8 @@ pub struct Writer {
 impl EventStream {
     /// Opens the output (a file that cannot be opened is an error at start, not later); the
     /// writer runs once [`Writer::spawn`] is called.
-    pub fn open(output: Output) -> anyhow::Result<(Self, Writer)> {
+    /// Cgroups are named from `cgroup_root` (`--cgroup.root`), or from the mount table's.
+    pub fn open(output: Output, cgroup_root: Option<PathBuf>) -> anyhow::Result<(Self, Writer)> {
         let file = match &output {
             Output::Stdout => None,
             Output::File(path) => Some(append(path)?),
@@ -115,7 +116,7 @@ impl EventStream {
                 wall_offset_ns: wall_offset_ns(),
                 host: read("/proc/sys/kernel/hostname"),
                 boot_id: read("/proc/sys/kernel/random/boot_id"),
-                cgroups: CgroupNames::new(),
+                cgroups: CgroupNames::new(cgroup_root),
                 lines: String::new(),
                 pending: 0,
                 queue,

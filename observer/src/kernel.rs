@@ -238,13 +238,20 @@ pub fn uname() -> Uname {
 }
 
 fn is_mounted(path: &Path, magic: i64) -> bool {
-    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
-        return false;
-    };
+    fs_magic(path).is_ok_and(|found| found == magic)
+}
+
+/// The magic number of the file system `path` is on (statfs(2)'s f_type).
+pub fn fs_magic(path: &Path) -> std::io::Result<i64> {
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(std::io::Error::other)?;
     // SAFETY: a valid C string and a zeroed statfs buffer for the kernel to fill.
     unsafe {
         let mut st: libc::statfs = std::mem::zeroed();
-        libc::statfs(c_path.as_ptr(), &raw mut st) == 0 && st.f_type as i64 == magic
+        if libc::statfs(c_path.as_ptr(), &raw mut st) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(st.f_type as i64)
     }
 }
 

@@ -226,6 +226,33 @@ fn bad_flag_values_are_refused() {
     }
 }
 
+#[test]
+fn a_cgroup_root_must_be_cgroup2_and_comes_with_events() {
+    let (code, stderr) =
+        run(Command::new(OBSERVER).args(["--events", "json", "--cgroup.root", "/proc"]));
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains(
+            "invalid value '/proc' for '--cgroup.root <PATH>': /proc is not a cgroup2 mount \
+             (its file system's magic is 0x9fa0, cgroup2's 0x63677270)"
+        ),
+        "{stderr}"
+    );
+    // A real cgroup2 mount, but no events to name cgroups in.
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let cgroup2 = mountinfo
+        .lines()
+        .find_map(|l| {
+            let (mount, fs) = l.split_once(" - ")?;
+            fs.starts_with("cgroup2 ")
+                .then(|| mount.split_whitespace().nth(4))?
+        })
+        .expect("a cgroup2 mount");
+    let (code, stderr) = run(Command::new(OBSERVER).args(["--cgroup.root", cgroup2]));
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("--events <EVENTS>"), "{stderr}");
+}
+
 /// Flags as exporters take them: `:PORT`, the flag repeated, Prometheus durations, the
 /// default collectors switched off, log lines as JSON.
 #[test]

@@ -12,6 +12,7 @@ use std::{
     ffi::CString,
     fs,
     path::{Path, PathBuf},
+    sync::{PoisonError, RwLock, RwLockReadGuard},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -141,6 +142,15 @@ fn time_of(event: &Value) -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_nanos(ns)
 }
 
+/// Each agent sees every process's timers, so the storm test fills every running agent's
+/// ring buffer, and an event another test waits for could be lost in it: the storm runs
+/// alone, the other tests together.
+static RING: RwLock<()> = RwLock::new(());
+
+fn sharing_the_ring() -> RwLockReadGuard<'static, ()> {
+    RING.read().unwrap_or_else(PoisonError::into_inner)
+}
+
 /// The agent with the event stream going to `file`.
 fn writing_events_to(file: &Path) -> Agent {
     Agent::start(&[
@@ -153,6 +163,7 @@ fn writing_events_to(file: &Path) -> Agent {
 
 #[test]
 fn events_name_the_time_the_user_and_the_cgroup_and_follow_the_schema() {
+    let _ring = sharing_the_ring();
     let dir = scratch("cgroup");
     let file = dir.join("events.json");
     let agent = writing_events_to(&file);
@@ -215,8 +226,109 @@ fn events_name_the_time_the_user_and_the_cgroup_and_follow_the_schema() {
     validate_all(&file);
 }
 
+/// `outer` in the hierarchy's root and `outer/inner` below it, removed when dropped.
+struct Nested {
+    outer: PathBuf,
+    inner: PathBuf,
+}
+
+impl Nested {
+    fn new(name: &str) -> Self {
+        let outer = cgroup2_root().join(format!("observer-{name}-{}", std::process::id()));
+        let inner = outer.join("inner");
+        fs::create_dir_all(&inner).unwrap();
+        Self { outer, inner }
+    }
+}
+
+impl Drop for Nested {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir(&self.inner);
+        let _ = fs::remove_dir(&self.outer);
+    }
+}
+
+/// The agent writing events to `file`, in a private mount namespace where `mounts` (shell
+/// commands) ran first: the test's mounts go away with the agent.
+fn writing_events_after(mounts: &str, file: &Path, extra: &[&str]) -> Agent {
+    let script = format!("set -e; {mounts}; exec \"$@\"");
+    let mut args = vec![
+        "--events",
+        "json",
+        "--events.output",
+        file.to_str().unwrap(),
+    ];
+    args.extend(extra);
+    Agent::start_through(
+        &[
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            &script,
+            "sh",
+        ],
+        &args,
+    )
+}
+
+#[test]
+fn cgroup_root_names_cgroups_from_the_hierarchy_it_is_given() {
+    let _ring = sharing_the_ring();
+    let dir = scratch("cgroup-root");
+    let (file, view) = (dir.join("events.json"), dir.join("view"));
+    let nested = Nested::new("root");
+    // The outer cgroup alone, bind-mounted: a cgroup2 directory, below the hierarchy's root.
+    let mounts = format!(
+        "mkdir -p {view}; mount --bind {outer} {view}",
+        view = view.display(),
+        outer = nested.outer.display()
+    );
+    let agent = writing_events_after(&mounts, &file, &["--cgroup.root", view.to_str().unwrap()]);
+    let pid = child_in(&nested.inner);
+    let created = wait_for(&file, "the child's timer", |e| {
+        e["event"] == "timer_created" && e["pid"] == pid
+    });
+    // The path under the root given, not under the mount table's cgroup2 mount.
+    assert_eq!(created["cgroup"], "/inner");
+    let warned = agent.stderr.lock().unwrap().iter().any(|l| {
+        l.contains(&format!(
+            "--cgroup.root {}: a cgroup below the hierarchy's root",
+            view.display()
+        ))
+    });
+    assert!(warned, "{:?}", agent.stderr.lock().unwrap());
+}
+
+#[test]
+fn the_mount_showing_the_whole_hierarchy_names_cgroups() {
+    let _ring = sharing_the_ring();
+    let dir = scratch("cgroup-whole");
+    let (file, whole) = (dir.join("events.json"), dir.join("host-cgroup"));
+    let nested = Nested::new("whole");
+    // As in a pod with a cgroup namespace of its own: the usual mount point shows one cgroup's
+    // part of the hierarchy (a bind mount of the outer cgroup over it), and the whole
+    // hierarchy is mounted elsewhere, later in the mount table.
+    let mounts = format!(
+        "mount --bind {outer} {usual}; mkdir -p {whole}; mount -t cgroup2 none {whole}",
+        outer = nested.outer.display(),
+        usual = cgroup2_root().display(),
+        whole = whole.display()
+    );
+    let _agent = writing_events_after(&mounts, &file, &[]);
+    let pid = child_in(&nested.inner);
+    let created = wait_for(&file, "the child's timer", |e| {
+        e["event"] == "timer_created" && e["pid"] == pid
+    });
+    let outer = nested.outer.file_name().unwrap().to_str().unwrap();
+    assert_eq!(created["cgroup"], format!("/{outer}/inner"));
+}
+
 #[test]
 fn the_events_file_is_reopened_on_sighup() {
+    let _ring = sharing_the_ring();
     let dir = scratch("rotate");
     let file = dir.join("events.json");
     let agent = writing_events_to(&file);
@@ -251,6 +363,7 @@ fn the_events_file_is_reopened_on_sighup() {
 
 #[test]
 fn write_errors_are_counted_and_the_metrics_go_on() {
+    let _ring = sharing_the_ring();
     let agent = Agent::start(&["--events", "json", "--events.output", "/dev/full"]);
     timer_pair();
     let metrics = agent.metrics_until("a failed write counted", |m| {
@@ -267,6 +380,7 @@ fn write_errors_are_counted_and_the_metrics_go_on() {
 
 #[test]
 fn a_stdout_nobody_reads_drops_events_and_the_metrics_go_on() {
+    let _alone = RING.write().unwrap_or_else(PoisonError::into_inner);
     let (agent, _unread) = Agent::start_with_stdout_unread(&["--events", "json"]);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let storm = timer_storm(1, stop.clone());

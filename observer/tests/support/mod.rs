@@ -57,10 +57,30 @@ impl Agent {
         Self::spawn_with(extra, true)
     }
 
+    /// Starts the agent through a program that ends by executing its arguments (`unshare ...
+    /// sh -c 'mount ...; exec "$@"' sh`): the agent keeps that process, so signals reach it.
+    pub fn start_through(wrapper: &[&str], extra: &[&str]) -> Self {
+        let agent = Self::spawn_through(wrapper, extra, true);
+        agent.wait_ready();
+        agent
+    }
+
     fn spawn_with(extra: &[&str], read_stdout: bool) -> Self {
+        Self::spawn_through(&[], extra, read_stdout)
+    }
+
+    fn spawn_through(wrapper: &[&str], extra: &[&str], read_stdout: bool) -> Self {
         require_root();
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let mut child = Command::new(OBSERVER)
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(OBSERVER);
+                command
+            }
+            None => Command::new(OBSERVER),
+        };
+        let mut child = command
             .arg("--web.listen-address")
             .arg(addr.to_string())
             .args(extra)
