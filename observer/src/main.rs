@@ -94,10 +94,8 @@ fn run_agent(matches: &clap::ArgMatches, args: &RunArgs) -> anyhow::Result<()> {
     // The events file is opened while the agent may still create it anywhere.
     let (events, writer) = match args.events {
         Some(_) => {
-            let (stream, writer) = events::EventStream::open(
-                args.events_output.clone(),
-                args.cgroup_root.clone(),
-            )?;
+            let (stream, writer) =
+                events::EventStream::open(args.events_output.clone(), args.cgroup_root.clone())?;
             (Some(stream), Some(writer))
         }
         None => (None, None),
