@@ -181,6 +181,7 @@ pub fn install_and_purge(root_tar: &Path, deb: &Path, scratch: &Path) -> anyhow:
         "/usr/share/fish/vendor_completions.d/observer.fish",
         "/usr/share/observer/dashboards/fleet-overview.json",
         "/usr/share/observer/alerts.yml",
+        "/usr/share/observer/allowlist.example.yml",
         "/usr/share/doc/observer/copyright",
         "/usr/share/doc/observer/docs/operators.md",
         "/usr/share/lintian/overrides/observer",
