@@ -1,5 +1,6 @@
 //! The event stream in a guest: a module load made from a child cgroup names that cgroup, a
-//! taint names its module, IMA's check shows in a load it passed and one it refused, and every
+//! taint names its module, IMA's check shows in a load it passed and one it refused, the loads
+//! either side of a step of the guest's clock each carry the time they were made, and every
 //! event the guest's agent wrote validates against schemas/events.schema.json.
 use std::net::SocketAddr;
 
@@ -12,6 +13,39 @@ use super::{
     stream::{console_module, validated_events},
 };
 
+/// Seconds the guest steps its clock forward between its first two loads: a day, which no
+/// delay of an emulated guest comes near.
+macro_rules! clock_step {
+    () => {
+        "86400"
+    };
+}
+
+/// The first load's event is in the file (its drain has taken the offset) before the clock
+/// steps, so only the second load comes after the step; `wall-clock` lines give the guest's
+/// clock just after each of the two (busybox's date has whole seconds only).
+const GUEST: &str = concat!(
+    "mount -t cgroup2 none /sys/fs/cgroup\n\
+    mkdir /sys/fs/cgroup/observer-loader\n\
+    echo \"cgroup-load $M1\"\n\
+    (echo 0 > /sys/fs/cgroup/observer-loader/cgroup.procs && load /vm/mods/$M1.ko)\n\
+    echo \"wall-clock $M1 $(date -u +'%s %Y-%m-%dT%H:%M:%SZ')\"\n\
+    timeout 20 sh -c 'until grep -q module_load /tmp/events.json; do usleep 100000; done' \
+      || echo 'vm: no module_load in /tmp/events.json'\n\
+    date -s @$(( $(date +%s) + ",
+    clock_step!(),
+    " )) >/dev/null\n\
+    load /vm/mods/$M2-unsigned.ko\n\
+    echo \"wall-clock $M2 $(date -u +'%s %Y-%m-%dT%H:%M:%SZ')\"\n\
+    cp /vm/mods/$M3.ko /tmp/$M3.ko; /vm/guest-tool ima-digest /tmp/$M3.ko\n\
+    cp /vm/mods/$M1.ko /tmp/bad.ko; /vm/guest-tool ima-digest --wrong /tmp/bad.ko\n\
+    echo \"ima-files $M3.ko $M1.ko\"; sed 's/^/MANIFEST /' /vm/mods/manifest\n\
+    echo 'appraise func=MODULE_CHECK' >/sys/kernel/security/ima/policy\n\
+    load /tmp/$M3.ko /tmp/bad.ko\n\
+    sleep 2\n\
+    echo EVENTS-BEGIN; cat /tmp/events.json; echo EVENTS-END\n"
+);
+
 pub const EVENTS: Scenario = Scenario {
     host: Some(check_events),
     host_agent: false,
@@ -19,21 +53,11 @@ pub const EVENTS: Scenario = Scenario {
     agent_args: "--events json --events.output /tmp/events.json",
     before_agent: "",
     name: "events",
-    about: "--events json to a file: a load from a child cgroup names it, every event follows the schema",
+    about: "--events json to a file: a load from a child cgroup names it, times hold across a \
+            clock step, every event follows the schema",
     cmdline: "",
     kernels: EVERY_KERNEL,
-    guest: "mount -t cgroup2 none /sys/fs/cgroup\n\
-            mkdir /sys/fs/cgroup/observer-loader\n\
-            echo \"cgroup-load $M1\"\n\
-            (echo 0 > /sys/fs/cgroup/observer-loader/cgroup.procs && load /vm/mods/$M1.ko)\n\
-            load /vm/mods/$M2-unsigned.ko\n\
-            cp /vm/mods/$M3.ko /tmp/$M3.ko; /vm/guest-tool ima-digest /tmp/$M3.ko\n\
-            cp /vm/mods/$M1.ko /tmp/bad.ko; /vm/guest-tool ima-digest --wrong /tmp/bad.ko\n\
-            echo \"ima-files $M3.ko $M1.ko\"; sed 's/^/MANIFEST /' /vm/mods/manifest\n\
-            echo 'appraise func=MODULE_CHECK' >/sys/kernel/security/ima/policy\n\
-            load /tmp/$M3.ko /tmp/bad.ko\n\
-            sleep 2\n\
-            echo EVENTS-BEGIN; cat /tmp/events.json; echo EVENTS-END\n",
+    guest: GUEST,
     checks: &[&[
         Check::Console("finit_module {M1}.ko rc=0"),
         Check::Console("finit_module {M2}-unsigned.ko rc=0"),
@@ -95,6 +119,7 @@ fn check_events(_guest: SocketAddr, console: &str) -> anyhow::Result<()> {
         &file_sha256(passed_file)?,
         &file_sha256(bad_file)?,
     )?;
+    check_clock_step(&events, console)?;
     println!(
         "vm: events: {} events valid against the schema; the load from /observer-loader named",
         events.len()
@@ -148,4 +173,98 @@ fn check_ima_events(
     println!("vm: events: IMA passed {ok}");
     println!("vm: events: IMA refused {refused}");
     Ok(())
+}
+
+/// How far a load's `time` may be from the guest's clock read just after it: `date` gives
+/// whole seconds, and in an emulated guest up to a second or two passes between the kernel
+/// stamping the load and `date` reading the clock. An offset not taken again after the step is
+/// off by the whole step.
+const CLOCK_SLACK_S: f64 = 5.0;
+
+/// Each load either side of the clock step is stamped with the guest's clock at that load:
+/// the second a day after the first, not the seconds after it that the offset taken at start
+/// would give.
+fn check_clock_step(events: &[Value], console: &str) -> anyhow::Result<()> {
+    // `wall-clock STEM UNIX_SECONDS UTC`, the module as the kernel names it.
+    let reading = |line: &str| -> anyhow::Result<(String, f64, String)> {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let [stem, unix, utc] = fields[..] else {
+            bail!("wall-clock line: {line:?}");
+        };
+        Ok((stem.replace('-', "_"), unix.parse()?, utc.to_owned()))
+    };
+    let readings = console
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("wall-clock "))
+        .map(reading)
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let [(_, first_s, first_utc), (_, second_s, second_utc)] = readings.as_slice() else {
+        bail!("want two wall-clock lines, got {readings:?}");
+    };
+    let step: f64 = clock_step!().parse()?;
+    ensure!(
+        second_s - first_s >= step,
+        "the guest's clock did not step {step} s: {first_utc} at the first load, {second_utc} \
+         at the second"
+    );
+    for (module, wall, wall_utc) in &readings {
+        let load = events
+            .iter()
+            .find(|e| e["event"] == "module_load" && e["module"] == module.as_str())
+            .with_context(|| format!("no module_load event for {module} in {events:?}"))?;
+        let time = load["time"]
+            .as_str()
+            .context("a module_load without time")?;
+        let stamped = unix_seconds(time).with_context(|| format!("time {time:?}"))?;
+        ensure!(
+            (stamped - wall).abs() <= CLOCK_SLACK_S,
+            "the module_load of {module} is stamped {time}, but the guest's clock read \
+             {wall_utc} just after it ({:+.0} s off; the clock stepped {step} s forward \
+             between the first load and the second)",
+            stamped - wall
+        );
+        println!("vm: events: {module} loaded at {wall_utc} by the guest's clock, stamped {time}");
+    }
+    Ok(())
+}
+
+/// Seconds since the epoch of an RFC 3339 UTC time (`2026-11-30T05:30:00.123456789Z`, as the
+/// agent writes it).
+fn unix_seconds(time: &str) -> Option<f64> {
+    let (date, clock) = time.strip_suffix('Z')?.split_once('T')?;
+    let numbers = |text: &str| -> Option<Vec<i64>> {
+        text.split(['-', ':']).map(|n| n.parse().ok()).collect()
+    };
+    let [year, month, day] = numbers(date)?[..] else {
+        return None;
+    };
+    let (hm, second) = clock.rsplit_once(':')?;
+    let [hour, minute] = numbers(hm)?[..] else {
+        return None;
+    };
+    // Days from 1970-01-01 to the civil date (Howard Hinnant's days_from_civil).
+    let year = if month <= 2 { year - 1 } else { year };
+    let era = year.div_euclid(400);
+    let yoe = year - era * 400;
+    let doy = (153 * ((month + 9) % 12) + 2) / 5 + day - 1;
+    let days = era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468;
+    let minutes = (days * 24 + hour) * 60 + minute;
+    Some(minutes as f64 * 60.0 + second.parse::<f64>().ok()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unix_seconds;
+
+    #[test]
+    fn rfc3339_times() {
+        assert_eq!(unix_seconds("1970-01-01T00:00:00.000000000Z"), Some(0.0));
+        assert_eq!(
+            unix_seconds("2026-11-30T05:30:00.125000000Z"),
+            Some(1_796_016_600.125)
+        );
+        // A leap day, and a time with whole seconds as the guest's date prints it.
+        assert_eq!(unix_seconds("2024-02-29T00:00:01Z"), Some(1_709_164_801.0));
+        assert_eq!(unix_seconds("2024-02-29 00:00:01"), None);
+    }
 }
