@@ -86,7 +86,12 @@ pub fn run_with_targets(extra: &[String]) -> anyhow::Result<()> {
     let promtool =
         |args: &[&str]| crate::run(Command::new("promtool").args(args).current_dir(&dir));
     promtool(&["check", "rules", "alerts.yml"])?;
-    promtool(&["test", "rules", "alerts_test.yml", "alerts_modules_test.yml"])?;
+    promtool(&[
+        "test",
+        "rules",
+        "alerts_test.yml",
+        "alerts_modules_test.yml",
+    ])?;
     promtool(&["check", "config", "prometheus.yml"])?;
 
     // SAFETY: geteuid has no preconditions.
