@@ -74,8 +74,10 @@ impl TaintFamily {
         entries.sort_by_key(|(key, _)| key.module);
         for (key, count) in entries {
             let module = module_of(key.module_source, &key.module);
+            // A taint no module caused (a warning, a forced load of nothing) is `none`, not an
+            // empty label, which Prometheus reads as no label at all.
             let label = if module.is_empty() {
-                module
+                "none".to_owned()
             } else {
                 self.module_label(module)
             };

@@ -251,7 +251,7 @@ fn counts_only_counts_calls_and_the_highest_id() {
     assert!(after.value("observer_posix_timer_id_max", &[]) >= 3.0);
     let families: Vec<String> = after.families().into_iter().map(|f| f.name).collect();
     for absent in [
-        "observer_posix_timers_live",
+        "observer_posix_timer_live",
         "observer_posix_timer_short_lived_total",
         "observer_posix_timer_creates_by_process_total",
         "observer_posix_timer_create_duration_seconds",
@@ -434,7 +434,7 @@ fn timers_die_with_their_process_at_exit_and_exec() {
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     let agent = Agent::start(&["--events", "json"]);
-    let live = |m: &Metrics| m.value("observer_posix_timers_live", &[]);
+    let live = |m: &Metrics| m.value("observer_posix_timer_live", &[]);
     let before = agent.metrics();
     let make_three = || {
         let mut out = Vec::new();

@@ -181,7 +181,7 @@ impl TimerState {
 
     pub fn gather(&self, families: &mut Vec<Family>) {
         families.push(Family::gauge(
-            "posix_timers_live",
+            "posix_timer_live",
             "POSIX timers created while the observer watched and not yet deleted or destroyed by exit/exec.",
         ).single(self.live_count as f64));
 
@@ -191,7 +191,7 @@ impl TimerState {
         ).single(self.short_lived as f64));
 
         families.push(Family::counter(
-            "posix_timers_untracked_total",
+            "posix_timer_untracked_total",
             "POSIX timer creates not followed to their deletion because the live-timer table was full.",
         ).single(self.untracked as f64));
 

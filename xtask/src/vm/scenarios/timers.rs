@@ -5,7 +5,7 @@ use super::{Check, EVERY_KERNEL, Labels, NO_RESTORE_MODE, RESTORE_MODE, Scenario
 
 const SYSCALLS: &str = "observer_posix_timer_syscalls_total";
 const EVENTS: &str = "observer_events_total";
-const LIVE: &str = "observer_posix_timers_live";
+const LIVE: &str = "observer_posix_timer_live";
 const ID_MAX: &str = "observer_posix_timer_id_max";
 const SHORT_LIVED: &str = "observer_posix_timer_short_lived_total";
 const BY_PROCESS: &str = "observer_posix_timer_creates_by_process_total";
