@@ -126,9 +126,10 @@ pub fn runs_of(fd: &ProgramFd) -> anyhow::Result<Runs> {
         )
     };
     if ret != 0 {
-        return Err(std::io::Error::last_os_error()).map_err(|err| {
-            anyhow::anyhow!("reading a program's statistics (BPF_OBJ_GET_INFO_BY_FD): {err}")
-        });
+        anyhow::bail!(
+            "reading a program's statistics (BPF_OBJ_GET_INFO_BY_FD): {}",
+            std::io::Error::last_os_error()
+        );
     }
     // SAFETY: the union member this command filled.
     let filled = unsafe { attr.info.info_len } as usize;

@@ -119,12 +119,9 @@ fn attempt_end(syscall: u32, ret: i64) -> u32 {
         // SAFETY: the map's value for this thread, only touched by this thread.
         let entry = unsafe { &mut *entry };
         entry.exits_run += 1;
+        // The last to run: the first ended the attempt.
         if entry.exits_run >= EXIT_PROGRAMS {
             let _ = MODULE_PENDING.remove(tid);
-            return 0;
-        }
-        if entry.exits_run > 1 {
-            // Left by an earlier attempt whose last exit program was skipped: ended already.
             return 0;
         }
     }
@@ -140,7 +137,7 @@ fn attempt_end(syscall: u32, ret: i64) -> u32 {
     };
     // SAFETY: as above.
     let pending = MODULE_PENDING
-        .get_ptr_mut(tid)
+        .get_ptr(tid)
         .map_or(&ZERO_PENDING, |p| unsafe { &*p });
     if !finished_here && pending.seen & SEEN_LOAD_MODULE == 0 {
         let mut seen = pending.seen;
