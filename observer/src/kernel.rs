@@ -199,6 +199,18 @@ pub fn release() -> String {
         .map_or_else(|_| "unknown".into(), |s| s.trim().to_owned())
 }
 
+/// A release's major and minor version (`6.1.0-18-amd64`: (6, 1)); `None` unless it starts
+/// with both.
+pub fn version(release: &str) -> Option<(u32, u32)> {
+    let mut numbers = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(str::parse::<u32>);
+    match (numbers.next(), numbers.next()) {
+        (Some(Ok(major)), Some(Ok(minor))) => Some((major, minor)),
+        _ => None,
+    }
+}
+
 /// What uname(2) says of the running kernel, for `observer_kernel_info`.
 pub struct Uname {
     /// `uname -r`: 6.1.0-18-amd64.

@@ -9,13 +9,7 @@ use std::io;
 /// Whether a kernel release (`uname -r`) charges BPF maps to RLIMIT_MEMLOCK. A release whose
 /// version cannot be read counts as one: lifting the limit costs nothing where it is not used.
 pub fn charges_maps(release: &str) -> bool {
-    let mut numbers = release
-        .split(|c: char| !c.is_ascii_digit())
-        .map(str::parse::<u32>);
-    match (numbers.next(), numbers.next()) {
-        (Some(Ok(major)), Some(Ok(minor))) => (major, minor) < (5, 11),
-        _ => true,
-    }
+    crate::kernel::version(release).is_none_or(|version| version < (5, 11))
 }
 
 /// Lifts RLIMIT_MEMLOCK where the running kernel charges maps to it, and says so in one line;

@@ -52,10 +52,8 @@ struct CapData {
 /// every command, even a lookup in a map the process already holds, without CAP_BPF (or
 /// CAP_SYS_ADMIN before 5.8) when unprivileged BPF is disabled, as distributions set it.
 pub fn needed_after_start(release: &str) -> u64 {
-    let mut numbers = release
-        .split(|c: char| !c.is_ascii_digit())
-        .filter_map(|n| n.parse::<u32>().ok());
-    let version = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
+    // An unreadable release keeps the most: it is taken for the oldest.
+    let version = crate::kernel::version(release).unwrap_or((0, 0));
     if version >= (6, 5) {
         0
     } else if version >= (5, 8) {
