@@ -8,10 +8,18 @@ pub const DECISIONS_MAP: &str = "LOCKDOWN_DECISIONS";
 /// agent's `reason="unknown"`, so that the denials' total holds.
 pub const CONSOLE_UNRECORDED_MAP: &str = "LOCKDOWN_CONSOLE_UNRECORDED";
 
+/// Checks made in the agent's own process (the verifier asking whether each of its programs
+/// may read kernel memory as it loads): not the host's decisions, counted apart.
+pub const OWN_CHECKS_MAP: &str = "LOCKDOWN_OWN_CHECKS";
+/// `LOCKDOWN_MODULE_SIGNATURE`'s value in this kernel's `enum lockdown_reason`.
+pub const MODULE_SIGNATURE_GLOBAL: &str = "LOCKDOWN_MODULE_SIGNATURE";
+/// The agent's process ID (in the initial PID namespace: the unit and the DaemonSet's hostPID).
+pub const AGENT_TGID_GLOBAL: &str = "AGENT_TGID";
+
 pub const NAMES: Names = Names {
     programs: &["lockdown_security_locked_down", "lockdown_console"],
-    maps: &[DECISIONS_MAP, CONSOLE_UNRECORDED_MAP],
-    globals: &[],
+    maps: &[DECISIONS_MAP, CONSOLE_UNRECORDED_MAP, OWN_CHECKS_MAP],
+    globals: &[MODULE_SIGNATURE_GLOBAL, AGENT_TGID_GLOBAL],
 };
 
 /// Reasons are counted per `enum lockdown_reason` value below this; larger values share the last

@@ -34,6 +34,7 @@ pub const NAMES: Names = Names {
         "modules_sig_check_exit",
         "modules_verify_enter",
         "modules_verify_exit",
+        "modules_verify_exit_buffers",
         "modules_verify_gap",
         "modules_parse_enter",
         "modules_parse_exit",
@@ -41,6 +42,7 @@ pub const NAMES: Names = Names {
         "modules_digest_exit",
         "modules_key_lookup_enter",
         "modules_key_lookup_exit",
+        "modules_key_lookup_exit_4",
         "modules_public_key_enter",
         "modules_public_key_exit",
         "modules_hash_enter",
@@ -95,7 +97,6 @@ pub const NAMES: Names = Names {
         "READING_MODULE",
         "READING_MODULE_COMPRESSED",
         "LOAD_INFO_LEN_OFFSET",
-        "VERIFY_ARGS_BUFFERS",
         LOADING_MODULE_GLOBAL,
         "KEY_SERIAL_OFFSET",
         "SINFO_SIG_OFFSET",
@@ -181,6 +182,12 @@ pub const SEEN_DIGEST: u32 = 1 << 23;
 pub const SEEN_REQUESTED: u32 = 1 << 24;
 /// IMA hashed the module's file: `ima.digest` holds it ([`ImaCheck::digest_len`] bytes).
 pub const SEEN_IMA_FILE_DIGEST: u32 = 1 << 25;
+/// Lockdown refused an unsigned module during this load (`LOCKDOWN_MODULE_SIGNATURE`): what
+/// tells a lockdown refusal from another -EPERM where the policy step is inlined (before 5.19).
+pub const SEEN_LOCKDOWN_REFUSED: u32 = 1 << 26;
+
+/// Taint E (`TAINT_UNSIGNED_MODULE`): an unsigned (or unverifiable) module was loaded.
+pub const TAINT_UNSIGNED_MODULE: u32 = 13;
 
 /// Phases of a signature check timed inside a load (index into [`ModuleLoad::phase_ns`]).
 pub const PHASE_PARSE: usize = 0;

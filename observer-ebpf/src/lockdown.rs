@@ -4,8 +4,8 @@
 //! the kernel prints for denials only, rate-limited.
 
 use aya_ebpf::{
-    EbpfContext as _,
-    helpers::bpf_probe_read_kernel_buf,
+    EbpfContext as _, Global,
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel_buf},
     macros::{fexit, map, tracepoint},
     maps::PerCpuArray,
     programs::{FExitContext, TracePointContext},
@@ -13,9 +13,22 @@ use aya_ebpf::{
 use observer_common::{
     EventKind,
     lockdown::{CONSOLE_TEXT_LEN, DECISION_SLOTS, LockdownConsole, LockdownDecision, REASON_SLOTS},
+    modules::SEEN_LOCKDOWN_REFUSED,
 };
 
 use crate::{EVENTS_LOST, SECURITY_EVENTS, emit, header, increment};
+
+/// `enum lockdown_reason`'s LOCKDOWN_MODULE_SIGNATURE, from BTF.
+#[unsafe(no_mangle)]
+static LOCKDOWN_MODULE_SIGNATURE: Global<u32> = Global::new(1);
+
+/// The agent's process ID, set at load.
+#[unsafe(no_mangle)]
+static AGENT_TGID: Global<u32> = Global::new(0);
+
+/// Checks the agent's own process made (see [`AGENT_TGID`]).
+#[map]
+static LOCKDOWN_OWN_CHECKS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// Checks per reason and verdict: `reason * 2 + denied`.
 #[map]
@@ -28,8 +41,15 @@ static LOCKDOWN_CONSOLE_UNRECORDED: PerCpuArray<u64> = PerCpuArray::with_max_ent
 
 #[fexit(function = "security_locked_down")]
 pub fn lockdown_security_locked_down(ctx: FExitContext) -> u32 {
+    // The agent's own work is not a decision about the host: as each of its programs loads,
+    // the verifier asks whether it may read kernel memory (LOCKDOWN_BPF_READ, dozens at start).
+    if (bpf_get_current_pid_tgid() >> 32) as u32 == AGENT_TGID.load() {
+        increment(&LOCKDOWN_OWN_CHECKS, 0);
+        return 0;
+    }
     let reason: u32 = ctx.arg(0);
-    let Ok(ret) = ctx.ret::<i32>() else { return 0 };
+    // security_locked_down(what)
+    let ret = crate::fexit::ret::<1>(&ctx) as i32;
     let denied = (ret != 0) as u32;
     let slot = if reason >= REASON_SLOTS {
         REASON_SLOTS - 1
@@ -38,6 +58,13 @@ pub fn lockdown_security_locked_down(ctx: FExitContext) -> u32 {
     };
     increment(&LOCKDOWN_DECISIONS, slot * 2 + denied);
     if denied != 0 {
+        // Inside a module load: what tells its -EPERM apart where the policy step that
+        // returns this verdict cannot be traced (inlined before 5.19).
+        if reason == LOCKDOWN_MODULE_SIGNATURE.load()
+            && let Some(load) = crate::modules::current_load()
+        {
+            load.seen |= SEEN_LOCKDOWN_REFUSED;
+        }
         let kind = EventKind::LockdownDecision;
         emit(
             kind,

@@ -3,6 +3,7 @@
 #![no_std]
 #![no_main]
 
+mod fexit;
 mod lockdown;
 mod modules;
 mod taint;

@@ -19,10 +19,9 @@ use aya_ebpf::{
 use observer_common::{
     EventKind, TrackedMap,
     modules::{
-        ModuleLoad, NAME_LEN, PHASE_DIGEST, PHASE_KEY_LOOKUP, PHASE_PARSE, PHASE_PUBLIC_KEY_VERIFY,
-        PHASES, PendingLoad, SEEN_DECOMPRESS, SEEN_FILE, SEEN_FILE_NOT_INLINE, SEEN_HASH_CHECK,
-        SEEN_LOAD_MODULE, SEEN_NAME, SEEN_READ, SEEN_SIG_CHECK, SEEN_VERIFY_SIG, SYSCALL_SLOTS,
-        VERDICT_SLOTS, load_outcome, load_reason, method, verdict_slot,
+        ModuleLoad, NAME_LEN, PendingLoad, SEEN_DECOMPRESS, SEEN_FILE, SEEN_FILE_NOT_INLINE,
+        SEEN_HASH_CHECK, SEEN_LOAD_MODULE, SEEN_NAME, SEEN_READ, SEEN_SIG_CHECK, SEEN_VERIFY_SIG,
+        SYSCALL_SLOTS, VERDICT_SLOTS, load_outcome, load_reason, method, verdict_slot,
     },
 };
 
@@ -32,6 +31,7 @@ use crate::{header, increment, map_full, since};
 
 mod attempts;
 mod ima;
+mod phases;
 mod requests;
 mod signature;
 
@@ -61,11 +61,6 @@ static LOAD_INFO_LEN_OFFSET: Global<u32> = Global::new(0);
 /// `enum kernel_load_data_id`'s LOADING_MODULE (init_module's data), from BTF.
 #[unsafe(no_mangle)]
 static LOADING_MODULE: Global<u32> = Global::new(u32::MAX);
-/// 1 where the signature check is v5's `module_sig_check(mod, mod_len, sig, sig_len)`, 0 for
-/// `mod_verify_sig(mod, info)`: a frozen global, so the verifier keeps only the branch that
-/// reads the arguments as this kernel has them.
-#[unsafe(no_mangle)]
-static VERIFY_ARGS_BUFFERS: Global<u32> = Global::new(0);
 
 /// The starting value of a load attempt: all zero. A static, because the record is too large
 /// for the 512-byte BPF stack together with everything else.
@@ -285,7 +280,8 @@ pub fn modules_load_enter(ctx: FEntryContext) -> u32 {
 
 #[fexit(function = "load_module")]
 pub fn modules_load_exit(ctx: FExitContext) -> u32 {
-    let ret = ctx.ret::<i64>().unwrap_or(0) as i32;
+    // load_module(info, uargs, flags)
+    let ret = crate::fexit::ret::<3>(&ctx) as i32;
     if let Some(load) = current_load() {
         finish_load(load, ret);
     }
@@ -340,7 +336,9 @@ pub fn modules_sig_check_enter(_ctx: FEntryContext) -> u32 {
 pub fn modules_sig_check_exit(ctx: FExitContext) -> u32 {
     if let Some(load) = current_load() {
         load.sig_check_ns += since(load.phase_start_ns);
-        load.sig_check_ret = ctx.ret::<i64>().unwrap_or(0) as i32;
+        // The policy step takes (info, flags) in every shape it is attached in (see the agent's
+        // `shape`).
+        load.sig_check_ret = crate::fexit::ret::<2>(&ctx) as i32;
         load.seen |= SEEN_SIG_CHECK;
     }
     0
@@ -382,19 +380,11 @@ fn trampoline_gap(load: &mut ModuleLoad, start: u64) {
     }
 }
 
-/// The signature check's end: `mod_verify_sig(mod, info)`, or where the hash-based patch set's
-/// v5 made the PKCS#7 check a function of its own, `module_sig_check(const void *mod, size_t
-/// mod_len, const void *sig, size_t sig_len)` ([`VERIFY_ARGS_BUFFERS`]).
+/// The signature check's end: `mod_verify_sig(mod, info)`.
 #[fexit(function = "mod_verify_sig")]
 pub fn modules_verify_exit(ctx: FExitContext) -> u32 {
     if let Some(load) = current_load() {
-        load.verify_ns = since(load.verify_ns);
-        load.verify_ret = ctx.ret::<i64>().unwrap_or(0) as i32;
-        load.seen |= SEEN_VERIFY_SIG;
-        if VERIFY_ARGS_BUFFERS.load() != 0 {
-            load.hashed_len = ctx.arg(1);
-            return 0;
-        }
+        verify_end(load, crate::fexit::ret::<2>(&ctx));
         // mod_verify_sig(mod, info) has cut the signature off info->len: the bytes hashed.
         let info: usize = ctx.arg(1);
         let offset = LOAD_INFO_LEN_OFFSET.load() as usize;
@@ -406,86 +396,24 @@ pub fn modules_verify_exit(ctx: FExitContext) -> u32 {
     0
 }
 
-/// Phases of a signature check: counted only inside a module load (the same functions also
-/// serve kexec, firmware and IMA), each call's time added to its phase.
-///
-/// The phase starts at the last thing the entry program does and ends at the first thing the
-/// exit program does; what the two programs spend outside that window (the lookup before it,
-/// the bookkeeping after it) is added to `probe_ns`, so that the check's remainder (`other`)
-/// can leave the observer's own work out.
-#[inline(always)]
-fn phase_enter(phase: usize) -> u32 {
-    let start = now();
-    if let Some(load) = current_load()
-        && phase < PHASES
-    {
-        let entry = now();
-        load.phase_entry_ns[phase] = entry;
-        load.probe_ns += entry - start;
-    }
-    0
-}
-
-#[inline(always)]
-fn phase_exit(phase: usize) -> u32 {
-    let exit = now();
-    if let Some(load) = current_load()
-        && phase < PHASES
-        && load.phase_entry_ns[phase] != 0
-    {
-        load.phase_ns[phase] += exit - load.phase_entry_ns[phase];
-        load.phase_calls[phase] += 1;
-        load.phase_entry_ns[phase] = 0;
-        load.probe_ns += now() - exit;
-    }
-    0
-}
-
-#[fentry(function = "pkcs7_parse_message")]
-pub fn modules_parse_enter(_ctx: FEntryContext) -> u32 {
-    phase_enter(PHASE_PARSE)
-}
-
-#[fexit(function = "pkcs7_parse_message")]
-pub fn modules_parse_exit(_ctx: FExitContext) -> u32 {
-    phase_exit(PHASE_PARSE)
-}
-
-#[fentry(function = "pkcs7_digest")]
-pub fn modules_digest_enter(_ctx: FEntryContext) -> u32 {
-    phase_enter(PHASE_DIGEST)
-}
-
-#[fexit(function = "pkcs7_digest")]
-pub fn modules_digest_exit(_ctx: FExitContext) -> u32 {
-    phase_exit(PHASE_DIGEST)
-}
-
-#[fentry(function = "find_asymmetric_key")]
-pub fn modules_key_lookup_enter(_ctx: FEntryContext) -> u32 {
-    phase_enter(PHASE_KEY_LOOKUP)
-}
-
-/// The phase ends first; then the key found, if any (see `signature`).
-#[fexit(function = "find_asymmetric_key")]
-pub fn modules_key_lookup_exit(ctx: FExitContext) -> u32 {
-    phase_exit(PHASE_KEY_LOOKUP);
+/// The same where the hash-based patch set's v5 made the PKCS#7 check a function of its own,
+/// `module_sig_check(const void *mod, size_t mod_len, const void *sig, size_t sig_len)`: a
+/// program of its own, so that each reads its return slot at a constant offset (the agent
+/// attaches the one this kernel's prototype fits).
+#[fexit(function = "mod_verify_sig")]
+pub fn modules_verify_exit_buffers(ctx: FExitContext) -> u32 {
     if let Some(load) = current_load() {
-        // The return slot after the five arguments, read from the context (not through
-        // bpf_get_func_ret) so that the verifier types it as the `struct key *` it is.
-        signature::note_signer(load, ctx.arg(5));
+        verify_end(load, crate::fexit::ret::<4>(&ctx));
+        load.hashed_len = ctx.arg(1);
     }
     0
 }
 
-#[fentry(function = "public_key_verify_signature")]
-pub fn modules_public_key_enter(_ctx: FEntryContext) -> u32 {
-    phase_enter(PHASE_PUBLIC_KEY_VERIFY)
-}
-
-#[fexit(function = "public_key_verify_signature")]
-pub fn modules_public_key_exit(_ctx: FExitContext) -> u32 {
-    phase_exit(PHASE_PUBLIC_KEY_VERIFY)
+#[inline(always)]
+fn verify_end(load: &mut ModuleLoad, ret: i64) {
+    load.verify_ns = since(load.verify_ns);
+    load.verify_ret = ret as i32;
+    load.seen |= SEEN_VERIFY_SIG;
 }
 
 /// The hash-based check: the agent attaches these to whichever of its names this kernel has.
@@ -501,6 +429,8 @@ pub fn modules_hash_enter(_ctx: FEntryContext) -> u32 {
 pub fn modules_hash_exit(ctx: FExitContext) -> u32 {
     if let Some(load) = current_load() {
         load.hash_ns = since(load.hash_ns);
+        // Only patched 7.x kernels have it, with two to four arguments by version: the helper
+        // is there (5.17+), and loads only where the agent attaches this program.
         load.hash_ret = ctx.ret::<i64>().unwrap_or(0) as i32;
         load.seen |= SEEN_HASH_CHECK;
     }

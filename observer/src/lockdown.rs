@@ -11,17 +11,17 @@ use aya::maps::{MapData, PerCpuArray};
 use observer_common::{
     EventKind,
     lockdown::{
-        CONSOLE_UNRECORDED_MAP, DECISION_SLOTS, DECISIONS_MAP, LockdownConsole, LockdownDecision,
-        NAMES, REASON_SLOTS,
+        AGENT_TGID_GLOBAL, CONSOLE_UNRECORDED_MAP, DECISION_SLOTS, DECISIONS_MAP, LockdownConsole,
+        LockdownDecision, MODULE_SIGNATURE_GLOBAL, NAMES, OWN_CHECKS_MAP, REASON_SLOTS,
     },
 };
 
 use crate::{
-    family::{Context, EventFields, HookFamily, RecordKind, Registration, no_flags},
+    family::{Context, EventFields, HookFamily, LoadSettings, RecordKind, Registration, no_flags},
     kernel::{self, KernelBtf},
     maps::{self, Maps},
     metrics::Family,
-    plan::{Hook, fexit, tracepoint},
+    plan::{Hook, KernelView, fexit, tracepoint},
     record::read_record,
 };
 
@@ -55,6 +55,19 @@ impl LockdownFamily {
 impl HookFamily for LockdownFamily {
     fn hooks(&self) -> Vec<Hook> {
         hooks()
+    }
+
+    fn configure(&self, _kernel: &KernelView, load: &mut LoadSettings) {
+        // A refusal of this reason inside a module load marks that load (the lockdown
+        // verdict where the policy step is inlined); 1 since lockdown came (5.4).
+        let module_signature = self
+            .state
+            .reasons
+            .iter()
+            .find(|(_, label)| *label == "module_signature")
+            .map_or(1, |(value, _)| *value);
+        load.global(MODULE_SIGNATURE_GLOBAL, &module_signature);
+        load.global(AGENT_TGID_GLOBAL, &std::process::id());
     }
 
     fn take_maps(&mut self, maps: &mut Maps<'_>) -> anyhow::Result<()> {
@@ -188,6 +201,7 @@ pub fn parse_console(text: &str) -> Option<(String, String)> {
 struct LockdownMaps {
     decisions: PerCpuArray<MapData, u64>,
     console_unrecorded: PerCpuArray<MapData, u64>,
+    own_checks: PerCpuArray<MapData, u64>,
 }
 
 /// What the kernel counted.
@@ -196,6 +210,8 @@ pub struct KernelCounts {
     pub decisions: Vec<u64>,
     /// Console denials whose record was lost.
     pub console_unrecorded: u64,
+    /// Checks made in the agent's own process (fexit).
+    pub own_checks: u64,
 }
 
 impl LockdownMaps {
@@ -203,6 +219,7 @@ impl LockdownMaps {
         Ok(Self {
             decisions: maps.per_cpu_array(DECISIONS_MAP)?,
             console_unrecorded: maps.per_cpu_array(CONSOLE_UNRECORDED_MAP)?,
+            own_checks: maps.per_cpu_array(OWN_CHECKS_MAP)?,
         })
     }
 
@@ -210,6 +227,7 @@ impl LockdownMaps {
         Ok(KernelCounts {
             decisions: maps::sum_per_cpu(&self.decisions, DECISION_SLOTS)?,
             console_unrecorded: maps::sum_per_cpu(&self.console_unrecorded, 1)?[0],
+            own_checks: maps::sum_per_cpu(&self.own_checks, 1)?[0],
         })
     }
 }
@@ -277,6 +295,14 @@ impl Lockdown {
             decisions.add(&[("reason", reason), ("verdict", "denied")], *count as f64);
         }
         families.push(decisions);
+        let mut own = Family::counter(
+            "lockdown_own_checks_total",
+            "Lockdown checks the agent's own process made (as each of its programs loads, the \
+             verifier asks whether it may read kernel memory), left out of \
+             observer_lockdown_decisions_total: they are not decisions about the host.",
+        );
+        own.add(&[], counts.own_checks as f64);
+        families.push(own);
 
         let mut level = Family::gauge(
             "lockdown_level",

@@ -2,6 +2,9 @@
 //! timer-ID churn, and serves it all as Prometheus metrics.
 
 mod agent;
+/// Hand-made BTF for the tests that decide from prototypes.
+#[cfg(test)]
+mod btf_writer;
 mod cgroups;
 mod cli;
 mod events;

@@ -94,6 +94,8 @@ pub enum KernelChoice {
     V6_18,
     #[value(name = "7.3")]
     V7_3,
+    #[value(name = "5.10")]
+    V5_10,
     All,
 }
 
@@ -105,6 +107,7 @@ impl KernelChoice {
             KernelChoice::V6_1 => Some(Series::V6_1),
             KernelChoice::V6_18 => Some(Series::V6_18),
             KernelChoice::V7_3 => Some(Series::V7_3),
+            KernelChoice::V5_10 => Some(Series::V5_10),
             KernelChoice::All => None,
         }
     }
@@ -115,6 +118,9 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         for s in SCENARIOS {
             let kernels: Vec<_> = s.kernels.iter().map(|k| k.label()).collect();
             println!("{:<20} [{}] {}", s.name, kernels.join(", "), s.about);
+        }
+        for (name, series, why) in scenarios::NOT_ON {
+            println!("{name} does not run on {}: {why}", series.label());
         }
         return Ok(());
     }
@@ -395,7 +401,8 @@ mod tests {
                 (Series::V6_12, "signed"),
                 (Series::V6_1, "signed"),
                 (Series::V6_18, "signed"),
-                (Series::V7_3, "signed")
+                (Series::V7_3, "signed"),
+                (Series::V5_10, "signed")
             ]
         );
         // 7.3 runs every test scenario (the benchmarks list no kernel), 6.18 all but dashboards.

@@ -5,8 +5,8 @@
 
 use super::{
     ModuleLoad, SEEN_FROM_FILE, SEEN_HASH_CHECK, SEEN_IDEMPOTENT, SEEN_IMA_DATA_REFUSED,
-    SEEN_LOAD_DATA, SEEN_LSM_REFUSED, SEEN_READ, SEEN_READ_REFUSED, SEEN_SIG_CHECK,
-    SEEN_VERIFY_SIG,
+    SEEN_LOAD_DATA, SEEN_LOCKDOWN_REFUSED, SEEN_LSM_REFUSED, SEEN_READ, SEEN_READ_REFUSED,
+    SEEN_SIG_CHECK, SEEN_VERIFY_SIG, TAINT_UNSIGNED_MODULE,
 };
 /// What became of a load attempt ([`ModuleLoad::outcome`], the `outcome` label), decided in the
 /// kernel by [`load_outcome`] or [`early_outcome`] and counted there.
@@ -188,12 +188,14 @@ pub const fn load_outcome(seen: u32, load_ret: i32, sig_check_ret: i32) -> u32 {
     }
     // module_sig_check returns the lockdown verdict for an unsigned module, or the signature
     // error when signatures are enforced; without that hook (inlined before 5.19),
-    // load_module's error says the same.
+    // load_module's error says the same, except that its -EPERM may also be a blacklisted
+    // module's: a lockdown refusal then only where the lockdown program saw it.
     let sig_checked = seen & SEEN_SIG_CHECK != 0;
     let policy_ret = if sig_checked { sig_check_ret } else { load_ret };
     match -policy_ret {
         0 => OUTCOME_FAILED,
-        EPERM => OUTCOME_REJECTED_LOCKDOWN,
+        EPERM if sig_checked || seen & SEEN_LOCKDOWN_REFUSED != 0 => OUTCOME_REJECTED_LOCKDOWN,
+        EPERM => OUTCOME_FAILED,
         EKEYREJECTED | ENOKEY | ENOPKG | EBADMSG => OUTCOME_REJECTED_SIGNATURE,
         _ if sig_checked => OUTCOME_REJECTED_SIGNATURE,
         _ => OUTCOME_FAILED,
@@ -221,8 +223,13 @@ pub const fn load_reason(load: &ModuleLoad) -> u32 {
             EBADMSG => REASON_MALFORMED,
             _ => REASON_ERROR,
         }
-    } else if seen & SEEN_SIG_CHECK != 0 {
-        // module_sig_check found no signature marker: mod_verify_sig never ran.
+    } else if seen & SEEN_SIG_CHECK != 0
+        || load.taints & (1 << TAINT_UNSIGNED_MODULE) != 0
+        || outcome == OUTCOME_REJECTED_SIGNATURE
+    {
+        // module_sig_check found no signature marker: mod_verify_sig never ran. Where
+        // module_sig_check is inlined (before 5.19) the kernel says so by tainting E as it
+        // loads the module, or by refusing it under enforcement.
         REASON_UNSIGNED
     } else {
         REASON_NONE
@@ -312,8 +319,14 @@ mod tests {
         );
         assert_eq!(load_outcome(SEEN_SIG_CHECK, -EEXIST, 0), OUTCOME_DUPLICATE);
         assert_eq!(load_outcome(SEEN_SIG_CHECK, -8, 0), OUTCOME_FAILED);
-        // Without module_sig_check (inlined before 5.19), load_module's error decides.
-        assert_eq!(load_outcome(0, -1, 0), OUTCOME_REJECTED_LOCKDOWN);
+        // Without module_sig_check (inlined before 5.19), load_module's error decides; an
+        // EPERM is lockdown's only where the lockdown program saw it refuse (else a
+        // blacklisted module's, say).
+        assert_eq!(
+            load_outcome(SEEN_LOCKDOWN_REFUSED, -1, 0),
+            OUTCOME_REJECTED_LOCKDOWN
+        );
+        assert_eq!(load_outcome(0, -1, 0), OUTCOME_FAILED);
         assert_eq!(
             load_outcome(0, -EKEYREJECTED, 0),
             OUTCOME_REJECTED_SIGNATURE
@@ -361,6 +374,15 @@ mod tests {
         assert_eq!(reason(signed, -EBADMSG, -EBADMSG, -EBADMSG), "malformed");
         assert_eq!(reason(signed, -12, -12, -12), "error");
         assert_eq!(reason(0, -EEXIST, 0, 0), "none");
+        // Before 5.19 (module_sig_check inlined): taint E says the module was unsigned, an
+        // enforced refusal without a signature check that it had none.
+        let mut tainted = finished(0, 0, 0, 0);
+        tainted.taints = 1 << TAINT_UNSIGNED_MODULE;
+        assert_eq!(load_reason(&tainted), REASON_UNSIGNED);
+        assert_eq!(reason(0, 0, 0, 0), "none");
+        assert_eq!(reason(0, enforced, 0, 0), "enforced");
+        assert_eq!(reason(SEEN_LOCKDOWN_REFUSED, -EPERM, 0, 0), "lockdown");
+        assert_eq!(reason(0, -EPERM, 0, 0), "none");
         let mut hashed = finished(SEEN_SIG_CHECK | SEEN_HASH_CHECK, 0, 0, 0);
         assert_eq!(load_reason(&hashed), REASON_VERIFIED);
         hashed.hash_ret = -ENOKEY;

@@ -72,7 +72,8 @@ pub fn modules_ima_exit(ctx: FExitContext) -> u32 {
     let Some(pending) = checking() else { return 0 };
     pending.ima.check_ns += since(pending.ima_start_ns);
     pending.ima_start_ns = 0;
-    pending.ima.ret = ctx.ret::<i64>().unwrap_or(0) as i32;
+    // security_kernel_post_read_file(file, buf, size, id), as the agent checks in BTF.
+    pending.ima.ret = crate::fexit::ret::<4>(&ctx) as i32;
     pending.seen |= SEEN_IMA_READ;
     // Refused: finit_module's exit counts it (`rejected_ima`) and sends its record.
     if pending.ima.ret != 0 {
@@ -164,6 +165,7 @@ pub fn modules_ima_appraise_exit(ctx: FExitContext) -> u32 {
             &mut pending.ima.appraise_ns,
         )
     {
+        // Seven arguments: trampolines take that many from 6.4, which have the helper (5.17+).
         pending.ima.status = ctx.ret::<i64>().unwrap_or(0) as i32;
         pending.seen |= SEEN_IMA_APPRAISE;
     }

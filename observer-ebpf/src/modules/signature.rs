@@ -150,7 +150,8 @@ pub(super) unsafe fn read_digest(dst: &mut [u8; DIGEST_LEN], src: usize, size: u
 #[fexit(function = "pkcs7_digest")]
 pub fn modules_digest_value(ctx: FExitContext) -> u32 {
     let Some(load) = current_load() else { return 0 };
-    let ret = ctx.ret::<i64>().unwrap_or(-1);
+    // pkcs7_digest(pkcs7, sinfo)
+    let ret = crate::fexit::ret::<2>(&ctx);
     let sig_offset = SINFO_SIG_OFFSET.load() as usize;
     let digest_offset = SIG_DIGEST_OFFSET.load() as usize;
     let algo_offset = SIG_HASH_ALGO_OFFSET.load() as usize;

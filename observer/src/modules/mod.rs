@@ -26,7 +26,7 @@ pub use self::load::LoadRecord;
 use self::{
     inventory::Inventory,
     load::ModuleState,
-    shape::{IntegrityFunctions, Shape, Verify, VerifyArgs, decide},
+    shape::{IntegrityFunctions, Shape, Verify, VerifyArgs, decide, key_lookup_exits, verify_exit},
 };
 use crate::{
     family::{Context, EventFields, HookFamily, LoadSettings, RecordKind, Registration, no_flags},
@@ -52,6 +52,8 @@ pub struct ModuleFamily {
     maps: Option<ModuleMaps>,
     /// Which integrity functions this kernel has (from BTF prototypes).
     integrity: IntegrityFunctions,
+    /// `find_asymmetric_key`'s exit programs for this kernel's prototype (see `shape`).
+    key_lookup_exits: &'static [&'static str],
     /// IMA's appraisal of module reads, where the kernel's prototypes allow.
     ima_hooks: Vec<Hook>,
     /// The modules loaded before the agent started.
@@ -68,10 +70,18 @@ impl ModuleFamily {
             );
         }
         log::info!("{}", integrity.describe());
+        let key_lookup_exits = key_lookup_exits(context.kernel.btf.as_ref().ok());
+        if key_lookup_exits.is_empty() {
+            log::warn!(
+                "find_asymmetric_key has a prototype of no known version: the key lookup is not \
+                 timed and signers are not named"
+            );
+        }
         Ok(Box::new(Self {
             state: ModuleState::new(context.keep_samples, kernel::module_count()),
             maps: None,
             integrity,
+            key_lookup_exits,
             ima_hooks: ima::hooks(context.kernel.btf.as_ref().ok()),
             inventory: Inventory::default(),
         }))
@@ -85,7 +95,7 @@ impl ModuleFamily {
 
 impl HookFamily for ModuleFamily {
     fn hooks(&self) -> Vec<Hook> {
-        let mut hooks = hooks(self.integrity);
+        let mut hooks = hooks(self.integrity, self.key_lookup_exits);
         hooks.extend(self.ima_hooks.iter().cloned());
         hooks
     }
@@ -146,11 +156,6 @@ impl HookFamily for ModuleFamily {
             "LOAD_INFO_LEN_OFFSET",
             &offset("load_info", "len").unwrap_or(0),
         );
-        let buffers = self
-            .integrity
-            .verify
-            .is_some_and(|v| v.args == VerifyArgs::Buffers);
-        load.global("VERIFY_ARGS_BUFFERS", &u32::from(buffers));
         let loading_module = value_of(&enumerators("kernel_load_data_id"), "LOADING_MODULE");
         load.global(LOADING_MODULE_GLOBAL, &loading_module);
         // The signer and the digest (see observer-ebpf's modules/signature.rs).
@@ -260,7 +265,7 @@ fn single(name: &'static str, attachment: Attachment) -> Hook {
     }
 }
 
-fn hooks(integrity: IntegrityFunctions) -> Vec<Hook> {
+fn hooks(integrity: IntegrityFunctions, key_lookup_exits: &[&'static str]) -> Vec<Hook> {
     // Where none is traceable, mod_verify_sig's absence is what `observer probes` shows.
     let verify = integrity.verify.unwrap_or(Verify {
         function: "mod_verify_sig",
@@ -285,7 +290,7 @@ fn hooks(integrity: IntegrityFunctions) -> Vec<Hook> {
         bracket(
             "module_verify_sig",
             "modules_verify_enter",
-            "modules_verify_exit",
+            verify_exit(verify.args),
             verify.function,
         ),
         // Attached after module_verify_sig, so that two programs share its trampoline.
@@ -352,12 +357,19 @@ fn hooks(integrity: IntegrityFunctions) -> Vec<Hook> {
             "modules_digest_exit",
             "pkcs7_digest",
         ),
-        bracket(
-            "module_sig_key_lookup",
-            "modules_key_lookup_enter",
-            "modules_key_lookup_exit",
-            "find_asymmetric_key",
-        ),
+        Hook {
+            name: "module_sig_key_lookup",
+            options: key_lookup_exits
+                .iter()
+                .map(|exit| {
+                    vec![
+                        fentry("modules_key_lookup_enter", "find_asymmetric_key"),
+                        fexit(exit, "find_asymmetric_key"),
+                    ]
+                })
+                .collect(),
+            requires: Some(kernel::has_modules),
+        },
         // The key id a signature names, and the digest its check computed: byte arrays only
         // bpf_probe_read_kernel reads, refused under lockdown=confidentiality. Attached after
         // the timing programs, so that they run outside the phases they time.
@@ -425,6 +437,20 @@ fn hooks(integrity: IntegrityFunctions) -> Vec<Hook> {
     }
     // Functions whose prototypes fit no known shape are not attached: their arguments and
     // return values would be misread.
+    if key_lookup_exits.is_empty() {
+        hooks.retain(|h| h.name != "module_sig_key_lookup");
+    }
+    // Without BTF to decide the shape from, either reading of the signature check's arguments
+    // may be the kernel's: the verifier refuses the buffers one on mod_verify_sig (no fourth
+    // argument), so it is tried second.
+    if integrity.shape == Shape::Unknown
+        && let Some(verify) = hooks.iter_mut().find(|h| h.name == "module_verify_sig")
+    {
+        verify.options.push(vec![
+            fentry("modules_verify_enter", "module_sig_check"),
+            fexit(verify_exit(VerifyArgs::Buffers), "module_sig_check"),
+        ]);
+    }
     if integrity.shape == Shape::Unrecognised {
         hooks.retain(|h| {
             (h.name != "module_sig_check" || integrity.policy.is_some())

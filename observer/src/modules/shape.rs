@@ -198,13 +198,36 @@ pub fn decide(btf: Option<&KernelBtf>) -> IntegrityFunctions {
     }
 }
 
-#[cfg(test)]
-#[path = "btf_writer.rs"]
-mod btf_writer;
+/// The exit programs of `find_asymmetric_key` whose return slot fits this kernel's prototype:
+/// `(keyring, id_0, id_1, id_2, partial)` from 5.18, without `id_2` before; none for another
+/// (the key lookup is then not attached: its key would be misread). Where BTF does not say,
+/// both, in turn: the verifier refuses a slot past the function's arguments.
+pub fn key_lookup_exits(btf: Option<&KernelBtf>) -> &'static [&'static str] {
+    const FIVE: &str = "modules_key_lookup_exit";
+    const FOUR: &str = "modules_key_lookup_exit_4";
+    match btf
+        .and_then(|b| b.function_params("find_asymmetric_key"))
+        .map(|p| p.len())
+    {
+        Some(5) => &[FIVE],
+        Some(4) => &[FOUR],
+        Some(_) => &[],
+        None => &[FIVE, FOUR],
+    }
+}
+
+/// The signature check's exit program for the way its arguments read (see `VerifyArgs`).
+pub const fn verify_exit(args: VerifyArgs) -> &'static str {
+    match args {
+        VerifyArgs::LoadInfo => "modules_verify_exit",
+        VerifyArgs::Buffers => "modules_verify_exit_buffers",
+    }
+}
 
 #[cfg(test)]
 mod tests {
-    use super::{btf_writer::BtfWriter, *};
+    use super::*;
+    use crate::btf_writer::BtfWriter;
 
     /// A kernel's BTF with these functions, each `(name, [parameter types])`.
     fn kernel(functions: &[(&str, &[&str])]) -> KernelBtf {
@@ -369,7 +392,7 @@ mod tests {
     #[test]
     fn v5_programs_attach_to_the_v5_functions() {
         use crate::plan::Mechanism;
-        let hooks = super::super::hooks(decide(Some(&kernel(V5))));
+        let hooks = super::super::hooks(decide(Some(&kernel(V5))), &["modules_key_lookup_exit"]);
         let attached = |probe: &str| -> Vec<(&str, &str)> {
             let hook = hooks.iter().find(|h| h.name == probe).expect(probe);
             hook.options[0]
@@ -393,7 +416,7 @@ mod tests {
             attached("module_verify_sig"),
             [
                 ("modules_verify_enter", "module_sig_check"),
-                ("modules_verify_exit", "module_sig_check")
+                ("modules_verify_exit_buffers", "module_sig_check")
             ]
         );
         assert_eq!(
@@ -420,12 +443,34 @@ mod tests {
             ("module_sig_check", INFO_FLAGS),
             ("mod_verify_sig", MOD_INFO),
         ]);
-        let hooks = super::super::hooks(decide(Some(&mainline)));
+        let hooks = super::super::hooks(decide(Some(&mainline)), &["modules_key_lookup_exit"]);
         let verify = hooks
             .iter()
             .find(|h| h.name == "module_verify_sig")
             .unwrap();
         assert_eq!(verify.options[0][1].program, "modules_verify_exit");
+    }
+
+    #[test]
+    fn the_key_lookup_exit_fits_its_prototype() {
+        let keyring = "struct key *";
+        let id = "const struct asymmetric_key_id *";
+        let with =
+            |params: &[&str]| key_lookup_exits(Some(&kernel(&[("find_asymmetric_key", params)])));
+        assert_eq!(
+            with(&[keyring, id, id, id, "bool"]),
+            ["modules_key_lookup_exit"]
+        );
+        // 5.10: no id_2.
+        assert_eq!(
+            with(&[keyring, id, id, "bool"]),
+            ["modules_key_lookup_exit_4"]
+        );
+        assert!(with(&[keyring, id, "bool"]).is_empty());
+        assert_eq!(
+            key_lookup_exits(None),
+            ["modules_key_lookup_exit", "modules_key_lookup_exit_4"]
+        );
     }
 
     #[test]

@@ -26,6 +26,7 @@ use observer_common::{
 use self::state::{TimerSettings, TimerState};
 use crate::{
     family::{Context, EventFields, HookFamily, LoadSettings, RecordKind, Registration},
+    kernel::KernelBtf,
     maps::{self, Maps},
     metrics::{Family, Log2Histogram, add_syscall_results, result_label},
     plan::{Hook, KernelView, fentry, fexit, raw_tracepoint, tracepoint},
@@ -75,6 +76,9 @@ pub struct TimerFamily {
     hook: SyscallHook,
     latency: bool,
     per_timer: bool,
+    /// `exit_itimers` takes the task (6.0+; a `struct signal_struct *` before), as its
+    /// programs read it.
+    itimers_take_task: bool,
     state: TimerState,
     maps: Option<TimerMaps>,
 }
@@ -82,7 +86,9 @@ pub struct TimerFamily {
 impl TimerFamily {
     fn build(context: &Context<'_>) -> anyhow::Result<Box<dyn HookFamily>> {
         let flags = <Flags as clap::FromArgMatches>::from_arg_matches(context.matches)?;
-        Ok(Box::new(Self::with_flags(&flags)))
+        let mut family = Self::with_flags(&flags);
+        family.itimers_take_task = itimers_take_task(context.kernel.btf.as_ref().ok());
+        Ok(Box::new(family))
     }
 
     pub fn with_flags(flags: &Flags) -> Self {
@@ -90,6 +96,7 @@ impl TimerFamily {
             hook: flags.hook,
             latency: flags.latency,
             per_timer: !flags.counts_only,
+            itimers_take_task: true,
             state: TimerState::new(TimerSettings {
                 short_lived_ns: u64::try_from(flags.short_lived.as_nanos()).unwrap_or(u64::MAX),
                 top_processes: usize::from(flags.top_processes),
@@ -101,7 +108,12 @@ impl TimerFamily {
 
 impl HookFamily for TimerFamily {
     fn hooks(&self) -> Vec<Hook> {
-        hooks(self.hook, self.latency, self.per_timer)
+        hooks(
+            self.hook,
+            self.latency,
+            self.per_timer,
+            self.itimers_take_task,
+        )
     }
 
     fn configure(&self, kernel: &KernelView, load: &mut LoadSettings) {
@@ -215,7 +227,29 @@ const SYSCALL_FUNCTIONS: Option<[&str; 4]> = if cfg!(target_arch = "x86_64") {
     None
 };
 
-fn hooks(preferred: SyscallHook, latency: bool, per_timer: bool) -> Vec<Hook> {
+/// Whether `exit_itimers` takes the task, as its programs read it: from 6.0, and in the stable
+/// kernels that took the fix (Debian 11's 5.10.262 does); a `struct signal_struct *` before,
+/// which they would misread as the task. Without BTF to say, fentry does not load anyway.
+fn itimers_take_task(btf: Option<&KernelBtf>) -> bool {
+    match btf.and_then(|btf| btf.function_params("exit_itimers")) {
+        Some(params) if params != ["struct task_struct *"] => {
+            log::warn!(
+                "exit_itimers takes ({}), not the task: timer owners' exits and execs are seen \
+                 on the sched tracepoints instead",
+                params.join(", ")
+            );
+            false
+        }
+        _ => true,
+    }
+}
+
+fn hooks(
+    preferred: SyscallHook,
+    latency: bool,
+    per_timer: bool,
+    itimers_take_task: bool,
+) -> Vec<Hook> {
     // Every syscall is handled at its exit alone; only timer_create's entry is hooked, and only
     // for its latency. The programs name their x86_64 functions; other architectures skip this
     // option (the attach fails by name and the plan moves on).
@@ -272,10 +306,13 @@ fn hooks(preferred: SyscallHook, latency: bool, per_timer: bool) -> Vec<Hook> {
     // there costs nothing to other exits; the sched tracepoints are the fallbacks.
     let owner = |name, trampoline, program, tp| Hook {
         name,
-        options: vec![
-            vec![fentry(trampoline, "exit_itimers")],
-            vec![tracepoint(program, "sched", tp)],
-        ],
+        options: [
+            itimers_take_task.then(|| vec![fentry(trampoline, "exit_itimers")]),
+            Some(vec![tracepoint(program, "sched", tp)]),
+        ]
+        .into_iter()
+        .flatten()
+        .collect(),
         requires: None,
     };
     let syscalls = Hook {
@@ -364,5 +401,39 @@ impl TimerMaps {
             families.push(histogram);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::btf_writer::BtfWriter;
+
+    fn exit_itimers(param: &str) -> KernelBtf {
+        let mut w = BtfWriter::default();
+        let id = w.c_type(param);
+        w.function("exit_itimers", &[id]);
+        KernelBtf::from_bytes(&w.finish()).expect("test BTF parses")
+    }
+
+    /// Owners' ends move to the sched tracepoints where `exit_itimers` takes the signal_struct.
+    #[test]
+    fn exit_itimers_is_hooked_only_where_it_takes_the_task() {
+        let owner_mechanisms = |take_task| -> Vec<usize> {
+            hooks(SyscallHook::Fentry, false, true, take_task)
+                .iter()
+                .filter(|h| h.name.starts_with("timer_owner_"))
+                .map(|h| h.options.len())
+                .collect()
+        };
+        assert!(itimers_take_task(Some(&exit_itimers(
+            "struct task_struct *"
+        ))));
+        assert!(!itimers_take_task(Some(&exit_itimers(
+            "struct signal_struct *"
+        ))));
+        assert!(itimers_take_task(None));
+        assert_eq!(owner_mechanisms(true), [2, 2]);
+        assert_eq!(owner_mechanisms(false), [1, 1]);
     }
 }

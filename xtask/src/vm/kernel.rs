@@ -1,8 +1,8 @@
 //! Debian kernels for the guest, cached under `.cache/vm/`: the package is downloaded once,
 //! unpacked, given a modules.dep, and its ELF vmlinux extracted for a PVH boot.
 //!
-//! Layout: `debs/` (the .deb files), `apt/` (the temporary apt configuration for the newest
-//! kernels), `kernels/<series>/{root/,vmlinux,package,ready}`. A series
+//! Layout: `debs/` (the .deb files), `apt-<suite>/` (a temporary apt configuration for each
+//! suite the machine's apt does not list), `kernels/<series>/{root/,vmlinux,package,ready}`. A series
 //! whose `ready` exists is used as it is, without asking apt; delete `kernels/<series>` to move to
 //! Debian's newest build of that series.
 mod archive;
@@ -23,6 +23,11 @@ use self::{archive::Archive, image::extract_vmlinux};
 /// The kernel lines the scenarios run on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Series {
+    /// Debian 11's 5.10, the oldest kernel fleets still run: no `bpf_get_func_ret` (fexit
+    /// reads the return value from its context), `module_sig_check` inlined, maps charged to
+    /// RLIMIT_MEMLOCK, no `bpf_task_pt_regs`, `bpf_probe_read_kernel` asking lockdown.
+    #[value(name = "5.10")]
+    V5_10,
     /// Debian 12's backported 6.12: fentry/fexit, BPF LSM, compressed modules, MODULE_DECOMPRESS.
     #[value(name = "6.12")]
     V6_12,
@@ -40,21 +45,33 @@ pub enum Series {
     V7_3,
 }
 
-/// Packages from trixie-backports, pinned to the build the scenarios were written against.
+/// Packages from a suite the machine's apt does not list, pinned to the build the scenarios
+/// were written against.
 struct Pinned {
     /// The packages that together hold the image and the modules.
     packages: &'static [&'static str],
     version: &'static str,
+    /// The archive suite they come from.
+    suite: &'static str,
 }
 
 /// The suite the newest kernels come from.
 const BACKPORTS: &str = "trixie-backports";
+/// Debian 11's kernel updates.
+const BULLSEYE_SECURITY: &str = "bullseye-security";
 
 impl Series {
-    pub const ALL: [Series; 4] = [Series::V6_12, Series::V6_1, Series::V6_18, Series::V7_3];
+    pub const ALL: [Series; 5] = [
+        Series::V6_12,
+        Series::V6_1,
+        Series::V6_18,
+        Series::V7_3,
+        Series::V5_10,
+    ];
 
     pub fn label(self) -> &'static str {
         match self {
+            Series::V5_10 => "5.10",
             Series::V6_12 => "6.12",
             Series::V6_1 => "6.1",
             Series::V6_18 => "6.18",
@@ -67,7 +84,7 @@ impl Series {
     /// 6.18 CONFIG_CRC7 is unset, so crc16 takes its place.
     pub fn scenario_modules(self) -> [&'static str; 3] {
         match self {
-            Series::V6_12 | Series::V6_1 => ["crc7", "crc-itu-t", "crc8"],
+            Series::V5_10 | Series::V6_12 | Series::V6_1 => ["crc7", "crc-itu-t", "crc8"],
             Series::V6_18 | Series::V7_3 => ["crc16", "crc-itu-t", "crc8"],
         }
     }
@@ -76,9 +93,15 @@ impl Series {
     fn pinned(self) -> Option<Pinned> {
         match self {
             Series::V6_12 | Series::V6_1 => None,
+            Series::V5_10 => Some(Pinned {
+                packages: &["linux-image-5.10.0-46-amd64"],
+                version: "5.10.262-1",
+                suite: BULLSEYE_SECURITY,
+            }),
             Series::V6_18 => Some(Pinned {
                 packages: &["linux-image-6.18.15+deb13-amd64"],
                 version: "6.18.15-1~bpo13+1",
+                suite: BACKPORTS,
             }),
             // From 6.19 linux-image-* is a meta package over these two.
             Series::V7_3 => Some(Pinned {
@@ -87,6 +110,7 @@ impl Series {
                     "linux-modules-7.3.4+deb13-amd64",
                 ],
                 version: "7.3.4-1~bpo13+1",
+                suite: BACKPORTS,
             }),
         }
     }
@@ -94,6 +118,7 @@ impl Series {
     /// The prefix of the package names apt is asked for (the one holding the image).
     fn image_prefix(self) -> &'static str {
         match self {
+            Series::V5_10 => "linux-image-5.10.0-",
             Series::V6_12 => "linux-image-6.12.",
             Series::V6_1 => "linux-image-6.1.0-",
             Series::V6_18 => "linux-image-6.18.",
@@ -107,7 +132,7 @@ impl Series {
     fn build_of(self, package: &str) -> Option<u32> {
         let rest = package.strip_prefix(self.image_prefix())?;
         let number = match self {
-            Series::V6_1 => rest.strip_suffix("-amd64")?,
+            Series::V5_10 | Series::V6_1 => rest.strip_suffix("-amd64")?,
             Series::V6_12 | Series::V6_18 | Series::V7_3 => {
                 rest.strip_suffix("-amd64")?
                     .split_once("+deb")
@@ -226,7 +251,7 @@ pub fn ensure(cache: &Path, series: Series) -> anyhow::Result<Kernel> {
             }
             (vec![package], version)
         }
-        Some(pinned) => backports_packages(cache, series, &pinned, &debs)?,
+        Some(pinned) => pinned_packages(cache, series, &pinned, &debs)?,
     };
     let mut files = Vec::new();
     for package in &packages {
@@ -269,10 +294,10 @@ pub fn ensure(cache: &Path, series: Series) -> anyhow::Result<Kernel> {
     load_cached(&dir, series)?.context("the kernel cache was just written")
 }
 
-/// The pinned packages of a newest-kernel series, downloaded into `debs` through a temporary
-/// apt configuration; when the archive no longer has the pinned build, the newest build of the
-/// same series, and it says so.
-fn backports_packages(
+/// The pinned packages of a series from another suite, downloaded into `debs` through a
+/// temporary apt configuration; when the archive no longer has the pinned build, the newest
+/// build of the same series, and it says so.
+fn pinned_packages(
     cache: &Path,
     series: Series,
     pinned: &Pinned,
@@ -285,7 +310,8 @@ fn backports_packages(
     if have {
         return Ok((owned(pinned.packages), pinned.version.to_owned()));
     }
-    let mut archive = Archive::new(cache.join("apt"), BACKPORTS);
+    let suite = pinned.suite;
+    let mut archive = Archive::new(cache.join(format!("apt-{suite}")), suite);
     // The index in the cache may be old: the archive drops builds as new ones come.
     archive.update()?;
     let mut chosen = (owned(pinned.packages), pinned.version.to_owned());
@@ -305,7 +331,7 @@ fn backports_packages(
             .map(|(_, name)| name)
             .with_context(|| {
                 format!(
-                    "{BACKPORTS} has neither {} {} nor any other build of the {} series",
+                    "{suite} has neither {} {} nor any other build of the {} series",
                     pinned.packages.join(", "),
                     pinned.version,
                     series.label()
@@ -318,7 +344,7 @@ fn backports_packages(
             .next()
             .with_context(|| format!("apt lists no version of {newest}"))?;
         eprintln!(
-            "vm: NOTE {BACKPORTS} no longer has {} {}: using {} {version}, the newest build of \
+            "vm: NOTE {suite} no longer has {} {}: using {} {version}, the newest build of \
              the {} series",
             pinned.packages.join(", "),
             pinned.version,
@@ -496,6 +522,14 @@ mod tests {
             Some(56)
         );
         assert_eq!(Series::V6_1.build_of("linux-image-6.1.0-56-rt-amd64"), None);
+        assert_eq!(
+            Series::V5_10.build_of("linux-image-5.10.0-46-amd64"),
+            Some(46)
+        );
+        assert_eq!(
+            Series::V5_10.build_of("linux-image-5.10.0-46-rt-amd64"),
+            None
+        );
         assert_eq!(
             Series::V6_1.build_of("linux-image-6.18.15+deb13-amd64"),
             None

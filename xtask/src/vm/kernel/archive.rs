@@ -1,5 +1,5 @@
-//! Debian packages from a suite the machine's own apt does not list (trixie-backports on a
-//! Debian 12 host), fetched through a temporary apt configuration under the cache: its own
+//! Debian packages from a suite the machine's own apt does not list (trixie-backports or
+//! bullseye-security on a Debian 12 host), fetched through a temporary apt configuration under the cache: its own
 //! sources list, package lists and apt cache. The machine's apt configuration is only read, for
 //! the mirror to use, so no archive host is written into this repository and a machine behind a
 //! local mirror keeps using it.
@@ -58,16 +58,14 @@ impl Archive {
     pub fn update(&mut self) -> anyhow::Result<()> {
         let source = machine_debian_source()?;
         let keyring = source.signed_by.as_deref().unwrap_or(DEBIAN_KEYRING);
+        let uri = suite_uri(&source.uri, self.suite);
         fs::create_dir_all(self.dir.join("lists/partial"))?;
         fs::create_dir_all(self.dir.join("cache/archives/partial"))?;
         fs::write(
             self.dir.join("sources.list"),
-            format!(
-                "deb [signed-by={keyring}] {} {} main\n",
-                source.uri, self.suite
-            ),
+            format!("deb [signed-by={keyring}] {uri} {} main\n", self.suite),
         )?;
-        eprintln!("vm: reading {} {} through apt", source.uri, self.suite);
+        eprintln!("vm: reading {uri} {} through apt", self.suite);
         crate::run(
             Command::new("apt-get")
                 .args(self.options())
@@ -131,6 +129,17 @@ impl Archive {
     }
 }
 
+/// Where `suite` lives beside the mirror's `/debian`: security updates are a sibling archive
+/// (`/debian-security`) on Debian's mirrors and on the local mirrors that copy them.
+fn suite_uri(debian: &str, suite: &str) -> String {
+    let debian = debian.trim_end_matches('/');
+    if suite.ends_with("-security") {
+        format!("{debian}-security")
+    } else {
+        debian.to_owned()
+    }
+}
+
 /// The machine's Debian mirror: the first binary source of a non-security suite whose URI ends
 /// in `/debian` (one-line `.list` files and deb822 `.sources` files alike).
 fn machine_debian_source() -> anyhow::Result<Source> {
@@ -160,7 +169,8 @@ fn machine_debian_source() -> anyhow::Result<Source> {
     }
     bail!(
         "no Debian archive in this machine's apt sources ({SOURCES_LIST}, {SOURCES_PARTS}/): \
-         the newest kernels come from Debian's trixie-backports through the same mirror"
+         the newest and the oldest kernels come from Debian's trixie-backports and \
+         bullseye-security through the same mirror"
     )
 }
 
@@ -254,6 +264,18 @@ mod tests {
             }
         );
         assert!(is_debian_main(&sources[1]));
+    }
+
+    #[test]
+    fn security_suites_are_a_sibling_archive() {
+        assert_eq!(
+            suite_uri("http://mirror.example/debian/", "bullseye-security"),
+            "http://mirror.example/debian-security"
+        );
+        assert_eq!(
+            suite_uri("http://mirror.example/debian", "trixie-backports"),
+            "http://mirror.example/debian"
+        );
     }
 
     #[test]

@@ -8,7 +8,7 @@ use anyhow::{Context as _, bail, ensure};
 use serde_json::Value;
 
 use super::{
-    Check, EVERY_KERNEL, Scenario, Want,
+    Check, Scenario, WITH_IMA, Want,
     modules::{ALL, LOADS},
     stream::{console_module, validated_events},
 };
@@ -56,7 +56,7 @@ pub const EVENTS: Scenario = Scenario {
     about: "--events json to a file: a load from a child cgroup names it, times hold across a \
             clock step, every event follows the schema",
     cmdline: "",
-    kernels: EVERY_KERNEL,
+    kernels: WITH_IMA,
     guest: GUEST,
     checks: &[&[
         Check::Console("finit_module {M1}.ko rc=0"),

@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use anyhow::ensure;
 
 use super::{
-    CURRENT, Check, EVERY_KERNEL, Labels, Scenario, Want,
+    CURRENT, Check, Labels, Scenario, WITH_IMA, Want,
     modules::{
         ALL, ATTACHED, INTEGRITY_COUNT, INTEGRITY_SUM, LOAD_COUNT, LOADS, PHASE_COUNT, PHASE_SUM,
         SIGNATURE_OK,
@@ -66,7 +66,7 @@ pub const IMA: Scenario = Scenario {
     about: "IMA appraisal: a module with the right digest in security.ima loads (IMA hash check, \
             then its signature check); a wrong digest and a missing one are refused (rejected_ima)",
     cmdline: "",
-    kernels: EVERY_KERNEL,
+    kernels: WITH_IMA,
     guest: "probes\n\
             m1=$(echo $M1 | tr - _)\n\
             for i in 1 2 3 4 5; do cp /vm/mods/$M1.ko /tmp/$M1-$i.ko; done\n\

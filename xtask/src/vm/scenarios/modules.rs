@@ -15,6 +15,7 @@ pub const LOADS: &str = "observer_module_loads_total";
 pub const INTEGRITY_COUNT: &str = "observer_module_integrity_check_duration_seconds_count";
 pub const TAINTS: &str = "observer_kernel_taint_events_total";
 pub const LOCKDOWN: &str = "observer_lockdown_decisions_total";
+pub const OWN_CHECKS: &str = "observer_lockdown_own_checks_total";
 pub const ATTACHED: &str = "observer_probe_attached";
 pub const LOAD_COUNT: &str = "observer_module_load_duration_seconds_count";
 pub const PHASE_COUNT: &str = "observer_module_integrity_phase_duration_seconds_count";
@@ -86,9 +87,76 @@ pub const SIGNED: Scenario = Scenario {
             ALL,
             Want::Eq(2.0),
         ),
+        // No process but the agent's loaded a program: the verifier's questions as the
+        // agent's programs loaded (may they read kernel memory?) are its own, counted apart.
+        Check::MetricSum(LOCKDOWN, &[("reason", "bpf_read")], Want::ZeroOrAbsent),
+        Check::Metric(OWN_CHECKS, ALL, Want::AtLeast(1.0)),
     ]],
-    kernel_checks: &[],
+    kernel_checks: &[
+        (&[Series::V5_10], POLICY_STEP_INLINED),
+        (&[Series::V5_10], WITHOUT_IMA),
+    ],
 };
+
+/// Debian 11's kernel has no IMA: its probes are not attached, and no IMA check is reported.
+const WITHOUT_IMA: &[Check] = &[
+    Check::Console("probe module_ima_digest: fentry+fexit unavailable"),
+    Check::Metric(
+        ATTACHED,
+        &[
+            ("probe", "module_ima_digest"),
+            ("mechanism", "fentry+fexit"),
+        ],
+        Want::Eq(0.0),
+    ),
+    Check::Metric(
+        ATTACHED,
+        &[
+            ("probe", "module_ima_appraise"),
+            ("mechanism", "fentry+fexit"),
+        ],
+        Want::Eq(0.0),
+    ),
+    Check::Metric(
+        ATTACHED,
+        &[("probe", "module_ima_load_data"), ("mechanism", "fexit")],
+        Want::Eq(0.0),
+    ),
+    Check::MetricSum(
+        INTEGRITY_COUNT,
+        &[("method", "ima_hash")],
+        Want::ZeroOrAbsent,
+    ),
+    Check::MetricSum(LOADS, &[("outcome", "rejected_ima")], Want::ZeroOrAbsent),
+];
+
+/// Before 5.19 `module_sig_check` is inlined into `load_module`: its probe says so (attached
+/// 0, a warning), and outcomes come from `load_module`'s result, the rest as on later kernels.
+pub const POLICY_STEP_INLINED: &[Check] = &[
+    Check::Console(
+        "probe module_sig_check: fentry+fexit unavailable: module_sig_check is not a traceable \
+         function in this kernel",
+    ),
+    Check::Metric(
+        ATTACHED,
+        &[("probe", "module_sig_check"), ("mechanism", "fentry+fexit")],
+        Want::Eq(0.0),
+    ),
+    Check::Metric(
+        ATTACHED,
+        &[("probe", "module_load"), ("mechanism", "fentry+fexit")],
+        Want::Eq(1.0),
+    ),
+    // find_asymmetric_key has four arguments there: its own exit program reads the key.
+    Check::Metric(
+        ATTACHED,
+        &[
+            ("probe", "module_sig_key_lookup"),
+            ("mechanism", "fentry+fexit"),
+        ],
+        Want::Eq(1.0),
+    ),
+];
 
 pub const UNSIGNED: Scenario = Scenario {
     host: None,
@@ -291,6 +359,23 @@ pub const COMPRESSED: Scenario = Scenario {
                 Check::MetricSum(LOADS, ALL, Want::Eq(2.0)),
                 Check::MetricSum(LOAD_COUNT, ALL, Want::Eq(1.0)),
                 Check::MetricSum(LOADS, &[("outcome", "loaded")], Want::ZeroOrAbsent),
+            ],
+        ),
+        (
+            // Before 5.17 finit_module knows no MODULE_INIT_COMPRESSED_FILE: EINVAL before the
+            // read, counted failed at the syscall's exit.
+            &[Series::V5_10],
+            &[
+                Check::Console("finit_module {M1}.ko.xz compressed errno=EINVAL"),
+                Check::MetricSum(
+                    LOADS,
+                    &[("outcome", "failed"), ("method", "none")],
+                    Want::Eq(2.0),
+                ),
+                Check::MetricSum(LOADS, ALL, Want::Eq(2.0)),
+                Check::MetricSum(LOAD_COUNT, ALL, Want::Eq(1.0)),
+                Check::MetricSum(LOADS, &[("outcome", "loaded")], Want::ZeroOrAbsent),
+                Check::MetricSum(PHASE_COUNT, &[("phase", "decompress")], Want::ZeroOrAbsent),
             ],
         ),
     ],

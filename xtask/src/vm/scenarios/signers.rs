@@ -121,8 +121,8 @@ pub const SIGNERS: Scenario = Scenario {
         ),
     ]],
     kernel_checks: &[
-        // From 6.12 the kernel's PKCS#7 parser knows no MD5 (ENOPKG); 6.1's still does, and
-        // finds the copy signed by a key it does not trust.
+        // From 6.12 the kernel's PKCS#7 parser knows no MD5 (ENOPKG); 5.10's and 6.1's still
+        // do, and find the copy signed by a key they do not trust.
         (
             CURRENT,
             &[
@@ -131,7 +131,7 @@ pub const SIGNERS: Scenario = Scenario {
             ],
         ),
         (
-            &[Series::V6_1],
+            &[Series::V6_1, Series::V5_10],
             &[
                 Check::Metric(LOADS, LOADED_UNKNOWN_KEY, Want::Eq(2.0)),
                 Check::Metric(LOADS, UNSUPPORTED_CRYPTO, Want::Eq(0.0)),
@@ -316,7 +316,7 @@ fn check_signers(guest: SocketAddr, console: &str) -> anyhow::Result<()> {
     );
     // MD5: refused by the PKCS#7 parser, before any key lookup or digest; 6.1's parser still
     // knows it, and finds the signer untrusted.
-    let md5 = if console.contains("kernel 6.1.") {
+    let md5 = if console.contains("kernel 6.1.") || console.contains("kernel 5.10.") {
         let md5 = events
             .iter()
             .find(|e| e["reason"] == "unknown_key" && e["hash_algo"] == "md5")

@@ -1,6 +1,6 @@
 //! A minimal BTF writer for tests: enough types (integers, typedefs, `const`, pointers,
-//! structs, function prototypes and functions) to describe a kernel's integrity functions the
-//! way its `/sys/kernel/btf/vmlinux` would.
+//! structs, function prototypes and functions) to describe the kernel functions the agent
+//! decides from the way its `/sys/kernel/btf/vmlinux` would.
 
 use std::collections::HashMap;
 
