@@ -9,6 +9,21 @@ pub mod modules;
 pub mod taint;
 pub mod timers;
 
+/// Declares names the eBPF object holds (a family's globals, or its maps) as constants whose
+/// value is their own name, in module `$module`, with `$module::ALL` listing them: one source
+/// for [`Names`] and for the agent's code that sets or takes them.
+#[macro_export]
+macro_rules! object_names {
+    ($(#[$meta:meta])* $module:ident { $($name:ident),* $(,)? }) => {
+        $(#[$meta])*
+        pub mod $module {
+            $(pub const $name: &str = stringify!($name);)*
+            /// Every one of them.
+            pub const ALL: &[&str] = &[$($name),*];
+        }
+    };
+}
+
 /// What the agent looks up by name in the eBPF object for one family (or for all, [`SHARED_NAMES`]).
 /// The eBPF side names programs, maps and globals by their Rust identifiers, which macros cannot
 /// take from a constant; the agent's test parses the built object and checks it holds exactly the
@@ -48,60 +63,48 @@ pub const SHARED_NAMES: Names = Names {
 /// Length of a task's `comm` in the kernel (`TASK_COMM_LEN`).
 pub const COMM_LEN: usize = 16;
 
-/// What a ring buffer record carries; the first field of every record's header.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum EventKind {
-    TimerCreated = 1,
-    TimerDeleted = 2,
-    TimerArmed = 3,
-    TimerOwnerGone = 4,
-    LockdownDecision = 5,
-    LockdownConsole = 6,
-    ModuleLoad = 7,
-    Taint = 8,
+/// Declares [`EventKind`] from one list: each kind's number, then its label; the enum, its
+/// [`EventKind::ALL`], [`EventKind::from_u32`] and [`EventKind::label`] all come from it.
+macro_rules! event_kinds {
+    ($($kind:ident = $number:literal, $label:literal;)*) => {
+        /// What a ring buffer record carries; the first field of every record's header.
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum EventKind {
+            $($kind = $number,)*
+        }
+
+        impl EventKind {
+            /// Every kind, in the order of their numbers (also the index of their lost-event
+            /// counter).
+            pub const ALL: [Self; [$($number),*].len()] = [$(Self::$kind),*];
+
+            pub const fn from_u32(value: u32) -> Option<Self> {
+                match value {
+                    $($number => Some(Self::$kind),)*
+                    _ => None,
+                }
+            }
+
+            /// The `kind` label of `observer_events_total` and `observer_events_lost_total`.
+            pub const fn label(self) -> &'static str {
+                match self {
+                    $(Self::$kind => $label,)*
+                }
+            }
+        }
+    };
 }
 
-impl EventKind {
-    /// Every kind, in the order of their numbers (also the index of their lost-event counter).
-    pub const ALL: [Self; 8] = [
-        Self::TimerCreated,
-        Self::TimerDeleted,
-        Self::TimerArmed,
-        Self::TimerOwnerGone,
-        Self::LockdownDecision,
-        Self::LockdownConsole,
-        Self::ModuleLoad,
-        Self::Taint,
-    ];
-
-    pub const fn from_u32(value: u32) -> Option<Self> {
-        match value {
-            1 => Some(Self::TimerCreated),
-            2 => Some(Self::TimerDeleted),
-            3 => Some(Self::TimerArmed),
-            4 => Some(Self::TimerOwnerGone),
-            5 => Some(Self::LockdownDecision),
-            6 => Some(Self::LockdownConsole),
-            7 => Some(Self::ModuleLoad),
-            8 => Some(Self::Taint),
-            _ => None,
-        }
-    }
-
-    /// The `kind` label of `observer_events_total` and `observer_events_lost_total`.
-    pub const fn label(self) -> &'static str {
-        match self {
-            Self::TimerCreated => "timer_created",
-            Self::TimerDeleted => "timer_deleted",
-            Self::TimerArmed => "timer_armed",
-            Self::TimerOwnerGone => "timer_owner_gone",
-            Self::LockdownDecision => "lockdown_decision",
-            Self::LockdownConsole => "lockdown_console",
-            Self::ModuleLoad => "module_load",
-            Self::Taint => "taint",
-        }
-    }
+event_kinds! {
+    TimerCreated = 1, "timer_created";
+    TimerDeleted = 2, "timer_deleted";
+    TimerArmed = 3, "timer_armed";
+    TimerOwnerGone = 4, "timer_owner_gone";
+    LockdownDecision = 5, "lockdown_decision";
+    LockdownConsole = 6, "lockdown_console";
+    ModuleLoad = 7, "module_load";
+    Taint = 8, "taint";
 }
 
 impl EventKind {

@@ -25,8 +25,25 @@ pub const NAMES: Names = Names {
 /// Reasons are counted per `enum lockdown_reason` value below this; larger values share the last
 /// slot (and are reported as `reason="other"`).
 pub const REASON_SLOTS: u32 = 64;
-/// Size of the `LOCKDOWN_DECISIONS` per-CPU array: `reason * 2 + denied`.
+/// Size of the `LOCKDOWN_DECISIONS` per-CPU array: one slot per reason and verdict.
 pub const DECISION_SLOTS: u32 = REASON_SLOTS * 2;
+
+/// The `LOCKDOWN_DECISIONS` slot of a check of `reason` (`enum lockdown_reason`; larger values
+/// share the last reason slot) that was `denied` (0 or 1).
+#[inline(always)]
+pub const fn decision_slot(reason: u32, denied: u32) -> u32 {
+    let reason = if reason >= REASON_SLOTS {
+        REASON_SLOTS - 1
+    } else {
+        reason
+    };
+    reason * 2 + denied
+}
+
+/// The reason and whether it was denied, of a `LOCKDOWN_DECISIONS` slot.
+pub const fn decision_of_slot(slot: u32) -> (u32, bool) {
+    (slot / 2, slot % 2 == 1)
+}
 
 /// A decision seen by fexit on `security_locked_down`; sent for denials only (allowed checks
 /// are counted in the kernel).
@@ -60,4 +77,21 @@ mod pod {
     // SAFETY: plain `#[repr(C)]` integers and arrays; any bit pattern is valid.
     unsafe impl aya::Pod for super::LockdownDecision {}
     unsafe impl aya::Pod for super::LockdownConsole {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decision_slots_round_trip() {
+        for reason in 0..REASON_SLOTS {
+            for denied in [0, 1] {
+                let slot = decision_slot(reason, denied);
+                assert!(slot < DECISION_SLOTS);
+                assert_eq!(decision_of_slot(slot), (reason, denied == 1));
+            }
+        }
+        assert_eq!(decision_slot(1000, 1), decision_slot(REASON_SLOTS - 1, 1));
+    }
 }

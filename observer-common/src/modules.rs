@@ -20,8 +20,6 @@ pub const SIGNER_KEYS: u32 = 16;
 pub const REQUESTS_MAP: &str = "MODULE_REQUESTS";
 pub const REQUEST_HELPERS_MAP: &str = "MODULE_REQUEST_HELPERS";
 pub const REQUEST_TASKS_MAP: &str = "MODULE_REQUEST_TASKS";
-/// `enum kernel_load_data_id`'s LOADING_MODULE, from BTF.
-pub const LOADING_MODULE_GLOBAL: &str = "LOADING_MODULE";
 
 pub const NAMES: Names = Names {
     programs: &[
@@ -87,28 +85,33 @@ pub const NAMES: Names = Names {
         REQUEST_HELPERS_MAP,
         REQUEST_TASKS_MAP,
     ],
-    globals: &[
-        "FILE_DENTRY_OFFSET",
-        "DENTRY_NAME_LEN_OFFSET",
-        "DENTRY_INLINE_NAME_OFFSET",
-        "DENTRY_INLINE_NAME_SIZE",
-        "MODULE_NAME_OFFSET",
-        "MODULE_NAME_SIZE",
-        "READING_MODULE",
-        "READING_MODULE_COMPRESSED",
-        "LOAD_INFO_LEN_OFFSET",
-        LOADING_MODULE_GLOBAL,
-        "KEY_SERIAL_OFFSET",
-        "SINFO_SIG_OFFSET",
-        "SIG_DIGEST_OFFSET",
-        "SIG_DIGEST_SIZE_OFFSET",
-        "SIG_HASH_ALGO_OFFSET",
-        "KEY_ID_DATA_OFFSET",
-        "IMA_DIGEST_ALGO_OFFSET",
-        "IMA_DIGEST_LENGTH_OFFSET",
-        "IMA_DIGEST_DATA_OFFSET",
-    ],
+    globals: globals::ALL,
 };
+
+crate::object_names! {
+    /// The module programs' globals: offsets and enum values from the running kernel's BTF.
+    globals {
+        FILE_DENTRY_OFFSET,
+        DENTRY_NAME_LEN_OFFSET,
+        DENTRY_INLINE_NAME_OFFSET,
+        DENTRY_INLINE_NAME_SIZE,
+        MODULE_NAME_OFFSET,
+        MODULE_NAME_SIZE,
+        READING_MODULE,
+        READING_MODULE_COMPRESSED,
+        LOAD_INFO_LEN_OFFSET,
+        LOADING_MODULE,
+        KEY_SERIAL_OFFSET,
+        SINFO_SIG_OFFSET,
+        SIG_DIGEST_OFFSET,
+        SIG_DIGEST_SIZE_OFFSET,
+        SIG_HASH_ALGO_OFFSET,
+        KEY_ID_DATA_OFFSET,
+        IMA_DIGEST_ALGO_OFFSET,
+        IMA_DIGEST_LENGTH_OFFSET,
+        IMA_DIGEST_DATA_OFFSET,
+    }
+}
 
 /// The index of `security_kernel_post_read_file`'s `enum kernel_read_file_id` argument, which
 /// IMA's entry program reads (the agent checks it against the kernel's BTF before attaching).

@@ -9,6 +9,11 @@ pub const ID_MAX_MAP: &str = "TIMER_ID_MAX";
 pub const RESTORE_CREATES_MAP: &str = "TIMER_RESTORE_CREATES";
 pub const CREATE_LATENCY_MAP: &str = "TIMER_CREATE_LATENCY";
 
+/// Creates being timed, by thread (only with `--timers.latency`).
+pub const IN_FLIGHT_MAP: &str = "TIMER_IN_FLIGHT";
+/// Live timers' owners (only with per-timer records).
+pub const OWNERS_MAP: &str = "TIMER_OWNERS";
+
 pub const NAMES: Names = Names {
     programs: &[
         "timers_create_fentry",
@@ -33,26 +38,31 @@ pub const NAMES: Names = Names {
         RESTORE_CREATES_MAP,
         CREATE_LATENCY_MAP,
         ID_MAX_MAP,
-        "TIMER_IN_FLIGHT",
+        IN_FLIGHT_MAP,
         "TIMER_RESTORE_SEEN",
         "TIMER_RESTORE_MODE",
-        "TIMER_OWNERS",
+        OWNERS_MAP,
     ],
-    globals: &[
-        "TASK_FLAGS_OFFSET",
-        "TASK_SIGNAL_OFFSET",
-        "SIGNAL_LIVE_OFFSET",
-        "SYS_TIMER_CREATE",
-        "SYS_TIMER_DELETE",
-        "SYS_TIMER_SETTIME",
-        "SYS_PRCTL",
-        "PT_REGS_ARG_OFFSETS",
-        "TIMER_USER_READS",
-        "TIMER_LATENCY",
-        "TIMER_PER_TIMER",
-        "PT_REGS_NR_OFFSET",
-    ],
+    globals: globals::ALL,
 };
+
+crate::object_names! {
+    /// The timer programs' globals, set at load.
+    globals {
+        TASK_FLAGS_OFFSET,
+        TASK_SIGNAL_OFFSET,
+        SIGNAL_LIVE_OFFSET,
+        SYS_TIMER_CREATE,
+        SYS_TIMER_DELETE,
+        SYS_TIMER_SETTIME,
+        SYS_PRCTL,
+        PT_REGS_ARG_OFFSETS,
+        TIMER_USER_READS,
+        TIMER_LATENCY,
+        TIMER_PER_TIMER,
+        PT_REGS_NR_OFFSET,
+    }
+}
 
 /// Syscalls counted in `TIMER_SYSCALLS`; the index times [`crate::ERRNO_SLOTS`] plus the errno
 /// slot is the counter's index.

@@ -12,7 +12,9 @@ use aya_ebpf::{
 };
 use observer_common::{
     EventKind,
-    lockdown::{CONSOLE_TEXT_LEN, DECISION_SLOTS, LockdownConsole, LockdownDecision, REASON_SLOTS},
+    lockdown::{
+        CONSOLE_TEXT_LEN, DECISION_SLOTS, LockdownConsole, LockdownDecision, decision_slot,
+    },
     modules::SEEN_LOCKDOWN_REFUSED,
 };
 
@@ -30,7 +32,7 @@ static AGENT_TGID: Global<u32> = Global::new(0);
 #[map]
 static LOCKDOWN_OWN_CHECKS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
-/// Checks per reason and verdict: `reason * 2 + denied`.
+/// Checks per reason and verdict ([`decision_slot`]).
 #[map]
 static LOCKDOWN_DECISIONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DECISION_SLOTS, 0);
 
@@ -51,12 +53,7 @@ pub fn lockdown_security_locked_down(ctx: FExitContext) -> u32 {
     // security_locked_down(what)
     let ret = crate::fexit::ret::<1>(&ctx) as i32;
     let denied = (ret != 0) as u32;
-    let slot = if reason >= REASON_SLOTS {
-        REASON_SLOTS - 1
-    } else {
-        reason
-    };
-    increment(&LOCKDOWN_DECISIONS, slot * 2 + denied);
+    increment(&LOCKDOWN_DECISIONS, decision_slot(reason, denied));
     if denied != 0 {
         // Inside a module load: what tells its -EPERM apart where the policy step that
         // returns this verdict cannot be traced (inlined before 5.19).

@@ -255,9 +255,10 @@ fn owner_gone(tgid: u32, reason: u32) {
 static TIMER_USER_READS: Global<u32> = Global::new(1);
 
 /// Whether timer_create is timed (`--timers.latency`): its entry program attached, a hash-map
-/// entry per call. Frozen at load: with 0 the verifier drops the lookup from the exit.
+/// entry per call. Frozen at load: with 0 the verifier drops the lookup from the exit. Off by
+/// default, as the flag is.
 #[unsafe(no_mangle)]
-static TIMER_LATENCY: Global<u32> = Global::new(1);
+static TIMER_LATENCY: Global<u32> = Global::new(0);
 
 /// Whether creates, deletes and arming are sent as records for live timers, churn and
 /// per-process creates (off with `--timers.counts-only`). Frozen at load.

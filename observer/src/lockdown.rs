@@ -13,6 +13,7 @@ use observer_common::{
     lockdown::{
         AGENT_TGID_GLOBAL, CONSOLE_UNRECORDED_MAP, DECISION_SLOTS, DECISIONS_MAP, LockdownConsole,
         LockdownDecision, MODULE_SIGNATURE_GLOBAL, NAMES, OWN_CHECKS_MAP, REASON_SLOTS,
+        decision_of_slot,
     },
 };
 
@@ -196,7 +197,7 @@ pub fn parse_console(text: &str) -> Option<(String, String)> {
     Some(("unknown".into(), comm.to_owned()))
 }
 
-/// The kernel's counters of every check (fexit), by `reason * 2 + denied`, and of the denials
+/// The kernel's counters of every check (fexit), by reason and verdict, and of the denials
 /// seen on the console (fallback).
 struct LockdownMaps {
     decisions: PerCpuArray<MapData, u64>,
@@ -281,8 +282,9 @@ impl Lockdown {
              seen, and only those the kernel's printk rate limit lets through.",
         );
         for (slot, count) in counts.decisions.iter().enumerate().filter(|(_, n)| **n > 0) {
-            let reason = self.reason_name(slot as u32 / 2);
-            let verdict = if slot % 2 == 1 { "denied" } else { "allowed" };
+            let (reason, denied) = decision_of_slot(slot as u32);
+            let reason = self.reason_name(reason);
+            let verdict = if denied { "denied" } else { "allowed" };
             decisions.add(&[("reason", &reason), ("verdict", verdict)], *count as f64);
         }
         // Console denials: a record names the reason; those the kernel counted without one

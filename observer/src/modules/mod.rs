@@ -14,9 +14,9 @@ use aya::maps::{MapData, PerCpuArray, PerCpuHashMap};
 use observer_common::{
     EventKind,
     modules::{
-        AUTOLOADS_MAP, LOADING_MODULE_GLOBAL, METHODS, ModuleLoad, NAMES, OUTCOMES, REASONS,
-        SIGNERS_MAP, SIGNERS_OTHER_MAP, SYSCALL_NAMES, SYSCALL_SLOTS, SYSCALLS_MAP, VERDICT_SLOTS,
-        VERDICTS_MAP, shown_from_start, verdict_of_slot,
+        AUTOLOADS_MAP, METHODS, ModuleLoad, NAMES, OUTCOMES, REASONS, SIGNERS_MAP,
+        SIGNERS_OTHER_MAP, SYSCALL_NAMES, SYSCALL_SLOTS, SYSCALLS_MAP, VERDICT_SLOTS, VERDICTS_MAP,
+        globals, shown_from_start, verdict_of_slot,
     },
 };
 
@@ -121,20 +121,20 @@ impl HookFamily for ModuleFamily {
                 "the dentry's inline name is not in this kernel's BTF: module file names unknown"
             );
         }
-        load.global("FILE_DENTRY_OFFSET", &file_dentry);
-        load.global("DENTRY_NAME_LEN_OFFSET", &name_len);
-        load.global("DENTRY_INLINE_NAME_OFFSET", &inline_offset);
+        load.global(globals::FILE_DENTRY_OFFSET, &file_dentry);
+        load.global(globals::DENTRY_NAME_LEN_OFFSET, &name_len);
+        load.global(globals::DENTRY_INLINE_NAME_OFFSET, &inline_offset);
         // At most what the record holds.
         load.global(
-            "DENTRY_INLINE_NAME_SIZE",
+            globals::DENTRY_INLINE_NAME_SIZE,
             &inline_size.min(observer_common::modules::NAME_LEN as u32),
         );
         let (module_name_offset, module_name_size) = offset("module", "name")
             .zip(size("module", "name"))
             .unwrap_or((0, 0));
-        load.global("MODULE_NAME_OFFSET", &module_name_offset);
+        load.global(globals::MODULE_NAME_OFFSET, &module_name_offset);
         load.global(
-            "MODULE_NAME_SIZE",
+            globals::MODULE_NAME_SIZE,
             &module_name_size.min(observer_common::modules::NAME_LEN as u32),
         );
         // An enumerator's value from BTF (u32::MAX, which no id has, where it is missing).
@@ -147,28 +147,31 @@ impl HookFamily for ModuleFamily {
         };
         let read_ids = enumerators("kernel_read_file_id");
         let read_id = |name: &str| value_of(&read_ids, name);
-        load.global("READING_MODULE", &read_id("READING_MODULE"));
+        load.global(globals::READING_MODULE, &read_id("READING_MODULE"));
         load.global(
-            "READING_MODULE_COMPRESSED",
+            globals::READING_MODULE_COMPRESSED,
             &read_id("READING_MODULE_COMPRESSED"),
         );
         load.global(
-            "LOAD_INFO_LEN_OFFSET",
+            globals::LOAD_INFO_LEN_OFFSET,
             &offset("load_info", "len").unwrap_or(0),
         );
         let loading_module = value_of(&enumerators("kernel_load_data_id"), "LOADING_MODULE");
-        load.global(LOADING_MODULE_GLOBAL, &loading_module);
+        load.global(globals::LOADING_MODULE, &loading_module);
         // The signer and the digest (see observer-ebpf's modules/signature.rs).
         let offset_or_0 = |s: &str, m: &str| offset(s, m).unwrap_or(0);
-        load.global("KEY_SERIAL_OFFSET", &offset_or_0("key", "serial"));
-        load.global("SINFO_SIG_OFFSET", &offset_or_0("pkcs7_signed_info", "sig"));
+        load.global(globals::KEY_SERIAL_OFFSET, &offset_or_0("key", "serial"));
+        load.global(
+            globals::SINFO_SIG_OFFSET,
+            &offset_or_0("pkcs7_signed_info", "sig"),
+        );
         // 7.x names the digest `m` and its size `m_size` (the message a signature algorithm
         // takes: a digest, or for algorithms that hash themselves the data, which is longer
         // than any digest and left out).
         for (global, members) in [
-            ("SIG_DIGEST_OFFSET", &["digest", "m"][..]),
-            ("SIG_DIGEST_SIZE_OFFSET", &["digest_size", "m_size"]),
-            ("SIG_HASH_ALGO_OFFSET", &["hash_algo"]),
+            (globals::SIG_DIGEST_OFFSET, &["digest", "m"][..]),
+            (globals::SIG_DIGEST_SIZE_OFFSET, &["digest_size", "m_size"]),
+            (globals::SIG_HASH_ALGO_OFFSET, &["hash_algo"]),
         ] {
             let found = members
                 .iter()
@@ -177,13 +180,13 @@ impl HookFamily for ModuleFamily {
             load.global(global, &found);
         }
         load.global(
-            "KEY_ID_DATA_OFFSET",
+            globals::KEY_ID_DATA_OFFSET,
             &offset_or_0("asymmetric_key_id", "data"),
         );
         for (global, member) in [
-            ("IMA_DIGEST_ALGO_OFFSET", "algo"),
-            ("IMA_DIGEST_LENGTH_OFFSET", "length"),
-            ("IMA_DIGEST_DATA_OFFSET", "digest"),
+            (globals::IMA_DIGEST_ALGO_OFFSET, "algo"),
+            (globals::IMA_DIGEST_LENGTH_OFFSET, "length"),
+            (globals::IMA_DIGEST_DATA_OFFSET, "digest"),
         ] {
             load.global(global, &offset_or_0("ima_digest_data", member));
         }

@@ -18,8 +18,8 @@ use aya::maps::{MapData, PerCpuArray};
 use observer_common::{
     ERRNO_SLOTS, EventKind, LOG2_SLOTS,
     timers::{
-        COUNTED_SYSCALLS, CREATE_LATENCY_MAP, ID_MAX_MAP, NAMES, RESTORE_CREATES_MAP,
-        SYSCALL_COUNTER_SLOTS, SYSCALLS_MAP, TimerEvent,
+        COUNTED_SYSCALLS, CREATE_LATENCY_MAP, ID_MAX_MAP, IN_FLIGHT_MAP, NAMES, OWNERS_MAP,
+        RESTORE_CREATES_MAP, SYSCALL_COUNTER_SLOTS, SYSCALLS_MAP, TimerEvent, globals,
     },
 };
 
@@ -125,15 +125,14 @@ impl HookFamily for TimerFamily {
                  process, owners' exits seen; live timers, the ID high-water mark and churn are not"
             );
         }
-        load.global("TIMER_USER_READS", &u32::from(!confidential));
-        load.global("TIMER_LATENCY", &u32::from(self.latency));
-        load.global("TIMER_PER_TIMER", &u32::from(self.per_timer));
+        load.global(globals::TIMER_USER_READS, &u32::from(!confidential));
+        load.global(globals::TIMER_LATENCY, &u32::from(self.latency));
+        load.global(globals::TIMER_PER_TIMER, &u32::from(self.per_timer));
         if !self.latency {
-            load.unused_maps
-                .extend(["TIMER_IN_FLIGHT", CREATE_LATENCY_MAP]);
+            load.unused_maps.extend([IN_FLIGHT_MAP, CREATE_LATENCY_MAP]);
         }
         if !self.per_timer {
-            load.unused_maps.push("TIMER_OWNERS");
+            load.unused_maps.push(OWNERS_MAP);
         }
         let btf = kernel.btf.as_ref().ok();
         let offset = |s: &str, m: &str| btf.and_then(|b| b.member_offset(s, m)).unwrap_or(0);
@@ -148,13 +147,16 @@ impl HookFamily for TimerFamily {
         }
         // PF_EXITING in task_struct.flags tells exit_itimers at exit from exit_itimers at exec.
         let flags = offset("task_struct", "flags");
-        load.global("TASK_FLAGS_OFFSET", &flags);
-        load.global("TASK_SIGNAL_OFFSET", &signal);
-        load.global("SIGNAL_LIVE_OFFSET", &live);
-        load.global("SYS_TIMER_CREATE", &(libc::SYS_timer_create as u64));
-        load.global("SYS_TIMER_DELETE", &(libc::SYS_timer_delete as u64));
-        load.global("SYS_TIMER_SETTIME", &(libc::SYS_timer_settime as u64));
-        load.global("SYS_PRCTL", &(libc::SYS_prctl as u64));
+        load.global(globals::TASK_FLAGS_OFFSET, &flags);
+        load.global(globals::TASK_SIGNAL_OFFSET, &signal);
+        load.global(globals::SIGNAL_LIVE_OFFSET, &live);
+        load.global(globals::SYS_TIMER_CREATE, &(libc::SYS_timer_create as u64));
+        load.global(globals::SYS_TIMER_DELETE, &(libc::SYS_timer_delete as u64));
+        load.global(
+            globals::SYS_TIMER_SETTIME,
+            &(libc::SYS_timer_settime as u64),
+        );
+        load.global(globals::SYS_PRCTL, &(libc::SYS_prctl as u64));
         // Where the saved user registers keep the first three syscall arguments and the
         // syscall number (x86_64: di, si, dx, orig_ax), for the raw syscall tracepoints.
         let register = |name: &str, default: u32| {
@@ -162,8 +164,8 @@ impl HookFamily for TimerFamily {
                 .unwrap_or(default)
         };
         let arguments: [u32; 3] = [register("di", 112), register("si", 104), register("dx", 96)];
-        load.global("PT_REGS_ARG_OFFSETS", &arguments);
-        load.global("PT_REGS_NR_OFFSET", &register("orig_ax", 120));
+        load.global(globals::PT_REGS_ARG_OFFSETS, &arguments);
+        load.global(globals::PT_REGS_NR_OFFSET, &register("orig_ax", 120));
     }
 
     fn take_maps(&mut self, maps: &mut Maps<'_>) -> anyhow::Result<()> {
