@@ -45,6 +45,24 @@ pub const EVENTS_LOST_MAP: &str = "EVENTS_LOST";
 /// Inserts a full kernel table refused, by [`TrackedMap`].
 pub const MAP_FULL_MAP: &str = "MAP_FULL";
 
+/// What the running agent tells the programs, and the programs keep for the next agent: an array
+/// of `u64` by [`agent_slot`]. A map, not a global, because pinned programs outlive the agent that
+/// loaded them (`--pin`) and the next agent must be able to write it. Its name and layout stay
+/// the same across builds: a new build reads an old build's slots to say how long nothing read
+/// that build's counts.
+pub const AGENT_MAP: &str = "OBSERVER_AGENT";
+
+/// The slots of [`AGENT_MAP`].
+pub mod agent_slot {
+    /// The running agent's process ID (in the initial PID namespace): its own lockdown checks
+    /// are not the host's decisions.
+    pub const TGID: u32 = 0;
+    /// When the agent last drained the rings, in nanoseconds since the Unix epoch.
+    pub const LAST_READ_NS: u32 = 1;
+    /// How many slots the map has.
+    pub const SLOTS: u32 = 4;
+}
+
 /// Unread bytes past which a record wakes the agent.
 pub const WAKEUP_BYTES_GLOBAL: &str = "WAKEUP_BYTES";
 
@@ -56,6 +74,7 @@ pub const SHARED_NAMES: Names = Names {
         SECURITY_EVENTS_MAP,
         EVENTS_LOST_MAP,
         MAP_FULL_MAP,
+        AGENT_MAP,
     ],
     globals: &[WAKEUP_BYTES_GLOBAL, EVENT_DETAIL_GLOBAL],
 };

@@ -13,13 +13,11 @@ pub const CONSOLE_UNRECORDED_MAP: &str = "LOCKDOWN_CONSOLE_UNRECORDED";
 pub const OWN_CHECKS_MAP: &str = "LOCKDOWN_OWN_CHECKS";
 /// `LOCKDOWN_MODULE_SIGNATURE`'s value in this kernel's `enum lockdown_reason`.
 pub const MODULE_SIGNATURE_GLOBAL: &str = "LOCKDOWN_MODULE_SIGNATURE";
-/// The agent's process ID (in the initial PID namespace: the unit and the DaemonSet's hostPID).
-pub const AGENT_TGID_GLOBAL: &str = "AGENT_TGID";
 
 pub const NAMES: Names = Names {
     programs: &["lockdown_security_locked_down", "lockdown_console"],
     maps: &[DECISIONS_MAP, CONSOLE_UNRECORDED_MAP, OWN_CHECKS_MAP],
-    globals: &[MODULE_SIGNATURE_GLOBAL, AGENT_TGID_GLOBAL],
+    globals: &[MODULE_SIGNATURE_GLOBAL],
 };
 
 /// Reasons are counted per `enum lockdown_reason` value below this; larger values share the last

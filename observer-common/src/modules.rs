@@ -10,6 +10,12 @@ pub use verdicts::*;
 pub const AUTOLOADS_MAP: &str = "MODULE_AUTOLOADS";
 pub const VERDICTS_MAP: &str = "MODULE_VERDICTS";
 pub const SYSCALLS_MAP: &str = "MODULE_SYSCALLS";
+/// Names of the modules whose load a program saw complete (value: when, in kernel
+/// nanoseconds): the inventory at start leaves them out, also when pinned programs saw them
+/// while no agent ran.
+pub const WATCHED_MAP: &str = "MODULE_WATCHED";
+/// How many names [`WATCHED_MAP`] keeps (least recently loaded dropped first).
+pub const WATCHED_NAMES: u32 = 4096;
 /// Verified loads by the serial of the key that verified them, and those past its room.
 pub const SIGNERS_MAP: &str = "MODULE_SIGNERS";
 pub const SIGNERS_OTHER_MAP: &str = "MODULE_SIGNERS_OTHER";
@@ -79,6 +85,7 @@ pub const NAMES: Names = Names {
         AUTOLOADS_MAP,
         VERDICTS_MAP,
         SYSCALLS_MAP,
+        WATCHED_MAP,
         SIGNERS_MAP,
         SIGNERS_OTHER_MAP,
         REQUESTS_MAP,

@@ -5,7 +5,7 @@
 
 use aya_ebpf::{
     EbpfContext as _, Global,
-    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel_buf},
+    helpers::bpf_probe_read_kernel_buf,
     macros::{fexit, map, tracepoint},
     maps::PerCpuArray,
     programs::{FExitContext, TracePointContext},
@@ -24,11 +24,7 @@ use crate::{EVENTS_LOST, SECURITY_EVENTS, emit, header, increment};
 #[unsafe(no_mangle)]
 static LOCKDOWN_MODULE_SIGNATURE: Global<u32> = Global::new(1);
 
-/// The agent's process ID, set at load.
-#[unsafe(no_mangle)]
-static AGENT_TGID: Global<u32> = Global::new(0);
-
-/// Checks the agent's own process made (see [`AGENT_TGID`]).
+/// Checks the agent's own process made (see [`crate::in_agent`]).
 #[map]
 static LOCKDOWN_OWN_CHECKS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
@@ -45,7 +41,7 @@ static LOCKDOWN_CONSOLE_UNRECORDED: PerCpuArray<u64> = PerCpuArray::with_max_ent
 pub fn lockdown_security_locked_down(ctx: FExitContext) -> u32 {
     // The agent's own work is not a decision about the host: as each of its programs loads,
     // the verifier asks whether it may read kernel memory (LOCKDOWN_BPF_READ, dozens at start).
-    if (bpf_get_current_pid_tgid() >> 32) as u32 == AGENT_TGID.load() {
+    if crate::in_agent() {
         increment(&LOCKDOWN_OWN_CHECKS, 0);
         return 0;
     }

@@ -18,11 +18,11 @@ use aya_ebpf::{
     },
     macros::map,
     maps::PerCpuHashMap,
-    maps::{PerCpuArray, RingBuf},
+    maps::{Array, PerCpuArray, RingBuf},
 };
 use observer_common::{
     EVENT_KIND_SLOTS, EventHeader, EventKind, LOG2_SUM_SLOT, MAP_FULL_SLOTS, TrackedMap,
-    log2_bucket,
+    agent_slot, log2_bucket,
     modules::NAME_LEN,
     taint::{EVENT_KEYS, FLAG_SLOTS, TaintKey},
 };
@@ -47,6 +47,20 @@ static EVENTS_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(EVENT_KIND_
 /// Inserts refused because a kernel table was full, per [`TrackedMap`].
 #[map]
 static MAP_FULL: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAP_FULL_SLOTS, 0);
+
+/// What the running agent tells the programs ([`agent_slot`]), written by the agent: a map,
+/// because pinned programs outlive the agent that loaded them.
+#[map]
+static OBSERVER_AGENT: Array<u64> = Array::with_max_entries(agent_slot::SLOTS, 0);
+
+/// Whether the current task belongs to the running agent's process.
+#[inline(always)]
+fn in_agent() -> bool {
+    let tgid = bpf_get_current_pid_tgid() >> 32;
+    OBSERVER_AGENT
+        .get(agent_slot::TGID)
+        .is_some_and(|agent| *agent == tgid)
+}
 
 /// Counts an insert that `map`, being full, refused.
 #[inline(always)]

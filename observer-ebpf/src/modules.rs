@@ -19,9 +19,10 @@ use aya_ebpf::{
 use observer_common::{
     EventKind, TrackedMap,
     modules::{
-        ModuleLoad, NAME_LEN, PendingLoad, SEEN_DECOMPRESS, SEEN_FILE, SEEN_FILE_NOT_INLINE,
-        SEEN_HASH_CHECK, SEEN_LOAD_MODULE, SEEN_NAME, SEEN_READ, SEEN_SIG_CHECK, SEEN_VERIFY_SIG,
-        SYSCALL_SLOTS, VERDICT_SLOTS, load_outcome, load_reason, method, verdict_slot,
+        ModuleLoad, NAME_LEN, OUTCOME_LOADED, PendingLoad, SEEN_DECOMPRESS, SEEN_FILE,
+        SEEN_FILE_NOT_INLINE, SEEN_HASH_CHECK, SEEN_LOAD_MODULE, SEEN_NAME, SEEN_READ,
+        SEEN_SIG_CHECK, SEEN_VERIFY_SIG, SYSCALL_SLOTS, VERDICT_SLOTS, WATCHED_NAMES, load_outcome,
+        load_reason, method, verdict_slot,
     },
 };
 
@@ -83,6 +84,11 @@ static MODULE_AUTOLOADS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 /// program that decides it, so no lost record can hide one.
 #[map]
 static MODULE_VERDICTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(VERDICT_SLOTS, 0);
+
+/// Modules whose load completed while a program watched, by name ([`WATCHED_MAP`]).
+#[map]
+static MODULE_WATCHED: LruHashMap<[u8; NAME_LEN], u64> =
+    LruHashMap::with_max_entries(WATCHED_NAMES, 0);
 
 /// init_module and finit_module calls by result: `syscall * ERRNO_SLOTS + errno`.
 #[map]
@@ -304,6 +310,14 @@ fn finish_load(load: &mut ModuleLoad, ret: i32) {
         verdict_slot(load.outcome, method(load.seen), load.reason),
     );
     signature::count_signer(load);
+    if load.outcome == OUTCOME_LOADED && load.seen & SEEN_NAME != 0 {
+        // An LRU map: the oldest name makes room, so the insert does not fail for want of it.
+        #[expect(
+            clippy::needless_borrows_for_generic_args,
+            reason = "from the map value, not a copy on the stack"
+        )]
+        let _ = MODULE_WATCHED.insert(&load.name, &load.start_ns, 0);
+    }
     match crate::SECURITY_EVENTS.reserve::<ModuleLoad>(0) {
         Some(mut entry) => {
             // SAFETY: copies the map value into the reserved entry directly (not via the stack).

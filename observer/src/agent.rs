@@ -6,11 +6,11 @@ use std::{
         Mutex, MutexGuard, PoisonError,
         atomic::{AtomicU64, Ordering},
     },
-    time::Instant,
+    time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
-use aya::maps::{MapData, PerCpuArray};
-use observer_common::{EVENT_KIND_SLOTS, EventKind, MAP_FULL_SLOTS, TrackedMap};
+use aya::maps::{Array, MapData, PerCpuArray};
+use observer_common::{EVENT_KIND_SLOTS, EventKind, MAP_FULL_SLOTS, TrackedMap, agent_slot};
 
 use crate::{family::HookFamily, maps, metrics::Family, plan::ProbeStatus};
 
@@ -97,14 +97,53 @@ impl Default for RecordCounts {
 pub struct Agent {
     pub families: Families,
     pub counts: RecordCounts,
-    pub events_lost: PerCpuArray<MapData, u64>,
-    pub map_full: PerCpuArray<MapData, u64>,
+    /// The lost-record and full-table counters: the object's, and the pinned programs' when
+    /// adopted (each program writes its own object's).
+    pub events_lost: Vec<PerCpuArray<MapData, u64>>,
+    pub map_full: Vec<PerCpuArray<MapData, u64>>,
     pub probes: Vec<ProbeStatus>,
     /// Every registered collector and whether it is on.
     pub collectors: Vec<(&'static str, bool)>,
     pub kernel_release: String,
     /// The kernel's statistics of the loaded programs.
     pub programs: crate::programs::ProgramStats,
+    pub pins: PinStatus,
+}
+
+/// What `--pin` did at start, and the agent map the kept programs read.
+#[derive(Default)]
+pub struct PinStatus {
+    /// The security programs are pinned: they keep watching when this agent stops.
+    pub pinned: bool,
+    /// This agent adopted them from an earlier one.
+    pub adopted: bool,
+    /// How long the counts of the pinned programs this start replaced had gone unread.
+    pub unwatched_seconds: f64,
+    agent_map: Option<Mutex<Array<MapData, u64>>>,
+    /// When the rings were last drained, as written to the agent map (Unix seconds).
+    last_read_s: AtomicU64,
+}
+
+impl PinStatus {
+    pub fn with_map(mut self, map: Array<MapData, u64>) -> Self {
+        self.agent_map = Some(Mutex::new(map));
+        self
+    }
+
+    /// Notes in the agent map, at most once a second, that the rings were just drained: the
+    /// next agent tells from it how long the pinned programs' counts went unread.
+    pub fn drained(&self) {
+        let now = SystemTime::now();
+        let seconds = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        if self.last_read_s.swap(seconds, Ordering::Relaxed) == seconds {
+            return;
+        }
+        if let Some(map) = &self.agent_map
+            && let Err(err) = lock(map).set(agent_slot::LAST_READ_NS, crate::pins::unix_ns(now), 0)
+        {
+            log::debug!("writing the agent map: {err}");
+        }
+    }
 }
 
 impl Agent {
@@ -213,6 +252,34 @@ impl Agent {
             );
         }
         families.push(attached);
+
+        let pins = &self.pins;
+        families.push(
+            Family::gauge(
+                "security_pinned",
+                "1 while the security collectors' programs are pinned (--pin): they keep watching \
+                 when the agent stops, and the next agent of this build adopts them.",
+            )
+            .single(f64::from(u8::from(pins.pinned))),
+        );
+        families.push(
+            Family::gauge(
+                "security_adopted",
+                "1 when this agent adopted pinned security programs from an earlier one (their \
+                 counters went on instead of starting at zero).",
+            )
+            .single(f64::from(u8::from(pins.adopted))),
+        );
+        families.push(
+            Family::gauge(
+                "security_unwatched_seconds",
+                "How long, when this agent started, the counts of the pinned security programs it \
+                 replaced (another build or configuration) had gone unread by any agent: what \
+                 they counted in that time is not in this agent's counters. 0 when nothing was \
+                 replaced.",
+            )
+            .single(pins.unwatched_seconds),
+        );
     }
 
     fn record_counts(&self, families: &mut Vec<Family>) -> anyhow::Result<()> {
@@ -224,7 +291,7 @@ impl Agent {
              event lines). Timer records and security records (modules, taint, lockdown) have separate \
              ring buffers; module, taint and lockdown verdicts are counted in kernel maps and never lost.",
         );
-        let lost_counts = maps::sum_per_cpu(&self.events_lost, EVENT_KIND_SLOTS)?;
+        let lost_counts = maps::sum_per_cpu_all(&self.events_lost, EVENT_KIND_SLOTS)?;
         // Only the kinds of enabled families: a family switched off exports nothing.
         for kind in EventKind::ALL
             .into_iter()
@@ -266,7 +333,7 @@ impl Agent {
              (module_loads, module_pending: a load's phases and name; timer_owners: a process's exit; \
              timer_in_flight: a create's latency; taint_events: a taint's module, counted as other).",
         );
-        let counts = maps::sum_per_cpu(&self.map_full, MAP_FULL_SLOTS)?;
+        let counts = maps::sum_per_cpu_all(&self.map_full, MAP_FULL_SLOTS)?;
         for map in TrackedMap::ALL {
             full.add(&[("map", map.label())], counts[map as usize] as f64);
         }

@@ -28,6 +28,9 @@ pub enum Command {
     },
     /// Print, for this kernel, each hook: the mechanism tried, whether it attached, and why not.
     Probes,
+    /// Remove the security programs, maps and ring buffer pinned under --pin.path (by an agent
+    /// run with --pin): they stop watching. Nothing else to do when nothing is pinned.
+    Unpin,
     /// Watch module loads live, then print integrity-check cost per module and in total.
     Profile {
         /// How long to watch (Ctrl-C ends it early).
@@ -116,6 +119,20 @@ pub struct RunArgs {
     /// 4096 to 1 GiB. Records that find it full are counted in observer_events_lost_total.
     #[arg(long = "events.buffer-size", default_value_t = DEFAULT_BUFFER_SIZE, value_parser = parse_buffer_size)]
     pub events_buffer_size: u32,
+    /// Keep the security collectors (modules, taint, lockdown) watching while no agent runs:
+    /// their programs, maps and ring buffer are pinned under --pin.path, and the next agent of
+    /// the same build adopts them (counters go on, what was recorded meanwhile is read). The
+    /// timer collector detaches on stop as always. `observer unpin` removes the pins.
+    #[arg(long)]
+    pub pin: bool,
+    /// The bpffs directory the pins go under (--pin), one directory per build.
+    #[arg(
+        long = "pin.path",
+        default_value = "/sys/fs/bpf/observer",
+        value_name = "DIR",
+        global = true
+    )]
+    pub pin_path: std::path::PathBuf,
     /// Exit with an error when any probe cannot attach (by default it is a warning and a metric).
     #[arg(long)]
     pub strict: bool,

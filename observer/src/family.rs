@@ -110,6 +110,10 @@ pub struct Registration {
     pub names: &'static Names,
     /// Adds its own flags to the command line, if it has any.
     pub flags: fn(clap::Command) -> clap::Command,
+    /// Whether `--pin` keeps its programs watching while no agent runs: rare paths whose
+    /// programs cost nothing measurable while idle (the security families). A family on a hot
+    /// path (timers: every timer syscall) detaches with the agent.
+    pub kept_pinned: bool,
     pub build: fn(&Context<'_>) -> anyhow::Result<Box<dyn HookFamily>>,
 }
 

@@ -11,9 +11,8 @@ use aya::maps::{MapData, PerCpuArray};
 use observer_common::{
     EventKind,
     lockdown::{
-        AGENT_TGID_GLOBAL, CONSOLE_UNRECORDED_MAP, DECISION_SLOTS, DECISIONS_MAP, LockdownConsole,
-        LockdownDecision, MODULE_SIGNATURE_GLOBAL, NAMES, OWN_CHECKS_MAP, REASON_SLOTS,
-        decision_of_slot,
+        CONSOLE_UNRECORDED_MAP, DECISION_SLOTS, DECISIONS_MAP, LockdownConsole, LockdownDecision,
+        MODULE_SIGNATURE_GLOBAL, NAMES, OWN_CHECKS_MAP, REASON_SLOTS, decision_of_slot,
     },
 };
 
@@ -31,6 +30,7 @@ pub const FAMILY: Registration = Registration {
     about: "lockdown decisions by reason and verdict, and the active lockdown level",
     names: &NAMES,
     flags: no_flags,
+    kept_pinned: true,
     build: LockdownFamily::build,
 };
 
@@ -68,7 +68,6 @@ impl HookFamily for LockdownFamily {
             .find(|(_, label)| *label == "module_signature")
             .map_or(1, |(value, _)| *value);
         load.global(MODULE_SIGNATURE_GLOBAL, &module_signature);
-        load.global(AGENT_TGID_GLOBAL, &std::process::id());
     }
 
     fn take_maps(&mut self, maps: &mut Maps<'_>) -> anyhow::Result<()> {

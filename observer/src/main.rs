@@ -22,6 +22,7 @@ mod metrics;
 mod modules;
 mod notify;
 mod parse;
+mod pins;
 mod pipeline;
 mod plan;
 mod privileges;
@@ -55,6 +56,9 @@ fn main() {
     let result = match cli.command {
         None => run_agent(&matches, &cli.run),
         Some(Command::Probes) => print_probes(&matches, &cli.run),
+        Some(Command::Unpin) => privileges::check()
+            .and_then(|()| pins::unpin(&cli.run.pin_path))
+            .map(|report| print!("{report}")),
         Some(Command::Generate { artifact }) => generate::run(artifact),
         Some(Command::Profile {
             since_start: true,
@@ -208,7 +212,12 @@ fn print_probes(matches: &clap::ArgMatches, args: &RunArgs) -> anyhow::Result<()
         keep_samples: false,
     };
     let built = start::build(&selection, &kernel)?;
-    let (ebpf, statuses) = start::load(&kernel, args, &built)?;
+    let start::Loaded {
+        ebpf,
+        statuses,
+        links,
+        ..
+    } = start::load(&kernel, args, &built, None)?;
     let Built {
         enabled,
         disabled_hooks,
@@ -242,8 +251,16 @@ fn print_probes(matches: &clap::ArgMatches, args: &RunArgs) -> anyhow::Result<()
     if !missing.is_empty() {
         out += &format!("not attached: {}\n", missing.join(", "));
     }
+    for (dir, programs) in pins::list(&args.pin_path) {
+        out += &format!(
+            "pinned: {} ({programs} programs of the security collectors, left by an agent run \
+             with --pin; they watch while no agent runs): remove with `observer unpin`\n",
+            dir.display()
+        );
+    }
     // One write, ending in a newline: log lines that follow start on their own line.
     print!("{out}");
+    drop(links);
     drop(ebpf);
     Ok(())
 }

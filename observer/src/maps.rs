@@ -6,20 +6,69 @@ use aya::{
     maps::{MapData, PerCpuArray, PerCpuHashMap},
 };
 
-/// Hands out the object's maps by name, each once.
+use crate::pins::Pins;
+
+/// Hands out the object's maps by name, each once; with adopted pins, the kept families' maps
+/// are the pinned ones.
 pub struct Maps<'a> {
     ebpf: &'a mut Ebpf,
+    pinned: Option<Pinned<'a>>,
+}
+
+struct Pinned<'a> {
+    pins: &'a Pins,
+    /// Maps taken from the pins instead of the object.
+    kept: &'a [&'static str],
+    /// Maps both the pinned programs and the object's write: taken from both.
+    both: &'a [&'static str],
 }
 
 impl<'a> Maps<'a> {
     pub const fn new(ebpf: &'a mut Ebpf) -> Self {
-        Self { ebpf }
+        Self { ebpf, pinned: None }
+    }
+
+    pub const fn with_pins(
+        self,
+        pins: &'a Pins,
+        kept: &'a [&'static str],
+        both: &'a [&'static str],
+    ) -> Self {
+        Self {
+            ebpf: self.ebpf,
+            pinned: Some(Pinned { pins, kept, both }),
+        }
     }
 
     pub fn take(&mut self, name: &str) -> anyhow::Result<aya::maps::Map> {
+        if let Some(pinned) = &self.pinned
+            && pinned.kept.contains(&name)
+            && !pinned.both.contains(&name)
+        {
+            return pinned.pins.map(name);
+        }
+        self.take_own(name)
+    }
+
+    fn take_own(&mut self, name: &str) -> anyhow::Result<aya::maps::Map> {
         self.ebpf
             .take_map(name)
             .ok_or_else(|| anyhow!("the eBPF object has no map {name}"))
+    }
+
+    /// A per-CPU counter array, from the object and, when the pinned programs write one of
+    /// their own, from the pins too: the counts are the sum of both.
+    pub fn per_cpu_arrays(&mut self, name: &str) -> anyhow::Result<Vec<PerCpuArray<MapData, u64>>> {
+        let mut arrays = vec![self.per_cpu_array(name)?];
+        if let Some(pinned) = &self.pinned
+            && pinned.both.contains(&name)
+        {
+            arrays.push(
+                PerCpuArray::try_from(pinned.pins.map(name)?)
+                    .with_context(|| format!("map {name}"))?,
+            );
+        }
+        Ok(arrays)
     }
 
     pub fn per_cpu_array(&mut self, name: &str) -> anyhow::Result<PerCpuArray<MapData, u64>> {
@@ -45,6 +94,17 @@ pub fn sum_per_cpu(map: &PerCpuArray<MapData, u64>, slots: u32) -> anyhow::Resul
                 .with_context(|| format!("reading slot {index} of a per-CPU array"))
         })
         .collect()
+}
+
+/// [`sum_per_cpu`] of several arrays of the same slots, added slot by slot.
+pub fn sum_per_cpu_all(maps: &[PerCpuArray<MapData, u64>], slots: u32) -> anyhow::Result<Vec<u64>> {
+    let mut total = vec![0; slots as usize];
+    for map in maps {
+        for (sum, count) in total.iter_mut().zip(sum_per_cpu(map, slots)?) {
+            *sum += count;
+        }
+    }
+    Ok(total)
 }
 
 /// The highest of the CPUs' values in slot `index`.

@@ -110,7 +110,9 @@ impl Reader {
                 let mut interval = DRAIN_INTERVAL;
                 while !stop.load(Ordering::Relaxed) {
                     wait(&mut fds, interval);
-                    interval = if self.drain() > 0 {
+                    let drained = self.drain();
+                    self.agent.pins.drained();
+                    interval = if drained > 0 {
                         DRAIN_INTERVAL
                     } else {
                         (interval * 2).min(IDLE_DRAIN_INTERVAL)

@@ -5,7 +5,10 @@ use std::path::PathBuf;
 
 use aya::{
     Btf, Ebpf,
-    programs::{FEntry, FExit, ProgramError, RawTracePoint, TracePoint},
+    programs::{
+        FEntry, FExit, ProgramError, RawTracePoint, TracePoint, fentry::FEntryLinkId,
+        fexit::FExitLinkId, raw_trace_point::RawTracePointLinkId, trace_point::TracePointLinkId,
+    },
 };
 
 use crate::kernel::{self, KernelBtf};
@@ -107,6 +110,22 @@ pub struct ProbeStatus {
     pub detail: String,
 }
 
+/// The link one attached program holds, for taking it out of the program (to pin it).
+#[derive(Debug)]
+pub enum LinkId {
+    Tracepoint(TracePointLinkId),
+    RawTracepoint(RawTracePointLinkId),
+    FEntry(FEntryLinkId),
+    FExit(FExitLinkId),
+}
+
+/// An attached program and its link.
+#[derive(Debug)]
+pub struct Attached {
+    pub program: &'static str,
+    pub link: LinkId,
+}
+
 /// What the plan needs to know about the kernel.
 pub struct KernelView {
     pub tracefs: Result<PathBuf, String>,
@@ -179,9 +198,14 @@ fn option_label(option: &[Attachment]) -> &'static str {
 }
 
 /// Attaches every hook by its first option that works; returns what happened to each option
-/// tried. Options after the one that attached are not tried.
-pub fn attach(ebpf: &mut Ebpf, hooks: &[Hook], kernel: &KernelView) -> Vec<ProbeStatus> {
+/// tried, and the programs attached. Options after the one that attached are not tried.
+pub fn attach(
+    ebpf: &mut Ebpf,
+    hooks: &[Hook],
+    kernel: &KernelView,
+) -> (Vec<ProbeStatus>, Vec<Attached>) {
     let mut statuses = Vec::new();
+    let mut links = Vec::new();
     for hook in hooks {
         if let Some(Err(why)) = hook.requires.map(|requires| requires()) {
             // One warning per missing kernel feature, not one per hook that needs it.
@@ -212,11 +236,14 @@ pub fn attach(ebpf: &mut Ebpf, hooks: &[Hook], kernel: &KernelView) -> Vec<Probe
                 .and_then(|()| attach_option(ebpf, option, kernel));
             let attached = result.is_ok();
             let detail = match result {
-                Ok(()) => option
-                    .iter()
-                    .map(|a| a.mechanism.target())
-                    .collect::<Vec<_>>()
-                    .join(", "),
+                Ok(attached) => {
+                    links.extend(attached);
+                    option
+                        .iter()
+                        .map(|a| a.mechanism.target())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                }
                 Err(why) => why,
             };
             if attached {
@@ -235,6 +262,37 @@ pub fn attach(ebpf: &mut Ebpf, hooks: &[Hook], kernel: &KernelView) -> Vec<Probe
             }
         }
     }
+    (statuses, links)
+}
+
+/// The statuses of hooks whose programs an earlier agent attached and pinned (`--pin`): each
+/// hook by the first option whose programs all have a pinned link, as that agent chose.
+pub fn adopted(hooks: &[Hook], pinned: impl Fn(&str) -> bool) -> Vec<ProbeStatus> {
+    let mut statuses = Vec::new();
+    for hook in hooks {
+        let chosen = hook
+            .options
+            .iter()
+            .position(|option| option.iter().all(|a| pinned(a.program)));
+        for (index, option) in hook.options.iter().enumerate() {
+            let attached = Some(index) == chosen;
+            statuses.push(ProbeStatus {
+                probe: hook.name,
+                mechanism: option_label(option),
+                attached,
+                detail: if attached {
+                    let targets: Vec<String> =
+                        option.iter().map(|a| a.mechanism.target()).collect();
+                    format!("{} (pinned)", targets.join(", "))
+                } else {
+                    "not attached by the agent that pinned the programs (its log says why)".into()
+                },
+            });
+            if attached {
+                break;
+            }
+        }
+    }
     statuses
 }
 
@@ -243,28 +301,35 @@ fn attach_option(
     ebpf: &mut Ebpf,
     option: &[Attachment],
     kernel: &KernelView,
-) -> Result<(), String> {
+) -> Result<Vec<Attached>, String> {
+    let mut links = Vec::new();
     for (done, attachment) in option.iter().enumerate() {
-        if let Err(err) = attach_one(ebpf, attachment, kernel) {
-            for earlier in &option[..done] {
-                unload(ebpf, earlier);
+        match attach_one(ebpf, attachment, kernel) {
+            Ok(link) => links.push(Attached {
+                program: attachment.program,
+                link,
+            }),
+            Err(err) => {
+                for earlier in &option[..done] {
+                    unload(ebpf, earlier);
+                }
+                return Err(format!(
+                    "{} on {}: {}",
+                    attachment.mechanism.label(),
+                    attachment.mechanism.target(),
+                    explain(&err)
+                ));
             }
-            return Err(format!(
-                "{} on {}: {}",
-                attachment.mechanism.label(),
-                attachment.mechanism.target(),
-                explain(&err)
-            ));
         }
     }
-    Ok(())
+    Ok(links)
 }
 
 fn attach_one(
     ebpf: &mut Ebpf,
     attachment: &Attachment,
     kernel: &KernelView,
-) -> Result<(), ProgramError> {
+) -> Result<LinkId, ProgramError> {
     let program = ebpf
         .program_mut(attachment.program)
         .ok_or_else(|| ProgramError::UnexpectedProgramType)?;
@@ -274,29 +339,28 @@ fn attach_one(
             .as_ref()
             .ok_or(ProgramError::UnexpectedProgramType)
     };
-    match &attachment.mechanism {
+    Ok(match &attachment.mechanism {
         Mechanism::Tracepoint { category, name } => {
             let program: &mut TracePoint = program.try_into()?;
             program.load()?;
-            program.attach(category, name)?;
+            LinkId::Tracepoint(program.attach(category, name)?)
         }
         Mechanism::RawTracepoint { name } => {
             let program: &mut RawTracePoint = program.try_into()?;
             program.load()?;
-            program.attach(name)?;
+            LinkId::RawTracepoint(program.attach(name)?)
         }
         Mechanism::FEntry { function } => {
             let program: &mut FEntry = program.try_into()?;
             program.load(function, btf()?)?;
-            program.attach()?;
+            LinkId::FEntry(program.attach()?)
         }
         Mechanism::FExit { function } => {
             let program: &mut FExit = program.try_into()?;
             program.load(function, btf()?)?;
-            program.attach()?;
+            LinkId::FExit(program.attach()?)
         }
-    }
-    Ok(())
+    })
 }
 
 /// Detaches and unloads one program (part of an option that did not fully attach).

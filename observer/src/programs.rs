@@ -42,8 +42,9 @@ pub struct Runs {
 impl ProgramStats {
     /// Every program of the object that is loaded (attached, or kept loaded for an attach
     /// still to come); programs whose attach failed were unloaded and have no descriptor.
-    pub fn new(ebpf: &aya::Ebpf) -> Self {
-        let programs = ebpf
+    /// With `pinned`: the adopted programs an earlier agent pinned (not in this object).
+    pub fn new(ebpf: &aya::Ebpf, pinned: Vec<(String, ProgramFd)>) -> Self {
+        let mut programs: Vec<Loaded> = ebpf
             .programs()
             .filter_map(|(name, program)| {
                 let fd = program.fd().ok()?.try_clone().ok()?;
@@ -54,6 +55,15 @@ impl ProgramStats {
                 })
             })
             .collect();
+        for (name, fd) in pinned {
+            let collector = collector_of(&name);
+            programs.push(Loaded {
+                name,
+                collector,
+                fd,
+            });
+        }
+        programs.sort_by(|a, b| a.name.cmp(&b.name));
         Self { programs }
     }
 

@@ -4,19 +4,23 @@
 use std::sync::Arc;
 
 use anyhow::{Context as _, bail};
-use aya::{EbpfLoader, maps::RingBuf};
+use aya::{
+    EbpfLoader,
+    maps::{Array, MapData, RingBuf},
+};
 use observer_common::{
-    EVENT_DETAIL_GLOBAL, EVENTS_LOST_MAP, EVENTS_MAP, EventKind, MAP_FULL_MAP, SECURITY_EVENTS_MAP,
-    WAKEUP_BYTES_GLOBAL,
+    AGENT_MAP, EVENT_DETAIL_GLOBAL, EVENTS_LOST_MAP, EVENTS_MAP, EventKind, MAP_FULL_MAP,
+    SECURITY_EVENTS_MAP, WAKEUP_BYTES_GLOBAL, agent_slot,
 };
 
 use crate::{
-    agent::{Agent, Families, RecordCounts},
+    agent::{Agent, Families, PinStatus, RecordCounts},
     cli::RunArgs,
     family::{Context, HookFamily, LoadSettings},
     kernel,
     maps::Maps,
-    plan::{self, Hook, KernelView, ProbeStatus},
+    pins::{self, Mode, Pins},
+    plan::{self, Attached, Hook, KernelView, ProbeStatus},
     registry,
 };
 
@@ -40,7 +44,24 @@ pub struct Built {
     pub disabled_hooks: Vec<(&'static str, Hook)>,
     /// The maps of the switched-off families, created at their smallest.
     pub disabled_maps: Vec<&'static str>,
+    /// The enabled families `--pin` keeps watching while no agent runs, and their programs
+    /// and maps.
+    pub kept: Vec<&'static str>,
+    pub kept_programs: Vec<&'static str>,
+    pub kept_maps: Vec<&'static str>,
 }
+
+/// The maps every kept program writes besides its family's own (the security ring, the lost
+/// and full counters, the agent map).
+const KEPT_SHARED_MAPS: [&str; 4] = [
+    SECURITY_EVENTS_MAP,
+    EVENTS_LOST_MAP,
+    MAP_FULL_MAP,
+    AGENT_MAP,
+];
+/// Shared maps that the kept programs and this agent's own programs both write: read from
+/// both when adopting.
+const COUNTED_TWICE: [&str; 2] = [EVENTS_LOST_MAP, MAP_FULL_MAP];
 
 pub fn build(selection: &Selection<'_>, kernel: &KernelView) -> anyhow::Result<Built> {
     let context = Context {
@@ -53,6 +74,9 @@ pub fn build(selection: &Selection<'_>, kernel: &KernelView) -> anyhow::Result<B
         collectors: Vec::new(),
         disabled_hooks: Vec::new(),
         disabled_maps: Vec::new(),
+        kept: Vec::new(),
+        kept_programs: Vec::new(),
+        kept_maps: Vec::new(),
     };
     for (registration, on) in registry::enabled(selection.matches) {
         let on = on
@@ -62,6 +86,11 @@ pub fn build(selection: &Selection<'_>, kernel: &KernelView) -> anyhow::Result<B
         let family = (registration.build)(&context)
             .with_context(|| format!("setting up the {} collector", registration.name))?;
         built.collectors.push((registration.name, on));
+        if on && registration.kept_pinned {
+            built.kept.push(registration.name);
+            built.kept_programs.extend(registration.names.programs);
+            built.kept_maps.extend(registration.names.maps);
+        }
         if on {
             built.enabled.push((registration.name, family));
         } else {
@@ -70,6 +99,9 @@ pub fn build(selection: &Selection<'_>, kernel: &KernelView) -> anyhow::Result<B
             }
             built.disabled_maps.extend(registration.names.maps);
         }
+    }
+    if !built.kept.is_empty() {
+        built.kept_maps.extend(KEPT_SHARED_MAPS);
     }
     if built.enabled.is_empty() {
         bail!("every collector is switched off: nothing to observe");
@@ -81,12 +113,38 @@ fn hooks(enabled: &[(&'static str, Box<dyn HookFamily>)]) -> Vec<Hook> {
     enabled.iter().flat_map(|(_, f)| f.hooks()).collect()
 }
 
-/// Loads the object with every enabled family's globals, and attaches their hooks.
+/// The name of the pins this build makes with these settings: the object, the revision, and
+/// everything the kept programs are loaded with (their globals, the event detail, which of
+/// them are on).
+fn build_name(kernel: &KernelView, args: &RunArgs, built: &Built) -> String {
+    let mut parts: Vec<Vec<u8>> = vec![
+        PROGRAMS.to_vec(),
+        env!("OBSERVER_REVISION").as_bytes().to_vec(),
+        vec![u8::from(args.events.is_some())],
+    ];
+    for (name, family) in built.enabled.iter().filter(|(n, _)| built.kept.contains(n)) {
+        parts.push(name.as_bytes().to_vec());
+        let mut settings = LoadSettings::default();
+        family.configure(kernel, &mut settings);
+        settings.globals.sort();
+        for (global, bytes) in settings.globals {
+            parts.push(global.as_bytes().to_vec());
+            parts.push(bytes);
+        }
+    }
+    let parts: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
+    pins::build_name(&parts)
+}
+
+/// Loads the object with every enabled family's globals, and attaches their hooks. When
+/// `adopted` pins are given, the kept families' programs are not loaded (the pinned ones
+/// watch) and their maps are created at their smallest.
 pub fn load(
     kernel: &KernelView,
     args: &RunArgs,
     built: &Built,
-) -> anyhow::Result<(aya::Ebpf, Vec<ProbeStatus>)> {
+    adopted: Option<&Pins>,
+) -> anyhow::Result<Loaded> {
     let enabled = &built.enabled;
     let mut settings = LoadSettings::default();
     for (_, family) in enabled {
@@ -105,9 +163,11 @@ pub fn load(
     for (name, bytes) in &settings.globals {
         loader.override_global(name, bytes.as_slice(), true);
     }
-    // A ring no enabled family writes to is kept at its smallest (one page).
+    let loaded = |name: &str| adopted.is_none() || !built.kept.contains(&name);
+    // A ring no family loaded here writes to is kept at its smallest (one page).
     let kinds: Vec<EventKind> = enabled
         .iter()
+        .filter(|(name, _)| loaded(name))
         .flat_map(|(_, f)| f.records().iter().map(|r| r.kind))
         .collect();
     if !kinds.iter().any(|k| !k.is_security()) {
@@ -122,11 +182,64 @@ pub fn load(
     for map in built.disabled_maps.iter().chain(&settings.unused_maps) {
         loader.map_max_entries(map, 1);
     }
+    if adopted.is_some() {
+        for map in built
+            .kept_maps
+            .iter()
+            .filter(|m| !KEPT_SHARED_MAPS.contains(m))
+        {
+            loader.map_max_entries(map, 1);
+        }
+    }
     let mut ebpf = loader
         .load(PROGRAMS)
         .context("loading the eBPF object (maps and programs)")?;
-    let statuses = plan::attach(&mut ebpf, &hooks(enabled), kernel);
-    Ok((ebpf, statuses))
+    // Before any program loads: the verifier's lockdown checks of our own programs are ours.
+    let tgid = u64::from(std::process::id());
+    let adopted_agent_map = match adopted {
+        Some(pins) => {
+            let mut map = Array::try_from(pins.map(AGENT_MAP)?)?;
+            map.set(agent_slot::TGID, tgid, 0)
+                .context("writing the pinned agent map")?;
+            Some(map)
+        }
+        None => {
+            let map = ebpf
+                .map_mut(AGENT_MAP)
+                .context("the eBPF object has no agent map")?;
+            Array::<_, u64>::try_from(map)?
+                .set(agent_slot::TGID, tgid, 0)
+                .context("writing the agent map")?;
+            None
+        }
+    };
+    let (loaded_families, kept): (Vec<_>, Vec<_>) =
+        enabled.iter().partition(|(name, _)| loaded(name));
+    let own_hooks: Vec<Hook> = loaded_families
+        .iter()
+        .flat_map(|(_, f)| f.hooks())
+        .collect();
+    let (mut statuses, links) = plan::attach(&mut ebpf, &own_hooks, kernel);
+    if let Some(pins) = adopted {
+        let kept_hooks: Vec<Hook> = kept.iter().flat_map(|(_, f)| f.hooks()).collect();
+        statuses.extend(plan::adopted(&kept_hooks, |p| pins.linked(p)));
+    }
+    Ok(Loaded {
+        ebpf,
+        statuses,
+        links,
+        adopted_agent_map,
+    })
+}
+
+/// The loaded object and what attaching it did.
+pub struct Loaded {
+    pub ebpf: aya::Ebpf,
+    pub statuses: Vec<ProbeStatus>,
+    /// The programs attached, with their links (the kept ones are pinned from these).
+    pub links: Vec<Attached>,
+    /// The adopted build's agent map (the one the pinned programs read).
+    adopted_agent_map: Option<Array<MapData, u64>>,
 }
 
 fn page_size() -> u32 {
@@ -148,7 +261,7 @@ pub struct Started {
     pub ebpf: aya::Ebpf,
     pub agent: Arc<Agent>,
     /// The security ring buffer, then the timer ring buffer.
-    pub rings: Vec<RingBuf<aya::maps::MapData>>,
+    pub rings: Vec<RingBuf<MapData>>,
 }
 
 /// Loads and attaches everything this kernel allows for the selected families, and builds the
@@ -157,10 +270,31 @@ pub fn start(selection: &Selection<'_>) -> anyhow::Result<Started> {
     kernel::ensure_securityfs();
     let kernel = KernelView::read();
     let built = build(selection, &kernel)?;
-    let (mut ebpf, probes) = load(&kernel, selection.args, &built)?;
+    let args = selection.args;
+    // Only the agent itself handles pins: `observer profile` leaves them alone.
+    let pins = if selection.only.is_none() {
+        let pin = args.pin
+            && kernel::ensure_bpffs(&args.pin_path)
+                .map_err(|why| {
+                    log::warn!("pins: not pinned (--pin): {why}; the security collectors stop with the agent");
+                })
+                .is_ok();
+        Pins::find(&args.pin_path, pin, build_name(&kernel, args, &built))?
+    } else {
+        Pins::untouched()
+    };
+    let Loaded {
+        mut ebpf,
+        statuses: probes,
+        links,
+        adopted_agent_map,
+    } = load(&kernel, args, &built, pins.adopting().then_some(&pins))?;
     let Built {
         mut enabled,
         collectors,
+        kept,
+        kept_programs,
+        kept_maps,
         ..
     } = built;
     let hooks = hooks(&enabled);
@@ -179,11 +313,20 @@ pub fn start(selection: &Selection<'_>) -> anyhow::Result<Started> {
             reasons(false)
         );
     }
-    if selection.args.strict && !missing.is_empty() {
+    if args.strict && !missing.is_empty() {
         bail!("--strict: probes not attached:\n  {}", reasons(true));
     }
+    let kept_links: Vec<Attached> = links
+        .into_iter()
+        .filter(|a| kept_programs.contains(&a.program))
+        .collect();
+    let pin_status = keep(&pins, &mut ebpf, kept_links, &kept_maps, !kept.is_empty())?;
 
+    let adopted = pins.adopting();
     let mut maps = Maps::new(&mut ebpf);
+    if adopted {
+        maps = maps.with_pins(&pins, &kept_maps, &COUNTED_TWICE);
+    }
     let mut rings = Vec::new();
     for name in [SECURITY_EVENTS_MAP, EVENTS_MAP] {
         rings.push(
@@ -195,15 +338,23 @@ pub fn start(selection: &Selection<'_>) -> anyhow::Result<Started> {
             .take_maps(&mut maps)
             .with_context(|| format!("the {name} collector's maps"))?;
     }
+    let agent_map = match adopted_agent_map {
+        Some(map) => map,
+        None => Array::try_from(maps.take(AGENT_MAP)?)?,
+    };
+    let events_lost = maps.per_cpu_arrays(EVENTS_LOST_MAP)?;
+    let map_full = maps.per_cpu_arrays(MAP_FULL_MAP)?;
+    let pinned_programs = if adopted { pins.programs() } else { Vec::new() };
     let agent = Arc::new(Agent {
-        events_lost: maps.per_cpu_array(EVENTS_LOST_MAP)?,
-        map_full: maps.per_cpu_array(MAP_FULL_MAP)?,
+        events_lost,
+        map_full,
         families: Families::new(enabled),
         counts: RecordCounts::default(),
         probes,
         collectors,
         kernel_release: kernel::release(),
-        programs: crate::programs::ProgramStats::new(&ebpf),
+        programs: crate::programs::ProgramStats::new(&ebpf, pinned_programs),
+        pins: pin_status.with_map(agent_map),
     });
     drop(kernel);
     // Parsing the kernel's BTF (twice: ours and aya's) takes tens of MiB that are free now;
@@ -211,6 +362,72 @@ pub fn start(selection: &Selection<'_>) -> anyhow::Result<Started> {
     // SAFETY: malloc_trim has no preconditions.
     unsafe { libc::malloc_trim(0) };
     Ok(Started { ebpf, agent, rings })
+}
+
+/// Pins the kept programs (`--pin`, nothing of this build pinned), says what was adopted, and
+/// removes the pins this start replaces: each step one log line.
+fn keep(
+    pins: &Pins,
+    ebpf: &mut aya::Ebpf,
+    links: Vec<Attached>,
+    maps: &[&'static str],
+    any_kept: bool,
+) -> anyhow::Result<PinStatus> {
+    let dir = pins.dir();
+    let mut status = PinStatus::default();
+    match pins.mode {
+        Mode::Off => {
+            for dir in &pins.left {
+                log::warn!(
+                    "pins: security programs pinned under {} (by an agent run with --pin) go on \
+                     watching beside this agent; `observer unpin` removes them",
+                    dir.display()
+                );
+            }
+        }
+        Mode::Fresh if !any_kept => {
+            log::warn!("pins: --pin with every security collector off: nothing to pin");
+        }
+        Mode::Fresh => {
+            let refs: Vec<&Attached> = links.iter().collect();
+            if let Some(why) = Pins::unpinnable(&refs) {
+                log::warn!("pins: not pinned: {why}; the security collectors stop with the agent");
+            } else {
+                let count = pins
+                    .pin(ebpf, links, maps)
+                    .with_context(|| format!("pinning under {} (--pin)", dir.display()))?;
+                log::info!(
+                    "pins: pinned {count} objects under {}: the security collectors keep watching \
+                     while no agent runs; `observer unpin` removes them",
+                    dir.display()
+                );
+                status.pinned = true;
+            }
+        }
+        Mode::Adopt => {
+            let unread = pins
+                .adopted_unread_for()
+                .map_or_else(|| "unknown".into(), |d| format!("{:.1} s", d.as_secs_f64()));
+            log::info!(
+                "pins: adopted the security programs pinned under {}: their counts go on, and \
+                 what they recorded while no agent read them ({unread}) is read now",
+                dir.display()
+            );
+            status.pinned = true;
+            status.adopted = true;
+        }
+    }
+    for removed in pins.remove_stale() {
+        let unread = removed.unread_for.map(|d| d.as_secs_f64());
+        log::warn!(
+            "pins: replaced the security programs of build {}: their counts since an agent last \
+             read them ({}) are not carried over; this build's counters start at zero",
+            removed.build,
+            unread.map_or_else(|| "unknown".into(), |s| format!("{s:.1} s ago"))
+        );
+        status.unwatched_seconds = status.unwatched_seconds.max(unread.unwrap_or(0.0));
+    }
+    Ok(status)
 }
 
 #[cfg(test)]

@@ -31,6 +31,7 @@ pub const FAMILY: Registration = Registration {
     about: "kernel taint flags, and each taint added with the module that caused it",
     names: &NAMES,
     flags: no_flags,
+    kept_pinned: true,
     build: TaintFamily::build,
 };
 

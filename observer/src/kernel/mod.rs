@@ -12,7 +12,7 @@ use std::{fs, path::Path};
 pub use self::{
     btf::KernelBtf,
     lockdown::lockdown_level,
-    mounts::{ensure_securityfs, ensure_tracefs, fs_magic},
+    mounts::{ensure_bpffs, ensure_securityfs, ensure_tracefs, fs_magic},
     taint::{TAINT_FLAGS, taint_flag, taint_mask, taint_name},
 };
 

@@ -7,6 +7,8 @@ pub const TRACEFS: &str = "/sys/kernel/tracing";
 pub const SECURITYFS: &str = "/sys/kernel/security";
 const TRACEFS_MAGIC: i64 = 0x7472_6163;
 const SECURITYFS_MAGIC: i64 = 0x7363_6673;
+pub const BPFFS: &str = "/sys/fs/bpf";
+const BPFFS_MAGIC: i64 = 0xcafe_4a11;
 
 fn is_mounted(path: &Path, magic: i64) -> bool {
     fs_magic(path).is_ok_and(|found| found == magic)
@@ -65,6 +67,32 @@ pub fn ensure_tracefs() -> Result<PathBuf, String> {
         Err(err) => Err(format!(
             "tracefs is not mounted and mounting it at {TRACEFS} failed ({err}); \
              mount it with `mount -t tracefs nodev {TRACEFS}`"
+        )),
+    }
+}
+
+/// Makes sure `pin_path` can be on bpffs: its nearest existing ancestor is on bpffs, or it is
+/// under /sys/fs/bpf and bpffs gets mounted there (systemd mounts it at boot; a bare host or a
+/// container may not have it). Why not, when it cannot be.
+pub fn ensure_bpffs(pin_path: &Path) -> Result<(), String> {
+    let existing = pin_path
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
+    if is_mounted(existing, BPFFS_MAGIC) {
+        return Ok(());
+    }
+    if !pin_path.starts_with(BPFFS) {
+        return Err(format!("{} is not on a bpffs mount", existing.display()));
+    }
+    match mount("bpf", Path::new(BPFFS)) {
+        Ok(()) => {
+            log::info!("mounted bpffs at {BPFFS}");
+            Ok(())
+        }
+        Err(err) => Err(format!(
+            "bpffs is not mounted at {BPFFS} and mounting it failed ({err}); mount it with \
+             `mount -t bpf bpf {BPFFS}`"
         )),
     }
 }

@@ -92,12 +92,14 @@ impl Inventory {
         }
     }
 
-    /// Once settled, the modules present at start (each once), for their events.
-    pub fn publish(&mut self) -> Vec<Present> {
-        self.publish_at(Instant::now())
+    /// Once settled, the modules present at start (each once), for their events; `watched`:
+    /// the modules whose load the kernel programs saw (programs pinned by an earlier agent
+    /// saw loads while no agent ran), not present "before".
+    pub fn publish(&mut self, watched: &BTreeSet<String>) -> Vec<Present> {
+        self.publish_at(Instant::now(), watched)
     }
 
-    fn publish_at(&mut self, now: Instant) -> Vec<Present> {
+    fn publish_at(&mut self, now: Instant, watched: &BTreeSet<String>) -> Vec<Present> {
         let settled = self
             .read
             .as_ref()
@@ -107,7 +109,7 @@ impl Inventory {
         };
         let present: Vec<Present> = modules
             .into_iter()
-            .filter(|m| !self.loaded.contains(&m.module))
+            .filter(|m| !self.loaded.contains(&m.module) && !watched.contains(&m.module))
             .collect();
         let mut by_taint = BTreeMap::new();
         for module in &present {
@@ -174,19 +176,24 @@ mod tests {
         let start = Instant::now();
         inventory.read = Some((start, parse_proc_modules(PROC_MODULES)));
         inventory.saw_load("can_raw");
-        assert!(inventory.publish_at(start).is_empty(), "not settled yet");
-        let present = inventory.publish_at(start + SETTLE);
+        let watched = BTreeSet::from(["can".to_owned()]);
+        assert!(
+            inventory.publish_at(start, &watched).is_empty(),
+            "not settled yet"
+        );
+        let present = inventory.publish_at(start + SETTLE, &watched);
         let names: Vec<&str> = present.iter().map(|m| m.module.as_str()).collect();
-        assert_eq!(names, ["crc8", "can", "crc7"]);
+        assert_eq!(names, ["crc8", "crc7"]);
         assert_eq!(
             inventory.by_taint,
-            Some(BTreeMap::from([
-                (String::new(), 1),
-                ("E".into(), 1),
-                ("EO".into(), 1)
-            ]))
+            Some(BTreeMap::from([("E".into(), 1), ("EO".into(), 1)]))
         );
-        assert!(inventory.publish_at(start + SETTLE * 2).is_empty(), "once");
+        assert!(
+            inventory
+                .publish_at(start + SETTLE * 2, &watched)
+                .is_empty(),
+            "once"
+        );
         let mut out = Vec::new();
         inventory.gather(&mut out);
         assert_eq!(out.len(), 1);

@@ -8,15 +8,19 @@ mod requests;
 mod shape;
 mod signers;
 
-use std::{any::Any, collections::BTreeMap};
+use std::{
+    any::Any,
+    collections::{BTreeMap, BTreeSet},
+};
 
-use aya::maps::{MapData, PerCpuArray, PerCpuHashMap};
+use anyhow::Context as _;
+use aya::maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap};
 use observer_common::{
     EventKind,
     modules::{
-        AUTOLOADS_MAP, METHODS, ModuleLoad, NAMES, OUTCOMES, REASONS, SIGNERS_MAP,
+        AUTOLOADS_MAP, METHODS, ModuleLoad, NAME_LEN, NAMES, OUTCOMES, REASONS, SIGNERS_MAP,
         SIGNERS_OTHER_MAP, SYSCALL_NAMES, SYSCALL_SLOTS, SYSCALLS_MAP, VERDICT_SLOTS, VERDICTS_MAP,
-        globals, shown_from_start, verdict_of_slot,
+        WATCHED_MAP, globals, shown_from_start, verdict_of_slot,
     },
 };
 
@@ -42,6 +46,7 @@ pub const FAMILY: Registration = Registration {
     about: "module loads, their integrity checks (signature, hash) and phases, autoloads",
     names: &NAMES,
     flags: no_flags,
+    kept_pinned: true,
     build: ModuleFamily::build,
 };
 
@@ -127,7 +132,7 @@ impl HookFamily for ModuleFamily {
         // At most what the record holds.
         load.global(
             globals::DENTRY_INLINE_NAME_SIZE,
-            &inline_size.min(observer_common::modules::NAME_LEN as u32),
+            &inline_size.min(NAME_LEN as u32),
         );
         let (module_name_offset, module_name_size) = offset("module", "name")
             .zip(size("module", "name"))
@@ -135,7 +140,7 @@ impl HookFamily for ModuleFamily {
         load.global(globals::MODULE_NAME_OFFSET, &module_name_offset);
         load.global(
             globals::MODULE_NAME_SIZE,
-            &module_name_size.min(observer_common::modules::NAME_LEN as u32),
+            &module_name_size.min(NAME_LEN as u32),
         );
         // An enumerator's value from BTF (u32::MAX, which no id has, where it is missing).
         let enumerators = |name: &str| btf.map(|b| b.enum_values(name)).unwrap_or_default();
@@ -200,8 +205,13 @@ impl HookFamily for ModuleFamily {
     }
 
     fn take_events(&mut self) -> Vec<(&'static str, EventFields)> {
+        let watched = self
+            .maps
+            .as_ref()
+            .map(ModuleMaps::watched_names)
+            .unwrap_or_default();
         self.inventory
-            .publish()
+            .publish(&watched)
             .into_iter()
             .filter_map(|present| Some(("module_present", event_fields(present)?)))
             .collect()
@@ -470,6 +480,7 @@ struct ModuleMaps {
     signers: PerCpuHashMap<MapData, i32, u64>,
     signers_other: PerCpuArray<MapData, u64>,
     syscalls: PerCpuArray<MapData, u64>,
+    watched: HashMap<MapData, [u8; NAME_LEN], u64>,
 }
 
 impl ModuleMaps {
@@ -480,7 +491,19 @@ impl ModuleMaps {
             signers: maps.per_cpu_hash(SIGNERS_MAP)?,
             signers_other: maps.per_cpu_array(SIGNERS_OTHER_MAP)?,
             syscalls: maps.per_cpu_array(SYSCALLS_MAP)?,
+            watched: HashMap::try_from(maps.take(WATCHED_MAP)?)
+                .with_context(|| format!("map {WATCHED_MAP}"))?,
         })
+    }
+
+    /// The modules whose load a program saw complete (also programs pinned by an earlier
+    /// agent, while none ran).
+    fn watched_names(&self) -> BTreeSet<String> {
+        self.watched
+            .keys()
+            .filter_map(Result::ok)
+            .map(|name| crate::record::comm_str(&name))
+            .collect()
     }
 
     fn gather(&self, families: &mut Vec<Family>, keys: &signers::KeyNames) -> anyhow::Result<()> {

@@ -38,6 +38,7 @@ pub const FAMILY: Registration = Registration {
     about: "POSIX timer syscalls, live timers, ID churn and restore-mode creates",
     names: &NAMES,
     flags: <Flags as clap::Args>::augment_args,
+    kept_pinned: false,
     build: TimerFamily::build,
 };
 
