@@ -54,7 +54,7 @@ pub fn lockdown_security_locked_down(ctx: FExitContext) -> u32 {
         // Inside a module load: what tells its -EPERM apart where the policy step that
         // returns this verdict cannot be traced (inlined before 5.19).
         if reason == LOCKDOWN_MODULE_SIGNATURE.load()
-            && let Some(load) = crate::modules::current_load()
+            && let Some(load) = crate::loads::current_load()
         {
             load.seen |= SEEN_LOCKDOWN_REFUSED;
         }

@@ -4,6 +4,7 @@
 #![no_main]
 
 mod fexit;
+mod loads;
 mod lockdown;
 mod modules;
 mod taint;

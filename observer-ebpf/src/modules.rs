@@ -11,9 +11,9 @@
 
 use aya_ebpf::{
     EbpfContext as _, Global,
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel_buf},
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel_buf},
     macros::{fentry, fexit, map, tracepoint},
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{LruHashMap, PerCpuArray},
     programs::{FEntryContext, FExitContext, TracePointContext},
 };
 use observer_common::{
@@ -28,7 +28,12 @@ use observer_common::{
 
 use observer_common::taint::{MODULE_FROM_FILE, MODULE_FROM_NAME, MODULE_NONE};
 
-use crate::{header, increment, map_full, since};
+pub(crate) use crate::loads::{current_load, tid};
+use crate::{
+    header, increment,
+    loads::{begin_load, end_load},
+    map_full, since,
+};
 
 mod attempts;
 mod ima;
@@ -63,14 +68,8 @@ static LOAD_INFO_LEN_OFFSET: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
 static LOADING_MODULE: Global<u32> = Global::new(u32::MAX);
 
-/// The starting value of a load attempt: all zero. A static, because the record is too large
-/// for the 512-byte BPF stack together with everything else.
-static ZERO_LOAD: ModuleLoad = unsafe { core::mem::zeroed() };
+/// The starting value of a pending load: all zero (from a static, not the stack).
 static ZERO_PENDING: PendingLoad = unsafe { core::mem::zeroed() };
-
-/// Load attempts in progress, by thread.
-#[map]
-static MODULE_LOADS: HashMap<u32, ModuleLoad> = HashMap::with_max_entries(1024, 0);
 
 /// What a thread did just before its `load_module` (read the file, decompressed it).
 #[map]
@@ -93,11 +92,6 @@ static MODULE_WATCHED: LruHashMap<[u8; NAME_LEN], u64> =
 /// init_module and finit_module calls by result: `syscall * ERRNO_SLOTS + errno`.
 #[map]
 static MODULE_SYSCALLS: PerCpuArray<u64> = PerCpuArray::with_max_entries(SYSCALL_SLOTS, 0);
-
-#[inline(always)]
-fn tid() -> u32 {
-    bpf_get_current_pid_tgid() as u32
-}
 
 #[inline(always)]
 fn now() -> u64 {
@@ -128,13 +122,6 @@ fn pending() -> Option<&'static mut PendingLoad> {
     }
     // SAFETY: the map's value for this thread, only touched by this thread.
     MODULE_PENDING.get_ptr_mut(tid).map(|p| unsafe { &mut *p })
-}
-
-/// This thread's load in progress, if any.
-#[inline(always)]
-pub fn current_load() -> Option<&'static mut ModuleLoad> {
-    // SAFETY: the pointer is the map's value for this thread, only touched by this thread.
-    MODULE_LOADS.get_ptr_mut(tid()).map(|p| unsafe { &mut *p })
 }
 
 /// Copies the first `size` bytes (whole words, at most [`NAME_LEN`]) of the array at `offset` in
@@ -245,12 +232,7 @@ pub fn modules_decompress_exit(_ctx: FExitContext) -> u32 {
 #[fentry(function = "load_module")]
 pub fn modules_load_enter(ctx: FEntryContext) -> u32 {
     let tid = tid();
-    #[expect(
-        clippy::needless_borrows_for_generic_args,
-        reason = "copy from the static, not the stack"
-    )]
-    let inserted = MODULE_LOADS.insert(tid, &ZERO_LOAD, 0);
-    if inserted.is_err() {
+    if !begin_load(tid) {
         map_full(TrackedMap::ModuleLoads);
         aya_log_ebpf::warn!(
             &ctx,
@@ -329,7 +311,7 @@ fn finish_load(load: &mut ModuleLoad, ret: i32) {
         None => increment(&crate::EVENTS_LOST, EventKind::ModuleLoad as u32),
     }
     emit_load_taints(load);
-    let _ = MODULE_LOADS.remove(tid);
+    end_load(tid);
     // Tells the syscall's exit that this attempt is counted (the entry load_module's entry
     // left: a lookup, no insert).
     // SAFETY: the map's value for this thread, only touched by this thread.

@@ -6,7 +6,7 @@
 use aya_ebpf::{macros::fentry, programs::FEntryContext};
 use observer_common::{modules::NAME_LEN, taint::MODULE_NONE};
 
-use crate::{count_taint, modules::current_load, send_taint};
+use crate::{count_taint, loads::current_load, send_taint};
 
 #[fentry(function = "add_taint")]
 pub fn taint_add_taint(ctx: FEntryContext) -> u32 {

@@ -56,14 +56,6 @@ impl Families {
         self.slots.iter().map(|s| lock(&s.family)).collect()
     }
 
-    /// One family, by collector name.
-    pub fn lock(&self, name: &str) -> Option<MutexGuard<'_, Box<dyn HookFamily>>> {
-        self.slots
-            .iter()
-            .find(|s| s.name == name)
-            .map(|s| lock(&s.family))
-    }
-
     pub fn slots(&self) -> &[Slot] {
         &self.slots
     }

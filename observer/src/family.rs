@@ -3,8 +3,6 @@
 //! behind one trait. The agent, the pipeline and `main` loop over the registered families and
 //! route records by kind; none of them names a family.
 
-use std::any::Any;
-
 use observer_common::{EventKind, Names};
 
 use crate::{
@@ -57,8 +55,8 @@ pub struct Context<'a> {
     /// The whole command line: a family reads its own flags (see [`Registration::flags`]).
     pub matches: &'a clap::ArgMatches,
     pub kernel: &'a KernelView,
-    /// `observer profile`: keep every module load for the report.
-    pub keep_samples: bool,
+    /// `observer profile`: where the module family puts every load it decodes, for the report.
+    pub samples: Option<crate::modules::Samples>,
 }
 
 pub trait HookFamily: Send {
@@ -95,9 +93,6 @@ pub trait HookFamily: Send {
     /// Its metric families, now (kernel maps and its state). An error (a kernel map that
     /// cannot be read) fails this collector's part of the scrape, visibly.
     fn collect(&self, out: &mut Vec<Family>) -> anyhow::Result<()>;
-
-    /// For the subcommand that reads one family's state directly (`observer profile`).
-    fn as_any_mut(&mut self) -> &mut dyn Any;
 }
 
 /// One line of the registry.

@@ -2,10 +2,7 @@
 //! check by reason and verdict; with the `printk:console` fallback only denials are seen, and
 //! only those the kernel's rate limit lets through to the log.
 
-use std::{
-    any::Any,
-    collections::{BTreeMap, HashMap},
-};
+use std::collections::{BTreeMap, HashMap};
 
 use aya::maps::{MapData, PerCpuArray};
 use observer_common::{
@@ -114,10 +111,6 @@ impl HookFamily for LockdownFamily {
         };
         self.state.gather(&counts, out);
         Ok(())
-    }
-
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
     }
 }
 

@@ -76,7 +76,7 @@ fn main() {
                 matches: &matches,
                 args: &cli.run,
                 only: Some(profile::COLLECTORS),
-                keep_samples: true,
+                samples: Some(modules::Samples::default()),
             },
             duration,
             format,
@@ -116,7 +116,7 @@ fn run_agent(matches: &clap::ArgMatches, args: &RunArgs) -> anyhow::Result<()> {
         matches,
         args,
         only: None,
-        keep_samples: false,
+        samples: None,
     })?;
     // The programs' own log lines, forwarded into ours (before capabilities go: it takes a map).
     let kernel_logs = aya_log::EbpfLogger::init(&mut ebpf)
@@ -209,7 +209,7 @@ fn print_probes(matches: &clap::ArgMatches, args: &RunArgs) -> anyhow::Result<()
         matches,
         args,
         only: None,
-        keep_samples: false,
+        samples: None,
     };
     let built = start::build(&selection, &kernel)?;
     let start::Loaded {

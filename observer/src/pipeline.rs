@@ -240,7 +240,7 @@ mod tests {
         let context = Context {
             matches: &matches,
             kernel: &kernel,
-            keep_samples: false,
+            samples: None,
         };
         Families::new(
             registry::FAMILIES

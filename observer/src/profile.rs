@@ -17,7 +17,7 @@ use anyhow::bail;
 use crate::{
     cli::ProfileFormat,
     merkle,
-    modules::{self, LoadRecord, ModuleFamily},
+    modules::{self, LoadRecord},
     privileges,
     start::{self, Selection, Started},
 };
@@ -457,15 +457,10 @@ pub fn run(
     }
     result?;
     let elapsed = started.elapsed().as_secs_f64();
-    let samples = agent
-        .families
-        .lock(modules::FAMILY.name)
-        .and_then(|mut family| {
-            family
-                .as_any_mut()
-                .downcast_mut::<ModuleFamily>()
-                .map(ModuleFamily::take_samples)
-        })
+    let samples = selection
+        .samples
+        .as_ref()
+        .map(|s| std::mem::take(&mut *s.lock().unwrap_or_else(std::sync::PoisonError::into_inner)))
         .unwrap_or_default();
     let report = report(&samples, elapsed, leaves);
     match format {

@@ -1,6 +1,7 @@
 //! Every hook family, in the order they attach, and the collector flags they get from being here
 //! (`--collector.<name>`, `--no-collector.<name>`, node_exporter style). Adding a family is its
-//! three files (record, eBPF program, agent module) and one line here.
+//! three modules (record, eBPF programs, agent) and one line here: docs/development.md lists
+//! the places, and a test below keeps that list true.
 
 use clap::{Arg, ArgAction, ArgMatches};
 
@@ -202,6 +203,80 @@ mod tests {
             command.get_about().map(ToString::to_string).as_deref(),
             Some("the observer")
         );
+    }
+
+    /// The places docs/development.md's "Adding a hook family" lists, for every registered
+    /// family: its three modules and the lines that declare and register them.
+    #[test]
+    fn a_family_touches_the_listed_places() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let read = |path: &str| std::fs::read_to_string(root.join(path)).unwrap_or_default();
+        let guide = read("docs/development.md");
+        let section = guide
+            .split("## Adding a hook family")
+            .nth(1)
+            .and_then(|s| s.split("\n## ").next())
+            .expect("docs/development.md has its \"Adding a hook family\" section");
+        for place in [
+            "observer-common/src/<family>.rs",
+            "observer-common/src/lib.rs",
+            "pub mod <family>;",
+            "observer-ebpf/src/<family>.rs",
+            "observer-ebpf/src/main.rs",
+            "observer/src/<family>.rs",
+            "observer/src/<family>/mod.rs",
+            "pub const FAMILY: Registration",
+            "observer/src/main.rs",
+            "observer/src/registry.rs",
+            "<family>::FAMILY",
+        ] {
+            assert!(section.contains(place), "the guide no longer names {place}");
+        }
+        let registry = read("observer/src/registry.rs");
+        for family in FAMILIES {
+            let name = family.name;
+            let common = read(&format!("observer-common/src/{name}.rs"));
+            assert!(
+                common.contains("pub const NAMES: Names"),
+                "{name}: its NAMES"
+            );
+            assert!(
+                read("observer-common/src/lib.rs").contains(&format!("pub mod {name};")),
+                "{name}"
+            );
+            assert!(
+                root.join(format!("observer-ebpf/src/{name}.rs")).exists(),
+                "{name}: its programs"
+            );
+            assert!(
+                read("observer-ebpf/src/main.rs").contains(&format!("mod {name};")),
+                "{name}"
+            );
+            let agent = [
+                format!("observer/src/{name}.rs"),
+                format!("observer/src/{name}/mod.rs"),
+            ]
+            .iter()
+            .map(|p| read(p))
+            .find(|text| !text.is_empty())
+            .unwrap_or_default();
+            assert!(
+                agent.contains("pub const FAMILY: Registration"),
+                "{name}: its agent module's FAMILY"
+            );
+            assert!(
+                agent.contains("impl HookFamily for"),
+                "{name}: its HookFamily"
+            );
+            assert!(
+                read("observer/src/main.rs").contains(&format!("mod {name};")),
+                "{name}"
+            );
+            assert!(
+                registry.contains(&format!("    {name}::FAMILY,")),
+                "{name}: its registry line"
+            );
+        }
     }
 
     #[test]

@@ -33,7 +33,8 @@ pub struct Selection<'a> {
     pub args: &'a RunArgs,
     /// Only these collectors, whatever the flags say (a subcommand that needs only some).
     pub only: Option<&'static [&'static str]>,
-    pub keep_samples: bool,
+    /// `observer profile`: every module load, for its report.
+    pub samples: Option<crate::modules::Samples>,
 }
 
 /// The families built, enabled or not, in registry order.
@@ -67,7 +68,7 @@ pub fn build(selection: &Selection<'_>, kernel: &KernelView) -> anyhow::Result<B
     let context = Context {
         matches: selection.matches,
         kernel,
-        keep_samples: selection.keep_samples,
+        samples: selection.samples.clone(),
     };
     let mut built = Built {
         enabled: Vec::new(),
@@ -513,7 +514,7 @@ mod tests {
             let context = Context {
                 matches: &matches,
                 kernel: &kernel,
-                keep_samples: false,
+                samples: None,
             };
             for registration in registry::FAMILIES {
                 let family = (registration.build)(&context).unwrap();

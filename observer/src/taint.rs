@@ -3,7 +3,6 @@
 //! stream's detail only).
 
 use std::{
-    any::Any,
     cell::RefCell,
     collections::{BTreeMap, HashSet},
 };
@@ -171,10 +170,6 @@ impl HookFamily for TaintFamily {
         }
         out.push(events);
         Ok(())
-    }
-
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
     }
 }
 

@@ -19,9 +19,9 @@ use observer_common::{
 
 use super::{
     LOADING_MODULE, MODULE_PENDING, MODULE_SYSCALLS, MODULE_VERDICTS, READING_MODULE,
-    READING_MODULE_COMPRESSED, ZERO_LOAD, ZERO_PENDING, current_load, pending, tid,
+    READING_MODULE_COMPRESSED, ZERO_PENDING, current_load, pending, tid,
 };
-use crate::{header, increment};
+use crate::{header, increment, loads::ZERO_LOAD};
 
 /// A security module refusing the read (LoadPin, SELinux, a BPF LSM program) ends the attempt
 /// before `load_module`: its syscall's exit counts it as `rejected_lsm`.

@@ -184,15 +184,17 @@ pub struct ModuleState {
     merkle_levels: Option<u32>,
     /// Key descriptions by serial, for the signer.
     pub keys: KeyNames,
-    /// Every load seen, for `observer profile` (bounded).
-    pub samples: Vec<LoadRecord>,
-    pub keep_samples: bool,
+    /// Where every load seen goes, for `observer profile` (bounded).
+    pub samples: Option<Samples>,
 }
 
+/// The loads `observer profile` reports on: the module family adds each one it decodes.
+pub type Samples = std::sync::Arc<std::sync::Mutex<Vec<LoadRecord>>>;
+
 impl ModuleState {
-    pub fn new(keep_samples: bool, merkle_leaves: Option<u64>) -> Self {
+    pub fn new(samples: Option<Samples>, merkle_leaves: Option<u64>) -> Self {
         Self {
-            keep_samples,
+            samples,
             merkle_levels: merkle_leaves.map(merkle::levels),
             ..Self::default()
         }
@@ -271,8 +273,13 @@ impl ModuleState {
             hashed_bytes: load.hashed_len,
             taints: taint_letters(load.taints),
         };
-        if self.keep_samples && self.samples.len() < MAX_SAMPLES {
-            self.samples.push(record.clone());
+        if let Some(samples) = &self.samples {
+            let mut samples = samples
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if samples.len() < MAX_SAMPLES {
+                samples.push(record.clone());
+            }
         }
         record
     }
@@ -449,7 +456,7 @@ mod tests {
     #[test]
     fn the_hash_estimate_is_digest_plus_node_hashes() {
         // 6400 bytes: 100 blocks of 64; digest 1000 ns: 10 ns a block, 20 ns a node.
-        let mut state = ModuleState::new(false, Some(4256));
+        let mut state = ModuleState::new(None, Some(4256));
         let mut l = load(0, SEEN_SIG_CHECK | SEEN_VERIFY_SIG, 0);
         l.phase_calls[modules::PHASE_DIGEST] = 1;
         l.phase_ns[modules::PHASE_DIGEST] = 1000;

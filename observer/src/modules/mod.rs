@@ -8,10 +8,7 @@ mod requests;
 mod shape;
 mod signers;
 
-use std::{
-    any::Any,
-    collections::{BTreeMap, BTreeSet},
-};
+use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::Context as _;
 use aya::maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap};
@@ -26,7 +23,7 @@ use observer_common::{
 
 #[cfg(test)]
 pub use self::ima::ImaVerdict;
-pub use self::load::LoadRecord;
+pub use self::load::{LoadRecord, Samples};
 use self::{
     inventory::Inventory,
     load::ModuleState,
@@ -83,18 +80,13 @@ impl ModuleFamily {
             );
         }
         Ok(Box::new(Self {
-            state: ModuleState::new(context.keep_samples, kernel::module_count()),
+            state: ModuleState::new(context.samples.clone(), kernel::module_count()),
             maps: None,
             integrity,
             key_lookup_exits,
             ima_hooks: ima::hooks(context.kernel.btf.as_ref().ok()),
             inventory: Inventory::default(),
         }))
-    }
-
-    /// Every load seen since start (kept only for `observer profile`).
-    pub fn take_samples(&mut self) -> Vec<LoadRecord> {
-        std::mem::take(&mut self.state.samples)
     }
 }
 
@@ -240,10 +232,6 @@ impl HookFamily for ModuleFamily {
         self.state.gather(out);
         self.inventory.gather(out);
         Ok(())
-    }
-
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
     }
 }
 

@@ -12,7 +12,7 @@
 
 mod state;
 
-use std::{any::Any, time::Duration};
+use std::time::Duration;
 
 use aya::maps::{MapData, PerCpuArray};
 use observer_common::{
@@ -194,10 +194,6 @@ impl HookFamily for TimerFamily {
             self.state.gather(out);
         }
         Ok(())
-    }
-
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
     }
 }
 
