@@ -6,11 +6,11 @@ use std::{
         Mutex, MutexGuard, PoisonError,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Instant, SystemTime, UNIX_EPOCH},
+    time::Instant,
 };
 
-use aya::maps::{Array, MapData, PerCpuArray};
-use observer_common::{EVENT_KIND_SLOTS, EventKind, MAP_FULL_SLOTS, TrackedMap, agent_slot};
+use aya::maps::{MapData, PerCpuArray};
+use observer_common::{EVENT_KIND_SLOTS, EventKind, MAP_FULL_SLOTS, TrackedMap};
 
 use crate::{family::HookFamily, maps, metrics::Family, plan::ProbeStatus};
 
@@ -99,43 +99,7 @@ pub struct Agent {
     pub kernel_release: String,
     /// The kernel's statistics of the loaded programs.
     pub programs: crate::programs::ProgramStats,
-    pub pins: PinStatus,
-}
-
-/// What `--pin` did at start, and the agent map the kept programs read.
-#[derive(Default)]
-pub struct PinStatus {
-    /// The security programs are pinned: they keep watching when this agent stops.
-    pub pinned: bool,
-    /// This agent adopted them from an earlier one.
-    pub adopted: bool,
-    /// How long the counts of the pinned programs this start replaced had gone unread.
-    pub unwatched_seconds: f64,
-    agent_map: Option<Mutex<Array<MapData, u64>>>,
-    /// When the rings were last drained, as written to the agent map (Unix seconds).
-    last_read_s: AtomicU64,
-}
-
-impl PinStatus {
-    pub fn with_map(mut self, map: Array<MapData, u64>) -> Self {
-        self.agent_map = Some(Mutex::new(map));
-        self
-    }
-
-    /// Notes in the agent map, at most once a second, that the rings were just drained: the
-    /// next agent tells from it how long the pinned programs' counts went unread.
-    pub fn drained(&self) {
-        let now = SystemTime::now();
-        let seconds = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        if self.last_read_s.swap(seconds, Ordering::Relaxed) == seconds {
-            return;
-        }
-        if let Some(map) = &self.agent_map
-            && let Err(err) = lock(map).set(agent_slot::LAST_READ_NS, crate::pins::unix_ns(now), 0)
-        {
-            log::debug!("writing the agent map: {err}");
-        }
-    }
+    pub pins: crate::pins::PinStatus,
 }
 
 impl Agent {

@@ -12,6 +12,10 @@
 use std::{
     fs,
     path::{Path, PathBuf},
+    sync::{
+        Mutex, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -256,11 +260,119 @@ impl Pins {
         removed
     }
 
+    /// Pins the kept programs (`--pin`, nothing of this build pinned), says what was adopted, and
+    /// removes the pins this start replaces: each step one log line.
+    pub fn keep(
+        &self,
+        ebpf: &mut Ebpf,
+        links: Vec<Attached>,
+        maps: &[&'static str],
+        any_kept: bool,
+    ) -> anyhow::Result<PinStatus> {
+        let dir = self.dir();
+        let mut status = PinStatus::default();
+        match self.mode {
+            Mode::Off => {
+                for dir in &self.left {
+                    log::warn!(
+                        "pins: security programs pinned under {} (by an agent run with --pin) go on \
+                         watching beside this agent; `observer unpin` removes them",
+                        dir.display()
+                    );
+                }
+            }
+            Mode::Fresh if !any_kept => {
+                log::warn!("pins: --pin with every security collector off: nothing to pin");
+            }
+            Mode::Fresh => {
+                let refs: Vec<&Attached> = links.iter().collect();
+                if let Some(why) = Self::unpinnable(&refs) {
+                    log::warn!(
+                        "pins: not pinned: {why}; the security collectors stop with the agent"
+                    );
+                } else {
+                    let count = self
+                        .pin(ebpf, links, maps)
+                        .with_context(|| format!("pinning under {} (--pin)", dir.display()))?;
+                    log::info!(
+                        "pins: pinned {count} objects under {}: the security collectors keep watching \
+                         while no agent runs; `observer unpin` removes them",
+                        dir.display()
+                    );
+                    status.pinned = true;
+                }
+            }
+            Mode::Adopt => {
+                let unread = self
+                    .adopted_unread_for()
+                    .map_or_else(|| "unknown".into(), |d| format!("{:.1} s", d.as_secs_f64()));
+                log::info!(
+                    "pins: adopted the security programs pinned under {}: their counts go on, and \
+                     what they recorded while no agent read them ({unread}) is read now",
+                    dir.display()
+                );
+                status.pinned = true;
+                status.adopted = true;
+            }
+        }
+        for removed in self.remove_stale() {
+            let unread = removed.unread_for.map(|d| d.as_secs_f64());
+            log::warn!(
+                "pins: replaced the security programs of build {}: their counts since an agent last \
+                 read them ({}) are not carried over; this build's counters start at zero",
+                removed.build,
+                unread.map_or_else(|| "unknown".into(), |s| format!("{s:.1} s ago"))
+            );
+            status.unwatched_seconds = status.unwatched_seconds.max(unread.unwrap_or(0.0));
+        }
+        Ok(status)
+    }
+
     /// How long before now no agent had read the adopted build's counts.
     pub fn adopted_unread_for(&self) -> Option<Duration> {
         read_slot(&self.dir(), agent_slot::LAST_READ_NS)
             .filter(|ns| *ns > 0)
             .and_then(since_unix_ns)
+    }
+}
+
+/// What `--pin` did at start, and the agent map the kept programs read.
+#[derive(Default)]
+pub struct PinStatus {
+    /// The security programs are pinned: they keep watching when this agent stops.
+    pub pinned: bool,
+    /// This agent adopted them from an earlier one.
+    pub adopted: bool,
+    /// How long the counts of the pinned programs this start replaced had gone unread.
+    pub unwatched_seconds: f64,
+    agent_map: Option<Mutex<Array<MapData, u64>>>,
+    /// When the rings were last drained, as written to the agent map (Unix seconds).
+    last_read_s: AtomicU64,
+}
+
+impl PinStatus {
+    pub fn with_map(mut self, map: Array<MapData, u64>) -> Self {
+        self.agent_map = Some(Mutex::new(map));
+        self
+    }
+
+    /// Notes in the agent map, at most once a second, that the rings were just drained: the
+    /// next agent tells from it how long the pinned programs' counts went unread.
+    pub fn drained(&self) {
+        let now = SystemTime::now();
+        let seconds = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        if self.last_read_s.swap(seconds, Ordering::Relaxed) == seconds {
+            return;
+        }
+        if let Some(map) = &self.agent_map
+            && let Err(err) = map.lock().unwrap_or_else(PoisonError::into_inner).set(
+                agent_slot::LAST_READ_NS,
+                unix_ns(now),
+                0,
+            )
+        {
+            log::debug!("writing the agent map: {err}");
+        }
     }
 }
 

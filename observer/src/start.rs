@@ -14,12 +14,12 @@ use observer_common::{
 };
 
 use crate::{
-    agent::{Agent, Families, PinStatus, RecordCounts},
+    agent::{Agent, Families, RecordCounts},
     cli::RunArgs,
     family::{Context, HookFamily, LoadSettings},
     kernel,
     maps::Maps,
-    pins::{self, Mode, Pins},
+    pins::{self, Pins},
     plan::{self, Attached, Hook, KernelView, ProbeStatus},
     registry,
 };
@@ -321,7 +321,7 @@ pub fn start(selection: &Selection<'_>) -> anyhow::Result<Started> {
         .into_iter()
         .filter(|a| kept_programs.contains(&a.program))
         .collect();
-    let pin_status = keep(&pins, &mut ebpf, kept_links, &kept_maps, !kept.is_empty())?;
+    let pin_status = pins.keep(&mut ebpf, kept_links, &kept_maps, !kept.is_empty())?;
 
     let adopted = pins.adopting();
     let mut maps = Maps::new(&mut ebpf);
@@ -363,72 +363,6 @@ pub fn start(selection: &Selection<'_>) -> anyhow::Result<Started> {
     // SAFETY: malloc_trim has no preconditions.
     unsafe { libc::malloc_trim(0) };
     Ok(Started { ebpf, agent, rings })
-}
-
-/// Pins the kept programs (`--pin`, nothing of this build pinned), says what was adopted, and
-/// removes the pins this start replaces: each step one log line.
-fn keep(
-    pins: &Pins,
-    ebpf: &mut aya::Ebpf,
-    links: Vec<Attached>,
-    maps: &[&'static str],
-    any_kept: bool,
-) -> anyhow::Result<PinStatus> {
-    let dir = pins.dir();
-    let mut status = PinStatus::default();
-    match pins.mode {
-        Mode::Off => {
-            for dir in &pins.left {
-                log::warn!(
-                    "pins: security programs pinned under {} (by an agent run with --pin) go on \
-                     watching beside this agent; `observer unpin` removes them",
-                    dir.display()
-                );
-            }
-        }
-        Mode::Fresh if !any_kept => {
-            log::warn!("pins: --pin with every security collector off: nothing to pin");
-        }
-        Mode::Fresh => {
-            let refs: Vec<&Attached> = links.iter().collect();
-            if let Some(why) = Pins::unpinnable(&refs) {
-                log::warn!("pins: not pinned: {why}; the security collectors stop with the agent");
-            } else {
-                let count = pins
-                    .pin(ebpf, links, maps)
-                    .with_context(|| format!("pinning under {} (--pin)", dir.display()))?;
-                log::info!(
-                    "pins: pinned {count} objects under {}: the security collectors keep watching \
-                     while no agent runs; `observer unpin` removes them",
-                    dir.display()
-                );
-                status.pinned = true;
-            }
-        }
-        Mode::Adopt => {
-            let unread = pins
-                .adopted_unread_for()
-                .map_or_else(|| "unknown".into(), |d| format!("{:.1} s", d.as_secs_f64()));
-            log::info!(
-                "pins: adopted the security programs pinned under {}: their counts go on, and \
-                 what they recorded while no agent read them ({unread}) is read now",
-                dir.display()
-            );
-            status.pinned = true;
-            status.adopted = true;
-        }
-    }
-    for removed in pins.remove_stale() {
-        let unread = removed.unread_for.map(|d| d.as_secs_f64());
-        log::warn!(
-            "pins: replaced the security programs of build {}: their counts since an agent last \
-             read them ({}) are not carried over; this build's counters start at zero",
-            removed.build,
-            unread.map_or_else(|| "unknown".into(), |s| format!("{s:.1} s ago"))
-        );
-        status.unwatched_seconds = status.unwatched_seconds.max(unread.unwrap_or(0.0));
-    }
-    Ok(status)
 }
 
 #[cfg(test)]
@@ -509,6 +443,7 @@ mod tests {
             &["observer", "--timers.hook", "raw-tracepoint"],
             &["observer", "--timers.latency"],
             &["observer", "--timers.counts-only"],
+            &["observer", "--modules.research"],
         ] {
             let matches = crate::cli::command().try_get_matches_from(flags).unwrap();
             let context = Context {

@@ -186,15 +186,18 @@ pub struct ModuleState {
     pub keys: KeyNames,
     /// Where every load seen goes, for `observer profile` (bounded).
     pub samples: Option<Samples>,
+    /// Export the hash-check estimate (`--modules.research`).
+    research: bool,
 }
 
 /// The loads `observer profile` reports on: the module family adds each one it decodes.
 pub type Samples = std::sync::Arc<std::sync::Mutex<Vec<LoadRecord>>>;
 
 impl ModuleState {
-    pub fn new(samples: Option<Samples>, merkle_leaves: Option<u64>) -> Self {
+    pub fn new(samples: Option<Samples>, merkle_leaves: Option<u64>, research: bool) -> Self {
         Self {
             samples,
+            research,
             merkle_levels: merkle_leaves.map(merkle::levels),
             ..Self::default()
         }
@@ -317,6 +320,9 @@ impl ModuleState {
         }
         families.push(phases);
 
+        if !self.research {
+            return;
+        }
         let mut estimate = Family::histogram(
             "module_hash_check_estimate_seconds",
             "What a hash-based (Merkle) check would have cost for each signature-checked load: its measured digest \
@@ -456,7 +462,7 @@ mod tests {
     #[test]
     fn the_hash_estimate_is_digest_plus_node_hashes() {
         // 6400 bytes: 100 blocks of 64; digest 1000 ns: 10 ns a block, 20 ns a node.
-        let mut state = ModuleState::new(None, Some(4256));
+        let mut state = ModuleState::new(None, Some(4256), true);
         let mut l = load(0, SEEN_SIG_CHECK | SEEN_VERIFY_SIG, 0);
         l.phase_calls[modules::PHASE_DIGEST] = 1;
         l.phase_ns[modules::PHASE_DIGEST] = 1000;

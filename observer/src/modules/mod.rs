@@ -30,7 +30,7 @@ use self::{
     shape::{IntegrityFunctions, Shape, Verify, VerifyArgs, decide, key_lookup_exits, verify_exit},
 };
 use crate::{
-    family::{Context, EventFields, HookFamily, LoadSettings, RecordKind, Registration, no_flags},
+    family::{Context, EventFields, HookFamily, LoadSettings, RecordKind, Registration},
     kernel,
     maps::{self, Maps},
     metrics::{Family, add_syscall_results},
@@ -42,10 +42,22 @@ pub const FAMILY: Registration = Registration {
     name: "modules",
     about: "module loads, their integrity checks (signature, hash) and phases, autoloads",
     names: &NAMES,
-    flags: no_flags,
+    flags: <Flags as clap::Args>::augment_args,
     kept_pinned: true,
     build: ModuleFamily::build,
 };
+
+// The module family's own flags (a plain comment: clap would take a doc comment here for the
+// command's description).
+#[derive(clap::Args, Debug)]
+pub struct Flags {
+    /// Also run the research instruments kernel developers profile with (`observer profile`
+    /// always does): a second program on the signature check that measures the trampoline
+    /// time its phases cannot see, subtracted from `other`; and what a hash-based check would
+    /// have cost per load, as a histogram.
+    #[arg(long = "modules.research")]
+    pub research: bool,
+}
 
 const RECORDS: &[RecordKind] = &[RecordKind::of::<ModuleLoad>(EventKind::ModuleLoad)];
 
@@ -60,6 +72,8 @@ pub struct ModuleFamily {
     ima_hooks: Vec<Hook>,
     /// The modules loaded before the agent started.
     inventory: Inventory,
+    /// `--modules.research` (or `observer profile`): the probe-gap program and the estimate.
+    research: bool,
 }
 
 impl ModuleFamily {
@@ -79,20 +93,29 @@ impl ModuleFamily {
                  timed and signers are not named"
             );
         }
+        let flags = <Flags as clap::FromArgMatches>::from_arg_matches(context.matches)?;
+        let research = flags.research || context.samples.is_some();
+        // The estimate needs the tree's size: this kernel's module count.
+        let merkle_leaves = if research {
+            kernel::module_count()
+        } else {
+            None
+        };
         Ok(Box::new(Self {
-            state: ModuleState::new(context.samples.clone(), kernel::module_count()),
+            state: ModuleState::new(context.samples.clone(), merkle_leaves, research),
             maps: None,
             integrity,
             key_lookup_exits,
             ima_hooks: ima::hooks(context.kernel.btf.as_ref().ok()),
             inventory: Inventory::default(),
+            research,
         }))
     }
 }
 
 impl HookFamily for ModuleFamily {
     fn hooks(&self) -> Vec<Hook> {
-        let mut hooks = hooks(self.integrity, self.key_lookup_exits);
+        let mut hooks = hooks(self.integrity, self.key_lookup_exits, self.research);
         hooks.extend(self.ima_hooks.iter().cloned());
         hooks
     }
@@ -266,7 +289,11 @@ fn single(name: &'static str, attachment: Attachment) -> Hook {
     }
 }
 
-fn hooks(integrity: IntegrityFunctions, key_lookup_exits: &[&'static str]) -> Vec<Hook> {
+fn hooks(
+    integrity: IntegrityFunctions,
+    key_lookup_exits: &[&'static str],
+    research: bool,
+) -> Vec<Hook> {
     // Where none is traceable, mod_verify_sig's absence is what `observer probes` shows.
     let verify = integrity.verify.unwrap_or(Verify {
         function: "mod_verify_sig",
@@ -293,11 +320,6 @@ fn hooks(integrity: IntegrityFunctions, key_lookup_exits: &[&'static str]) -> Ve
             "modules_verify_enter",
             verify_exit(verify.args),
             verify.function,
-        ),
-        // Attached after module_verify_sig, so that two programs share its trampoline.
-        single(
-            "module_probe_gap",
-            fentry("modules_verify_gap", verify.function),
         ),
         // The Merkle-tree check of the hash-based integrity patch set (unmerged as of 2026),
         // where this kernel has a version of it that `shape` knows.
@@ -430,6 +452,15 @@ fn hooks(integrity: IntegrityFunctions, key_lookup_exits: &[&'static str]) -> Ve
             requires: Some(kernel::has_modules),
         },
     ];
+    if research {
+        // A research instrument: the trampoline time between two programs on the signature
+        // check, which `other` subtracts. Attached after module_verify_sig, so that two
+        // programs share its trampoline.
+        hooks.push(single(
+            "module_probe_gap",
+            fentry("modules_verify_gap", verify.function),
+        ));
+    }
     // The syscalls' exits attach first: every attempt that any other program starts to follow
     // then meets its end (a load in flight at attach time leaves no entry behind).
     if let Some(end) = hooks.iter().position(|h| h.name == "module_attempt_end") {

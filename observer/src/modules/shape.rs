@@ -392,7 +392,11 @@ mod tests {
     #[test]
     fn v5_programs_attach_to_the_v5_functions() {
         use crate::plan::Mechanism;
-        let hooks = super::super::hooks(decide(Some(&kernel(V5))), &["modules_key_lookup_exit"]);
+        let hooks = super::super::hooks(
+            decide(Some(&kernel(V5))),
+            &["modules_key_lookup_exit"],
+            true,
+        );
         let attached = |probe: &str| -> Vec<(&str, &str)> {
             let hook = hooks.iter().find(|h| h.name == probe).expect(probe);
             hook.options[0]
@@ -443,7 +447,8 @@ mod tests {
             ("module_sig_check", INFO_FLAGS),
             ("mod_verify_sig", MOD_INFO),
         ]);
-        let hooks = super::super::hooks(decide(Some(&mainline)), &["modules_key_lookup_exit"]);
+        let hooks =
+            super::super::hooks(decide(Some(&mainline)), &["modules_key_lookup_exit"], true);
         let verify = hooks
             .iter()
             .find(|h| h.name == "module_verify_sig")

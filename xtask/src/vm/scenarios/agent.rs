@@ -105,7 +105,8 @@ pub const DASHBOARDS: Scenario = Scenario {
     host: Some(dashboards_against_guest),
     host_agent: true,
     alone: false,
-    agent_args: "",
+    // The hash-check estimate's panel needs the research instruments.
+    agent_args: "--modules.research",
     before_agent: "",
     name: "dashboards",
     about: "every dashboard panel and alert rule, through a real Prometheus scraping this guest",

@@ -52,7 +52,8 @@ pub const SIGNED: Scenario = Scenario {
     host: None,
     host_agent: false,
     alone: false,
-    agent_args: "",
+    // With the research instruments (off by default), whose estimate it checks.
+    agent_args: "--modules.research",
     before_agent: "",
     name: "signed",
     about: "two signed modules load; each signature is verified; nothing taints",
@@ -249,6 +250,18 @@ pub const LOCKDOWN_INTEGRITY: Scenario = Scenario {
             // its lockdown messages are rate-limited (10 in 5 s) and the agent's start, whose
             // feature probes read kernel memory, is refused a few times just before.
             Check::Console("Lockdown: guest-tool: unsigned module loading is restricted"),
+            // The default agent runs no research instrument: no estimate for the signed load,
+            // no probe-gap program.
+            Check::MetricSum(
+                "observer_module_hash_check_estimate_seconds_count",
+                ALL,
+                Want::ZeroOrAbsent,
+            ),
+            Check::MetricSum(
+                "observer_probe_attached",
+                &[("probe", "module_probe_gap")],
+                Want::ZeroOrAbsent,
+            ),
         ],
         LOCKDOWN_REFUSES_UNSIGNED,
         timers::LIFE_CALLS,

@@ -96,7 +96,8 @@ pub const PHASES_VS_FTRACE: Scenario = Scenario {
     host: Some(compare_with_ftrace),
     host_agent: false,
     alone: true,
-    agent_args: "",
+    // The probe-gap program, which `other` subtracts, is a research instrument.
+    agent_args: "--modules.research",
     before_agent: "",
     name: "phases-vs-ftrace",
     about: "signature-check phases (other included) against ftrace's function_graph on the same \
