@@ -17,9 +17,13 @@ use std::{
 };
 
 use anyhow::Context as _;
-use observer_common::{EventHeader, EventKind};
+use observer_common::EventHeader;
 
-use crate::{cgroups::CgroupNames, family::EventFields, record::comm_str};
+use crate::{
+    cgroups::CgroupNames,
+    family::{Event, EventFields},
+    record::comm_str,
+};
 
 /// Where the stream goes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -140,13 +144,13 @@ impl EventStream {
 
     /// Adds one event: the family's `fields` come last, so a family may name the event or the
     /// process more precisely (a lockdown console line names its own process).
-    pub fn push(&mut self, header: &EventHeader, kind: EventKind, fields: EventFields) {
-        self.push_labelled(header, kind.label(), fields);
+    pub fn push(&mut self, header: &EventHeader, event: Event) {
+        self.push_labelled(header, event);
     }
 
     /// An event of the agent's own (an inventory taken at start): now, and the agent as its
     /// process.
-    pub fn push_own(&mut self, label: &str, fields: EventFields) {
+    pub fn push_own(&mut self, event: Event) {
         let mut header = EventHeader {
             pid: std::process::id(),
             tid: std::process::id(),
@@ -156,14 +160,14 @@ impl EventStream {
             ..EventHeader::default()
         };
         header.comm[..8].copy_from_slice(b"observer");
-        self.push_labelled(&header, label, fields);
+        self.push_labelled(&header, event);
     }
 
-    fn push_labelled(&mut self, header: &EventHeader, label: &str, fields: EventFields) {
+    fn push_labelled(&mut self, header: &EventHeader, Event { name, fields }: Event) {
         let mut event = EventFields::new();
         let wall = i128::from(header.ts_ns) + self.wall_offset_ns;
         event.insert("time".into(), rfc3339_nanos(wall).into());
-        event.insert("event".into(), label.into());
+        event.insert("event".into(), name.into());
         event.insert("schema_version".into(), SCHEMA_VERSION.into());
         event.insert("host".into(), self.host.clone().into());
         event.insert("boot_id".into(), self.boot_id.clone().into());
@@ -187,6 +191,13 @@ impl EventStream {
             self.lines.push('\n');
             self.pending += 1;
         }
+    }
+
+    /// The lines written so far and not yet queued (for tests of what a line holds).
+    #[cfg(test)]
+    pub fn take_lines(&mut self) -> String {
+        self.pending = 0;
+        std::mem::take(&mut self.lines)
     }
 
     /// Adds the cgroup's path and, where its naming shows one, the container id.

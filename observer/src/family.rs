@@ -28,8 +28,27 @@ impl RecordKind {
 }
 
 /// An event's own fields, for the event stream (`--events json`); the pipeline adds those every
-/// event has (kind, process, thread, comm).
+/// event has (time, process, thread, comm).
 pub type EventFields = serde_json::Map<String, serde_json::Value>;
+
+/// An event for the stream: its name (the `event` field) and its own fields, serialised from the
+/// family's own event type (a `Serialize` struct per event, whose fields schemas/events.schema.json
+/// describes; a test checks each against it).
+#[derive(Debug)]
+pub struct Event {
+    pub name: &'static str,
+    pub fields: EventFields,
+}
+
+impl Event {
+    /// The event `name` with `value`'s fields (a struct serialising as a JSON object).
+    pub fn of(name: &'static str, value: &impl serde::Serialize) -> Option<Self> {
+        match serde_json::to_value(value) {
+            Ok(serde_json::Value::Object(fields)) => Some(Self { name, fields }),
+            _ => None,
+        }
+    }
+}
 
 /// The globals the programs read, set from the running kernel before the object is loaded.
 #[derive(Default)]
@@ -81,12 +100,12 @@ pub trait HookFamily: Send {
     fn records(&self) -> &'static [RecordKind];
 
     /// Takes one record of one of its kinds (at least as long as declared) into its state;
-    /// returns the event's own fields when `want_event` and the record makes an event.
-    fn decode(&mut self, kind: EventKind, bytes: &[u8], want_event: bool) -> Option<EventFields>;
+    /// returns its event when `want_event` and the record makes one.
+    fn decode(&mut self, kind: EventKind, bytes: &[u8], want_event: bool) -> Option<Event>;
 
-    /// Events that come from no record (an inventory taken at start), as event labels and
-    /// fields: asked for after every drain of the rings.
-    fn take_events(&mut self) -> Vec<(&'static str, EventFields)> {
+    /// Events that come from no record (an inventory taken at start): asked for after every
+    /// drain of the rings.
+    fn take_events(&mut self) -> Vec<Event> {
         Vec::new()
     }
 

@@ -14,13 +14,23 @@ use observer_common::{
 };
 
 use crate::{
-    family::{Context, EventFields, HookFamily, LoadSettings, RecordKind, Registration, no_flags},
+    family::{Context, Event, HookFamily, LoadSettings, RecordKind, Registration, no_flags},
     kernel::{self, KernelBtf},
     maps::{self, Maps},
     metrics::Family,
     plan::{Hook, KernelView, fexit, tracepoint},
     record::read_record,
 };
+
+/// A lockdown decision event: the reason (`enum lockdown_reason`'s name), the verdict, and
+/// the process a console line names.
+#[derive(Debug, serde::Serialize)]
+pub struct Decision {
+    pub reason: String,
+    pub verdict: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub comm: Option<String>,
+}
 
 pub const FAMILY: Registration = Registration {
     name: "lockdown",
@@ -76,7 +86,7 @@ impl HookFamily for LockdownFamily {
         RECORDS
     }
 
-    fn decode(&mut self, kind: EventKind, bytes: &[u8], want_event: bool) -> Option<EventFields> {
+    fn decode(&mut self, kind: EventKind, bytes: &[u8], want_event: bool) -> Option<Event> {
         let (reason, verdict, comm) = if kind == EventKind::LockdownConsole {
             let (reason, comm) = self
                 .state
@@ -91,17 +101,20 @@ impl HookFamily for LockdownFamily {
             };
             (self.state.reason_name(decision.reason), verdict, None)
         };
-        let mut fields = EventFields::new();
-        if want_event {
-            // Both mechanisms report the same event; a console line names the process itself.
-            fields.insert("event".into(), "lockdown_decision".into());
-            fields.insert("reason".into(), reason.into());
-            fields.insert("verdict".into(), verdict.into());
-            if let Some(comm) = comm {
-                fields.insert("comm".into(), comm.into());
-            }
-        }
-        want_event.then_some(fields)
+        // Both mechanisms make the same event; a console line names the process itself (its
+        // `comm` replaces the header's, which is the printing task's).
+        want_event
+            .then(|| {
+                Event::of(
+                    "lockdown_decision",
+                    &Decision {
+                        reason,
+                        verdict,
+                        comm,
+                    },
+                )
+            })
+            .flatten()
     }
 
     fn collect(&self, out: &mut Vec<Family>) -> anyhow::Result<()> {

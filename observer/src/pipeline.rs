@@ -19,15 +19,14 @@ use tokio::io::{Interest, unix::AsyncFd};
 use crate::{
     agent::{Agent, Families, RecordCounts},
     events::EventStream,
-    family::{EventFields, HookFamily},
+    family::{Event, HookFamily},
     record::read_record,
 };
 
 /// A record taken by its family, with the event it makes (when asked for).
 pub struct Decoded {
     pub header: EventHeader,
-    pub kind: EventKind,
-    pub fields: EventFields,
+    pub event: Event,
 }
 
 /// Decodes one record and hands it to its family (`locked`: every family, locked, in the
@@ -56,12 +55,11 @@ pub fn dispatch(
     if bytes.len() < size {
         return error();
     }
-    let fields = locked[slot].decode(kind, bytes, want_event);
+    let event = locked[slot].decode(kind, bytes, want_event);
     counts.received[kind as usize].fetch_add(1, Ordering::Relaxed);
     Some(Decoded {
         header,
-        kind,
-        fields: fields?,
+        event: event?,
     })
 }
 
@@ -163,9 +161,9 @@ impl Reader {
     /// first batch.
     fn push_family_events(&mut self) {
         for mut family in self.agent.families.lock_all() {
-            for (label, fields) in family.take_events() {
+            for event in family.take_events() {
                 if let Some(events) = &mut self.events {
-                    events.push_own(label, fields);
+                    events.push_own(event);
                 }
             }
         }
@@ -188,7 +186,7 @@ impl Reader {
                 self.events.is_some(),
             );
             if let (Some(events), Some(decoded)) = (self.events.as_mut(), decoded) {
-                events.push(&decoded.header, decoded.kind, decoded.fields);
+                events.push(&decoded.header, decoded.event);
             }
         }
         taken
@@ -229,7 +227,11 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::{family::Context, plan::KernelView, registry};
+    use crate::{
+        family::{Context, EventFields},
+        plan::KernelView,
+        registry,
+    };
 
     /// Every registered family, built with its default flags, or only those `enabled` names.
     fn families(enabled: &[&str]) -> Families {
@@ -253,9 +255,15 @@ mod tests {
 
     /// Feeds one record; returns the event's own fields, records received, decode errors.
     fn feed(families: &Families, bytes: &[u8]) -> (Option<EventFields>, u64, u64) {
+        let (event, received, errors) = feed_event(families, bytes);
+        (event.map(|e| e.fields), received, errors)
+    }
+
+    /// [`feed`], with the event's name.
+    fn feed_event(families: &Families, bytes: &[u8]) -> (Option<Event>, u64, u64) {
         let counts = RecordCounts::default();
         let mut locked = families.lock_all();
-        let line = dispatch(families, &mut locked, &counts, bytes, true).map(|d| d.fields);
+        let line = dispatch(families, &mut locked, &counts, bytes, true).map(|d| d.event);
         let received = counts
             .received
             .iter()
@@ -306,6 +314,74 @@ mod tests {
             prop_assert!(line.is_none());
             prop_assert_eq!((received, errors), (0, 1));
         }
+    }
+
+    /// A record of `kind` with every field zero but its header's.
+    fn zeroed<T: aya::Pod>(kind: EventKind) -> Vec<u8> {
+        let mut bytes = vec![0u8; size_of::<T>()];
+        bytes[..4].copy_from_slice(&(kind as u32).to_le_bytes());
+        bytes
+    }
+
+    /// Each family's event types, as the stream writes them, against schemas/events.schema.json:
+    /// a field a type adds, renames or drops that the schema does not say fails here.
+    #[test]
+    fn every_event_type_follows_the_schema() {
+        use observer_common::{lockdown::LockdownDecision, modules::ModuleLoad, taint::TaintEvent};
+
+        let schema: serde_json::Value = serde_json::from_str(include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../schemas/events.schema.json"
+        )))
+        .unwrap();
+        let validator = jsonschema::draft202012::new(&schema).unwrap();
+        let families = families(&[]);
+        let mut records = vec![timer_created(42), timer_created(-1)];
+        for kind in [
+            EventKind::TimerArmed,
+            EventKind::TimerDeleted,
+            EventKind::TimerOwnerGone,
+        ] {
+            let mut record = timer_created(7);
+            record[..4].copy_from_slice(&(kind as u32).to_le_bytes());
+            records.push(record);
+        }
+        records.push(zeroed::<LockdownDecision>(EventKind::LockdownDecision));
+        records.push(zeroed::<ModuleLoad>(EventKind::ModuleLoad));
+        records.push(zeroed::<TaintEvent>(EventKind::Taint));
+        let mut events: Vec<(EventHeader, Event)> = records
+            .iter()
+            .map(|bytes| {
+                let header = read_record::<EventHeader>(bytes).unwrap();
+                (header, feed_event(&families, bytes).0.unwrap())
+            })
+            .collect();
+        let present = crate::modules::present_for_tests();
+        events.push((
+            EventHeader::default(),
+            Event::of("module_present", &present).unwrap(),
+        ));
+        let names: std::collections::BTreeSet<&str> = events.iter().map(|(_, e)| e.name).collect();
+        assert_eq!(
+            names.len(),
+            8,
+            "every event kind the schema lists: {names:?}"
+        );
+        let dir = std::env::temp_dir().join(format!("observer-schema-{}", std::process::id()));
+        let (mut stream, _writer) =
+            EventStream::open(crate::events::Output::File(dir.clone()), None).unwrap();
+        for (header, event) in events {
+            stream.push(&header, event);
+        }
+        for line in stream.take_lines().lines() {
+            let event: serde_json::Value = serde_json::from_str(line).unwrap();
+            let errors: Vec<String> = validator
+                .iter_errors(&event)
+                .map(|e| e.to_string())
+                .collect();
+            assert!(errors.is_empty(), "{event}: {errors:?}");
+        }
+        let _ = std::fs::remove_file(dir);
     }
 
     #[test]

@@ -17,7 +17,7 @@ use observer_common::{
 };
 
 use crate::{
-    family::{Context, EventFields, HookFamily, RecordKind, Registration, no_flags},
+    family::{Context, Event, HookFamily, RecordKind, Registration, no_flags},
     kernel,
     maps::{self, Maps},
     metrics::Family,
@@ -96,6 +96,14 @@ impl TaintFamily {
 }
 
 /// The module a taint names, as the kernel spells module names.
+/// A taint event: the flag's letter, and the module whose load set it, where one did.
+#[derive(Debug, serde::Serialize)]
+pub struct Tainted {
+    pub flag: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub module: Option<String>,
+}
+
 fn module_of(source: u32, module: &[u8]) -> String {
     match source {
         MODULE_FROM_NAME => comm_str(module),
@@ -125,18 +133,19 @@ impl HookFamily for TaintFamily {
         RECORDS
     }
 
-    fn decode(&mut self, _kind: EventKind, bytes: &[u8], want_event: bool) -> Option<EventFields> {
+    fn decode(&mut self, _kind: EventKind, bytes: &[u8], want_event: bool) -> Option<Event> {
         if !want_event {
             return None;
         }
-        let event = read_record::<TaintEvent>(bytes)?;
-        let mut fields = EventFields::new();
-        fields.insert("flag".into(), kernel::taint_flag(event.flag).into());
-        let module = module_of(event.module_source, &event.module);
-        if !module.is_empty() {
-            fields.insert("module".into(), module.into());
-        }
-        Some(fields)
+        let record = read_record::<TaintEvent>(bytes)?;
+        let module = module_of(record.module_source, &record.module);
+        Event::of(
+            "taint",
+            &Tainted {
+                flag: kernel::taint_flag(record.flag),
+                module: (!module.is_empty()).then_some(module),
+            },
+        )
     }
 
     fn collect(&self, out: &mut Vec<Family>) -> anyhow::Result<()> {
@@ -206,6 +215,8 @@ mod tests {
                 true,
             )
             .unwrap();
+        assert_eq!(fields.name, "taint");
+        let fields = fields.fields;
         assert_eq!(fields["flag"], "E");
         assert_eq!(fields["module"], "crc7");
         let from_file = family
@@ -214,11 +225,13 @@ mod tests {
                 &taint(12, MODULE_FROM_FILE, b"crc-itu-t.ko.xz"),
                 true,
             )
-            .unwrap();
+            .unwrap()
+            .fields;
         assert_eq!(from_file["module"], "crc_itu_t");
         let outside = family
             .decode(EventKind::Taint, &taint(13, MODULE_NONE, b""), true)
-            .unwrap();
+            .unwrap()
+            .fields;
         assert!(!outside.contains_key("module"), "no filler for no module");
         assert!(
             family

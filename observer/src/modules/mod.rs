@@ -24,13 +24,19 @@ use observer_common::{
 #[cfg(test)]
 pub use self::ima::ImaVerdict;
 pub use self::load::{LoadRecord, Samples};
+
+/// A module as the inventory lists one (for the schema test of its event).
+#[cfg(test)]
+pub fn present_for_tests() -> inventory::Present {
+    inventory::parse_proc_modules("crc7 12288 0 - Live 0x0000000000000000 (OE)\n").remove(0)
+}
 use self::{
     inventory::Inventory,
     load::ModuleState,
     shape::{IntegrityFunctions, Shape, Verify, VerifyArgs, decide, key_lookup_exits, verify_exit},
 };
 use crate::{
-    family::{Context, EventFields, HookFamily, LoadSettings, RecordKind, Registration},
+    family::{Context, Event, HookFamily, LoadSettings, RecordKind, Registration},
     kernel,
     maps::{self, Maps},
     metrics::{Family, add_syscall_results},
@@ -219,7 +225,7 @@ impl HookFamily for ModuleFamily {
         Ok(())
     }
 
-    fn take_events(&mut self) -> Vec<(&'static str, EventFields)> {
+    fn take_events(&mut self) -> Vec<Event> {
         let watched = self
             .maps
             .as_ref()
@@ -228,7 +234,7 @@ impl HookFamily for ModuleFamily {
         self.inventory
             .publish(&watched)
             .into_iter()
-            .filter_map(|present| Some(("module_present", event_fields(present)?)))
+            .filter_map(|present| Event::of("module_present", &present))
             .collect()
     }
 
@@ -240,12 +246,14 @@ impl HookFamily for ModuleFamily {
         RECORDS
     }
 
-    fn decode(&mut self, _kind: EventKind, bytes: &[u8], want_event: bool) -> Option<EventFields> {
+    fn decode(&mut self, _kind: EventKind, bytes: &[u8], want_event: bool) -> Option<Event> {
         let record = self.state.load(&read_record::<ModuleLoad>(bytes)?);
         if record.outcome == "loaded" {
             self.inventory.saw_load(&record.module);
         }
-        want_event.then(|| event_fields(record)).flatten()
+        want_event
+            .then(|| Event::of("module_load", &record))
+            .flatten()
     }
 
     fn collect(&self, out: &mut Vec<Family>) -> anyhow::Result<()> {
@@ -255,14 +263,6 @@ impl HookFamily for ModuleFamily {
         self.state.gather(out);
         self.inventory.gather(out);
         Ok(())
-    }
-}
-
-/// An event's own fields: a record serialized as a JSON object.
-fn event_fields(value: impl serde::Serialize) -> Option<EventFields> {
-    match serde_json::to_value(value) {
-        Ok(serde_json::Value::Object(fields)) => Some(fields),
-        _ => None,
     }
 }
 

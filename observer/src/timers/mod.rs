@@ -25,7 +25,7 @@ use observer_common::{
 
 use self::state::{TimerSettings, TimerState};
 use crate::{
-    family::{Context, EventFields, HookFamily, LoadSettings, RecordKind, Registration},
+    family::{Context, Event, HookFamily, LoadSettings, RecordKind, Registration},
     kernel::KernelBtf,
     maps::{self, Maps},
     metrics::{Family, Log2Histogram, add_syscall_results, result_label},
@@ -178,7 +178,7 @@ impl HookFamily for TimerFamily {
         RECORDS
     }
 
-    fn decode(&mut self, kind: EventKind, bytes: &[u8], want_event: bool) -> Option<EventFields> {
+    fn decode(&mut self, kind: EventKind, bytes: &[u8], want_event: bool) -> Option<Event> {
         let event = read_record::<TimerEvent>(bytes)?;
         let comm = comm_str(&event.header.comm);
         self.state.handle(kind, &event, &comm, want_event)

@@ -13,7 +13,19 @@ use observer_common::{
     timers::{GONE_EXEC, TimerEvent},
 };
 
-use crate::{family::EventFields, metrics::Family};
+use crate::{family::Event, metrics::Family};
+
+/// A timer event: `timer_created` (its ID where it could be read, and whether it was made in
+/// restore mode), `timer_armed` and `timer_deleted` (the ID), `timer_owner_gone` (exit or exec).
+#[derive(Debug, serde::Serialize)]
+pub struct TimerChange {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timer_id: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restore: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<&'static str>,
+}
 
 #[derive(Clone, Copy, Debug)]
 struct LiveTimer {
@@ -135,36 +147,46 @@ impl TimerState {
         event: &TimerEvent,
         comm: &str,
         want_event: bool,
-    ) -> Option<EventFields> {
-        let mut fields = EventFields::new();
-        match kind {
+    ) -> Option<Event> {
+        let id = TimerChange {
+            timer_id: Some(event.timer_id),
+            restore: None,
+            reason: None,
+        };
+        let change = match kind {
             EventKind::TimerCreated => {
                 self.created(event, comm);
-                // No ID where it could not be read: absent rather than a made-up number.
-                if event.timer_id >= 0 {
-                    fields.insert("timer_id".into(), event.timer_id.into());
+                TimerChange {
+                    // No ID where it could not be read: absent rather than a made-up number.
+                    timer_id: (event.timer_id >= 0).then_some(event.timer_id),
+                    restore: Some(event.detail != 0),
+                    reason: None,
                 }
-                fields.insert("restore".into(), (event.detail != 0).into());
             }
             EventKind::TimerArmed => {
                 self.armed(event);
-                fields.insert("timer_id".into(), event.timer_id.into());
+                id
             }
             EventKind::TimerDeleted => {
                 self.deleted(event);
-                fields.insert("timer_id".into(), event.timer_id.into());
+                id
             }
             _ => {
                 self.owner_gone(event);
-                let reason = if event.detail == GONE_EXEC {
-                    "exec"
-                } else {
-                    "exit"
-                };
-                fields.insert("reason".into(), reason.into());
+                TimerChange {
+                    timer_id: None,
+                    restore: None,
+                    reason: Some(if event.detail == GONE_EXEC {
+                        "exec"
+                    } else {
+                        "exit"
+                    }),
+                }
             }
-        }
-        want_event.then_some(fields)
+        };
+        want_event
+            .then(|| Event::of(kind.label(), &change))
+            .flatten()
     }
 
     /// The names with their own series, by name (a stable order between scrapes), and the
