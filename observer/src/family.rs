@@ -75,7 +75,7 @@ pub struct Context<'a> {
     pub matches: &'a clap::ArgMatches,
     pub kernel: &'a KernelView,
     /// `observer profile`: where the module family puts every load it decodes, for the report.
-    pub samples: Option<crate::modules::Samples>,
+    pub samples: Option<crate::modules::load::Samples>,
 }
 
 pub trait HookFamily: Send {

@@ -76,7 +76,7 @@ fn main() {
                 matches: &matches,
                 args: &cli.run,
                 only: Some(profile::COLLECTORS),
-                samples: Some(modules::Samples::default()),
+                samples: Some(modules::load::Samples::default()),
             },
             duration,
             format,

@@ -34,7 +34,7 @@ pub struct Selection<'a> {
     /// Only these collectors, whatever the flags say (a subcommand that needs only some).
     pub only: Option<&'static [&'static str]>,
     /// `observer profile`: every module load, for its report.
-    pub samples: Option<crate::modules::Samples>,
+    pub samples: Option<crate::modules::load::Samples>,
 }
 
 /// The families built, enabled or not, in registry order.
