@@ -326,21 +326,19 @@ pub struct ModuleLoad {
     pub verify_ns: u64,
     /// The hash-based check (`module_hash_check`/`module_integrity_check`) where a kernel has it.
     pub hash_ns: u64,
-    /// Entry time of the check in progress (scratch).
-    pub phase_start_ns: u64,
     /// `module_decompress` (before `load_module`, for MODULE_INIT_COMPRESSED_FILE).
     pub decompress_ns: u64,
-    /// Signature-check phases: time and calls, plus each one's entry time (scratch).
+    /// Signature-check phases: time and calls.
     pub phase_ns: [u64; PHASES],
-    pub phase_entry_ns: [u64; PHASES],
     pub phase_calls: [u32; PHASES],
     /// Time the phase programs themselves spent inside the check but outside the phases they
     /// time (measured by them; the trampolines' own entry and exit are not in it).
     pub probe_ns: u64,
     /// Time from one program's last step to the next one's first on the same trampoline
-    /// (measured once per load on `mod_verify_sig`), and its mark (scratch).
+    /// (measured once per load on `mod_verify_sig`, with `--modules.research`).
     pub gap_ns: u64,
-    pub gap_mark_ns: u64,
+    /// The programs' own bookkeeping while the load runs (entry times, marks).
+    pub marks: LoadMarks,
     /// Bytes `mod_verify_sig` hashed (the module without its signature).
     pub hashed_len: u64,
     /// Taint bits `add_taint` set during the load.
@@ -376,10 +374,29 @@ pub struct ModuleLoad {
     pub request: ModuleRequest,
 }
 
+/// What the module programs note for each other while a load runs: when each timed function
+/// was entered, and the probe-gap mark. Each field is written at one entry and read at the
+/// matching exit; the agent reads none of them (the durations are [`ModuleLoad`]'s).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoadMarks {
+    /// `module_sig_check`'s entry (the policy step).
+    pub policy_entry_ns: u64,
+    /// `mod_verify_sig`'s entry (the signature check).
+    pub verify_entry_ns: u64,
+    /// The hash-based check's entry.
+    pub hash_entry_ns: u64,
+    /// The first of the two programs on the signature check's trampoline: its last step.
+    pub gap_mark_ns: u64,
+    /// Each signature-check phase's entry.
+    pub phase_entry_ns: [u64; PHASES],
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: plain `#[repr(C)]` integers and arrays; any bit pattern is valid.
     unsafe impl aya::Pod for super::ModuleLoad {}
+    unsafe impl aya::Pod for super::LoadMarks {}
     unsafe impl aya::Pod for super::PendingLoad {}
     unsafe impl aya::Pod for super::ImaCheck {}
     unsafe impl aya::Pod for super::ModuleRequest {}

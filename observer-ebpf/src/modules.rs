@@ -323,7 +323,7 @@ fn finish_load(load: &mut ModuleLoad, ret: i32) {
 #[fentry(function = "module_sig_check")]
 pub fn modules_sig_check_enter(_ctx: FEntryContext) -> u32 {
     if let Some(load) = current_load() {
-        load.phase_start_ns = now();
+        load.marks.policy_entry_ns = now();
     }
     0
 }
@@ -331,7 +331,7 @@ pub fn modules_sig_check_enter(_ctx: FEntryContext) -> u32 {
 #[fexit(function = "module_sig_check")]
 pub fn modules_sig_check_exit(ctx: FExitContext) -> u32 {
     if let Some(load) = current_load() {
-        load.sig_check_ns += since(load.phase_start_ns);
+        load.sig_check_ns += since(load.marks.policy_entry_ns);
         // The policy step takes (info, flags) in every shape it is attached in (see the agent's
         // `shape`).
         load.sig_check_ret = crate::fexit::ret::<2>(&ctx) as i32;
@@ -340,13 +340,12 @@ pub fn modules_sig_check_exit(ctx: FExitContext) -> u32 {
     0
 }
 
-/// Entry times nest: `mod_verify_sig` runs inside `module_sig_check`, so it keeps its own start
-/// in the verify slot until its exit turns it into a duration.
+/// Entry times nest: `mod_verify_sig` runs inside `module_sig_check`, so each keeps its own.
 #[fentry(function = "mod_verify_sig")]
 pub fn modules_verify_enter(_ctx: FEntryContext) -> u32 {
     let start = now();
     if let Some(load) = current_load() {
-        load.verify_ns = now();
+        load.marks.verify_entry_ns = now();
         trampoline_gap(load, start);
     }
     0
@@ -368,11 +367,11 @@ pub fn modules_verify_gap(_ctx: FEntryContext) -> u32 {
 /// from it to its own first step (`start`). Either may run first.
 #[inline(always)]
 fn trampoline_gap(load: &mut ModuleLoad, start: u64) {
-    if load.gap_mark_ns != 0 {
-        load.gap_ns = start - load.gap_mark_ns;
-        load.gap_mark_ns = 0;
+    if load.marks.gap_mark_ns != 0 {
+        load.gap_ns = start - load.marks.gap_mark_ns;
+        load.marks.gap_mark_ns = 0;
     } else if load.gap_ns == 0 {
-        load.gap_mark_ns = now();
+        load.marks.gap_mark_ns = now();
     }
 }
 
@@ -407,7 +406,7 @@ pub fn modules_verify_exit_buffers(ctx: FExitContext) -> u32 {
 
 #[inline(always)]
 fn verify_end(load: &mut ModuleLoad, ret: i64) {
-    load.verify_ns = since(load.verify_ns);
+    load.verify_ns = since(load.marks.verify_entry_ns);
     load.verify_ret = ret as i32;
     load.seen |= SEEN_VERIFY_SIG;
 }
@@ -416,7 +415,7 @@ fn verify_end(load: &mut ModuleLoad, ret: i64) {
 #[fentry]
 pub fn modules_hash_enter(_ctx: FEntryContext) -> u32 {
     if let Some(load) = current_load() {
-        load.hash_ns = now();
+        load.marks.hash_entry_ns = now();
     }
     0
 }
@@ -424,7 +423,7 @@ pub fn modules_hash_enter(_ctx: FEntryContext) -> u32 {
 #[fexit]
 pub fn modules_hash_exit(ctx: FExitContext) -> u32 {
     if let Some(load) = current_load() {
-        load.hash_ns = since(load.hash_ns);
+        load.hash_ns = since(load.marks.hash_entry_ns);
         // Only patched 7.x kernels have it, with two to four arguments by version: the helper
         // is there (5.17+), and loads only where the agent attaches this program.
         load.hash_ret = ctx.ret::<i64>().unwrap_or(0) as i32;

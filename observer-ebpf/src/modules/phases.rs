@@ -25,7 +25,7 @@ fn phase_enter(phase: usize) -> u32 {
         && phase < PHASES
     {
         let entry = now();
-        load.phase_entry_ns[phase] = entry;
+        load.marks.phase_entry_ns[phase] = entry;
         load.probe_ns += entry - start;
     }
     0
@@ -36,11 +36,11 @@ fn phase_exit(phase: usize) -> u32 {
     let exit = now();
     if let Some(load) = current_load()
         && phase < PHASES
-        && load.phase_entry_ns[phase] != 0
+        && load.marks.phase_entry_ns[phase] != 0
     {
-        load.phase_ns[phase] += exit - load.phase_entry_ns[phase];
+        load.phase_ns[phase] += exit - load.marks.phase_entry_ns[phase];
         load.phase_calls[phase] += 1;
-        load.phase_entry_ns[phase] = 0;
+        load.marks.phase_entry_ns[phase] = 0;
         load.probe_ns += now() - exit;
     }
     0
