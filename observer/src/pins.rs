@@ -194,6 +194,22 @@ impl Pins {
         })
     }
 
+    fn partial(&self) -> PathBuf {
+        self.root.join(format!("{}{PARTIAL}", self.build))
+    }
+
+    /// Makes the directories [`Self::pin`] fills: before any link is taken out of its program,
+    /// so that a bpffs that cannot be written (not mounted, read-only in a sandbox) costs the
+    /// pinning only, never a hook.
+    fn prepare(&self) -> anyhow::Result<()> {
+        let partial = self.partial();
+        for sub in [LINKS, PROGRAMS, MAPS] {
+            fs::create_dir_all(partial.join(sub))
+                .with_context(|| format!("creating {}/{sub}", partial.display()))?;
+        }
+        Ok(())
+    }
+
     /// Pins the kept programs, their links and `maps` of the loaded object under this build's
     /// directory; returns how many objects were pinned.
     pub fn pin(
@@ -202,12 +218,7 @@ impl Pins {
         links: Vec<Attached>,
         maps: &[&str],
     ) -> anyhow::Result<usize> {
-        let partial = self.root.join(format!("{}{PARTIAL}", self.build));
-        for sub in [LINKS, PROGRAMS, MAPS] {
-            fs::create_dir_all(partial.join(sub)).with_context(|| {
-                format!("creating {}/{sub} (is bpffs mounted?)", partial.display())
-            })?;
-        }
+        let partial = self.partial();
         let mut pinned = 0;
         for name in maps {
             let map = ebpf
@@ -286,7 +297,13 @@ impl Pins {
             }
             Mode::Fresh => {
                 let refs: Vec<&Attached> = links.iter().collect();
-                if let Some(why) = Self::unpinnable(&refs) {
+                let why = Self::unpinnable(&refs).or_else(|| {
+                    self.prepare().err().map(|err| {
+                        let _ = remove(&self.partial());
+                        format!("{err:#}")
+                    })
+                });
+                if let Some(why) = why {
                     log::warn!(
                         "pins: not pinned: {why}; the security collectors stop with the agent"
                     );

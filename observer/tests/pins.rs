@@ -11,6 +11,9 @@ use std::{fs, path::Path, process::Command};
 
 use support::{Agent, OBSERVER, lockdown_level, write_open_debugfs};
 
+/// The tests count the kernel's programs by name: one agent at a time.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// The kernel's name of the program the host's lockdown hook attaches (15 characters kept).
 const CONSOLE_PROGRAM: &str = "lockdown_consol";
 
@@ -67,6 +70,9 @@ fn drained(agent: &Agent, want: f64) -> support::Metrics {
 
 #[test]
 fn pinned_security_programs_outlive_the_agent_and_are_adopted() {
+    let _one = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     if !features::kernel_has(
         "lockdown",
         lockdown_level().is_some_and(|l| l != "none"),
@@ -217,4 +223,33 @@ fn pinned_security_programs_outlive_the_agent_and_are_adopted() {
         .unwrap();
     assert!(again.status.success());
     assert!(String::from_utf8_lossy(&again.stdout).contains("nothing pinned"));
+}
+
+/// Where nothing can be pinned (a directory that is not on bpffs), the agent says so and runs
+/// as without `--pin`: the pinning is lost, never a hook.
+#[test]
+fn a_pin_path_off_bpffs_is_a_warning_and_a_metric() {
+    let _one = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let path = std::env::temp_dir().join(format!("observer-not-bpffs-{}", std::process::id()));
+    let agent = Agent::start(&["--pin", "--pin.path", path.to_str().unwrap()]);
+    let m = agent.metrics();
+    assert_eq!(m.value("observer_security_pinned", &[]), 0.0);
+    assert!(
+        stderr(&agent).contains("pins: not pinned (--pin)")
+            && stderr(&agent).contains("not on a bpffs mount"),
+        "{}",
+        stderr(&agent)
+    );
+    assert_eq!(
+        m.value(
+            "observer_probe_attached",
+            &[("probe", "lockdown_decision"), ("mechanism", "tracepoint")]
+        ),
+        1.0,
+        "the hooks attach as without --pin"
+    );
+    assert_eq!(agent.stop(), 0);
+    assert!(!path.exists(), "nothing made there");
 }
