@@ -166,7 +166,16 @@ fn run_agent(matches: &clap::ArgMatches, args: &RunArgs) -> anyhow::Result<()> {
             result = reopen_on_hangup => result.context("SIGHUP"),
             () = server => Ok(()),
             signal = shutdown_signal() => {
-                log::info!("{}: detaching and exiting", signal?);
+                let signal = signal?;
+                if agent.pins.pinned {
+                    log::info!(
+                        "{signal}: detaching the timer programs and exiting; the security programs \
+                         stay pinned under {} and keep watching (`observer unpin` removes them)",
+                        args.pin_path.display()
+                    );
+                } else {
+                    log::info!("{signal}: detaching and exiting");
+                }
                 Ok(())
             }
         }

@@ -7,7 +7,8 @@
 //!   ServiceMonitor against a schema derived from the prometheus-operator CRD (through the
 //!   models cloudcoil generates from it), made strict the same way; kustomization.yaml rendered
 //!   by kubectl's kustomize, and its output checked again; and the references between objects
-//!   (selectors, named ports, the namespace), which no schema covers.
+//!   (selectors, named ports, the namespace), which no schema covers. The same for
+//!   deploy/kubernetes/unpin, a kustomization of its own (applied after the agent's is deleted).
 //! - systemd (deploy/systemd): `systemd-analyze verify`, where any diagnostic fails (it exits
 //!   0 on unknown keys and bad values), and `systemd-analyze security`, whose exposure score
 //!   must stay at or under a ceiling, so that a weakened sandbox is noticed.
@@ -73,7 +74,9 @@ pub fn run() -> anyhow::Result<()> {
     let venv = python_tools(&root.join(".cache/deploy/venv"))?;
     // The PrometheusRule first: the manifests' checks then see it as it should be.
     rule::check(&root, &mut checks)?;
-    kubernetes(&venv, &deploy.join("kubernetes"), &scratch.0, &mut checks)?;
+    for folder in ["kubernetes", "kubernetes/unpin"] {
+        kubernetes(&venv, &deploy, folder, &scratch.0, &mut checks)?;
+    }
     systemd(&deploy.join("systemd"), &scratch.0, &mut checks)?;
 
     let seconds = started.elapsed().as_secs_f32();
@@ -152,31 +155,39 @@ fn python_tools(venv: &Path) -> anyhow::Result<PathBuf> {
     Ok(venv.to_path_buf())
 }
 
+/// One kustomization's folder under deploy/; each check is named after the folder.
 fn kubernetes(
     venv: &Path,
-    manifests: &Path,
+    deploy: &Path,
+    folder: &str,
     scratch: &Path,
     checks: &mut Checks,
 ) -> anyhow::Result<()> {
+    let manifests = deploy.join(folder);
     println!(
         "Kubernetes manifests ({}), against Kubernetes {K8S_VERSION}:",
         manifests.display()
     );
     // kustomize first: its output is validated too, as what `kubectl apply -k` would send.
-    let rendered_path = scratch.join("kustomize-output.yaml");
+    let rendered_path = scratch.join(format!(
+        "kustomize-output-{}.yaml",
+        folder.replace('/', "-")
+    ));
     let kustomize = output(
         Command::new(venv.join("bin/kubectl"))
             .arg("kustomize")
-            .arg(manifests),
+            .arg(&manifests),
     )?;
     let stderr = String::from_utf8_lossy(&kustomize.stderr);
     let rendered = if kustomize.status.success() && stderr.trim().is_empty() {
         fs::write(&rendered_path, &kustomize.stdout)?;
-        checks.pass("kustomization.yaml renders (kubectl kustomize)");
+        checks.pass(&format!(
+            "{folder}: kustomization.yaml renders (kubectl kustomize)"
+        ));
         rendered_path.to_string_lossy().into_owned()
     } else {
         checks.fail(
-            "kustomization.yaml renders (kubectl kustomize)",
+            &format!("{folder}: kustomization.yaml renders (kubectl kustomize)"),
             stderr.trim(),
         );
         "-".into()
@@ -188,22 +199,22 @@ fn kubernetes(
         Command::new(venv.join("bin/python"))
             .arg(&script)
             .arg(K8S_VERSION)
-            .arg(manifests)
+            .arg(&manifests)
             .arg(&rendered)
             .arg(venv.join("observer-servicemonitor.schema.json")),
     )?;
     for line in String::from_utf8_lossy(&result.stdout).lines() {
         if let Some(what) = line.strip_prefix("PASS ") {
-            checks.pass(what);
+            checks.pass(&format!("{folder}: {what}"));
         } else if let Some(failure) = line.strip_prefix("FAIL ") {
             let (what, why) = failure.split_once(": ").unwrap_or((failure, ""));
-            checks.fail(what, why);
+            checks.fail(&format!("{folder}: {what}"), why);
         }
     }
     // 0: all passed; 1: some failed, listed above; anything else: the script itself broke.
     if !matches!(result.status.code(), Some(0 | 1)) {
         checks.fail(
-            "manifest validator",
+            &format!("{folder}: manifest validator"),
             &format!(
                 "exited with {}: {}",
                 result.status,

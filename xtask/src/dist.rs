@@ -14,6 +14,7 @@ mod check;
 mod debian;
 mod guest;
 mod oci;
+mod pins;
 
 use std::{
     fs,

@@ -4,7 +4,9 @@
 //! balloon, the `modules-load.d` entry) or, loaded before it started (the initramfs's disk and
 //! file-system drivers, the virtio RNG driver PID 1 loads itself), in its inventory: exactly
 //! what /proc/modules lists, each once.
-//! `observer profile --since-start` then prints the boot's integrity cost.
+//! `observer profile --since-start` then prints the boot's integrity cost. The boot ends with
+//! `dpkg --purge observer`, which must leave no program of the observer's and no pin (see
+//! `pins::purged`).
 
 use std::collections::BTreeSet;
 
@@ -33,6 +35,13 @@ pub const SECOND_BOOT: &str = r#"    mark "second boot"
     section boot-summary observer profile --since-start
     section boot-events journalctl --boot --unit=observer --no-pager --output=cat
     section cycles sh -c "journalctl --boot --no-pager --output=cat | grep -ci 'ordering cycle'"
+    # Its prerm stops the agent, which leaves its security programs pinned, and unpins them;
+    # its postrm removes what would be left.
+    dpkg --purge observer >/tmp/purge.log 2>&1; mark "rc purge $?"
+    section purge cat /tmp/purge.log
+    settle 'modules|taint|lockdown|timers' 0
+    section bpf-purged bpftool --json prog show
+    mark "purged-pins $([ -e /sys/fs/bpf/observer ] && echo present || echo absent)"
     mark "boot-done"
     sync
     systemctl poweroff --force --force

@@ -1,8 +1,8 @@
 //! Each release file proven the way an operator uses it: the tarball's binary is static and
 //! runs here; the .deb is lintian-clean, installs into a fresh Debian 12 root and purges without
-//! a trace, and runs under the shipped unit with systemd as PID 1 in a QEMU guest; the OCI
-//! archive is read back by skopeo and umoci and its entrypoint runs; the same inputs give the
-//! same digests; the Kubernetes manifests name the image dist builds.
+//! a trace, and runs under the shipped unit with systemd as PID 1 in a QEMU guest (its pins
+//! too: see `pins`); the OCI archive is read back by skopeo and umoci and its entrypoint runs;
+//! the same inputs give the same digests; the Kubernetes manifests name the image dist builds.
 
 use std::{collections::BTreeSet, fs, path::Path, process::Command, time::Instant};
 
@@ -56,7 +56,10 @@ pub fn run(artifacts: &Artifacts) -> anyhow::Result<()> {
         &root.join(".cache/dist/logs"),
     )?;
     under_systemd(&report)?;
+    super::pins::first_boot(&report)?;
     super::boot::early_start(&second_boot)?;
+    super::pins::purged(&report, &second_boot)?;
+    super::pins::stop_lines(&report)?;
     let sums = output(
         Command::new("sha256sum")
             .args(["--check", "--strict"])
@@ -128,6 +131,7 @@ fn tarball(artifacts: &Artifacts, scratch: &Path) -> anyhow::Result<()> {
         "deploy/systemd/observer.service",
         "deploy/default/observer",
         "deploy/kubernetes/daemonset.yaml",
+        "deploy/kubernetes/unpin/daemonset.yaml",
     ] {
         ensure!(top.join(file).is_file(), "the tarball has no {file}");
     }
@@ -212,22 +216,25 @@ fn reproducible(artifacts: &Artifacts, scratch: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The DaemonSet and the kustomization name the image `dist` builds, with its version tag.
+/// The DaemonSets (the agent's, and the one that unpins) and their kustomizations name the
+/// image `dist` builds, with its version tag.
 fn manifests(root: &Path) -> anyhow::Result<()> {
     let reference = format!("{IMAGE}:{VERSION}");
-    let daemonset = fs::read_to_string(root.join("deploy/kubernetes/daemonset.yaml"))?;
-    ensure!(
-        daemonset
-            .lines()
-            .any(|l| l.trim() == format!("image: {reference}")),
-        "deploy/kubernetes/daemonset.yaml does not use image {reference}"
-    );
-    let kustomization = fs::read_to_string(root.join("deploy/kubernetes/kustomization.yaml"))?;
-    ensure!(
-        kustomization.contains(&format!("- name: {IMAGE}\n"))
-            && kustomization.contains(&format!("newTag: \"{VERSION}\"\n")),
-        "deploy/kubernetes/kustomization.yaml does not pin {reference}"
-    );
+    for folder in ["deploy/kubernetes", "deploy/kubernetes/unpin"] {
+        let daemonset = fs::read_to_string(root.join(folder).join("daemonset.yaml"))?;
+        ensure!(
+            daemonset
+                .lines()
+                .any(|l| l.trim() == format!("image: {reference}")),
+            "{folder}/daemonset.yaml does not use image {reference}"
+        );
+        let kustomization = fs::read_to_string(root.join(folder).join("kustomization.yaml"))?;
+        ensure!(
+            kustomization.contains(&format!("- name: {IMAGE}\n"))
+                && kustomization.contains(&format!("newTag: \"{VERSION}\"\n")),
+            "{folder}/kustomization.yaml does not pin {reference}"
+        );
+    }
     eprintln!("dist: PASS the Kubernetes manifests name {reference}");
     Ok(())
 }
@@ -293,9 +300,9 @@ fn image(artifacts: &Artifacts, scratch: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The guest's report: installed, enabled and started under the unit as shipped, every hook
-/// attached by fentry/fexit where offered, the module load counted, a clean stop, no program
-/// left in the kernel.
+/// The guest's report: installed, enabled and started under the unit as shipped (with --pin
+/// and bpffs writable), every hook attached by fentry/fexit where offered, the module load
+/// counted, a clean stop (what it leaves in the kernel: `pins::first_boot`).
 fn under_systemd(report: &Report) -> anyhow::Result<()> {
     for step in ["dpkg-install", "enable-now", "modprobe", "stop"] {
         let rc = report.line(&format!("rc {step}"))?;
@@ -314,6 +321,7 @@ fn under_systemd(report: &Report) -> anyhow::Result<()> {
         "PrivateDevices=yes",
         "MemoryDenyWriteExecute=yes",
         "CapabilityBoundingSet=cap_sys_admin cap_perfmon cap_bpf",
+        "ProtectKernelTunables=yes",
     ] {
         ensure!(
             unit.lines().any(|l| l == setting),
@@ -324,6 +332,17 @@ fn under_systemd(report: &Report) -> anyhow::Result<()> {
         unit.lines()
             .any(|l| l.starts_with("SystemCallFilter=") && l.contains("bpf")),
         "the running unit has no system call filter:\n{unit}"
+    );
+    // The pins' directory writable (ProtectKernelTunables= makes the rest of bpffs read-only).
+    ensure!(
+        unit.lines()
+            .any(|l| l == "ReadWritePaths=-/sys/fs/bpf/observer"),
+        "the running unit does not make the pins' directory writable:\n{unit}"
+    );
+    ensure!(
+        unit.lines()
+            .any(|l| l.starts_with("ExecStart=") && l.contains("argv[]=/usr/bin/observer --pin ")),
+        "the running unit does not start the agent with --pin:\n{unit}"
     );
 
     let before = report.section("metrics-before")?;
@@ -407,18 +426,20 @@ fn under_systemd(report: &Report) -> anyhow::Result<()> {
         "bpftool listed {} new programs while the agent ran: {observers:?}",
         observers.len()
     );
+    // The security programs stay pinned: `pins::first_boot` checks that they alone do.
     let remaining: Vec<&(u64, String)> = left.difference(&baseline).collect();
     ensure!(
-        remaining.is_empty(),
-        "programs left in the kernel after `systemctl stop observer`: {remaining:?}"
+        remaining.len() < observers.len(),
+        "every program stayed in the kernel after `systemctl stop observer`: {remaining:?}"
     );
     eprintln!(
         "dist: PASS under systemd: {} of {} probes attached ({trampolines} by fentry/fexit; \
-         {ABSENT_HOOK} is not in this kernel), the module load counted, {} programs loaded and \
-         all gone after a clean stop",
+         {ABSENT_HOOK} is not in this kernel), the module load counted, {} programs loaded, \
+         {} left pinned after a clean stop",
         probes.len() - unattached.len(),
         probes.len(),
-        observers.len()
+        observers.len(),
+        remaining.len()
     );
     Ok(())
 }
@@ -435,7 +456,7 @@ const TRAMPOLINE_PROBES: [&str; 4] = [
 
 /// Programs other than systemd's own per-cgroup ones (which come and go with units), by ID
 /// and name.
-fn tracing_programs(json: &str) -> anyhow::Result<BTreeSet<(u64, String)>> {
+pub(super) fn tracing_programs(json: &str) -> anyhow::Result<BTreeSet<(u64, String)>> {
     let list: Value =
         serde_json::from_str(json.trim()).with_context(|| format!("bpftool's JSON: {json}"))?;
     Ok(list

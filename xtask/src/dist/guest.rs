@@ -1,8 +1,10 @@
 //! The operator's path under a real systemd: the Debian 12 root (with systemd as PID 1) booted
 //! in QEMU on Debian's 6.12 kernel, the .deb installed with dpkg, `systemctl enable --now
-//! observer` under the unit as shipped, a module loaded, the agent stopped; then a second boot
-//! with the agent enabled, which its unit starts before udev (see `boot`). The guest prints
-//! what it saw between markers on the serial console; `check` judges it on the host.
+//! observer` under the unit as shipped, a module loaded, the agent stopped with its security
+//! programs left pinned, then started, restarted and upgraded over those pins (see `pins`);
+//! then a second boot with the agent enabled, which its unit starts before udev (see `boot`),
+//! ending with the package purged. The guest prints what it saw between markers on the serial
+//! console; `check` judges it on the host.
 
 use std::{
     fs,
@@ -28,27 +30,93 @@ mark() { echo "@@dist $*"; }
 section() { mark "begin $1"; shift; "$@" 2>&1; mark "end"; }
 scrape() { curl --silent --fail --max-time 10 http://127.0.0.1:9745/metrics; }
 loads() { scrape | awk '/^observer_module_loads_total[{ ]/ { sum += $NF } END { print sum + 0 }'; }
+serving() { for _ in $(seq 600); do scrape >/dev/null && return 0; sleep 0.5; done; return 1; }
+# An agent that does not serve: its journal, and the end of this boot (the host reports it).
+fatal() {
+    mark "fatal $1"
+    section fatal-journal journalctl --unit=observer --no-pager --output=cat
+    mark "done"; sync; systemctl poweroff --force --force; exit 0
+}
+# One run of the agent's lines: each start of the unit has an invocation ID of its own.
+invocation() { systemctl show --property=InvocationID --value observer; }
+run_journal() { journalctl --sync; journalctl --no-pager --output=cat _SYSTEMD_INVOCATION_ID="$1"; }
+# How many of the observer's programs of these families the kernel holds (bpftool's compact
+# JSON); a program whose last link or pin went is freed by the kernel a moment later.
+programs() { bpftool --json prog show | grep -oE "\"name\":\"($1)_" | wc -l; }
+settle() { for _ in $(seq 40); do [ "$(programs "$1")" = "$2" ] && return; sleep 0.25; done; }
+# The inventory of modules present at start is published a moment after the agent attached.
+inventoried() {
+    for _ in $(seq 60); do
+        scrape | grep -q '^observer_modules_present_at_start' && return
+        sleep 0.25
+    done
+}
 mark "started systemd=$(readlink /proc/1/exe) kernel=$(uname -r)"
 if [ -e /var/lib/observer-check/second-boot ]; then
 __SECOND_BOOT__
 fi
 section bpf-before bpftool --json prog show
 dpkg --install /root/observer.deb >/dev/null 2>&1; mark "rc dpkg-install $?"
-systemctl enable --now observer; mark "rc enable-now $?"
+systemctl enable --now observer; started=$?; mark "rc enable-now $started"
 mark "state enabled=$(systemctl is-enabled observer) active=$(systemctl is-active observer)"
-for _ in $(seq 600); do scrape >/dev/null && break; sleep 0.5; done
+[ $started = 0 ] && serving || fatal "no /metrics after systemctl enable --now observer"
+first=$(invocation)
 section bpf-running bpftool --json prog show
+security=$(programs 'modules|taint|lockdown')
+inventoried
 section metrics-before scrape
 section kallsyms grep --count --word-regexp __ABSENT__ /proc/kallsyms
 before=$(loads)
 modprobe __MODULE__; mark "rc modprobe $?"
 for _ in $(seq 120); do [ "$(loads)" != "$before" ] && break; sleep 0.5; done
 section metrics-after scrape
-section unit systemctl show observer --property=NoNewPrivileges,CapabilityBoundingSet,SystemCallFilter,ProtectSystem,ProtectKernelModules,PrivateDevices,RestrictAddressFamilies,MemoryDenyWriteExecute
+section pins ls -1R /sys/fs/bpf/observer
+build=$(ls /sys/fs/bpf/observer)
+section unit systemctl show observer --property=NoNewPrivileges,CapabilityBoundingSet,SystemCallFilter,ProtectSystem,ProtectKernelModules,PrivateDevices,RestrictAddressFamilies,MemoryDenyWriteExecute,ProtectKernelTunables,ReadWritePaths,ExecStart
 systemctl stop observer; mark "rc stop $?"
 section stopped systemctl show observer --property=ActiveState,Result,ExecMainCode,ExecMainStatus
+journalctl --sync
 section journal journalctl --unit=observer --no-pager --output=cat
+section journal-first run_journal "$first"
+settle timers 0
 section bpf-after bpftool --json prog show
+section probes-stopped observer probes
+# Seen only by the pinned programs: no agent runs.
+modprobe __STOPPED_MODULE__; mark "rc modprobe-stopped $?"
+systemctl start observer; started=$?; mark "rc start-adopt $started"
+[ $started = 0 ] && serving || fatal "no /metrics after the start over the pins"
+adopted=$(invocation)
+section bpf-adopted bpftool --json prog show
+inventoried
+section metrics-adopted scrape
+section journal-adopted run_journal "$adopted"
+# From the restart's start until /metrics answers again.
+started=$(date +%s%N)
+systemctl restart observer; restarted=$?
+for _ in $(seq 6000); do scrape >/dev/null && break; sleep 0.01; done
+mark "restart-ms $(( ($(date +%s%N) - started) / 1000000 ))"
+mark "rc restart $restarted"
+# A load racing a restart: counted once, whichever agent (or none) runs when it happens.
+section metrics-race-before scrape
+modprobe __RACE_MODULE__ & load=$!
+systemctl restart observer; restarted=$?
+wait $load; mark "rc modprobe-race $?"
+mark "rc restart-race $restarted"
+serving || fatal "no /metrics after the restart during a load"
+section metrics-race scrape
+# An upgrade: the pins left by another build (the same pins, renamed to another build's
+# directory) are replaced.
+systemctl stop observer; mark "rc stop-upgrade $?"
+mv "/sys/fs/bpf/observer/$build" /sys/fs/bpf/observer/__OTHER_BUILD__; mark "rc rename $?"
+systemctl start observer; started=$?; mark "rc start-upgrade $started"
+[ $started = 0 ] && serving || fatal "no /metrics after the start over another build's pins"
+upgraded=$(invocation)
+settle 'modules|taint|lockdown' "$security"
+section bpf-upgraded bpftool --json prog show
+section metrics-upgraded scrape
+section journal-upgraded run_journal "$upgraded"
+section pins-upgraded ls -1 /sys/fs/bpf/observer
+mark "build $build"
 # For the second boot: the agent enabled (it starts before udev), its events in the journal,
 # a module for systemd-modules-load.
 echo 'OBSERVER_ARGS="--web.listen-address=127.0.0.1:9745 --events json"' >/etc/default/observer
@@ -153,6 +221,13 @@ pub fn boot(
         disk: &disk,
     };
     let first = boots.run(&logs.join("dist-systemd-guest.log"), "done")?;
+    // The first boot ended early (its agent did not serve): no second boot to make.
+    if let Ok(why) = first.line("fatal") {
+        bail!(
+            "the systemd guest stopped early: {why}; the agent's journal:\n{}",
+            first.section("fatal-journal")?
+        );
+    }
     let second = boots.run(&logs.join("dist-systemd-guest-boot2.log"), "boot-done")?;
     Ok((first, second))
 }
@@ -271,6 +346,9 @@ fn prepare_root(rootfs: &Path, kernel: &Kernel, deb: &Path) -> anyhow::Result<()
         GUEST_SCRIPT
             .replace("__SECOND_BOOT__", super::boot::SECOND_BOOT)
             .replace("__MODULE__", MODULE)
+            .replace("__STOPPED_MODULE__", super::pins::STOPPED_MODULE)
+            .replace("__RACE_MODULE__", super::pins::RACE_MODULE)
+            .replace("__OTHER_BUILD__", super::pins::OTHER_BUILD)
             .replace("__BOOT_MODULE__", super::boot::MODULES_LOAD)
             .replace("__ABSENT__", super::check::ABSENT_HOOK),
     )?;
