@@ -100,7 +100,11 @@ pub trait HookFamily: Send {
     fn records(&self) -> &'static [RecordKind];
 
     /// Takes one record of one of its kinds (at least as long as declared) into its state;
-    /// returns its event when `want_event` and the record makes one.
+    /// returns its event when `want_event` and the record makes one. Every family does it in
+    /// one shape: it parses the record into its own event type (a function of the record and
+    /// of its read-only configuration, such as names tables), counts its metrics from that
+    /// value only, and serialises the same value for the stream. One source of truth: what is
+    /// counted is what is reported (fields only the metrics need are `#[serde(skip)]`).
     fn decode(&mut self, kind: EventKind, bytes: &[u8], want_event: bool) -> Option<Event>;
 
     /// Events that come from no record (an inventory taken at start): asked for after every

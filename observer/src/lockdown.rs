@@ -24,12 +24,27 @@ use crate::{
 
 /// A lockdown decision event: the reason (`enum lockdown_reason`'s name), the verdict, and
 /// the process a console line names.
+///
+/// The one value a record becomes: the console's denials are counted from it and the stream
+/// writes it, so what is counted is what is reported.
 #[derive(Debug, serde::Serialize)]
 pub struct Decision {
     pub reason: String,
     pub verdict: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub comm: Option<String>,
+    /// Where it was seen (both mechanisms make the same event; only one is counted here).
+    #[serde(skip)]
+    pub seen_by: SeenBy,
+}
+
+/// The mechanism a decision was seen by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SeenBy {
+    /// fexit on `security_locked_down`: every check, counted in the kernel.
+    Check,
+    /// The `printk:console` fallback: a denial's log line, counted by the agent.
+    Console,
 }
 
 pub const FAMILY: Registration = Registration {
@@ -87,33 +102,18 @@ impl HookFamily for LockdownFamily {
     }
 
     fn decode(&mut self, kind: EventKind, bytes: &[u8], want_event: bool) -> Option<Event> {
-        let (reason, verdict, comm) = if kind == EventKind::LockdownConsole {
-            let (reason, comm) = self
-                .state
-                .console(&read_record::<LockdownConsole>(bytes)?)?;
-            (reason, "denied", Some(comm))
+        // One value per record, counted and then written: the stream says what the metrics
+        // count.
+        let decision = if kind == EventKind::LockdownConsole {
+            self.state
+                .console_decision(&read_record::<LockdownConsole>(bytes)?)?
         } else {
-            let decision = read_record::<LockdownDecision>(bytes)?;
-            let verdict = if decision.denied != 0 {
-                "denied"
-            } else {
-                "allowed"
-            };
-            (self.state.reason_name(decision.reason), verdict, None)
+            self.state
+                .check_decision(&read_record::<LockdownDecision>(bytes)?)
         };
-        // Both mechanisms make the same event; a console line names the process itself (its
-        // `comm` replaces the header's, which is the printing task's).
+        self.state.count(&decision);
         want_event
-            .then(|| {
-                Event::of(
-                    "lockdown_decision",
-                    &Decision {
-                        reason,
-                        verdict,
-                        comm,
-                    },
-                )
-            })
+            .then(|| Event::of("lockdown_decision", &decision))
             .flatten()
     }
 
@@ -270,13 +270,43 @@ impl Lockdown {
             .unwrap_or_else(|| format!("reason{value}"))
     }
 
-    /// A console line's reason and process, counted as a denial.
-    fn console(&mut self, record: &LockdownConsole) -> Option<(String, String)> {
+    /// What a check's record says (fexit), named from this kernel's reasons.
+    fn check_decision(&self, record: &LockdownDecision) -> Decision {
+        Decision {
+            reason: self.reason_name(record.reason),
+            verdict: if record.denied != 0 {
+                "denied"
+            } else {
+                "allowed"
+            },
+            comm: None,
+            seen_by: SeenBy::Check,
+        }
+    }
+
+    /// What a console line says (fallback): a denial, with the process the line names (its
+    /// `comm` replaces the header's, which is the printing task's). None for a line that is not
+    /// a lockdown denial.
+    fn console_decision(&self, record: &LockdownConsole) -> Option<Decision> {
         let len = (record.len as usize).min(record.text.len());
         let text = String::from_utf8_lossy(&record.text[..len]);
         let (reason, comm) = parse_console(&text)?;
-        *self.console_denials.entry(reason.clone()).or_default() += 1;
-        Some((reason, comm))
+        Some(Decision {
+            reason,
+            verdict: "denied",
+            comm: Some(comm),
+            seen_by: SeenBy::Console,
+        })
+    }
+
+    /// Counts a decision: the console's denials (the kernel counts the checks fexit sees).
+    fn count(&mut self, decision: &Decision) {
+        if decision.seen_by == SeenBy::Console {
+            *self
+                .console_denials
+                .entry(decision.reason.clone())
+                .or_default() += 1;
+        }
     }
 
     /// `counts`: the kernel's counters ([`LockdownMaps::counts`]).
@@ -348,6 +378,48 @@ mod tests {
         assert_eq!(parse_console(line), Some(("unknown".into(), "x".into())));
         assert_eq!(parse_console("Lockdown: nonsense"), None);
         assert_eq!(parse_console("hello"), None);
+    }
+
+    /// The console's denials are counted from the event the stream gets; checks are the
+    /// kernel's to count. The stream carries neither mechanism.
+    #[test]
+    fn console_denials_are_counted_from_their_events() {
+        let mut family = LockdownFamily {
+            state: Lockdown::default(),
+            maps: None,
+        };
+        let line = b"Lockdown: bash: debugfs access is restricted; see man kernel_lockdown.7";
+        // SAFETY: all-zero is a valid record.
+        let mut console: LockdownConsole = unsafe { std::mem::zeroed() };
+        console.text[..line.len()].copy_from_slice(line);
+        console.len = line.len() as u32;
+        let event = family
+            .decode(
+                EventKind::LockdownConsole,
+                &crate::record::record_bytes(&console),
+                true,
+            )
+            .unwrap();
+        assert_eq!(
+            serde_json::Value::Object(event.fields),
+            serde_json::json!({"reason": "debugfs", "verdict": "denied", "comm": "bash"})
+        );
+        // SAFETY: all-zero is a valid record.
+        let mut check: LockdownDecision = unsafe { std::mem::zeroed() };
+        check.denied = 1;
+        let event = family
+            .decode(
+                EventKind::LockdownDecision,
+                &crate::record::record_bytes(&check),
+                true,
+            )
+            .unwrap();
+        assert_eq!(event.fields["verdict"], "denied");
+        assert!(!event.fields.contains_key("comm"));
+        assert_eq!(
+            family.state.console_denials,
+            HashMap::from([("debugfs".to_owned(), 1)])
+        );
     }
 
     #[test]

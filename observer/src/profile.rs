@@ -493,8 +493,10 @@ mod tests {
             syscall: Some("finit_module"),
             result: "ok".into(),
             total_ns,
+            ran_load_module: true,
             sig_check_ns: check,
             integrity_check_ns: check,
+            integrity_check_result: check.map(|_| "ok"),
             ima: None,
             phases_ns: check
                 .map(|c| [("digest", c / 2), ("other", c / 2)].into_iter().collect())

@@ -95,7 +95,6 @@ impl TaintFamily {
     }
 }
 
-/// The module a taint names, as the kernel spells module names.
 /// A taint event: the flag's letter, and the module whose load set it, where one did.
 #[derive(Debug, serde::Serialize)]
 pub struct Tainted {
@@ -104,6 +103,18 @@ pub struct Tainted {
     pub module: Option<String>,
 }
 
+impl Tainted {
+    /// What a record says: a function of the record alone.
+    fn from_record(record: &TaintEvent) -> Self {
+        let module = module_of(record.module_source, &record.module);
+        Self {
+            flag: kernel::taint_flag(record.flag),
+            module: (!module.is_empty()).then_some(module),
+        }
+    }
+}
+
+/// The module a taint names, as the kernel spells module names.
 fn module_of(source: u32, module: &[u8]) -> String {
     match source {
         MODULE_FROM_NAME => comm_str(module),
@@ -134,18 +145,10 @@ impl HookFamily for TaintFamily {
     }
 
     fn decode(&mut self, _kind: EventKind, bytes: &[u8], want_event: bool) -> Option<Event> {
-        if !want_event {
-            return None;
-        }
-        let record = read_record::<TaintEvent>(bytes)?;
-        let module = module_of(record.module_source, &record.module);
-        Event::of(
-            "taint",
-            &Tainted {
-                flag: kernel::taint_flag(record.flag),
-                module: (!module.is_empty()).then_some(module),
-            },
-        )
+        let tainted = Tainted::from_record(&read_record::<TaintEvent>(bytes)?);
+        // Nothing to count from it here: the kernel counts every taint in its map (also those
+        // whose record was lost), and the records add the stream's detail.
+        want_event.then(|| Event::of("taint", &tainted)).flatten()
     }
 
     fn collect(&self, out: &mut Vec<Family>) -> anyhow::Result<()> {

@@ -115,6 +115,10 @@ fn other_ns(load: &ModuleLoad, accounted: u64) -> u64 {
 }
 
 /// One load, as `observer profile` and `--events json` see it.
+///
+/// The one value a record becomes: the load metrics are counted from it, `observer profile`
+/// keeps it and the stream writes it, so what is counted is what is reported. The fields only
+/// the metrics read are left out of the stream.
 #[derive(Clone, Debug, Serialize)]
 pub struct LoadRecord {
     pub module: String,
@@ -149,10 +153,17 @@ pub struct LoadRecord {
     pub syscall: Option<&'static str>,
     pub result: String,
     pub total_ns: u64,
+    /// `load_module` ran: the attempt was neither refused at its read nor ended before it.
+    /// Only then is `total_ns` a load duration.
+    #[serde(skip)]
+    pub ran_load_module: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sig_check_ns: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub integrity_check_ns: Option<u64>,
+    /// What the check timed by `integrity_check_ns` found: `ok` or `fail`.
+    #[serde(skip)]
+    pub integrity_check_result: Option<&'static str>,
     /// IMA's appraisal of the module's read, when IMA appraised it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ima: Option<ImaVerdict>,
@@ -164,92 +175,22 @@ pub struct LoadRecord {
     pub taints: String,
 }
 
-fn taint_letters(mask: u64) -> String {
-    (0..64)
-        .filter(|b| mask & (1 << b) != 0)
-        .map(kernel::taint_flag)
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
-/// What the records tell, kept between scrapes.
-#[derive(Debug, Default)]
-pub struct ModuleState {
-    integrity: BTreeMap<(&'static str, &'static str), Log2Histogram>,
-    load_duration: BTreeMap<&'static str, Log2Histogram>,
-    phases: BTreeMap<&'static str, Log2Histogram>,
-    /// Estimated hash-based check time per signed load (see [`hash_estimate_ns`]).
-    hash_estimate: Log2Histogram,
-    /// Levels of a Merkle tree over this kernel's modules, when their number is known.
-    merkle_levels: Option<u32>,
-    /// Key descriptions by serial, for the signer.
-    pub keys: KeyNames,
-    /// Where every load seen goes, for `observer profile` (bounded).
-    pub samples: Option<Samples>,
-    /// Export the hash-check estimate (`--modules.research`).
-    research: bool,
-}
-
-/// The loads `observer profile` reports on: the module family adds each one it decodes.
-pub type Samples = std::sync::Arc<std::sync::Mutex<Vec<LoadRecord>>>;
-
-impl ModuleState {
-    pub fn new(samples: Option<Samples>, merkle_leaves: Option<u64>, research: bool) -> Self {
-        Self {
-            samples,
-            research,
-            merkle_levels: merkle_leaves.map(merkle::levels),
-            ..Self::default()
-        }
-    }
-
-    pub fn load(&mut self, load: &ModuleLoad) -> LoadRecord {
-        let (outcome, method) = (outcome(load), method(load));
-        let module = module_name(load);
-        // An attempt refused at its read, or ended before load_module, never ran it.
-        if load.seen & (SEEN_READ_REFUSED | SEEN_NO_LOAD) == 0 {
-            self.load_duration
-                .entry(outcome)
-                .or_default()
-                .observe(load.total_ns);
-        }
-        let ima = ima::verdict(load);
-        if let Some(check) = &ima {
-            self.integrity
-                .entry((check.method, check.result))
-                .or_default()
-                .observe(check.check_ns);
-        }
-        let integrity_check_ns = match method {
+impl LoadRecord {
+    /// What a load attempt's record says: a function of the record and of the key names.
+    pub fn from_record(load: &ModuleLoad, keys: &KeyNames) -> Self {
+        let method = method(load);
+        let integrity_check = match method {
             "signature" => Some((load.verify_ns, load.verify_ret)),
             "hash" => Some((load.hash_ns, load.hash_ret)),
             _ => None,
-        }
-        .map(|(ns, ret)| {
-            let result = if ret == 0 { "ok" } else { "fail" };
-            self.integrity
-                .entry((method, result))
-                .or_default()
-                .observe(ns);
-            ns
-        });
-        let phases_ns = phases(load);
-        let (signer, key) = signers::key_of(load, &self.keys);
+        };
+        let (signer, key) = signers::key_of(load, keys);
         let digest = signers::digest_hex(load)
             .map(|hex| (comm_str(&load.hash_algo), hex, "module"))
             .or_else(|| ima::file_digest(load).map(|(algo, hex)| (algo.to_owned(), hex, "file")));
-        for (phase, ns) in &phases_ns {
-            self.phases.entry(phase).or_default().observe(*ns);
-        }
-        if let (Some(levels), Some(digest)) = (self.merkle_levels, phases_ns.get("digest"))
-            && let Some(per_node) = merkle::per_node_ns(*digest, load.hashed_len)
-        {
-            let estimate = merkle::estimate_ns(*digest as f64, per_node, levels) as u64;
-            self.hash_estimate.observe(estimate);
-        }
-        let record = LoadRecord {
-            module,
-            outcome,
+        Self {
+            module: module_name(load),
+            outcome: outcome(load),
             method,
             reason: reason(load),
             signer,
@@ -269,22 +210,93 @@ impl ModuleState {
                     .min(observer_common::ERRNO_SLOTS - 1),
             ),
             total_ns: load.total_ns,
+            ran_load_module: load.seen & (SEEN_READ_REFUSED | SEEN_NO_LOAD) == 0,
             sig_check_ns: (load.seen & SEEN_SIG_CHECK != 0).then_some(load.sig_check_ns),
-            integrity_check_ns,
-            ima,
-            phases_ns,
+            integrity_check_ns: integrity_check.map(|(ns, _)| ns),
+            integrity_check_result: integrity_check
+                .map(|(_, ret)| if ret == 0 { "ok" } else { "fail" }),
+            ima: ima::verdict(load),
+            phases_ns: phases(load),
             hashed_bytes: load.hashed_len,
             taints: taint_letters(load.taints),
-        };
+        }
+    }
+}
+
+fn taint_letters(mask: u64) -> String {
+    (0..64)
+        .filter(|b| mask & (1 << b) != 0)
+        .map(kernel::taint_flag)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// What the loads tell, kept between scrapes.
+#[derive(Debug, Default)]
+pub struct ModuleState {
+    integrity: BTreeMap<(&'static str, &'static str), Log2Histogram>,
+    load_duration: BTreeMap<&'static str, Log2Histogram>,
+    phases: BTreeMap<&'static str, Log2Histogram>,
+    /// Estimated hash-based check time per signed load (see [`merkle::estimate_ns`]).
+    hash_estimate: Log2Histogram,
+    /// Levels of a Merkle tree over this kernel's modules, when their number is known.
+    merkle_levels: Option<u32>,
+    /// Where every load seen goes, for `observer profile` (bounded).
+    pub samples: Option<Samples>,
+    /// Export the hash-check estimate (`--modules.research`).
+    research: bool,
+}
+
+/// The loads `observer profile` reports on: the module family adds each one it decodes.
+pub type Samples = std::sync::Arc<std::sync::Mutex<Vec<LoadRecord>>>;
+
+impl ModuleState {
+    pub fn new(samples: Option<Samples>, merkle_leaves: Option<u64>, research: bool) -> Self {
+        Self {
+            samples,
+            research,
+            merkle_levels: merkle_leaves.map(merkle::levels),
+            ..Self::default()
+        }
+    }
+
+    /// Counts one load: from the event the stream gets, never from the raw record.
+    pub fn count(&mut self, load: &LoadRecord) {
+        if load.ran_load_module {
+            self.load_duration
+                .entry(load.outcome)
+                .or_default()
+                .observe(load.total_ns);
+        }
+        if let Some(check) = &load.ima {
+            self.integrity
+                .entry((check.method, check.result))
+                .or_default()
+                .observe(check.check_ns);
+        }
+        if let (Some(ns), Some(result)) = (load.integrity_check_ns, load.integrity_check_result) {
+            self.integrity
+                .entry((load.method, result))
+                .or_default()
+                .observe(ns);
+        }
+        for (phase, ns) in &load.phases_ns {
+            self.phases.entry(phase).or_default().observe(*ns);
+        }
+        if let (Some(levels), Some(digest)) = (self.merkle_levels, load.phases_ns.get("digest"))
+            && let Some(per_node) = merkle::per_node_ns(*digest, load.hashed_bytes)
+        {
+            let estimate = merkle::estimate_ns(*digest as f64, per_node, levels) as u64;
+            self.hash_estimate.observe(estimate);
+        }
         if let Some(samples) = &self.samples {
             let mut samples = samples
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             if samples.len() < MAX_SAMPLES {
-                samples.push(record.clone());
+                samples.push(load.clone());
             }
         }
-        record
     }
 
     pub fn gather(&self, families: &mut Vec<Family>) {
@@ -344,6 +356,13 @@ mod tests {
 
     use super::*;
 
+    /// Counts `load` into `state` as the family does, and returns its event.
+    fn count(state: &mut ModuleState, load: &ModuleLoad) -> LoadRecord {
+        let record = LoadRecord::from_record(load, &KeyNames::default());
+        state.count(&record);
+        record
+    }
+
     fn load(load_ret: i32, seen: u32, sig_check_ret: i32) -> ModuleLoad {
         // SAFETY: all-zero is a valid ModuleLoad.
         let mut l: ModuleLoad = unsafe { std::mem::zeroed() };
@@ -367,7 +386,7 @@ mod tests {
         l.outcome = 99;
         assert_eq!(outcome(&l), "failed", "a number no outcome has");
         let mut state = ModuleState::default();
-        let record = state.load(&load(-libc::EOPNOTSUPP, SEEN_NO_LOAD, 0));
+        let record = count(&mut state, &load(-libc::EOPNOTSUPP, SEEN_NO_LOAD, 0));
         assert_eq!(record.outcome, "loaded", "outcome 0");
         assert!(
             state.load_duration.is_empty(),
@@ -401,7 +420,7 @@ mod tests {
         proof.hash_ns = 8000;
         proof.hash_ret = -libc::ENOKEY;
         proof.reason = modules::REASON_UNKNOWN_KEY;
-        let record = state.load(&proof);
+        let record = count(&mut state, &proof);
         assert_eq!(
             (record.method, record.reason, record.integrity_check_ns),
             ("hash", "unknown_key", Some(8000))
@@ -410,7 +429,7 @@ mod tests {
         let mut signed = load(0, SEEN_SIG_CHECK | SEEN_VERIFY_SIG, 0);
         signed.verify_ns = 20_000;
         signed.hashed_len = 6400;
-        let record = state.load(&signed);
+        let record = count(&mut state, &signed);
         assert_eq!(
             (
                 record.method,
@@ -443,7 +462,7 @@ mod tests {
         let mut l = load(0, SEEN_SIG_CHECK | SEEN_NAME, 0);
         l.name[..4].copy_from_slice(b"crc7");
         l.taints = 1 << 13;
-        let record = state.load(&l);
+        let record = count(&mut state, &l);
         assert_eq!(
             (
                 record.outcome,
@@ -468,7 +487,7 @@ mod tests {
         l.phase_ns[modules::PHASE_DIGEST] = 1000;
         l.verify_ns = 5000;
         l.hashed_len = 6400;
-        state.load(&l);
+        count(&mut state, &l);
         assert_eq!(state.hash_estimate.count(), 1);
         assert_eq!(state.hash_estimate.sum_ns, 1260);
     }

@@ -30,6 +30,7 @@ use self::{
     inventory::Inventory,
     load::ModuleState,
     shape::{IntegrityFunctions, Shape, Verify, VerifyArgs, decide, key_lookup_exits, verify_exit},
+    signers::KeyNames,
 };
 use crate::{
     family::{Context, Event, HookFamily, LoadSettings, RecordKind, Registration},
@@ -66,6 +67,8 @@ const RECORDS: &[RecordKind] = &[RecordKind::of::<ModuleLoad>(EventKind::ModuleL
 pub struct ModuleFamily {
     state: ModuleState,
     maps: Option<ModuleMaps>,
+    /// Key descriptions by serial, for the signer (of a load, and of the signers' counts).
+    keys: KeyNames,
     /// Which integrity functions this kernel has (from BTF prototypes).
     integrity: IntegrityFunctions,
     /// `find_asymmetric_key`'s exit programs for this kernel's prototype (see `shape`).
@@ -106,6 +109,7 @@ impl ModuleFamily {
         Ok(Box::new(Self {
             state: ModuleState::new(context.samples.clone(), merkle_leaves, research),
             maps: None,
+            keys: KeyNames::default(),
             integrity,
             key_lookup_exits,
             ima_hooks: ima::hooks(context.kernel.btf.as_ref().ok()),
@@ -243,18 +247,21 @@ impl HookFamily for ModuleFamily {
     }
 
     fn decode(&mut self, _kind: EventKind, bytes: &[u8], want_event: bool) -> Option<Event> {
-        let record = self.state.load(&read_record::<ModuleLoad>(bytes)?);
-        if record.outcome == "loaded" {
-            self.inventory.saw_load(&record.module);
+        // One value per record, counted and then written: the stream says what the metrics
+        // count.
+        let load = LoadRecord::from_record(&read_record::<ModuleLoad>(bytes)?, &self.keys);
+        self.state.count(&load);
+        if load.outcome == "loaded" {
+            self.inventory.saw_load(&load.module);
         }
         want_event
-            .then(|| Event::of("module_load", &record))
+            .then(|| Event::of("module_load", &load))
             .flatten()
     }
 
     fn collect(&self, out: &mut Vec<Family>) -> anyhow::Result<()> {
         if let Some(maps) = &self.maps {
-            maps.gather(out, &self.state.keys)?;
+            maps.gather(out, &self.keys)?;
         }
         self.state.gather(out);
         self.inventory.gather(out);

@@ -23,14 +23,14 @@ use observer_common::{
     },
 };
 
-use self::state::{TimerSettings, TimerState};
+use self::state::{TimerChange, TimerSettings, TimerState};
 use crate::{
     family::{Context, Event, HookFamily, LoadSettings, RecordKind, Registration},
     kernel::KernelBtf,
     maps::{self, Maps},
     metrics::{Family, Log2Histogram, add_syscall_results, result_label},
     plan::{Hook, KernelView, fentry, fexit, raw_tracepoint, tracepoint},
-    record::{comm_str, read_record},
+    record::read_record,
 };
 
 pub const FAMILY: Registration = Registration {
@@ -179,9 +179,13 @@ impl HookFamily for TimerFamily {
     }
 
     fn decode(&mut self, kind: EventKind, bytes: &[u8], want_event: bool) -> Option<Event> {
-        let event = read_record::<TimerEvent>(bytes)?;
-        let comm = comm_str(&event.header.comm);
-        self.state.handle(kind, &event, &comm, want_event)
+        // One value per record, counted and then written: the stream says what the metrics
+        // count.
+        let change = TimerChange::from_record(kind, &read_record::<TimerEvent>(bytes)?);
+        self.state.count(&change);
+        want_event
+            .then(|| Event::of(change.kind.label(), &change))
+            .flatten()
     }
 
     fn collect(&self, out: &mut Vec<Family>) -> anyhow::Result<()> {

@@ -13,18 +13,67 @@ use observer_common::{
     timers::{GONE_EXEC, TimerEvent},
 };
 
-use crate::{family::Event, metrics::Family};
+use crate::{metrics::Family, record::comm_str};
 
 /// A timer event: `timer_created` (its ID where it could be read, and whether it was made in
 /// restore mode), `timer_armed` and `timer_deleted` (the ID), `timer_owner_gone` (exit or exec).
+///
+/// The one value a record becomes: the metrics are counted from it and the stream writes it,
+/// so what is counted is what is reported. The fields only the metrics read are left out of
+/// the stream (which has the process, the time and the comm from the record's header already).
 #[derive(Debug, serde::Serialize)]
 pub struct TimerChange {
+    /// Which change (the event's name).
+    #[serde(skip)]
+    pub kind: EventKind,
+    /// The process whose timer it is.
+    #[serde(skip)]
+    pub pid: u32,
+    /// When it happened (the record's timestamp).
+    #[serde(skip)]
+    pub at_ns: u64,
+    /// The process's name, for the creates by process.
+    #[serde(skip)]
+    pub comm: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub timer_id: Option<i32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub restore: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<&'static str>,
+}
+
+impl TimerChange {
+    /// What a record of `kind` says: a function of the record alone.
+    pub fn from_record(kind: EventKind, event: &TimerEvent) -> Self {
+        let mut change = Self {
+            kind,
+            pid: event.header.pid,
+            at_ns: event.header.ts_ns,
+            comm: comm_str(&event.header.comm),
+            timer_id: Some(event.timer_id),
+            restore: None,
+            reason: None,
+        };
+        match kind {
+            EventKind::TimerCreated => {
+                // No ID where it could not be read (lockdown=confidentiality): absent rather
+                // than a made-up number, and the timer is not followed.
+                change.timer_id = (event.timer_id >= 0).then_some(event.timer_id);
+                change.restore = Some(event.detail != 0);
+            }
+            EventKind::TimerArmed | EventKind::TimerDeleted => {}
+            _ => {
+                change.timer_id = None;
+                change.reason = Some(if event.detail == GONE_EXEC {
+                    "exec"
+                } else {
+                    "exit"
+                });
+            }
+        }
+        change
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -72,10 +121,9 @@ impl TimerState {
         }
     }
 
-    /// A create; `timer_id` is negative where the ID could not be read (lockdown=confidentiality):
-    /// the create is counted for its process, but the timer is not followed.
-    pub fn created(&mut self, event: &TimerEvent, comm: &str) {
-        let (pid, id) = (event.header.pid, event.timer_id);
+    /// A create by process `comm`; without its ID (`None`: it could not be read) the create is
+    /// counted for its process, but the timer is not followed.
+    fn created(&mut self, pid: u32, id: Option<i32>, at_ns: u64, comm: &str) {
         if let Some(count) = self.creates_by_comm.get_mut(comm) {
             *count += 1;
         } else if self.creates_by_comm.len() < self.settings.top_processes && comm != OTHER {
@@ -83,15 +131,15 @@ impl TimerState {
         } else {
             self.creates_other += 1;
         }
-        if id < 0 {
+        let Some(id) = id else {
             return;
-        }
+        };
         if self.live_count >= MAX_TRACKED_TIMERS {
             self.untracked += 1;
             return;
         }
         let timer = LiveTimer {
-            created_ns: event.header.ts_ns,
+            created_ns: at_ns,
             armed: false,
         };
         if self
@@ -105,88 +153,46 @@ impl TimerState {
         }
     }
 
-    pub fn armed(&mut self, event: &TimerEvent) {
-        if let Some(timer) = self
-            .live
-            .get_mut(&event.header.pid)
-            .and_then(|t| t.get_mut(&event.timer_id))
-        {
+    fn armed(&mut self, pid: u32, id: i32) {
+        if let Some(timer) = self.live.get_mut(&pid).and_then(|t| t.get_mut(&id)) {
             timer.armed = true;
         }
     }
 
-    pub fn deleted(&mut self, event: &TimerEvent) {
-        let pid = event.header.pid;
+    fn deleted(&mut self, pid: u32, id: i32, at_ns: u64) {
         let Some(timers) = self.live.get_mut(&pid) else {
             return;
         };
-        let Some(timer) = timers.remove(&event.timer_id) else {
+        let Some(timer) = timers.remove(&id) else {
             return;
         };
         self.live_count -= 1;
         if timers.is_empty() {
             self.live.remove(&pid);
         }
-        let age = event.header.ts_ns.saturating_sub(timer.created_ns);
+        let age = at_ns.saturating_sub(timer.created_ns);
         if !timer.armed && age < self.settings.short_lived_ns {
             self.short_lived += 1;
         }
     }
 
     /// The process exited or exec'd: its timers are gone without timer_delete.
-    pub fn owner_gone(&mut self, event: &TimerEvent) {
-        if let Some(timers) = self.live.remove(&event.header.pid) {
+    fn owner_gone(&mut self, pid: u32) {
+        if let Some(timers) = self.live.remove(&pid) {
             self.live_count -= timers.len();
         }
     }
 
-    /// Takes one record; returns the event's own fields when asked for.
-    pub fn handle(
-        &mut self,
-        kind: EventKind,
-        event: &TimerEvent,
-        comm: &str,
-        want_event: bool,
-    ) -> Option<Event> {
-        let id = TimerChange {
-            timer_id: Some(event.timer_id),
-            restore: None,
-            reason: None,
-        };
-        let change = match kind {
-            EventKind::TimerCreated => {
-                self.created(event, comm);
-                TimerChange {
-                    // No ID where it could not be read: absent rather than a made-up number.
-                    timer_id: (event.timer_id >= 0).then_some(event.timer_id),
-                    restore: Some(event.detail != 0),
-                    reason: None,
-                }
-            }
-            EventKind::TimerArmed => {
-                self.armed(event);
-                id
-            }
-            EventKind::TimerDeleted => {
-                self.deleted(event);
-                id
-            }
-            _ => {
-                self.owner_gone(event);
-                TimerChange {
-                    timer_id: None,
-                    restore: None,
-                    reason: Some(if event.detail == GONE_EXEC {
-                        "exec"
-                    } else {
-                        "exit"
-                    }),
-                }
-            }
-        };
-        want_event
-            .then(|| Event::of(kind.label(), &change))
-            .flatten()
+    /// Counts one change: from the event the stream gets, never from the raw record.
+    pub fn count(&mut self, change: &TimerChange) {
+        let (pid, at_ns) = (change.pid, change.at_ns);
+        match (change.kind, change.timer_id) {
+            (EventKind::TimerCreated, id) => self.created(pid, id, at_ns, &change.comm),
+            (EventKind::TimerArmed, Some(id)) => self.armed(pid, id),
+            (EventKind::TimerDeleted, Some(id)) => self.deleted(pid, id, at_ns),
+            (EventKind::TimerArmed | EventKind::TimerDeleted, None) => {}
+            _ => self.owner_gone(pid),
+        }
     }
 
     /// The names with their own series, by name (a stable order between scrapes), and the
@@ -255,7 +261,9 @@ mod tests {
 
     /// Hands the state a record of `kind` for timer `id` of process `pid` at `ts_ns`.
     fn feed(s: &mut TimerState, kind: EventKind, pid: u32, id: i32, ts_ns: u64, comm: &str) {
-        s.handle(kind, &event(kind, pid, id, ts_ns), comm, false);
+        let mut record = event(kind, pid, id, ts_ns);
+        record.header.comm[..comm.len()].copy_from_slice(comm.as_bytes());
+        s.count(&TimerChange::from_record(kind, &record));
     }
 
     fn state(top: usize) -> TimerState {
