@@ -4,9 +4,11 @@
 #
 # Protocol with the host (xtask/src/vm/), one marker per line on the serial console:
 #   AGENT-READY | AGENT-FAILED   the observer answers /metrics inside the guest, or never did
-#   ACTIONS-DONE                 the scenario's system calls are made; the host scrapes now
-#   RESULT <scenario> rc=N       last line before power-off; 0 when the observer started and
-#                                the scenario's script succeeded
+#   CHECK-FAILED <what>          one per check that failed (judged in the guest: guest-tool judge)
+#   JUDGED <scenario>: ...       the judge has run
+#   ACTIONS-DONE                 judged; the host scrapes once and runs its own step, if any
+#   RESULT <scenario> rc=N       last line before power-off; 0 when the observer started, the
+#                                scenario's script succeeded and every check held
 # Between ACTIONS-DONE and RESULT the guest waits for the host to say "finish" on port 9746, so
 # the agent still runs while the host scrapes it.
 
@@ -19,6 +21,12 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs tmpfs /tmp
+# From here on everything printed also goes to /tmp/console.log, which the judge reads; the
+# serial console itself stays on fd 3.
+exec 3>&1
+mkfifo /tmp/console.pipe
+tee /tmp/console.log </tmp/console.pipe &
+exec >/tmp/console.pipe 2>&1
 # The observer must cope with any of these missing, so the guest only says so. (Under
 # lockdown=confidentiality tracefs still mounts, but the kernel has disabled its events.)
 mount -t tracefs tracefs /sys/kernel/tracing || echo "vm: tracefs not mounted"
@@ -28,6 +36,8 @@ mount -t bpf bpf /sys/fs/bpf || echo "vm: bpffs not mounted"
 
 scenario=$(sed -n 's/.*observer_scenario=\([^ ]*\).*/\1/p' /proc/cmdline)
 # `cargo xtask vm --agent-log LEVEL` passes the observer's log level this way.
+# The host names the kernel series (`6.12`): the checks differ by series.
+series=$(sed -n 's/.*observer_series=\([^ ]*\).*/\1/p' /proc/cmdline)
 agent_log=$(sed -n 's/.*observer_log=\([^ ]*\).*/\1/p' /proc/cmdline)
 [ -n "$agent_log" ] && export RUST_LOG="$agent_log"
 echo "vm: kernel $(uname -r), scenario ${scenario:-none}, lockdown: $(cat /sys/kernel/security/lockdown 2>/dev/null)"
@@ -129,7 +139,11 @@ else
     rc=1
 fi
 kernel_log
+echo "JUDGE-BEGIN"
+/vm/guest-tool judge "$scenario" "$series" /tmp/console.log || rc=1
 echo "ACTIONS-DONE"
 /vm/guest-tool await-host 9746 120 || echo "vm: powering off without the host's word"
-echo "RESULT $scenario rc=$rc"
+# Straight to the serial console, once the copy has written out what came before.
+usleep 300000
+echo "RESULT $scenario rc=$rc" >&3
 poweroff -f

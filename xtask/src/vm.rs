@@ -9,11 +9,10 @@ pub mod bench_modules;
 pub mod bench_timers;
 mod fixtures;
 mod guest;
+mod host_steps;
 mod initramfs;
 pub(crate) mod kernel;
-mod metrics;
 mod qemu;
-mod scenarios;
 
 use std::{
     fs,
@@ -26,10 +25,9 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::{Args, ValueEnum};
 
-use self::{
-    kernel::Series,
-    scenarios::{SCENARIOS, Scenario},
-};
+use guest_tests::scenarios::{self, SCENARIOS, Scenario};
+
+use self::kernel::Series;
 
 const HOST_PACKAGES: &[&str] = &[
     "qemu-system-x86",
@@ -131,7 +129,7 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     let logs = cache.join("logs");
     fs::create_dir_all(&logs)?;
 
-    let guest_tool = build_static("xtask", "guest-tool")?;
+    let guest_tool = build_static("guest-tests", "guest-tool")?;
     let observer = if options.no_build {
         let path = static_binary("observer");
         path.exists().then_some(path)
@@ -145,7 +143,9 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
         }
     };
 
-    if plan.iter().any(|(_, s)| s.host_agent)
+    if plan
+        .iter()
+        .any(|(_, s)| host_steps::of(s.name).is_some_and(|step| step.host_agent))
         && let Err(e) = crate::cargo(&["build", "--release", "--package", "observer"])
     {
         // The host step builds it again and fails its own scenario, with the reason.
@@ -197,7 +197,9 @@ pub fn run(options: &Options) -> anyhow::Result<()> {
     }
     let started = Instant::now();
     // The longest guest (a host step with a real Prometheus) first, so the others overlap it.
-    guests.sort_by_key(|(_, _, scenario)| !scenario.host_agent);
+    guests.sort_by_key(|(_, _, scenario)| {
+        !host_steps::of(scenario.name).is_some_and(|step| step.host_agent)
+    });
     let settings = guest::Settings {
         timeout: options.timeout,
         verbose: options.verbose,
@@ -258,31 +260,6 @@ pub fn bench_output(name: &str) -> (PathBuf, PathBuf) {
         dir.join(format!("vm-{name}.md")),
         dir.join(format!("vm-{name}.json")),
     )
-}
-
-/// One program's counters as `guest-tool bpf-stats` prints them: the fields of a `bpf-stats ID
-/// NAME run_cnt=C run_time_ns=T` line (NAME as the kernel keeps it: 15 bytes, so an entry and an
-/// exit program can share it).
-#[derive(Debug, PartialEq, Eq)]
-pub struct ProgramStats<'a> {
-    pub id: &'a str,
-    pub name: &'a str,
-    pub runs: u64,
-    pub run_ns: u64,
-}
-
-impl<'a> ProgramStats<'a> {
-    pub fn parse(fields: &[&'a str]) -> Option<Self> {
-        let ["bpf-stats", id, name, runs, run_ns] = fields else {
-            return None;
-        };
-        Some(Self {
-            id,
-            name,
-            runs: runs.strip_prefix("run_cnt=")?.parse().ok()?,
-            run_ns: run_ns.strip_prefix("run_time_ns=")?.parse().ok()?,
-        })
-    }
 }
 
 fn save_bench(name: &str, section: &str, verdict: &serde_json::Value) -> anyhow::Result<()> {
@@ -346,12 +323,6 @@ fn build_static(package: &str, bin: &str) -> anyhow::Result<PathBuf> {
     crate::run(
         Command::new(cargo)
             .args(["build", "--release", "--package", package, "--bin", bin])
-            // The guest tool needs none of xtask's optional host-side dependencies.
-            .args(if package == "xtask" {
-                &["--no-default-features"][..]
-            } else {
-                &[]
-            })
             .args(["--target", GUEST_TARGET, "--target-dir", "target/static"])
             // For the guest's target only: not for build scripts, nor the eBPF programs'
             // inner build, which the agent's build script runs for the BPF target.

@@ -76,7 +76,7 @@ fn programs_ns_per_load(console: &str, loads: usize) -> Option<(f64, f64)> {
         .lines()
         .filter_map(|l| {
             let fields: Vec<&str> = l.split_whitespace().collect();
-            super::ProgramStats::parse(&fields).map(|s| (s.runs, s.run_ns))
+            guest_tests::ProgramStats::parse(&fields).map(|s| (s.runs, s.run_ns))
         })
         .fold((0u64, 0u64), |(r, n), (runs, ns)| (r + runs, n + ns));
     (loads > 0 && runs > 0).then(|| (ns as f64 / loads as f64, runs as f64 / loads as f64))

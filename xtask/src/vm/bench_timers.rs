@@ -80,7 +80,7 @@ fn rounds(console: &str) -> BTreeMap<&'static str, Vec<Round>> {
         let round = open.entry(config).or_default();
         match fields.as_slice() {
             [side @ ("before" | "after"), stats @ ..] => {
-                if let Some(program) = super::ProgramStats::parse(stats) {
+                if let Some(program) = guest_tests::ProgramStats::parse(stats) {
                     let map = if *side == "before" {
                         &mut round.before
                     } else {

@@ -72,6 +72,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail, ensure};
+use guest_tests::manifest::field;
 use sha2::{Digest as _, Sha256, Sha512};
 
 mod der;
@@ -387,40 +388,4 @@ fn hex(bytes: &[u8]) -> String {
         let _ = write!(s, "{b:02x}");
         s
     })
-}
-
-/// A manifest value with every byte that is not printable ASCII, and `%` itself, written as
-/// `%XX`: a space would otherwise split the field in two.
-fn field(value: &str) -> String {
-    value.bytes().fold(String::new(), |mut s, b| {
-        if b.is_ascii_graphic() && b != b'%' {
-            s.push(char::from(b));
-        } else {
-            let _ = write!(s, "%{b:02X}");
-        }
-        s
-    })
-}
-
-/// A manifest value as written by [`field`], decoded (`%XX` back to its byte).
-pub fn unfield(value: &str) -> String {
-    let bytes = value.as_bytes();
-    let (mut out, mut i) = (Vec::with_capacity(bytes.len()), 0);
-    while i < bytes.len() {
-        let code = (bytes[i] == b'%')
-            .then(|| value.get(i + 1..i + 3))
-            .flatten()
-            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
-        match code {
-            Some(b) => {
-                out.push(b);
-                i += 3;
-            }
-            None => {
-                out.push(bytes[i]);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }

@@ -15,11 +15,12 @@ use std::{
 
 use anyhow::bail;
 
+use guest_tests::{judge::scrape, scenarios::Scenario};
+
 use super::{
+    host_steps,
     kernel::{Kernel, Series},
-    metrics::{check_console, scrape_until_ok, settle_metrics},
     qemu::{Boot, Vm},
-    scenarios::{Check, Scenario},
 };
 
 /// What the command line says about running guests.
@@ -40,10 +41,6 @@ pub type Guest = (
     std::sync::Arc<PathBuf>,
     &'static Scenario,
 );
-
-/// How long the host keeps scraping for the counts to settle: events reach the agent through a
-/// ring buffer, so the last ones may land just after the guest's ACTIONS-DONE.
-const SETTLE: Duration = Duration::from_secs(5);
 
 /// Boots a guest gets when its kernel dies before /init.
 const MAX_BOOTS: u32 = 3;
@@ -183,8 +180,9 @@ fn run_scenario(
         vmlinux: &kernel.vmlinux,
         initramfs,
         cmdline: format!(
-            "console=ttyS0 panic=-1 quiet observer_scenario={}{} {}",
+            "console=ttyS0 panic=-1 quiet observer_scenario={} observer_series={}{} {}",
             scenario.name,
+            series.label(),
             options
                 .agent_log
                 .as_ref()
@@ -202,15 +200,7 @@ fn run_scenario(
             return result;
         }
     };
-    drive(
-        &mut vm,
-        scenario,
-        series,
-        deadline,
-        logs,
-        &stem,
-        &mut result,
-    );
+    drive(&mut vm, scenario, deadline, logs, &stem, &mut result);
     if vm.wait_exit(deadline) {
         result.marks.push(("exit", vm.started.elapsed()));
     } else {
@@ -236,7 +226,6 @@ fn run_scenario(
 fn drive(
     vm: &mut Vm,
     scenario: &Scenario,
-    series: Series,
     deadline: Instant,
     logs: &Path,
     stem: &str,
@@ -277,45 +266,63 @@ fn drive(
         return;
     }
     result.marks.push(("actions", vm.started.elapsed()));
+    // The guest has judged itself (guest-tests); what it found is on its console.
     let console = vm.console();
-    let checks: Vec<&Check> = scenario.checks_on(series).collect();
-    let modules = series.scenario_modules();
     failures.extend(
-        checks
-            .iter()
-            .filter_map(|c| check_console(c, &console, modules)),
+        console
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("CHECK-FAILED "))
+            .map(str::to_owned),
     );
-
-    let metric_checks: Vec<&Check> = checks
-        .into_iter()
-        .filter(|c| {
-            matches!(
-                c,
-                Check::Metric(..) | Check::MetricSum(..) | Check::SumAtMost(..)
-            )
-        })
-        .collect();
-    if agent_up && !metric_checks.is_empty() {
-        let until = deadline.min(Instant::now() + SETTLE);
-        let (text, failed) = settle_metrics(vm.metrics, &metric_checks, modules, until);
-        let _ = fs::write(logs.join(format!("{stem}.metrics.txt")), &text);
-        failures.extend(failed);
-        result.marks.push(("checked", vm.started.elapsed()));
-    } else if !metric_checks.is_empty() {
-        failures.push(format!(
-            "{} metric check(s) not made: no observer",
-            metric_checks.len()
-        ));
+    if !console.lines().any(|l| l.trim().starts_with("JUDGED ")) {
+        failures.push("the guest's judge did not run to the end".into());
     }
-    if let Some(host) = scenario.host
+    if let Err(e) = keep_reports(&console) {
+        failures.push(format!("keeping the guest's reports: {e:#}"));
+    }
+    if agent_up {
+        match scrape(vm.metrics) {
+            Ok(text) => {
+                let _ = fs::write(logs.join(format!("{stem}.metrics.txt")), &text);
+            }
+            Err(e) => failures.push(format!("the host's last scrape: {e:#}")),
+        }
+    }
+    if let Some(step) = host_steps::of(scenario.name)
         && agent_up
-        && let Err(e) = host(vm.metrics, &vm.console())
+        && let Err(e) = (step.run)(vm.metrics, &console)
     {
         failures.push(format!("{e:#}"));
     }
     let until = deadline.min(Instant::now() + Duration::from_secs(20));
     if let Err(e) = release_guest(vm.control, until) {
         failures.push(format!("could not tell the guest to finish: {e:#}"));
+    }
+}
+
+/// The tables a guest printed for the host to keep (`guest_tests::report`), under target/bench/.
+fn keep_reports(console: &str) -> anyhow::Result<()> {
+    let dir = crate::workspace_root().join("target/bench");
+    for (file, text) in guest_tests::report::read(console) {
+        let plain = !file.is_empty()
+            && file
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
+        anyhow::ensure!(plain && !file.starts_with('.'), "a report named {file:?}");
+        fs::create_dir_all(&dir)?;
+        fs::write(dir.join(file), text)?;
+    }
+    Ok(())
+}
+
+/// QEMU accepts on the forwarded port before the guest listens, so only a real 200 counts.
+fn scrape_until_ok(addr: SocketAddr, until: Instant) -> anyhow::Result<String> {
+    loop {
+        match scrape(addr) {
+            Ok(text) => return Ok(text),
+            Err(e) if Instant::now() >= until => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(250)),
+        }
     }
 }
 

@@ -9,10 +9,11 @@ use std::{
 
 use anyhow::{Context as _, ensure};
 
+use guest_tests::scenarios::Scenario;
+
 use super::{
     fixtures,
     kernel::{Kernel, pipe_through},
-    scenarios::Scenario,
 };
 
 const INIT: &str = include_str!("../../guest/init.sh");

@@ -15,35 +15,11 @@ use std::{
 };
 
 use anyhow::{Context as _, bail, ensure};
-use clap::ValueEnum;
 
 pub use self::image::pipe_through;
 use self::{archive::Archive, image::extract_vmlinux};
 
-/// The kernel lines the scenarios run on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Series {
-    /// Debian 11's 5.10, the oldest kernel fleets still run: no `bpf_get_func_ret` (fexit
-    /// reads the return value from its context), `module_sig_check` inlined, maps charged to
-    /// RLIMIT_MEMLOCK, no `bpf_task_pt_regs`, `bpf_probe_read_kernel` asking lockdown.
-    #[value(name = "5.10")]
-    V5_10,
-    /// Debian 12's backported 6.12: fentry/fexit, BPF LSM, compressed modules, MODULE_DECOMPRESS.
-    #[value(name = "6.12")]
-    V6_12,
-    /// Debian 12's own 6.1: older BTF and lockdown enum, uncompressed modules.
-    #[value(name = "6.1")]
-    V6_1,
-    /// Debian 13's backported 6.18: timer-ID restore mode (6.15+), the crc modules under
-    /// lib/crc/ and no crc7, modules under usr/lib/modules/.
-    #[value(name = "6.18")]
-    V6_18,
-    /// Debian 13's backported 7.3: split into linux-binary-* (the image, in
-    /// usr/lib/modules/<release>/vmlinuz) and linux-modules-*, no config, System.map or
-    /// modules.builtin.
-    #[value(name = "7.3")]
-    V7_3,
-}
+pub use guest_tests::Series;
 
 /// Packages from a suite the machine's apt does not list, pinned to the build the scenarios
 /// were written against.
@@ -60,35 +36,14 @@ const BACKPORTS: &str = "trixie-backports";
 /// Debian 11's kernel updates.
 const BULLSEYE_SECURITY: &str = "bullseye-security";
 
-impl Series {
-    pub const ALL: [Series; 5] = [
-        Series::V6_12,
-        Series::V6_1,
-        Series::V6_18,
-        Series::V7_3,
-        Series::V5_10,
-    ];
+/// Where each series' packages come from and how their names read.
+trait Packaged {
+    fn pinned(self) -> Option<Pinned>;
+    fn image_prefix(self) -> &'static str;
+    fn build_of(self, package: &str) -> Option<u32>;
+}
 
-    pub fn label(self) -> &'static str {
-        match self {
-            Series::V5_10 => "5.10",
-            Series::V6_12 => "6.12",
-            Series::V6_1 => "6.1",
-            Series::V6_18 => "6.18",
-            Series::V7_3 => "7.3",
-        }
-    }
-
-    /// Small modules with no dependencies that load anywhere (no hardware), for the scenarios;
-    /// the guest knows them as `$M1 $M2 $M3`, the checks as `{M1}`... (see `scenarios`). From
-    /// 6.18 CONFIG_CRC7 is unset, so crc16 takes its place.
-    pub fn scenario_modules(self) -> [&'static str; 3] {
-        match self {
-            Series::V5_10 | Series::V6_12 | Series::V6_1 => ["crc7", "crc-itu-t", "crc8"],
-            Series::V6_18 | Series::V7_3 => ["crc16", "crc-itu-t", "crc8"],
-        }
-    }
-
+impl Packaged for Series {
     /// Where a newest-kernel series comes from; `None` for the machine's own apt sources.
     fn pinned(self) -> Option<Pinned> {
         match self {

@@ -6,9 +6,9 @@ use std::collections::BTreeMap;
 use anyhow::{Context as _, bail, ensure};
 use serde_json::Value;
 
-use super::super::fixtures::unfield;
+use crate::manifest::unfield;
 
-const SCHEMA: &str = include_str!("../../../../schemas/events.schema.json");
+const SCHEMA: &str = include_str!("../../../schemas/events.schema.json");
 
 /// The events the guest printed between `EVENTS-BEGIN` and `EVENTS-END`, each validated
 /// against schemas/events.schema.json.

@@ -1,11 +1,13 @@
 //! Runs inside the QEMU guest (built static): makes the system calls a scenario needs and prints
-//! exactly what the kernel returned, one line per call, for the host to assert on.
+//! exactly what the kernel returned, one line per call, then judges the scenario (`judge`).
 //!
 //! busybox insmod is not used for the scenarios' modules: after a refused finit_module it retries
 //! with init_module, so every refused load would be seen (and counted) twice.
 // Beside this file rather than in src/bin/, where cargo would take it for a binary of its own.
 #[path = "guest-tool/bench.rs"]
 mod bench;
+#[path = "guest-tool/judge.rs"]
+mod judge;
 #[path = "guest-tool/timer_life.rs"]
 mod timer_life;
 
@@ -27,7 +29,8 @@ const USAGE: &str = "usage: guest-tool load [--compressed] [--uid N] [--threads 
                      timer-life | timer-restore | await-host PORT SECONDS | \
                      loadtime LABEL FILE... | ima-digest [--wrong] FILE... | \
                      timer-pairs N | timer-storm SECONDS THREADS | getppid N | \
-                     bpf-stats PREFIX | socket [--uid N] FAMILY TYPE PROTOCOL";
+                     bpf-stats PREFIX | socket [--uid N] FAMILY TYPE PROTOCOL | \
+                     judge SCENARIO SERIES CONSOLE";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -56,6 +59,7 @@ fn main() -> ExitCode {
             .and_then(timers),
         Some("timer-life") => timer_life::life(),
         Some("timer-restore") => timer_life::restore(),
+        Some("judge") => judge::run(&args[1..]),
         Some("await-host") => match (
             args.get(1).and_then(|p| p.parse().ok()),
             args.get(2).and_then(|s| s.parse().ok()),

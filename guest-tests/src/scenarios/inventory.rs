@@ -14,8 +14,7 @@ use super::{Check, EVERY_KERNEL, Scenario, Want, modules::LOADS, stream::validat
 const PRESENT: &str = "observer_modules_present_at_start";
 
 pub const INVENTORY: Scenario = Scenario {
-    host: Some(check_inventory),
-    host_agent: false,
+    judge: Some(check_inventory),
     alone: false,
     agent_args: "--events json --events.output /tmp/events.json",
     before_agent: "load /vm/mods/$M1-unsigned.ko /vm/mods/$M2-foreign.ko\n",

@@ -47,8 +47,7 @@ const GUEST: &str = concat!(
 );
 
 pub const EVENTS: Scenario = Scenario {
-    host: Some(check_events),
-    host_agent: false,
+    judge: Some(check_events),
     alone: false,
     agent_args: "--events json --events.output /tmp/events.json",
     before_agent: "",

@@ -1,19 +1,16 @@
 //! The agent itself: which mechanisms attach, what it still does under
 //! `lockdown=confidentiality`, `observer profile`, and the dashboards against a guest.
-use std::net::SocketAddr;
-
 use super::{
     CURRENT, Check, Scenario, Want,
     modules::{ALL, ATTACHED, LOADS, LOCKDOWN_GUEST, LOCKDOWN_REFUSES_UNSIGNED, TAINTS},
     timers,
 };
-use crate::vm::kernel::Series;
+use crate::Series;
 
 const TIMERS: &str = "observer_posix_timer_syscalls_total";
 
 pub const FENTRY_PATH: Scenario = Scenario {
-    host: None,
-    host_agent: false,
+    judge: None,
     alone: false,
     agent_args: "",
     before_agent: "",
@@ -47,8 +44,7 @@ pub const FENTRY_PATH: Scenario = Scenario {
 /// The same actions and the same checks as `lockdown-integrity`: confidentiality includes
 /// integrity, and the observer is meant to see as much under it.
 pub const CONFIDENTIALITY: Scenario = Scenario {
-    host: None,
-    host_agent: false,
+    judge: None,
     alone: false,
     agent_args: "",
     before_agent: "",
@@ -75,8 +71,7 @@ pub const CONFIDENTIALITY: Scenario = Scenario {
 };
 
 pub const PROFILE: Scenario = Scenario {
-    host: None,
-    host_agent: false,
+    judge: None,
     alone: false,
     agent_args: "",
     before_agent: "",
@@ -102,8 +97,7 @@ pub const PROFILE: Scenario = Scenario {
 };
 
 pub const DASHBOARDS: Scenario = Scenario {
-    host: Some(dashboards_against_guest),
-    host_agent: true,
+    judge: None,
     alone: false,
     // The hash-check estimate's panel needs the research instruments.
     agent_args: "--modules.research",
@@ -137,8 +131,7 @@ pub const DASHBOARDS: Scenario = Scenario {
 };
 
 pub const BENCH_MODULES: Scenario = Scenario {
-    host: Some(crate::vm::bench_modules::module_path_report),
-    host_agent: false,
+    judge: None,
     alone: false,
     agent_args: "",
     before_agent: "",
@@ -164,8 +157,7 @@ pub const BENCH_MODULES: Scenario = Scenario {
 };
 
 pub const BENCH_TIMERS: Scenario = Scenario {
-    host: Some(crate::vm::bench_timers::timer_path_report),
-    host_agent: false,
+    judge: None,
     alone: false,
     agent_args: "",
     before_agent: "",
@@ -197,8 +189,3 @@ pub const BENCH_TIMERS: Scenario = Scenario {
     checks: &[&[Check::Console("counts getppid 200000 ns=")]],
     kernel_checks: &[],
 };
-
-/// The dashboards' proof with the guest's agent as a second target: module panels need data.
-fn dashboards_against_guest(guest: SocketAddr, _console: &str) -> anyhow::Result<()> {
-    crate::dashboards::run_with_targets(&[guest.to_string()])
-}

@@ -46,8 +46,7 @@ const SECURITY_RING_KEPT: &[Check] = &[
 ];
 
 pub const STORM: Scenario = Scenario {
-    host: Some(storm_records_add_up),
-    host_agent: false,
+    judge: Some(storm_records_add_up),
     alone: false,
     agent_args: "--events.buffer-size 4096",
     before_agent: "",
@@ -76,8 +75,7 @@ pub const STORM: Scenario = Scenario {
 };
 
 pub const STORM_LOCKDOWN: Scenario = Scenario {
-    host: Some(storm_records_add_up),
-    host_agent: false,
+    judge: Some(storm_records_add_up),
     alone: false,
     agent_args: "--events.buffer-size 4096",
     before_agent: "",
@@ -149,8 +147,7 @@ const LOAD_PATHS_GUEST: &str = "echo \"kernel $(uname -r)\"\n\
      sleep 2; echo EVENTS-BEGIN; cat /tmp/events.json; echo EVENTS-END\n";
 
 pub const LOAD_PATHS: Scenario = Scenario {
-    host: Some(check_duplicates),
-    host_agent: false,
+    judge: Some(check_duplicates),
     alone: false,
     agent_args: "--events json --events.output /tmp/events.json",
     before_agent: "",

@@ -160,8 +160,7 @@ const NOT_RESTORED: &[Check] = &[
 ];
 
 pub const TIMERS: Scenario = Scenario {
-    host: None,
-    host_agent: false,
+    judge: None,
     alone: false,
     // Timing creates, with a churn threshold that an emulated guest cannot miss by stalling.
     agent_args: "--timers.short-lived 10s --timers.latency",
@@ -222,8 +221,7 @@ const COUNTS_ONLY_LIFE: &[Check] = &[
 ];
 
 pub const TIMERS_COUNTS_ONLY: Scenario = Scenario {
-    host: None,
-    host_agent: false,
+    judge: None,
     alone: false,
     agent_args: "--timers.counts-only",
     before_agent: "",

@@ -24,8 +24,7 @@ const SAME_NAMES: &[Check] = &[
 ];
 
 pub const NAMES_INTEGRITY: Scenario = Scenario {
-    host: None,
-    host_agent: false,
+    judge: None,
     alone: false,
     agent_args: "",
     before_agent: "",
@@ -39,8 +38,7 @@ pub const NAMES_INTEGRITY: Scenario = Scenario {
 };
 
 pub const NAMES_CONFIDENTIALITY: Scenario = Scenario {
-    host: None,
-    host_agent: false,
+    judge: None,
     alone: false,
     agent_args: "",
     before_agent: "",

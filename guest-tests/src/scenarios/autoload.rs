@@ -40,8 +40,7 @@ const GUEST: &str = concat!(
 );
 
 pub const AUTOLOAD: Scenario = Scenario {
-    host: Some(check_requesters),
-    host_agent: false,
+    judge: Some(check_requesters),
     alone: false,
     agent_args: "--events json --events.output /tmp/events.json",
     before_agent: "",

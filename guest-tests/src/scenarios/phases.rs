@@ -1,7 +1,7 @@
 //! The signature check's phases as the observer times them, against the kernel's own tracer:
 //! ftrace's `function_graph` on `mod_verify_sig` and the phase functions, both attached at once
 //! for the same loads. Per-load means are compared phase by phase, `other` (the check minus its
-//! four timed phases) included; the table goes to `target/bench/vm-phases-<release>.md`.
+//! four timed phases) included; the host keeps the table as `target/bench/vm-phases-<release>.md`.
 //!
 //! Both attached, ftrace's window on each traced function also holds the observer's programs
 //! on it, outside the observer's own window (from its entry program's last step to its exit
@@ -22,7 +22,7 @@ use anyhow::{Context as _, bail};
 use testkit::prom;
 
 use super::{Check, Scenario};
-use crate::vm::ProgramStats;
+use crate::program_stats::ProgramStats;
 
 /// Measured rounds (the guest script's loop); each loads the kernel's three scenario modules once.
 const ROUNDS: usize = 5;
@@ -93,8 +93,7 @@ const CHECK_COUNT: &str = "observer_module_integrity_check_duration_seconds_coun
 const SIGNATURE_OK: &[(&str, &str)] = &[("method", "signature"), ("result", "ok")];
 
 pub const PHASES_VS_FTRACE: Scenario = Scenario {
-    host: Some(compare_with_ftrace),
-    host_agent: false,
+    judge: Some(compare_with_ftrace),
     alone: true,
     // The probe-gap program, which `other` subtracts, is a research instrument.
     agent_args: "--modules.research",
@@ -372,12 +371,8 @@ fn compare_with_ftrace(_guest: SocketAddr, console: &str) -> anyhow::Result<()> 
         }
         failures.push(format!("pass {pass}: {}", pass_failures.join("; ")));
     }
-    println!("{table}");
-    let path = crate::workspace_root().join(format!("target/bench/vm-phases-{release}.md"));
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::write(&path, &table).with_context(|| format!("writing {}", path.display()))?;
+    // The host keeps the table as target/bench/vm-phases-<release>.md.
+    crate::report::print(&format!("vm-phases-{release}.md"), &table);
     if !failures.is_empty() {
         bail!("phase means differ from ftrace's: {}", failures.join(" | "));
     }

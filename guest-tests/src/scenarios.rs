@@ -1,7 +1,9 @@
 //! The scenarios: what the guest does, on which kernel command line, and what must hold after it.
-//! Each scenario's checks are tables; metric names and labels appear only in this module's files
-//! (`modules`: loading and integrity, `timers`: POSIX timers, `agent`: attach mechanisms,
-//! lockdown, profile, dashboards).
+//! Each scenario is one constant holding its guest steps, its tables of checks and, where a
+//! table cannot say it, its judge function beside it; metric names and labels appear only in
+//! this module's files (`modules`: loading and integrity, `timers`: POSIX timers, `agent`:
+//! attach mechanisms, lockdown, profile, dashboards). All of it is judged inside the guest
+//! (`guest-tool judge`, see [`crate::judge`]); the host boots, collects and reports.
 //!
 //! Guest scripts run under /init (xtask/guest/init.sh) after the observer answers /metrics. Each
 //! kernel has three small scenario modules (`Series::scenario_modules`), which the scripts know
@@ -26,7 +28,7 @@ mod verdicts;
 
 use std::{borrow::Cow, net::SocketAddr};
 
-use super::kernel::Series;
+use crate::Series;
 
 /// What must hold after a scenario's actions.
 #[derive(Debug)]
@@ -45,6 +47,10 @@ pub enum Check {
 }
 
 pub type Labels = &'static [(&'static str, &'static str)];
+
+/// A scenario's own judgement: the agent's /metrics address and the console; an error says
+/// what did not hold.
+pub type Judge = fn(SocketAddr, &str) -> anyhow::Result<()>;
 
 #[derive(Debug, Clone, Copy)]
 pub enum Want {
@@ -78,12 +84,9 @@ pub struct Scenario {
     pub checks: &'static [&'static [Check]],
     /// Checks that hold only on some kernel series.
     pub kernel_checks: &'static [(&'static [Series], &'static [Check])],
-    /// Run on the host after the checks, while the guest's agent still serves (given its
-    /// forwarded metrics address and the console so far).
-    pub host: Option<fn(SocketAddr, &str) -> anyhow::Result<()>>,
-    /// The host step runs the host's own agent: it is built before any guest starts, so the
-    /// build never eats into a waiting guest's time.
-    pub host_agent: bool,
+    /// What the tables cannot say, judged in the guest after them while its agent still
+    /// serves (given the agent's address and the console so far).
+    pub judge: Option<Judge>,
     /// Timing-sensitive (a comparison of emulated times): runs after the others, with no other
     /// guest beside it. Two guests at once on this two-core machine move the emulated timings
     /// of a load by up to 30%.

@@ -10,8 +10,9 @@ use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 use anyhow::{Context as _, bail, ensure};
 use serde_json::Value;
 
+use crate::Series;
+
 use super::{
-    super::kernel::Series,
     CURRENT, Check, EVERY_KERNEL, Labels, Scenario, Want,
     modules::{ALL, LOADS, TAINTS},
     stream::{console_module, manifest, validated_events},
@@ -80,8 +81,7 @@ const GUEST: &str = "echo \"kernel $(uname -r)\"\n\
     echo EVENTS-BEGIN; cat /tmp/events.json; echo EVENTS-END\n";
 
 pub const SIGNERS: Scenario = Scenario {
-    host: Some(check_signers),
-    host_agent: false,
+    judge: Some(check_signers),
     alone: false,
     agent_args: "--events json --events.output /tmp/events.json",
     before_agent: "",
@@ -141,8 +141,7 @@ pub const SIGNERS: Scenario = Scenario {
 };
 
 pub const SIGNERS_ENFORCED: Scenario = Scenario {
-    host: Some(check_enforced),
-    host_agent: false,
+    judge: Some(check_enforced),
     alone: false,
     agent_args: "--events json --events.output /tmp/events.json",
     before_agent: "",

@@ -9,7 +9,7 @@ use super::{
     stream::{the_load_with_reason, validated_events},
     timers,
 };
-use crate::vm::kernel::Series;
+use crate::Series;
 
 pub const LOADS: &str = "observer_module_loads_total";
 pub const INTEGRITY_COUNT: &str = "observer_module_integrity_check_duration_seconds_count";
@@ -49,8 +49,7 @@ const PHASES_WITHIN_CHECK: Check = Check::SumAtMost(
 );
 
 pub const SIGNED: Scenario = Scenario {
-    host: None,
-    host_agent: false,
+    judge: None,
     alone: false,
     // With the research instruments (off by default), whose estimate it checks.
     agent_args: "--modules.research",
@@ -160,8 +159,7 @@ pub const POLICY_STEP_INLINED: &[Check] = &[
 ];
 
 pub const UNSIGNED: Scenario = Scenario {
-    host: None,
-    host_agent: false,
+    judge: None,
     alone: false,
     agent_args: "",
     before_agent: "",
@@ -229,8 +227,7 @@ pub const LOCKDOWN_REFUSES_UNSIGNED: &[Check] = &[
 ];
 
 pub const LOCKDOWN_INTEGRITY: Scenario = Scenario {
-    host: Some(check_lockdown_event),
-    host_agent: false,
+    judge: Some(check_lockdown_event),
     alone: false,
     agent_args: "--events json --events.output /tmp/events.json",
     before_agent: "",
@@ -291,8 +288,7 @@ fn check_lockdown_event(_guest: SocketAddr, console: &str) -> anyhow::Result<()>
 }
 
 pub const SIG_ENFORCE: Scenario = Scenario {
-    host: None,
-    host_agent: false,
+    judge: None,
     alone: false,
     agent_args: "",
     before_agent: "",
@@ -324,8 +320,7 @@ pub const SIG_ENFORCE: Scenario = Scenario {
 };
 
 pub const COMPRESSED: Scenario = Scenario {
-    host: None,
-    host_agent: false,
+    judge: None,
     alone: false,
     agent_args: "",
     before_agent: "",
@@ -393,8 +388,7 @@ const NOT_DECOMPRESSED: &[Check] = &[
 ];
 
 pub const HASH_PATH: Scenario = Scenario {
-    host: None,
-    host_agent: false,
+    judge: None,
     alone: false,
     agent_args: "",
     before_agent: "",

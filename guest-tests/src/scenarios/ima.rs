@@ -20,7 +20,7 @@ use super::{
     },
     stream::{the_load_with_reason, validated_events},
 };
-use crate::vm::kernel::Series;
+use crate::Series;
 
 const IMA_OK: Labels = &[("method", "ima_hash"), ("result", "ok")];
 const IMA_FAIL: Labels = &[("method", "ima_hash"), ("result", "fail")];
@@ -57,8 +57,7 @@ macro_rules! counts {
 }
 
 pub const IMA: Scenario = Scenario {
-    host: Some(check_init_module_event),
-    host_agent: false,
+    judge: Some(check_init_module_event),
     alone: false,
     agent_args: "--events json --events.output /tmp/events.json",
     before_agent: "",

@@ -1,5 +1,6 @@
-//! Judges a scenario's checks: the console's lines, `observer probes`' table, and the guest
-//! agent's /metrics read through the forwarded port as a Prometheus on the host would.
+//! Judges a scenario inside its guest: the console's lines, `observer probes`' table, the
+//! agent's /metrics, then the scenario's own judge. `guest-tool judge` prints one
+//! `CHECK-FAILED ...` line per failure and `JUDGED ...` last, which the host reads.
 use std::{
     net::SocketAddr,
     time::{Duration, Instant},
@@ -8,7 +9,46 @@ use std::{
 use anyhow::bail;
 use testkit::prom;
 
-use super::scenarios::{Check, expand};
+use crate::{
+    Series,
+    scenarios::{Check, Scenario, expand},
+};
+
+/// Where the agent listens in the guest (init.sh starts it there).
+pub const AGENT: &str = "127.0.0.1:9745";
+/// How long the judge keeps scraping for the counts to settle: events reach the agent through a
+/// ring buffer, so the last ones may land just after the scenario's steps.
+const SETTLE: Duration = Duration::from_secs(5);
+
+/// Every check of `scenario` on `series` against `console` and the agent at [`AGENT`]: what
+/// failed, and the last scrape.
+pub fn judge(scenario: &Scenario, series: Series, console: &str) -> (Vec<String>, String) {
+    let addr: SocketAddr = AGENT.parse().expect("a socket address");
+    let modules = series.scenario_modules();
+    let checks: Vec<&Check> = scenario.checks_on(series).collect();
+    let mut failures: Vec<String> = checks
+        .iter()
+        .filter_map(|c| check_console(c, console, modules))
+        .collect();
+    let metric_checks: Vec<&Check> = checks
+        .into_iter()
+        .filter(|c| {
+            matches!(
+                c,
+                Check::Metric(..) | Check::MetricSum(..) | Check::SumAtMost(..)
+            )
+        })
+        .collect();
+    let until = Instant::now() + SETTLE;
+    let (text, failed) = settle_metrics(addr, &metric_checks, modules, until);
+    failures.extend(failed);
+    if let Some(own) = scenario.judge
+        && let Err(e) = own(addr, console)
+    {
+        failures.push(format!("{e:#}"));
+    }
+    (failures, text)
+}
 
 /// The kernel's scenario module names, for the checks' `{M1}`... (see `scenarios::expand`).
 pub type Modules = [&'static str; 3];
@@ -126,15 +166,4 @@ pub fn scrape(addr: SocketAddr) -> anyhow::Result<String> {
         bail!("HTTP {status}");
     }
     Ok(body)
-}
-
-/// QEMU accepts on the forwarded port before the guest listens, so only a real 200 counts.
-pub fn scrape_until_ok(addr: SocketAddr, until: Instant) -> anyhow::Result<String> {
-    loop {
-        match scrape(addr) {
-            Ok(text) => return Ok(text),
-            Err(e) if Instant::now() >= until => return Err(e),
-            Err(_) => std::thread::sleep(Duration::from_millis(250)),
-        }
-    }
 }
