@@ -307,7 +307,7 @@ fn keep_reports(console: &str) -> anyhow::Result<()> {
         let plain = !file.is_empty()
             && file
                 .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '+'));
         anyhow::ensure!(plain && !file.starts_with('.'), "a report named {file:?}");
         fs::create_dir_all(&dir)?;
         fs::write(dir.join(file), text)?;

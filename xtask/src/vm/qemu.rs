@@ -78,8 +78,14 @@ impl Vm {
         });
         let reader = std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
+            // A character's bytes can arrive in two reads (the serial port trickles): the
+            // unfinished tail waits for the next read instead of becoming U+FFFD.
+            let mut pending: Vec<u8> = Vec::new();
             while let Ok(n @ 1..) = stdout.read(&mut buf) {
-                let text = String::from_utf8_lossy(&buf[..n]).replace('\r', "");
+                pending.extend_from_slice(&buf[..n]);
+                let whole = complete_utf8(&pending);
+                let text = String::from_utf8_lossy(&pending[..whole]).replace('\r', "");
+                pending.drain(..whole);
                 let _ = log.write_all(text.as_bytes());
                 if echo {
                     eprint!("{text}");
@@ -179,4 +185,26 @@ impl Drop for Vm {
 fn free_port() -> anyhow::Result<u16> {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("finding a free port")?;
     Ok(listener.local_addr()?.port())
+}
+
+/// How many leading bytes of `bytes` to decode now: all but an unfinished character at the end.
+fn complete_utf8(bytes: &[u8]) -> usize {
+    match std::str::from_utf8(bytes) {
+        Ok(_) => bytes.len(),
+        // Invalid bytes before the end are decoded (lossily) now; only a tail that may still
+        // complete waits.
+        Err(e) if e.error_len().is_none() => e.valid_up_to(),
+        Err(_) => bytes.len(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_character_split_across_reads_waits_for_its_rest() {
+        let micro = "µs".as_bytes();
+        assert_eq!(super::complete_utf8(&micro[..1]), 0);
+        assert_eq!(super::complete_utf8(micro), micro.len());
+        assert_eq!(super::complete_utf8(b"ab\xff"), 3);
+    }
 }
