@@ -182,11 +182,11 @@ pub const SEEN_FROM_FILE: u32 = 1 << 19;
 /// modules it refuses every module without a file to appraise.
 pub const SEEN_IMA_DATA_REFUSED: u32 = 1 << 20;
 
-/// The signature's key lookup found a trusted key: `signer_serial` is its serial.
+/// The signature's key lookup found a trusted key: `signer.serial` is its serial.
 pub const SEEN_KEY_FOUND: u32 = 1 << 21;
-/// `key_id` holds the identifier the signature names its key by.
+/// `signer.id` holds the identifier the signature names its key by.
 pub const SEEN_KEY_ID: u32 = 1 << 22;
-/// `digest` and `hash_algo` hold what the signature check hashed the module to.
+/// `signed_digest` holds what the signature check hashed the module to.
 pub const SEEN_DIGEST: u32 = 1 << 23;
 /// The load was asked for by an autoload (`request_module`): `request` names who asked.
 pub const SEEN_REQUESTED: u32 = 1 << 24;
@@ -199,7 +199,7 @@ pub const SEEN_LOCKDOWN_REFUSED: u32 = 1 << 26;
 /// Taint E (`TAINT_UNSIGNED_MODULE`): an unsigned (or unverifiable) module was loaded.
 pub const TAINT_UNSIGNED_MODULE: u32 = 13;
 
-/// Phases of a signature check timed inside a load (index into [`ModuleLoad::phase_ns`]).
+/// Phases of a signature check timed inside a load (index into [`PhaseTimes::ns`]).
 pub const PHASE_PARSE: usize = 0;
 pub const PHASE_DIGEST: usize = 1;
 pub const PHASE_KEY_LOOKUP: usize = 2;
@@ -321,57 +321,98 @@ pub struct ModuleLoad {
     /// Whole `load_module`.
     pub total_ns: u64,
     /// `module_sig_check`: the signature policy, including the lockdown check for unsigned modules.
-    pub sig_check_ns: u64,
+    pub sig_check: CheckStep,
     /// `mod_verify_sig`: verifying a signature the module carries.
-    pub verify_ns: u64,
+    pub verify: VerifyStep,
     /// The hash-based check (`module_hash_check`/`module_integrity_check`) where a kernel has it.
-    pub hash_ns: u64,
+    pub hash: CheckStep,
     /// `module_decompress` (before `load_module`, for MODULE_INIT_COMPRESSED_FILE).
     pub decompress_ns: u64,
-    /// Signature-check phases: time and calls.
-    pub phase_ns: [u64; PHASES],
-    pub phase_calls: [u32; PHASES],
-    /// Time the phase programs themselves spent inside the check but outside the phases they
-    /// time (measured by them; the trampolines' own entry and exit are not in it).
-    pub probe_ns: u64,
+    /// The signature-check phase programs' part.
+    pub phases: PhaseTimes,
     /// Time from one program's last step to the next one's first on the same trampoline
     /// (measured once per load on `mod_verify_sig`, with `--modules.research`).
     pub gap_ns: u64,
     /// The programs' own bookkeeping while the load runs (entry times, marks).
     pub marks: LoadMarks,
-    /// Bytes `mod_verify_sig` hashed (the module without its signature).
-    pub hashed_len: u64,
     /// Taint bits `add_taint` set during the load.
     pub taints: u64,
     /// IMA's appraisal of the module's read, before `load_module`.
     pub ima: ImaCheck,
     pub load_ret: i32,
-    pub sig_check_ret: i32,
-    pub verify_ret: i32,
-    pub hash_ret: i32,
     pub seen: u32,
     /// The verdict, as the kernel counted it (`OUTCOME_*`).
     pub outcome: u32,
     /// Why it was refused, or what its check found (`REASON_*`), as the kernel counted it.
     pub reason: u32,
-    /// The serial of the trusted key the signature's lookup found ([`SEEN_KEY_FOUND`]).
-    pub signer_serial: i32,
-    /// The length of the signature's key identifier (of which `key_id` keeps the first bytes).
-    pub key_id_len: u32,
-    /// Bytes of `digest` that hold it.
-    pub digest_len: u32,
     /// From `module:module_load` when the load got that far.
     pub name: [u8; NAME_LEN],
     /// The file `finit_module` read (its last path component).
     pub file: [u8; NAME_LEN],
-    /// The identifier the signature names its key by (`struct asymmetric_key_id`'s data: a
-    /// serial number then its issuer's name, or a subject key id), [`SEEN_KEY_ID`].
-    pub key_id: [u8; KEY_ID_LEN],
-    /// What `pkcs7_digest` hashed the signed content to, and the algorithm ([`SEEN_DIGEST`]).
-    pub digest: [u8; DIGEST_LEN],
-    pub hash_algo: [u8; HASH_ALGO_LEN],
+    /// The key lookup programs' part (`find_asymmetric_key`).
+    pub signer: SignerKey,
+    /// The digest program's part (`pkcs7_digest`).
+    pub signed_digest: SignedDigest,
     /// The autoload that asked for this load ([`SEEN_REQUESTED`]).
     pub request: ModuleRequest,
+}
+
+/// A timed step of a load, as its exit program saw it: how long it took and what it returned.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CheckStep {
+    pub ns: u64,
+    pub ret: i32,
+    /// Keeps the layout free of implicit padding.
+    pub reserved: u32,
+}
+
+/// `mod_verify_sig`'s step: a [`CheckStep`] and the bytes it hashed (the module without its
+/// signature).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VerifyStep {
+    pub ns: u64,
+    pub hashed_len: u64,
+    pub ret: i32,
+    /// Keeps the layout free of implicit padding.
+    pub reserved: u32,
+}
+
+/// What the phase programs measure of a signature check (`modules/phases.rs`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PhaseTimes {
+    /// Time in each phase and its calls.
+    pub ns: [u64; PHASES],
+    pub calls: [u32; PHASES],
+    /// Time the phase programs themselves spent inside the check but outside the phases they
+    /// time (measured by them; the trampolines' own entry and exit are not in it).
+    pub probe_ns: u64,
+}
+
+/// The key a signature named and the trusted key its lookup found.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SignerKey {
+    /// The serial of the trusted key the lookup found ([`SEEN_KEY_FOUND`]).
+    pub serial: i32,
+    /// The length of the signature's key identifier (of which `id` keeps the first bytes).
+    pub id_len: u32,
+    /// The identifier the signature names its key by (`struct asymmetric_key_id`'s data: a
+    /// serial number then its issuer's name, or a subject key id), [`SEEN_KEY_ID`].
+    pub id: [u8; KEY_ID_LEN],
+}
+
+/// What `pkcs7_digest` hashed the signed content to, and the algorithm ([`SEEN_DIGEST`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SignedDigest {
+    /// Bytes of `value` that hold it.
+    pub len: u32,
+    pub value: [u8; DIGEST_LEN],
+    /// The algorithm's name as the kernel spells it.
+    pub algo: [u8; HASH_ALGO_LEN],
 }
 
 /// What the module programs note for each other while a load runs: when each timed function
@@ -397,6 +438,11 @@ mod pod {
     // SAFETY: plain `#[repr(C)]` integers and arrays; any bit pattern is valid.
     unsafe impl aya::Pod for super::ModuleLoad {}
     unsafe impl aya::Pod for super::LoadMarks {}
+    unsafe impl aya::Pod for super::PhaseTimes {}
+    unsafe impl aya::Pod for super::CheckStep {}
+    unsafe impl aya::Pod for super::VerifyStep {}
+    unsafe impl aya::Pod for super::SignerKey {}
+    unsafe impl aya::Pod for super::SignedDigest {}
     unsafe impl aya::Pod for super::PendingLoad {}
     unsafe impl aya::Pod for super::ImaCheck {}
     unsafe impl aya::Pod for super::ModuleRequest {}

@@ -284,7 +284,7 @@ fn finish_load(load: &mut ModuleLoad, ret: i32) {
     let tid = tid();
     load.total_ns = since(load.start_ns);
     load.load_ret = ret;
-    load.outcome = load_outcome(load.seen, ret, load.sig_check_ret);
+    load.outcome = load_outcome(load.seen, ret, load.sig_check.ret);
     load.reason = load_reason(load);
     // The verdict, counted before anything that could fail.
     increment(
@@ -331,10 +331,10 @@ pub fn modules_sig_check_enter(_ctx: FEntryContext) -> u32 {
 #[fexit(function = "module_sig_check")]
 pub fn modules_sig_check_exit(ctx: FExitContext) -> u32 {
     if let Some(load) = current_load() {
-        load.sig_check_ns += since(load.marks.policy_entry_ns);
+        load.sig_check.ns += since(load.marks.policy_entry_ns);
         // The policy step takes (info, flags) in every shape it is attached in (see the agent's
         // `shape`).
-        load.sig_check_ret = crate::fexit::ret::<2>(&ctx) as i32;
+        load.sig_check.ret = crate::fexit::ret::<2>(&ctx) as i32;
         load.seen |= SEEN_SIG_CHECK;
     }
     0
@@ -385,7 +385,8 @@ pub fn modules_verify_exit(ctx: FExitContext) -> u32 {
         let offset = LOAD_INFO_LEN_OFFSET.load() as usize;
         if offset != 0 && info != 0 {
             // SAFETY: the BTF-typed `struct load_info *` argument; offset from BTF.
-            load.hashed_len = unsafe { core::ptr::read_volatile((info + offset) as *const u64) };
+            load.verify.hashed_len =
+                unsafe { core::ptr::read_volatile((info + offset) as *const u64) };
         }
     }
     0
@@ -399,15 +400,15 @@ pub fn modules_verify_exit(ctx: FExitContext) -> u32 {
 pub fn modules_verify_exit_buffers(ctx: FExitContext) -> u32 {
     if let Some(load) = current_load() {
         verify_end(load, crate::fexit::ret::<4>(&ctx));
-        load.hashed_len = ctx.arg(1);
+        load.verify.hashed_len = ctx.arg(1);
     }
     0
 }
 
 #[inline(always)]
 fn verify_end(load: &mut ModuleLoad, ret: i64) {
-    load.verify_ns = since(load.marks.verify_entry_ns);
-    load.verify_ret = ret as i32;
+    load.verify.ns = since(load.marks.verify_entry_ns);
+    load.verify.ret = ret as i32;
     load.seen |= SEEN_VERIFY_SIG;
 }
 
@@ -423,10 +424,10 @@ pub fn modules_hash_enter(_ctx: FEntryContext) -> u32 {
 #[fexit]
 pub fn modules_hash_exit(ctx: FExitContext) -> u32 {
     if let Some(load) = current_load() {
-        load.hash_ns = since(load.marks.hash_entry_ns);
+        load.hash.ns = since(load.marks.hash_entry_ns);
         // Only patched 7.x kernels have it, with two to four arguments by version: the helper
         // is there (5.17+), and loads only where the agent attaches this program.
-        load.hash_ret = ctx.ret::<i64>().unwrap_or(0) as i32;
+        load.hash.ret = ctx.ret::<i64>().unwrap_or(0) as i32;
         load.seen |= SEEN_HASH_CHECK;
     }
     0

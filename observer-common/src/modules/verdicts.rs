@@ -209,9 +209,9 @@ pub const fn load_outcome(seen: u32, load_ret: i32, sig_check_ret: i32) -> u32 {
 pub const fn load_reason(load: &ModuleLoad) -> u32 {
     let (seen, outcome) = (load.seen, load.outcome);
     let (checked, ret) = if seen & SEEN_HASH_CHECK != 0 {
-        (true, load.hash_ret)
+        (true, load.hash.ret)
     } else {
-        (seen & SEEN_VERIFY_SIG != 0, load.verify_ret)
+        (seen & SEEN_VERIFY_SIG != 0, load.verify.ret)
     };
     let finding = if checked {
         match -ret {
@@ -343,8 +343,8 @@ mod tests {
         let mut load: ModuleLoad = unsafe { core::mem::zeroed() };
         load.seen = seen;
         load.load_ret = load_ret;
-        load.sig_check_ret = sig_check_ret;
-        load.verify_ret = verify_ret;
+        load.sig_check.ret = sig_check_ret;
+        load.verify.ret = verify_ret;
         load.outcome = load_outcome(seen, load_ret, sig_check_ret);
         load
     }
@@ -385,7 +385,7 @@ mod tests {
         assert_eq!(reason(0, -EPERM, 0, 0), "none");
         let mut hashed = finished(SEEN_SIG_CHECK | SEEN_HASH_CHECK, 0, 0, 0);
         assert_eq!(load_reason(&hashed), REASON_VERIFIED);
-        hashed.hash_ret = -ENOKEY;
+        hashed.hash.ret = -ENOKEY;
         assert_eq!(load_reason(&hashed), REASON_UNKNOWN_KEY);
         assert_eq!(
             early_reason(SEEN_IMA_DATA_REFUSED, OUTCOME_REJECTED_IMA),
@@ -410,7 +410,7 @@ mod tests {
     fn hash_v5_records() {
         let verdict = |seen, load_ret, policy_ret, verify_ret, hash_ret| {
             let mut load = finished(seen, load_ret, policy_ret, verify_ret);
-            load.hash_ret = hash_ret;
+            load.hash.ret = hash_ret;
             (
                 OUTCOMES[load.outcome as usize],
                 METHODS[method(seen) as usize],

@@ -26,7 +26,7 @@ fn phase_enter(phase: usize) -> u32 {
     {
         let entry = now();
         load.marks.phase_entry_ns[phase] = entry;
-        load.probe_ns += entry - start;
+        load.phases.probe_ns += entry - start;
     }
     0
 }
@@ -38,10 +38,10 @@ fn phase_exit(phase: usize) -> u32 {
         && phase < PHASES
         && load.marks.phase_entry_ns[phase] != 0
     {
-        load.phase_ns[phase] += exit - load.marks.phase_entry_ns[phase];
-        load.phase_calls[phase] += 1;
+        load.phases.ns[phase] += exit - load.marks.phase_entry_ns[phase];
+        load.phases.calls[phase] += 1;
         load.marks.phase_entry_ns[phase] = 0;
-        load.probe_ns += now() - exit;
+        load.phases.probe_ns += now() - exit;
     }
     0
 }

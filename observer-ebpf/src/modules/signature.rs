@@ -60,7 +60,7 @@ pub fn count_signer(load: &ModuleLoad) {
     if load.seen & SEEN_KEY_FOUND == 0 || load.reason != REASON_VERIFIED {
         return;
     }
-    if !count_by_key(&MODULE_SIGNERS, &load.signer_serial) {
+    if !count_by_key(&MODULE_SIGNERS, &load.signer.serial) {
         map_full(TrackedMap::ModuleSigners);
         increment(&MODULE_SIGNERS_OTHER, 0);
     }
@@ -76,7 +76,7 @@ pub fn note_signer(load: &mut ModuleLoad, key: usize) {
     }
     // SAFETY: `key` is the BTF-typed `struct key *` result, not an error value (checked above);
     // the offset is from BTF.
-    load.signer_serial = unsafe { core::ptr::read_volatile((key + offset) as *const i32) };
+    load.signer.serial = unsafe { core::ptr::read_volatile((key + offset) as *const i32) };
     load.seen |= SEEN_KEY_FOUND;
 }
 
@@ -107,12 +107,12 @@ pub fn modules_key_lookup_id(ctx: FExitContext) -> u32 {
             return 0;
         }
         let read = bpf_probe_read_kernel(
-            load.key_id.as_mut_ptr().cast(),
+            load.signer.id.as_mut_ptr().cast(),
             kept,
             (id + data_offset) as *const _,
         );
         if read == 0 {
-            load.key_id_len = len;
+            load.signer.id_len = len;
             load.seen |= SEEN_KEY_ID;
         }
     }
@@ -173,16 +173,16 @@ pub fn modules_digest_value(ctx: FExitContext) -> u32 {
         if digest == 0 {
             return 0;
         }
-        if !read_digest(&mut load.digest, digest, size) {
+        if !read_digest(&mut load.signed_digest.value, digest, size) {
             return 0;
         }
-        load.digest_len = size;
+        load.signed_digest.len = size;
         load.seen |= SEEN_DIGEST;
         if algo_offset != 0 {
             let algo = core::ptr::read_volatile((sig + algo_offset) as *const usize);
             if algo != 0 {
                 bpf_probe_read_kernel_str(
-                    load.hash_algo.as_mut_ptr().cast(),
+                    load.signed_digest.algo.as_mut_ptr().cast(),
                     HASH_ALGO_LEN as u32,
                     algo as *const _,
                 );

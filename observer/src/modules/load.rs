@@ -91,9 +91,9 @@ pub fn phases(load: &ModuleLoad) -> BTreeMap<&'static str, u64> {
     if method(load) == "signature" {
         let mut accounted = 0u64;
         for (index, name) in PHASE_NAMES.iter().enumerate() {
-            if load.phase_calls[index] > 0 {
-                phases.insert(*name, load.phase_ns[index]);
-                accounted = accounted.saturating_add(load.phase_ns[index]);
+            if load.phases.calls[index] > 0 {
+                phases.insert(*name, load.phases.ns[index]);
+                accounted = accounted.saturating_add(load.phases.ns[index]);
             }
         }
         phases.insert("other", other_ns(load, accounted));
@@ -107,10 +107,11 @@ pub fn phases(load: &ModuleLoad) -> BTreeMap<&'static str, u64> {
 /// its trampolines no program can time from inside, estimated by the gap between two programs
 /// on one trampoline measured in the same load (`gap_ns`).
 fn other_ns(load: &ModuleLoad, accounted: u64) -> u64 {
-    let calls: u64 = load.phase_calls.iter().map(|&c| u64::from(c)).sum();
-    load.verify_ns
+    let calls: u64 = load.phases.calls.iter().map(|&c| u64::from(c)).sum();
+    load.verify
+        .ns
         .saturating_sub(accounted)
-        .saturating_sub(load.probe_ns)
+        .saturating_sub(load.phases.probe_ns)
         .saturating_sub(load.gap_ns.saturating_mul(calls))
 }
 
@@ -180,13 +181,13 @@ impl LoadRecord {
     pub fn from_record(load: &ModuleLoad, keys: &KeyNames) -> Self {
         let method = method(load);
         let integrity_check = match method {
-            "signature" => Some((load.verify_ns, load.verify_ret)),
-            "hash" => Some((load.hash_ns, load.hash_ret)),
+            "signature" => Some((load.verify.ns, load.verify.ret)),
+            "hash" => Some((load.hash.ns, load.hash.ret)),
             _ => None,
         };
         let (signer, key) = signers::key_of(load, keys);
         let digest = signers::digest_hex(load)
-            .map(|hex| (comm_str(&load.hash_algo), hex, "module"))
+            .map(|hex| (comm_str(&load.signed_digest.algo), hex, "module"))
             .or_else(|| ima::file_digest(load).map(|(algo, hex)| (algo.to_owned(), hex, "file")));
         Self {
             module: module_name(load),
@@ -211,13 +212,13 @@ impl LoadRecord {
             ),
             total_ns: load.total_ns,
             ran_load_module: load.seen & (SEEN_READ_REFUSED | SEEN_NO_LOAD) == 0,
-            sig_check_ns: (load.seen & SEEN_SIG_CHECK != 0).then_some(load.sig_check_ns),
+            sig_check_ns: (load.seen & SEEN_SIG_CHECK != 0).then_some(load.sig_check.ns),
             integrity_check_ns: integrity_check.map(|(ns, _)| ns),
             integrity_check_result: integrity_check
                 .map(|(_, ret)| if ret == 0 { "ok" } else { "fail" }),
             ima: ima::verdict(load),
             phases_ns: phases(load),
-            hashed_bytes: load.hashed_len,
+            hashed_bytes: load.verify.hashed_len,
             taints: taint_letters(load.taints),
         }
     }
@@ -374,7 +375,7 @@ mod tests {
         };
         l.load_ret = load_ret;
         l.seen = seen;
-        l.sig_check_ret = sig_check_ret;
+        l.sig_check.ret = sig_check_ret;
         l
     }
 
@@ -417,8 +418,8 @@ mod tests {
         // module_hash_check and a PKCS#7 signature to module_sig_check, never both.
         let mut state = ModuleState::default();
         let mut proof = load(0, SEEN_SIG_CHECK | SEEN_HASH_CHECK, 0);
-        proof.hash_ns = 8000;
-        proof.hash_ret = -libc::ENOKEY;
+        proof.hash.ns = 8000;
+        proof.hash.ret = -libc::ENOKEY;
         proof.reason = modules::REASON_UNKNOWN_KEY;
         let record = count(&mut state, &proof);
         assert_eq!(
@@ -427,8 +428,8 @@ mod tests {
         );
         assert!(record.phases_ns.is_empty());
         let mut signed = load(0, SEEN_SIG_CHECK | SEEN_VERIFY_SIG, 0);
-        signed.verify_ns = 20_000;
-        signed.hashed_len = 6400;
+        signed.verify.ns = 20_000;
+        signed.verify.hashed_len = 6400;
         let record = count(&mut state, &signed);
         assert_eq!(
             (
@@ -445,14 +446,14 @@ mod tests {
     #[test]
     fn other_leaves_out_the_phase_programs_own_time() {
         let mut l = load(0, SEEN_SIG_CHECK | SEEN_VERIFY_SIG, 0);
-        l.verify_ns = 10_000;
-        l.phase_calls[0] = 1;
-        l.phase_ns[0] = 3_000;
-        l.probe_ns = 500;
+        l.verify.ns = 10_000;
+        l.phases.calls[0] = 1;
+        l.phases.ns[0] = 3_000;
+        l.phases.probe_ns = 500;
         assert_eq!(phases(&l)["other"], 6_500);
         // One gap per phase call.
         l.gap_ns = 100;
-        l.phase_calls[1] = 2;
+        l.phases.calls[1] = 2;
         assert_eq!(phases(&l)["other"], 6_200);
     }
 
@@ -483,10 +484,10 @@ mod tests {
         // 6400 bytes: 100 blocks of 64; digest 1000 ns: 10 ns a block, 20 ns a node.
         let mut state = ModuleState::new(None, Some(4256), true);
         let mut l = load(0, SEEN_SIG_CHECK | SEEN_VERIFY_SIG, 0);
-        l.phase_calls[modules::PHASE_DIGEST] = 1;
-        l.phase_ns[modules::PHASE_DIGEST] = 1000;
-        l.verify_ns = 5000;
-        l.hashed_len = 6400;
+        l.phases.calls[modules::PHASE_DIGEST] = 1;
+        l.phases.ns[modules::PHASE_DIGEST] = 1000;
+        l.verify.ns = 5000;
+        l.verify.hashed_len = 6400;
         count(&mut state, &l);
         assert_eq!(state.hash_estimate.count(), 1);
         assert_eq!(state.hash_estimate.sum_ns, 1260);

@@ -80,15 +80,15 @@ pub struct KeyId {
 /// id. The id of a trusted key is the one in its description (its subject key identifier,
 /// what /proc/keys shows); otherwise it comes from the signature itself.
 pub fn key_of(load: &ModuleLoad, names: &KeyNames) -> (Option<String>, Option<KeyId>) {
-    let signer = (load.seen & SEEN_KEY_FOUND != 0).then(|| names.name(load.signer_serial));
+    let signer = (load.seen & SEEN_KEY_FOUND != 0).then(|| names.name(load.signer.serial));
     let from_description = signer
         .as_deref()
         .and_then(|s| s.rsplit_once(": "))
         .map(|(_, id)| id)
         .filter(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_hexdigit()));
     let from_signature = (load.seen & SEEN_KEY_ID != 0).then(|| {
-        let len = (load.key_id_len as usize).min(KEY_ID_LEN);
-        parse_key_id(&load.key_id[..len])
+        let len = (load.signer.id_len as usize).min(KEY_ID_LEN);
+        parse_key_id(&load.signer.id[..len])
     });
     let key = match (from_description, from_signature) {
         (Some(id), signature) => Some(KeyId {
@@ -193,8 +193,8 @@ fn common_name(rdns: &[u8]) -> Option<String> {
 
 /// A digest's bytes as hex, when the check computed one.
 pub fn digest_hex(load: &ModuleLoad) -> Option<String> {
-    let len = (load.digest_len as usize).min(DIGEST_LEN);
-    (load.seen & SEEN_DIGEST != 0 && len > 0).then(|| hex(&load.digest[..len]))
+    let len = (load.signed_digest.len as usize).min(DIGEST_LEN);
+    (load.seen & SEEN_DIGEST != 0 && len > 0).then(|| hex(&load.signed_digest.value[..len]))
 }
 
 #[cfg(test)]
