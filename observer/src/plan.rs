@@ -1,12 +1,12 @@
 //! The attach plan: each hook with its preferred mechanism and its fallbacks, decided against the
 //! running kernel at start. A hook that cannot attach is a warning and a metric, not a crash.
 
-use std::path::PathBuf;
+use std::{path::PathBuf, time::Instant};
 
 use aya::{
     Btf, Ebpf,
     programs::{
-        FEntry, FExit, ProgramError, RawTracePoint, TracePoint, fentry::FEntryLinkId,
+        FEntry, FExit, ProgramError, ProgramInfo, RawTracePoint, TracePoint, fentry::FEntryLinkId,
         fexit::FExitLinkId, raw_trace_point::RawTracePointLinkId, trace_point::TracePointLinkId,
     },
 };
@@ -339,28 +339,48 @@ fn attach_one(
             .as_ref()
             .ok_or(ProgramError::UnexpectedProgramType)
     };
+    let started = Instant::now();
     Ok(match &attachment.mechanism {
         Mechanism::Tracepoint { category, name } => {
             let program: &mut TracePoint = program.try_into()?;
             program.load()?;
+            log_load(attachment.program, started, program.info());
             LinkId::Tracepoint(program.attach(category, name)?)
         }
         Mechanism::RawTracepoint { name } => {
             let program: &mut RawTracePoint = program.try_into()?;
             program.load()?;
+            log_load(attachment.program, started, program.info());
             LinkId::RawTracepoint(program.attach(name)?)
         }
         Mechanism::FEntry { function } => {
             let program: &mut FEntry = program.try_into()?;
             program.load(function, btf()?)?;
+            log_load(attachment.program, started, program.info());
             LinkId::FEntry(program.attach()?)
         }
         Mechanism::FExit { function } => {
             let program: &mut FExit = program.try_into()?;
             program.load(function, btf()?)?;
+            log_load(attachment.program, started, program.info());
             LinkId::FExit(program.attach()?)
         }
     })
+}
+
+/// What a program's load cost (most of it the verifier's walk, which the kernel counts from
+/// 5.16): the agent's start time is mostly this, so a program that grows shows here first.
+fn log_load(program: &str, started: Instant, info: Result<ProgramInfo, ProgramError>) {
+    let verified = info
+        .ok()
+        .and_then(|info| info.verified_instruction_count())
+        .map_or_else(String::new, |count| {
+            format!(", {count} instructions verified")
+        });
+    log::debug!(
+        "{program}: loaded in {} ms{verified}",
+        started.elapsed().as_millis()
+    );
 }
 
 /// Detaches and unloads one program (part of an option that did not fully attach).
