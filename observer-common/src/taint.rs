@@ -8,6 +8,11 @@ pub const EVENTS_MAP: &str = "TAINT_EVENTS";
 pub const UNATTRIBUTED_MAP: &str = "TAINT_UNATTRIBUTED";
 /// Bits counted in [`UNATTRIBUTED_MAP`].
 pub const FLAG_SLOTS: u32 = 64;
+/// The flags a load keeps to name its module when it ends (every kernel's flags so far, 0-19,
+/// and room for more): a higher flag is counted when the kernel adds it, without the module.
+/// Each flag the bound allows is an iteration the verifier walks in every program that ends
+/// a load.
+pub const LOAD_TAINT_FLAGS: u32 = 32;
 /// Entries of [`EVENTS_MAP`]: the agent gives 512 module names their own series.
 pub const EVENT_KEYS: u32 = 1024;
 

@@ -26,7 +26,10 @@ use observer_common::{
     },
 };
 
-use observer_common::taint::{MODULE_FROM_FILE, MODULE_FROM_NAME, MODULE_NONE};
+use observer_common::taint::{LOAD_TAINT_FLAGS, MODULE_FROM_FILE, MODULE_FROM_NAME, MODULE_NONE};
+
+// A load's taint source is computed as a sum of these (see `emit_load_taints`).
+const _: () = assert!(MODULE_NONE == 0);
 
 pub(crate) use crate::loads::{current_load, tid};
 use crate::{
@@ -284,6 +287,11 @@ fn finish_load(load: &mut ModuleLoad, ret: i32) {
     let tid = tid();
     load.total_ns = since(load.start_ns);
     load.load_ret = ret;
+    // The outcome from the stored copy: the verifier would tie the caller's `ret` (which a
+    // syscall's exit still uses) to the branches below and walk the rest, the taint loop
+    // included, once for each result they tell apart. A map value's contents it does not track.
+    // SAFETY: a field of the map value `load` points to.
+    let ret = unsafe { core::ptr::read_volatile(&raw const load.load_ret) };
     load.outcome = load_outcome(load.seen, ret, load.sig_check.ret);
     load.reason = load_reason(load);
     // The verdict, counted before anything that could fail.
@@ -310,14 +318,16 @@ fn finish_load(load: &mut ModuleLoad, ret: i32) {
         }
         None => increment(&crate::EVENTS_LOST, EventKind::ModuleLoad as u32),
     }
-    emit_load_taints(load);
-    end_load(tid);
     // Tells the syscall's exit that this attempt is counted (the entry load_module's entry
     // left: a lookup, no insert).
     // SAFETY: the map's value for this thread, only touched by this thread.
     if let Some(pending) = MODULE_PENDING.get_ptr_mut(tid).map(|p| unsafe { &mut *p }) {
         pending.seen = SEEN_LOAD_MODULE;
     }
+    // Last but the entry's removal: the verifier walks what follows the taint loop once for
+    // each way out of it.
+    emit_load_taints(load);
+    end_load(tid);
 }
 
 #[fentry(function = "module_sig_check")]
@@ -473,19 +483,23 @@ pub fn modules_request_tracepoint(_ctx: TracePointContext) -> u32 {
 }
 
 /// Sends the taints a load added, each with the load's module name (known only late in the
-/// load: see `taint.rs`). Called at `load_module`'s exit, by the thread that loaded.
+/// load: see `taint.rs`). Called at the load's end, by the thread that loaded, after its record
+/// was sent: the name it counts by may be the file's, copied over the record's own.
 #[inline(always)]
-fn emit_load_taints(load: &ModuleLoad) {
-    let (source, module) = if load.seen & SEEN_NAME != 0 {
-        (MODULE_FROM_NAME, &load.name)
-    } else if load.seen & SEEN_FILE != 0 {
-        (MODULE_FROM_FILE, &load.file)
-    } else {
-        (MODULE_NONE, &load.name)
-    };
+fn emit_load_taints(load: &mut ModuleLoad) {
+    // Where the name comes from, without a branch: the verifier would walk the loop below once
+    // for each source a branch told apart (a different constant in a live register).
+    let named = (load.seen & SEEN_NAME != 0) as u32;
+    let from_file = (load.seen & SEEN_FILE != 0) as u32 & (named ^ 1);
+    if from_file != 0 {
+        load.name = load.file;
+    }
+    let source = named * MODULE_FROM_NAME + from_file * MODULE_FROM_FILE;
+    let module = &load.name;
     let mut bits = load.taints;
-    // One iteration per set bit; the bound is for the verifier.
-    for _ in 0..64 {
+    // One iteration per set bit; the bound is for the verifier, which walks every iteration
+    // the bound allows at each agent start (`add_taint` keeps no higher bit in a load).
+    for _ in 0..LOAD_TAINT_FLAGS {
         if bits == 0 {
             break;
         }

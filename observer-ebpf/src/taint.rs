@@ -4,15 +4,20 @@
 //! it can name the module: the module's own name is known only late in the load.
 
 use aya_ebpf::{macros::fentry, programs::FEntryContext};
-use observer_common::{modules::NAME_LEN, taint::MODULE_NONE};
+use observer_common::{
+    modules::NAME_LEN,
+    taint::{LOAD_TAINT_FLAGS, MODULE_NONE},
+};
 
 use crate::{count_taint, loads::current_load, send_taint};
 
 #[fentry(function = "add_taint")]
 pub fn taint_add_taint(ctx: FEntryContext) -> u32 {
     let flag: u32 = ctx.arg(0);
-    if let Some(load) = current_load() {
-        load.taints |= 1u64 << (flag & 63);
+    if flag < LOAD_TAINT_FLAGS
+        && let Some(load) = current_load()
+    {
+        load.taints |= 1u64 << flag;
     } else {
         let none = [0; NAME_LEN];
         count_taint(flag, MODULE_NONE, &none);

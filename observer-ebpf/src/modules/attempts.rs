@@ -113,21 +113,10 @@ fn send_without_load(pending: &PendingLoad, ret: i32, seen: u32, outcome: u32, r
 /// in the entry; the first makes one where no hook before did.
 #[inline(always)]
 fn attempt_end(syscall: u32, ret: i64) -> u32 {
-    let tid = tid();
-    let entry = MODULE_PENDING.get_ptr_mut(tid);
-    if let Some(entry) = entry {
-        // SAFETY: the map's value for this thread, only touched by this thread.
-        let entry = unsafe { &mut *entry };
-        entry.exits_run += 1;
-        // The last to run: the first ended the attempt.
-        if entry.exits_run >= EXIT_PROGRAMS {
-            let _ = MODULE_PENDING.remove(tid);
-            return 0;
-        }
-    }
-    increment(&MODULE_SYSCALLS, syscall_slot(syscall, ret));
     // A load whose `load_module` exit did not run: ended here, with the syscall's result
-    // (`load_module`'s own), so it cannot take a later taint either.
+    // (`load_module`'s own), so it cannot take a later taint either. First, from the one state
+    // the program starts in: the verifier walks the load's end (its taint loop most of all)
+    // once for each state that reaches it. The other exit program finds no load to end.
     let finished_here = match current_load() {
         Some(load) => {
             super::finish_load(load, ret as i32);
@@ -135,11 +124,40 @@ fn attempt_end(syscall: u32, ret: i64) -> u32 {
         }
         None => false,
     };
+    let tid = tid();
+    match MODULE_PENDING.get_ptr_mut(tid) {
+        Some(entry) => {
+            // SAFETY: the map's value for this thread, only touched by this thread.
+            let entry = unsafe { &mut *entry };
+            entry.exits_run += 1;
+            // The last to run: the first ended the attempt.
+            if entry.exits_run >= EXIT_PROGRAMS {
+                let _ = MODULE_PENDING.remove(tid);
+                return 0;
+            }
+        }
+        None => {
+            // Marked as ended for the other exit program, which removes it.
+            #[expect(
+                clippy::needless_borrows_for_generic_args,
+                reason = "copy from the static, not the stack"
+            )]
+            let _ = MODULE_PENDING.insert(tid, &ZERO_PENDING, 0);
+            if let Some(made) = MODULE_PENDING.get_ptr_mut(tid) {
+                // SAFETY: as above.
+                unsafe { (*made).exits_run = 1 };
+            }
+        }
+    }
+    increment(&MODULE_SYSCALLS, syscall_slot(syscall, ret));
+    if finished_here {
+        return 0;
+    }
     // SAFETY: as above.
     let pending = MODULE_PENDING
         .get_ptr(tid)
         .map_or(&ZERO_PENDING, |p| unsafe { &*p });
-    if !finished_here && pending.seen & SEEN_LOAD_MODULE == 0 {
+    if pending.seen & SEEN_LOAD_MODULE == 0 {
         let mut seen = pending.seen;
         if syscall == SYSCALL_INIT_MODULE {
             seen |= SEEN_INIT_MODULE;
@@ -151,18 +169,6 @@ fn attempt_end(syscall: u32, ret: i64) -> u32 {
             verdict_slot(outcome, method(seen), reason),
         );
         send_without_load(pending, ret as i32, seen | SEEN_NO_LOAD, outcome, reason);
-    }
-    if entry.is_none() {
-        // Marked as ended for the other exit program, which removes it.
-        #[expect(
-            clippy::needless_borrows_for_generic_args,
-            reason = "copy from the static, not the stack"
-        )]
-        let _ = MODULE_PENDING.insert(tid, &ZERO_PENDING, 0);
-        if let Some(made) = MODULE_PENDING.get_ptr_mut(tid) {
-            // SAFETY: as above.
-            unsafe { (*made).exits_run = 1 };
-        }
     }
     0
 }
