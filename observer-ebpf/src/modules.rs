@@ -287,11 +287,6 @@ fn finish_load(load: &mut ModuleLoad, ret: i32) {
     let tid = tid();
     load.total_ns = since(load.start_ns);
     load.load_ret = ret;
-    // The outcome from the stored copy: the verifier would tie the caller's `ret` (which a
-    // syscall's exit still uses) to the branches below and walk the rest, the taint loop
-    // included, once for each result they tell apart. A map value's contents it does not track.
-    // SAFETY: a field of the map value `load` points to.
-    let ret = unsafe { core::ptr::read_volatile(&raw const load.load_ret) };
     load.outcome = load_outcome(load.seen, ret, load.sig_check.ret);
     load.reason = load_reason(load);
     // The verdict, counted before anything that could fail.

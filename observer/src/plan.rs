@@ -344,25 +344,25 @@ fn attach_one(
         Mechanism::Tracepoint { category, name } => {
             let program: &mut TracePoint = program.try_into()?;
             program.load()?;
-            log_load(attachment.program, started, program.info());
+            log_load(attachment.program, started, || program.info());
             LinkId::Tracepoint(program.attach(category, name)?)
         }
         Mechanism::RawTracepoint { name } => {
             let program: &mut RawTracePoint = program.try_into()?;
             program.load()?;
-            log_load(attachment.program, started, program.info());
+            log_load(attachment.program, started, || program.info());
             LinkId::RawTracepoint(program.attach(name)?)
         }
         Mechanism::FEntry { function } => {
             let program: &mut FEntry = program.try_into()?;
             program.load(function, btf()?)?;
-            log_load(attachment.program, started, program.info());
+            log_load(attachment.program, started, || program.info());
             LinkId::FEntry(program.attach()?)
         }
         Mechanism::FExit { function } => {
             let program: &mut FExit = program.try_into()?;
             program.load(function, btf()?)?;
-            log_load(attachment.program, started, program.info());
+            log_load(attachment.program, started, || program.info());
             LinkId::FExit(program.attach()?)
         }
     })
@@ -370,8 +370,17 @@ fn attach_one(
 
 /// What a program's load cost (most of it the verifier's walk, which the kernel counts from
 /// 5.16): the agent's start time is mostly this, so a program that grows shows here first.
-fn log_load(program: &str, started: Instant, info: Result<ProgramInfo, ProgramError>) {
-    let verified = info
+///
+/// The program's information (a syscall) is asked for only where the line is logged.
+fn log_load(
+    program: &str,
+    started: Instant,
+    info: impl FnOnce() -> Result<ProgramInfo, ProgramError>,
+) {
+    if !log::log_enabled!(log::Level::Debug) {
+        return;
+    }
+    let verified = info()
         .ok()
         .and_then(|info| info.verified_instruction_count())
         .map_or_else(String::new, |count| {
